@@ -1,0 +1,1 @@
+"""Bulk ingestion of public scientific databases into the OSA archive."""

@@ -1,0 +1,60 @@
+"""What a hook is to the engine: its command, its memory ladder, its limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class MemoryPolicy(BaseModel):
+    """The memory ladder of one hook: base, base*factor, base*factor^2, ... never above cap.
+
+    The ladder climbs only on a real OOM kill, at most `max_retries` times.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    base_mb: int = Field(default=1024, gt=0)
+    factor: float = Field(default=2.0, gt=1.0)
+    cap_mb: int = Field(default=8192, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+
+    @model_validator(mode="after")
+    def _cap_not_below_base(self) -> MemoryPolicy:
+        if self.cap_mb < self.base_mb:
+            raise ValueError(f"memory cap {self.cap_mb} MB is below the base {self.base_mb} MB")
+        return self
+
+    def ladder(self) -> list[int]:
+        """Every limit an attempt may get, in order: [1024, 2048, 4096, 8192] by default."""
+        limits = [self.base_mb]
+        while len(limits) <= self.max_retries:
+            nxt = min(int(limits[-1] * self.factor), self.cap_mb)
+            if nxt <= limits[-1]:
+                break
+            limits.append(nxt)
+        return limits
+
+    def next_after(self, limit_mb: int) -> int | None:
+        """The limit after an OOM at `limit_mb`, or None when the ladder is exhausted."""
+        higher = [m for m in self.ladder() if m > limit_mb]
+        return higher[0] if higher else None
+
+
+class HookSpec(BaseModel):
+    """One hook of a convention, as the engine runs it.
+
+    `command` runs the hook under the container contract (for SDK hooks:
+    ``python -m osa_sdk hook pkg.module:function``); `image` is used by container runners.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    command: tuple[str, ...] = Field(min_length=1)
+    image: str | None = None
+    memory: MemoryPolicy = Field(default_factory=MemoryPolicy)
+    timeout_s: float = Field(default=3600.0, gt=0)
+    config: dict[str, Any] = Field(default_factory=dict)
+    emits_features: bool = False

@@ -1,0 +1,71 @@
+"""The hook container contract: environment names, file names, and the one id -> folder rule.
+
+Everything that touches a batch folder (the SDK runtime, the hook engine's runners, the
+artifact store layout) imports these names from here, so they can never drift apart.
+See docs/contract.md for the contract as a hook author reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+# Environment variables a hook process receives.
+ENV_IN = "OSA_IN"
+ENV_OUT = "OSA_OUT"
+ENV_FILES = "OSA_FILES"
+ENV_HOOK_NAME = "OSA_HOOK_NAME"
+ENV_MEMORY_LIMIT_MB = "OSA_MEMORY_LIMIT_MB"
+
+# Files inside $OSA_IN.
+RECORDS_FILE = "records.jsonl"
+CONFIG_FILE = "config.json"
+
+# Files inside $OSA_OUT, one JSON object per line.
+FEATURES_FILE = "features.jsonl"
+REJECTIONS_FILE = "rejections.jsonl"
+ERRORS_FILE = "errors.jsonl"
+OUTPUT_FILES = (FEATURES_FILE, REJECTIONS_FILE, ERRORS_FILE)
+
+# Longest folder name we produce: well under the 255-byte limit of common filesystems,
+# leaving room for suffixes that tools add (".tmp", ".partial").
+MAX_FOLDER_NAME = 160
+_HASHED_PREFIX = MAX_FOLDER_NAME - 2 - 64
+_LITERAL = re.compile(r"[A-Za-z0-9.\-]")
+
+
+def files_dir_for(record_id: str) -> str:
+    """Map an upstream record id to a path-safe folder name.
+
+    Injective: characters outside ``[A-Za-z0-9.-]`` (and ``_`` itself, and a leading
+    ``.``) become ``_`` followed by the two hex digits of each UTF-8 byte, so two ids
+    never share a name. The result never contains ``/``, is never ``.`` or ``..``, and
+    never starts with ``.``, so it cannot escape or hide in its batch folder.
+
+    Names longer than MAX_FOLDER_NAME keep a readable prefix and end in ``__`` plus a
+    SHA-256 of the id. ``__`` cannot occur in an encoded name (an escape ``_`` is always
+    followed by a hex digit), so hashed names never collide with plain ones.
+    """
+    if not record_id:
+        raise ValueError("record id is empty: every record needs a non-empty upstream id")
+    encoded = []
+    for position, char in enumerate(record_id):
+        if _LITERAL.fullmatch(char) and not (position == 0 and char == "."):
+            encoded.append(char)
+        else:
+            encoded.append("".join(f"_{byte:02x}" for byte in char.encode("utf-8")))
+    name = "".join(encoded)
+    if len(name) <= MAX_FOLDER_NAME:
+        return name
+    digest = hashlib.sha256(record_id.encode("utf-8")).hexdigest()
+    prefix = name[:_HASHED_PREFIX]
+    # Never cut an escape in half: a dangling "_" or "_x" would make the prefix ambiguous.
+    cut = prefix.rfind("_", len(prefix) - 3)
+    if cut != -1:
+        prefix = prefix[:cut]
+    return f"{prefix}__{digest}"
+
+# Exit code with which a hook says "I ran out of memory" when no kernel OOM killer is
+# watching it (the RLIMIT_AS fallback turns an over-limit allocation into MemoryError).
+# The engine treats it like an OOM kill: the records left are retried with more memory.
+EXIT_MEMORY_ERROR = 99

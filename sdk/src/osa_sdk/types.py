@@ -1,0 +1,129 @@
+"""Records, file references and outcomes, as they cross the boundary between processes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, NewType
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from osa_sdk.contract import files_dir_for
+
+HookRecordId = NewType("HookRecordId", str)
+
+
+class OutcomeStatus(StrEnum):
+    PASSED = "passed"
+    REJECTED = "rejected"
+    ERRORED = "errored"
+
+
+class RecordRef(BaseModel):
+    """A cheap reference that `discover` yields: enough for `fetch` to get the record later."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source_id: str = Field(min_length=1)
+    size_hint_mb: float | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class IngesterFileRef(BaseModel):
+    """A file of a record, relative to the record's files folder.
+
+    `size_mb` is required and is computed by the SDK when the file is written
+    (FetchContext.add_file / add_bytes), never typed by hand.
+    """
+
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    size_mb: float = Field(ge=0)
+
+
+class IngesterRecord(BaseModel):
+    """One fetched record: a line of the raw batch's records.jsonl."""
+
+    source_id: str = Field(min_length=1)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    files: list[IngesterFileRef] = Field(default_factory=list)
+    fetched_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def files_dir(self) -> str:
+        return files_dir_for(self.source_id)
+
+    @property
+    def size_mb(self) -> float:
+        return sum(f.size_mb for f in self.files)
+
+
+class HookRecord(BaseModel):
+    """One line of a hook's $OSA_IN/records.jsonl.
+
+    `files_dir` names the record's folder under $OSA_FILES; hooks must use it rather
+    than deriving a folder from `id` themselves.
+    """
+
+    id: HookRecordId = Field(min_length=1)
+    files_dir: str = Field(min_length=1)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    size_mb: float = Field(default=0.0, ge=0)
+
+    _files_root: Path | None = PrivateAttr(default=None)
+
+    @classmethod
+    def from_ingested(cls, record: IngesterRecord) -> HookRecord:
+        return cls(
+            id=HookRecordId(record.source_id),
+            files_dir=record.files_dir,
+            metadata=record.metadata,
+            size_mb=record.size_mb,
+        )
+
+    def bind_files_root(self, files_root: Path) -> HookRecord:
+        self._files_root = files_root
+        return self
+
+    @property
+    def files_path(self) -> Path:
+        """The record's files folder; set by the runtime from $OSA_FILES."""
+        if self._files_root is None:
+            raise RuntimeError(f"record {self.id!r}: files root not bound ($OSA_FILES unset?)")
+        return self._files_root / self.files_dir
+
+    def file(self, name: str) -> Path:
+        return self.files_path / name
+
+    def files(self) -> list[Path]:
+        if not self.files_path.is_dir():
+            return []
+        return sorted(p for p in self.files_path.iterdir() if p.is_file())
+
+
+# Output lines of the contract ($OSA_OUT/*.jsonl).
+
+
+class FeaturesLine(BaseModel):
+    id: HookRecordId
+    features: list[dict[str, Any]]
+
+
+class RejectionLine(BaseModel):
+    id: HookRecordId
+    reason: str
+
+
+class ErrorLine(BaseModel):
+    id: HookRecordId
+    error: str
+    retryable: bool = False
+
+
+class Reject(Exception):
+    """Raised by a hook to reject the record it was given, with a reason a curator reads."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
