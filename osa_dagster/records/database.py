@@ -1,0 +1,46 @@
+"""Connecting to the records database: SQLite under the data folder by default."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from osa_dagster.records.models import Base
+from osa_dagster.storage.store import data_dir
+
+
+def database_url_from_env() -> str:
+    """OSA_DATABASE_URL, else a SQLite file in the data folder."""
+    url = os.environ.get("OSA_DATABASE_URL")
+    if url:
+        return url
+    folder = data_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'records.db'}"
+
+
+class RecordsDatabase:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    @cached_property
+    def engine(self) -> Engine:
+        engine = create_engine(self.url)
+        if engine.dialect.name == "sqlite":
+            # Several runs may publish at once: wait for the writer lock instead of failing.
+            @event.listens_for(engine, "connect")
+            def _sqlite_pragmas(connection: object, _record: object) -> None:
+                cursor = connection.cursor()  # type: ignore[attr-defined]
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA busy_timeout=30000")
+                cursor.execute("PRAGMA foreign_keys=ON")
+                cursor.close()
+
+        Base.metadata.create_all(engine)
+        return engine
+
+    def session(self) -> Session:
+        return sessionmaker(self.engine)()

@@ -1,0 +1,41 @@
+"""Tables of the records database (SQLAlchemy 2, declarative with typed mappings)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class Record(Base):
+    """A published record. (convention, source_id) is unique: an upstream record is
+    published once, whichever batch or ingest meets it first."""
+
+    __tablename__ = "records"
+    __table_args__ = (UniqueConstraint("convention", "source_id", name="uq_records_source"),)
+
+    srn: Mapped[str] = mapped_column(String(96), primary_key=True)
+    convention: Mapped[str] = mapped_column(String(64), index=True)
+    source_id: Mapped[str] = mapped_column(String(512))
+    partition: Mapped[str] = mapped_column(String(255), index=True)
+    record_metadata: Mapped[dict[str, Any]] = mapped_column("metadata")
+    published_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Feature(Base):
+    """One feature row a hook produced for a published record, stored against its SRN."""
+
+    __tablename__ = "features"
+    __table_args__ = (UniqueConstraint("record_srn", "hook", "row_index", name="uq_features_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    record_srn: Mapped[str] = mapped_column(ForeignKey("records.srn"), index=True)
+    hook: Mapped[str] = mapped_column(String(64))
+    row_index: Mapped[int] = mapped_column(Integer)
+    data: Mapped[dict[str, Any]]

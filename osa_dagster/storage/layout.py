@@ -1,0 +1,65 @@
+"""Where each artifact of a batch lives in the store, and the frozen batch manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from osa_sdk.types import RecordRef
+from pydantic import BaseModel, Field
+
+
+class Manifest(BaseModel):
+    """The frozen membership of one batch: what raw_batch fetches for its partition."""
+
+    convention: str
+    partition: str
+    refs: list[RecordRef] = Field(min_length=1)
+    planned_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    since: datetime | None = None
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Keys of one batch's artifacts. The only place that spells these paths."""
+
+    convention: str
+    partition: str
+
+    @property
+    def manifest(self) -> str:
+        return f"manifests/{self.convention}/{self.partition}.json"
+
+    @property
+    def _batch(self) -> str:
+        return f"batches/{self.convention}/{self.partition}"
+
+    @property
+    def raw(self) -> str:
+        """Folder the ingester writes: records.jsonl, ingest_report.json, files/."""
+        return f"{self._batch}/raw"
+
+    @property
+    def raw_records(self) -> str:
+        return f"{self.raw}/records.jsonl"
+
+    @property
+    def ingest_report(self) -> str:
+        return f"{self.raw}/ingest_report.json"
+
+    @property
+    def raw_files(self) -> str:
+        return f"{self.raw}/files"
+
+    def hook(self, hook_name: str) -> str:
+        return f"{self._batch}/hooks/{hook_name}"
+
+    def checkpoint(self, hook_name: str) -> str:
+        return f"{self.hook(hook_name)}/checkpoint.json"
+
+    def hook_workdir(self, hook_name: str) -> str:
+        return f"{self.hook(hook_name)}/work"
+
+
+def manifests_prefix(convention: str) -> str:
+    return f"manifests/{convention}"

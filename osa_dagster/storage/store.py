@@ -1,0 +1,123 @@
+"""The artifact store: every read and write of batch artifacts goes through it.
+
+Keys are "/"-separated relative paths ("batches/pdb/<partition>/raw/records.jsonl").
+The filesystem store is the default; code that needs a local folder (a hook runner
+mounting files) asks for one with `local_dir`, which a remote store satisfies by
+staging, so no caller assumes that a key is a local file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+DEFAULT_DATA_DIR = Path(".data")
+
+
+class StoreKeyError(ValueError):
+    """A key that is absolute or climbs out of the store."""
+
+
+def check_key(key: str) -> str:
+    path = PurePosixPath(key)
+    if not key or path.is_absolute() or ".." in path.parts:
+        raise StoreKeyError(f"artifact key {key!r} must be a relative path inside the store")
+    return key
+
+
+class ArtifactStore(Protocol):
+    def read_bytes(self, key: str) -> bytes: ...
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write atomically: a reader sees the old content or the new, never a mix."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list_keys(self, prefix: str) -> Iterator[str]: ...
+
+    def delete_prefix(self, prefix: str) -> None: ...
+
+    @contextmanager
+    def local_dir(self, prefix: str, *, writable: bool) -> Iterator[Path]:
+        """A local folder holding the keys under `prefix`; if writable, what is written
+        there is in the store once the context exits without error."""
+        ...
+
+    def describe(self, key: str) -> str:
+        """Where a key lives, for messages and metadata (a path or a URL)."""
+        ...
+
+
+class FileSystemStore:
+    """Keys are files under a root folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            Path(tmp).replace(target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        base = self.path(prefix)
+        if not base.is_dir():
+            return
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                yield path.relative_to(self.root).as_posix()
+
+    def delete_prefix(self, prefix: str) -> None:
+        target = self.path(prefix)
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+    @contextmanager
+    def local_dir(self, prefix: str, *, writable: bool) -> Iterator[Path]:
+        folder = self.path(prefix)
+        if writable:
+            folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+
+    def describe(self, key: str) -> str:
+        return str(self.path(key))
+
+
+def data_dir() -> Path:
+    """The project's data folder: OSA_DATA_DIR, else .data in the working directory."""
+    return Path(os.environ.get("OSA_DATA_DIR", DEFAULT_DATA_DIR)).resolve()
+
+
+def store_from_env() -> ArtifactStore:
+    """The store named by OSA_STORAGE (a folder); default <data dir>/artifacts."""
+    location = os.environ.get("OSA_STORAGE", "")
+    if location.startswith("s3://"):
+        raise ValueError(f"OSA_STORAGE={location!r}: the S3 store is not available in this version")
+    root = Path(location.removeprefix("file://")) if location else data_dir() / "artifacts"
+    return FileSystemStore(root)
