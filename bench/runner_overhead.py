@@ -1,0 +1,78 @@
+"""What LocalRunner adds to starting a hook process, against a bare subprocess.run.
+
+    .venv/bin/python bench/runner_overhead.py [--runs 30] [--command python|true]
+
+Runs the same command with each launcher in turn, round after round (so that drift of the
+machine hits all of them alike), and prints the median, the range and the ratio to the bare run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from osa_dagster.engine import Invocation, LocalRunner, memory_limit_mode
+
+COMMANDS = {"python": [sys.executable, "-c", "pass"], "true": ["true"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--command", choices=sorted(COMMANDS), default="python")
+    args = parser.parse_args()
+    command = COMMANDS[args.command]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        invocation = Invocation(
+            command=command,
+            env={},
+            in_dir=root,
+            out_dir=root,
+            files_root=root,
+            memory_limit_mb=512,
+            timeout_s=60,
+            log_path=root / "hook.log",
+        )
+        launchers: dict[str, Callable[[], None]] = {
+            "subprocess.run": lambda: subprocess.run(command, check=True)
+        }
+        modes = ["cgroup", "rlimit"] if memory_limit_mode() == "cgroup" else ["rlimit"]
+        for mode in modes:
+            launchers[f"LocalRunner({mode})"] = _runner_launcher(LocalRunner(mode), invocation)
+
+        times: dict[str, list[float]] = {name: [] for name in launchers}
+        for launch in launchers.values():
+            launch()  # warm-up: imports, page cache
+        for _ in range(args.runs):
+            for name, launch in launchers.items():
+                started = time.perf_counter()
+                launch()
+                times[name].append(time.perf_counter() - started)
+
+    bare = statistics.median(times["subprocess.run"])
+    print(f"{' '.join(command)!r}, {args.runs} runs each")
+    print(f"{'launcher':<22} {'median ms':>10} {'min-max ms':>16} {'ratio':>6}")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        spread = f"{min(samples) * 1e3:.2f}-{max(samples) * 1e3:.2f}"
+        print(f"{name:<22} {median * 1e3:>10.2f} {spread:>16} {median / bare:>6.2f}")
+
+
+def _runner_launcher(runner: LocalRunner, invocation: Invocation) -> Callable[[], None]:
+    def launch() -> None:
+        exit_ = runner.start(invocation).wait(60)
+        assert exit_ is not None and exit_.returncode == 0, exit_
+
+    return launch
+
+
+if __name__ == "__main__":
+    main()

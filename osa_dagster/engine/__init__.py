@@ -1,0 +1,56 @@
+"""Run one hook over one batch of records: runners, memory escalation, checkpoint, outcomes.
+
+Pure Python without Dagster, so that the engine can be tested, benchmarked and reused on its
+own; the Dagster layer (osa_dagster.defs) calls `advance_hook` from a step.
+"""
+
+from osa_dagster.engine.checkpoint import (
+    Anomaly,
+    AttemptRecord,
+    Checkpoint,
+    CheckpointIO,
+    FileCheckpointIO,
+    InFlightAttempt,
+    RecordOutcome,
+)
+from osa_dagster.engine.hook_run import HookBatch, HookProgress, advance_hook, run_hook
+from osa_dagster.engine.outputs import OutputReader, harvest
+from osa_dagster.engine.runners import (
+    AttemptExit,
+    AttemptMarker,
+    Invocation,
+    LimitMode,
+    LocalRunner,
+    Runner,
+    RunningAttempt,
+    kill_leftovers,
+    memory_limit_mode,
+)
+from osa_dagster.engine.spec import HookSpec, MemoryPolicy
+
+__all__ = [
+    "Anomaly",
+    "AttemptExit",
+    "AttemptMarker",
+    "AttemptRecord",
+    "Checkpoint",
+    "CheckpointIO",
+    "FileCheckpointIO",
+    "HookBatch",
+    "HookProgress",
+    "HookSpec",
+    "InFlightAttempt",
+    "Invocation",
+    "LimitMode",
+    "LocalRunner",
+    "MemoryPolicy",
+    "OutputReader",
+    "RecordOutcome",
+    "Runner",
+    "RunningAttempt",
+    "advance_hook",
+    "harvest",
+    "kill_leftovers",
+    "memory_limit_mode",
+    "run_hook",
+]

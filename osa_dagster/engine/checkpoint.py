@@ -1,0 +1,146 @@
+"""The state of one hook over one batch: every outcome, every attempt, the next memory limit.
+
+It is saved whenever it changes, so that neither an OOM kill of the hook nor a SIGKILL of the
+orchestrator loses a finished record. The engine only talks to the `CheckpointIO` protocol,
+so the checkpoint can live on a local disk or in an object store.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from osa_sdk.types import OutcomeStatus
+from pydantic import BaseModel, ConfigDict, Field
+
+from osa_dagster.engine.runners import AttemptMarker, LimitMode
+
+
+class Anomaly(StrEnum):
+    """Ways in which a hook's output broke the contract; counted, never fatal."""
+
+    MALFORMED_LINES = "malformed_lines"
+    UNKNOWN_IDS = "unknown_ids"
+    CONFLICTING_OUTCOMES = "conflicting_outcomes"
+    DUPLICATE_OUTCOMES = "duplicate_outcomes"
+    ALREADY_SETTLED = "already_settled"  # an outcome for a record settled by an earlier attempt
+    NO_OUTCOME = "no_outcome"
+
+
+class RecordOutcome(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    status: OutcomeStatus
+    features: list[dict[str, Any]] = Field(default_factory=list)
+    reason: str | None = None
+    retryable: bool = False
+    attempt: int  # the attempt that settled the record
+    memory_limit_mb: int
+
+    def same_result(self, other: RecordOutcome) -> bool:
+        return (self.status, self.features, self.reason, self.retryable) == (
+            other.status,
+            other.features,
+            other.reason,
+            other.retryable,
+        )
+
+
+class AttemptRecord(BaseModel):
+    number: int
+    memory_limit_mb: int
+    peak_memory_mb: float | None
+    returncode: int | None  # None when the orchestrator died and the exit was never seen
+    oom_killed: bool  # ran out of memory: a kernel OOM kill or the hook's MemoryError exit
+    timed_out: bool
+    interrupted: bool  # the orchestrator died while the attempt ran
+    records_in: int
+    records_done: int  # records the hook itself settled
+    first_unfinished: str | None  # after an OOM: the record the hook was most likely on
+    duration_s: float | None
+    started_at: datetime
+    stderr_tail: str
+    limit_mode: LimitMode
+
+
+class InFlightAttempt(BaseModel):
+    """The attempt running while this checkpoint was saved."""
+
+    number: int
+    memory_limit_mb: int
+    records_in: int
+    started_at: datetime
+    marker: AttemptMarker
+    # Bytes of each output file already merged into the outcomes, so that after a crash the
+    # rest of the output is merged exactly once.
+    offsets: dict[str, int] = Field(default_factory=dict)
+
+
+class Checkpoint(BaseModel):
+    hook: str
+    batch_digest: str
+    outcomes: dict[str, RecordOutcome] = Field(default_factory=dict)
+    attempts: list[AttemptRecord] = Field(default_factory=list)
+    next_memory_mb: int
+    complete: bool = False
+    anomalies: dict[str, int] = Field(default_factory=dict)
+    running: InFlightAttempt | None = None
+
+    def counts(self) -> dict[str, int]:
+        counts = {status.value: 0 for status in OutcomeStatus}
+        for outcome in self.outcomes.values():
+            counts[outcome.status.value] += 1
+        return counts
+
+    def oom_attempts(self) -> list[AttemptRecord]:
+        return [attempt for attempt in self.attempts if attempt.oom_killed]
+
+    def note(self, anomaly: Anomaly, count: int = 1) -> None:
+        self.anomalies[anomaly.value] = self.anomalies.get(anomaly.value, 0) + count
+
+
+class CheckpointIO(Protocol):
+    def load(self) -> Checkpoint | None: ...
+
+    def save(self, checkpoint: Checkpoint) -> None: ...
+
+
+class FileCheckpointIO:
+    """A checkpoint in one JSON file, replaced atomically: a crash leaves the old or the new."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> Checkpoint | None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return Checkpoint.model_validate_json(data)
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The temporary file must be in the same directory: a rename is atomic only
+        # within one filesystem.
+        fd, temporary = tempfile.mkstemp(
+            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+        )
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(checkpoint.model_dump_json().encode())
+                f.flush()
+                os.fsync(f.fileno())
+            Path(temporary).replace(self.path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        # Make the rename itself durable.
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

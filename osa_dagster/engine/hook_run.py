@@ -1,0 +1,362 @@
+"""Run one hook over one batch: attempts, memory escalation on OOM, and the checkpoint.
+
+`advance_hook` does one step (at most one attempt when `stop_after_oom`) so that an
+orchestrator can give each memory limit its own retry; `run_hook` loops it to the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from osa_sdk.contract import (
+    CONFIG_FILE,
+    ENV_FILES,
+    ENV_HOOK_NAME,
+    ENV_IN,
+    ENV_MEMORY_LIMIT_MB,
+    ENV_OUT,
+    RECORDS_FILE,
+)
+from osa_sdk.types import HookRecord, OutcomeStatus
+
+from osa_dagster.engine.checkpoint import (
+    Anomaly,
+    AttemptRecord,
+    Checkpoint,
+    CheckpointIO,
+    InFlightAttempt,
+    RecordOutcome,
+)
+from osa_dagster.engine.outputs import OutputReader, harvest
+from osa_dagster.engine.runners import AttemptExit, Invocation, Runner, read_tail
+from osa_dagster.engine.spec import HookSpec
+
+log = logging.getLogger(__name__)
+
+_REASON_TAIL_CHARS = 500
+
+
+@dataclass(frozen=True)
+class HookBatch:
+    records: list[HookRecord]
+    files_root: Path
+    ids: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        ids = frozenset(record.id for record in self.records)
+        if len(ids) != len(self.records):
+            raise ValueError("a batch lists some record id twice")
+        object.__setattr__(self, "ids", ids)
+
+    def digest(self) -> str:
+        """Identifies the batch's membership and files, whatever the order of its records."""
+        identity = sorted((r.id, r.files_dir, r.size_mb) for r in self.records)
+        return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class HookProgress:
+    checkpoint: Checkpoint
+    done: bool
+    next_memory_mb: int | None  # the limit of the next attempt when not done
+    attempts_this_call: list[AttemptRecord]
+    """Attempts recorded by this call, so a caller can report each exactly once."""
+
+
+def run_hook(
+    spec: HookSpec,
+    batch: HookBatch,
+    runner: Runner,
+    checkpoints: CheckpointIO,
+    workdir: Path,
+    *,
+    checkpoint_every_s: float = 1.0,
+) -> Checkpoint:
+    """Run the hook until every record of the batch has an outcome."""
+    while not (
+        progress := advance_hook(
+            spec, batch, runner, checkpoints, workdir, checkpoint_every_s=checkpoint_every_s
+        )
+    ).done:
+        log.info("hook %s: continuing at %s MB", spec.name, progress.next_memory_mb)
+    return progress.checkpoint
+
+
+def advance_hook(
+    spec: HookSpec,
+    batch: HookBatch,
+    runner: Runner,
+    checkpoints: CheckpointIO,
+    workdir: Path,
+    *,
+    checkpoint_every_s: float = 1.0,
+    stop_after_oom: bool = True,
+) -> HookProgress:
+    """Run attempts of the hook until the batch is done, or until an OOM if `stop_after_oom`.
+
+    Not done means: the last attempt ran out of memory, and the next call runs the records
+    left with `next_memory_mb`.
+    """
+    run = _HookRun(spec, batch, runner, checkpoints, workdir, checkpoint_every_s)
+    known_attempts = len(run.checkpoint.attempts)
+
+    def progress(done: bool, next_memory_mb: int | None = None) -> HookProgress:
+        return HookProgress(
+            run.checkpoint, done, next_memory_mb, run.checkpoint.attempts[known_attempts:]
+        )
+
+    if run.checkpoint.running is not None:
+        run.recover_interrupted()
+    while True:
+        pending = run.pending()
+        if not pending:
+            run.checkpoint.complete = True
+            checkpoints.save(run.checkpoint)
+            return progress(done=True)
+        exit_ = run.attempt(pending)
+        next_memory = run.settle(pending, exit_)
+        if next_memory is None:
+            return progress(done=True)
+        if stop_after_oom:
+            return progress(done=False, next_memory_mb=next_memory)
+
+
+class _HookRun:
+    def __init__(
+        self,
+        spec: HookSpec,
+        batch: HookBatch,
+        runner: Runner,
+        checkpoints: CheckpointIO,
+        workdir: Path,
+        poll_s: float,
+    ) -> None:
+        self.spec = spec
+        self.batch = batch
+        self.runner = runner
+        self.checkpoints = checkpoints
+        self.workdir = workdir
+        self.poll_s = poll_s
+        self.checkpoint = self._open_checkpoint()
+
+    def _open_checkpoint(self) -> Checkpoint:
+        digest = self.batch.digest()
+        stored = self.checkpoints.load()
+        if stored is not None and (stored.hook, stored.batch_digest) != (self.spec.name, digest):
+            log.warning(
+                "discarding the checkpoint of hook %s, batch %s: this is hook %s, batch %s",
+                stored.hook,
+                stored.batch_digest[:12],
+                self.spec.name,
+                digest[:12],
+            )
+            stored = None
+        if stored is None:
+            return Checkpoint(
+                hook=self.spec.name, batch_digest=digest, next_memory_mb=self.spec.memory.base_mb
+            )
+        if stored.complete:
+            # A new run of a finished batch: give the transient failures another chance,
+            # starting from the bottom of the ladder again.
+            stored.outcomes = {
+                record_id: outcome
+                for record_id, outcome in stored.outcomes.items()
+                if not (outcome.status is OutcomeStatus.ERRORED and outcome.retryable)
+            }
+            stored.next_memory_mb = self.spec.memory.base_mb
+            stored.complete = False
+        return stored
+
+    def pending(self) -> list[HookRecord]:
+        """Records without an outcome, smallest first, so an OOM costs as little as possible."""
+        left = [r for r in self.batch.records if r.id not in self.checkpoint.outcomes]
+        return sorted(left, key=lambda r: (r.size_mb, r.id))
+
+    def _attempt_dir(self, number: int) -> Path:
+        return self.workdir / f"attempt-{number}"
+
+    def recover_interrupted(self) -> None:
+        """Close the attempt that was running when the orchestrator died; keep its outcomes."""
+        flight = self.checkpoint.running
+        assert flight is not None
+        log.warning(
+            "hook %s: attempt %d was interrupted, harvesting its output",
+            self.spec.name,
+            flight.number,
+        )
+        self.runner.kill_leftovers(flight.marker)
+        attempt_dir = self._attempt_dir(flight.number)
+        if (attempt_dir / "out").is_dir():
+            self._harvest(OutputReader(attempt_dir / "out", flight.offsets), flight)
+        self._close_attempt(
+            flight, None, read_tail(attempt_dir / "hook.log"), first_unfinished=None
+        )
+        self.checkpoints.save(self.checkpoint)
+
+    def attempt(self, pending: list[HookRecord]) -> AttemptExit:
+        """One attempt over the pending records, checkpointing outcomes as they appear."""
+        number = len(self.checkpoint.attempts) + 1
+        memory = self.checkpoint.next_memory_mb
+        attempt_dir = self._attempt_dir(number)
+        # Left over from a discarded checkpoint, whose attempts were numbered from 1 too.
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+        in_dir, out_dir = attempt_dir / "in", attempt_dir / "out"
+        in_dir.mkdir(parents=True)
+        out_dir.mkdir()
+        (in_dir / RECORDS_FILE).write_text("".join(r.model_dump_json() + "\n" for r in pending))
+        (in_dir / CONFIG_FILE).write_text(json.dumps(self.spec.config))
+        invocation = Invocation(
+            command=self.spec.command,
+            env={
+                ENV_IN: str(in_dir),
+                ENV_OUT: str(out_dir),
+                ENV_FILES: str(self.batch.files_root),
+                ENV_HOOK_NAME: self.spec.name,
+                ENV_MEMORY_LIMIT_MB: str(memory),
+            },
+            in_dir=in_dir,
+            out_dir=out_dir,
+            files_root=self.batch.files_root,
+            memory_limit_mb=memory,
+            timeout_s=self.spec.timeout_s,
+            log_path=attempt_dir / "hook.log",
+        )
+        log.info(
+            "hook %s: attempt %d, %d records at %d MB", self.spec.name, number, len(pending), memory
+        )
+        started_at, started = datetime.now(UTC), time.monotonic()
+        running = self.runner.start(invocation)
+        flight = InFlightAttempt(
+            number=number,
+            memory_limit_mb=memory,
+            records_in=len(pending),
+            started_at=started_at,
+            marker=running.marker,
+        )
+        self.checkpoint.running = flight
+        # Saved before waiting: if we die now, the next run finds and kills the hook.
+        self.checkpoints.save(self.checkpoint)
+        reader = OutputReader(out_dir, flight.offsets)
+        try:
+            while (exit_ := running.wait(self.poll_s)) is None:
+                if self._harvest(reader, flight):
+                    self.checkpoints.save(self.checkpoint)
+        except BaseException:
+            # Cancelled (KeyboardInterrupt, a run termination): the hook must not outlive us.
+            running.kill()
+            running.wait(self.poll_s)
+            raise
+        self._harvest(reader, flight)
+        first_unfinished = next(
+            (r.id for r in pending if r.id not in self.checkpoint.outcomes), None
+        )
+        self._close_attempt(
+            flight, exit_, exit_.stderr_tail, first_unfinished, time.monotonic() - started
+        )
+        return exit_
+
+    def _harvest(self, reader: OutputReader, flight: InFlightAttempt) -> bool:
+        return harvest(
+            self.checkpoint,
+            reader,
+            self.batch.ids,
+            attempt=flight.number,
+            memory_limit_mb=flight.memory_limit_mb,
+        )
+
+    def _close_attempt(
+        self,
+        flight: InFlightAttempt,
+        exit_: AttemptExit | None,
+        stderr_tail: str,
+        first_unfinished: str | None,
+        duration_s: float | None = None,
+    ) -> None:
+        """Log the attempt (`exit_` None: interrupted, its end unknown) and clear `running`."""
+        self.checkpoint.attempts.append(
+            AttemptRecord(
+                number=flight.number,
+                memory_limit_mb=flight.memory_limit_mb,
+                peak_memory_mb=exit_.peak_memory_mb if exit_ else None,
+                returncode=exit_.returncode if exit_ else None,
+                oom_killed=exit_.out_of_memory if exit_ else False,
+                timed_out=exit_.timed_out if exit_ else False,
+                interrupted=exit_ is None,
+                records_in=flight.records_in,
+                records_done=sum(
+                    1 for o in self.checkpoint.outcomes.values() if o.attempt == flight.number
+                ),
+                first_unfinished=first_unfinished if exit_ and exit_.out_of_memory else None,
+                duration_s=duration_s,
+                started_at=flight.started_at,
+                stderr_tail=stderr_tail,
+                limit_mode=flight.marker.limit_mode,
+            )
+        )
+        self.checkpoint.running = None
+
+    def settle(self, pending: list[HookRecord], exit_: AttemptExit) -> int | None:
+        """Decide what the records the attempt left unsettled become; save.
+
+        Returns the next memory limit after an OOM below the cap, else None (batch done).
+        """
+        left = [r.id for r in pending if r.id not in self.checkpoint.outcomes]
+        limit = self.checkpoint.attempts[-1].memory_limit_mb
+        if exit_.out_of_memory and left:
+            next_memory = self.spec.memory.next_after(limit)
+            if next_memory is not None:
+                log.warning(
+                    "hook %s: out of memory at %d MB on %s; %d records left for %d MB",
+                    self.spec.name,
+                    limit,
+                    left[0],
+                    len(left),
+                    next_memory,
+                )
+                self.checkpoint.next_memory_mb = next_memory
+                self.checkpoints.save(self.checkpoint)
+                return next_memory
+            self._error(left, f"OOM at {limit} MB", retryable=False)
+        elif exit_.timed_out:
+            self._error(left, f"timed out after {self.spec.timeout_s:g} s", retryable=True)
+        elif exit_.returncode < 0:
+            self._error(
+                left,
+                f"hook killed by {_signal_name(-exit_.returncode)} (not an OOM)",
+                retryable=True,
+            )
+        elif exit_.returncode != 0:
+            tail = exit_.stderr_tail.strip()[-_REASON_TAIL_CHARS:]
+            self._error(left, f"hook exited with code {exit_.returncode}: {tail}", retryable=False)
+        elif left:
+            self.checkpoint.note(Anomaly.NO_OUTCOME, len(left))
+            self._error(left, "no outcome: the hook exited 0 without writing one", retryable=False)
+        self.checkpoint.complete = True
+        self.checkpoints.save(self.checkpoint)
+        return None
+
+    def _error(self, record_ids: list[str], reason: str, *, retryable: bool) -> None:
+        attempt = self.checkpoint.attempts[-1]
+        for record_id in record_ids:
+            self.checkpoint.outcomes[record_id] = RecordOutcome(
+                status=OutcomeStatus.ERRORED,
+                reason=reason,
+                retryable=retryable,
+                attempt=attempt.number,
+                memory_limit_mb=attempt.memory_limit_mb,
+            )
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

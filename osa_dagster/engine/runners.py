@@ -1,0 +1,339 @@
+"""Runners start one attempt of a hook under a memory limit and report how it ended.
+
+The engine talks to the `Runner` and `RunningAttempt` protocols only; `LocalRunner` runs the
+hook as a local process. Docker and Kubernetes runners implement the same protocols.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import resource
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from osa_sdk.contract import EXIT_MEMORY_ERROR
+from pydantic import BaseModel, ConfigDict
+
+from osa_dagster.engine.cgroup import CGROUP_ROOT, NAME_PREFIX, MemoryCgroup, usable_parent
+
+log = logging.getLogger(__name__)
+
+LimitMode = Literal["cgroup", "rlimit"]
+
+# What a local hook inherits from the orchestrator's environment: enough to find programs
+# and a virtualenv, never the orchestrator's credentials.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
+TAIL_BYTES = 4096
+_MB = 1024 * 1024
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One attempt of a hook: what to run, where its contract folders are, and its limits."""
+
+    command: Sequence[str]
+    env: Mapping[str, str]
+    in_dir: Path
+    out_dir: Path
+    files_root: Path
+    memory_limit_mb: int
+    timeout_s: float
+    log_path: Path  # the hook's stdout and stderr
+
+
+@dataclass(frozen=True)
+class AttemptExit:
+    returncode: int  # negative: killed by that signal
+    oom_killed: bool  # the kernel OOM killer acted (an exit by SIGKILL alone proves nothing)
+    timed_out: bool
+    peak_memory_mb: float | None
+    stderr_tail: str
+    limit_mode: LimitMode
+
+    @property
+    def out_of_memory(self) -> bool:
+        """A kernel OOM kill, or a hook that met MemoryError (how RLIMIT_AS shows)."""
+        return self.oom_killed or self.returncode == EXIT_MEMORY_ERROR
+
+
+class AttemptMarker(BaseModel):
+    """Enough to find an attempt's processes again after the orchestrator died."""
+
+    model_config = ConfigDict(frozen=True)
+
+    runner: str = "local"
+    limit_mode: LimitMode
+    pid: int
+    pgid: int
+    # The kernel start time of `pid` and the boot it belongs to: tell our hook apart from a
+    # later process that reused its pid.
+    start_ticks: int | None
+    boot_id: str | None
+    cgroup: str | None
+
+
+class RunningAttempt(Protocol):
+    @property
+    def marker(self) -> AttemptMarker: ...
+
+    def wait(self, timeout: float) -> AttemptExit | None:
+        """The exit, or None if the hook still runs after `timeout` seconds."""
+        ...
+
+    def kill(self) -> None: ...
+
+
+class Runner(Protocol):
+    def start(self, inv: Invocation) -> RunningAttempt: ...
+
+    def kill_leftovers(self, marker: AttemptMarker) -> None:
+        """Kill whatever is left of an attempt whose orchestrator died; safe to repeat."""
+        ...
+
+
+def memory_limit_mode() -> LimitMode:
+    """How LocalRunner limits memory on this machine."""
+    return "cgroup" if usable_parent() is not None else "rlimit"
+
+
+@functools.cache
+def _warn_limits_approximate() -> None:
+    # Cached so that the warning is logged once per process, not once per attempt.
+    log.warning(
+        "No usable cgroup v1 memory controller (it needs root and /sys/fs/cgroup/memory): "
+        "hook memory limits fall back to RLIMIT_AS and are APPROXIMATE. They cap address "
+        "space, not resident memory, and an over-limit hook gets MemoryError instead of an "
+        "OOM kill."
+    )
+
+
+def read_tail(path: Path, limit: int = TAIL_BYTES) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+            return f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+class LocalRunner:
+    """Runs a hook as a local process in its own session, under a real memory limit.
+
+    `mode="auto"` uses a cgroup when it can and otherwise falls back to RLIMIT_AS, with a
+    warning (once per process); "cgroup" and "rlimit" force a mode. Start attempts from a
+    thread that lives as long as they do: PR_SET_PDEATHSIG fires when the *thread* that
+    forked the hook exits.
+    """
+
+    def __init__(
+        self,
+        mode: Literal["auto", "cgroup", "rlimit"] = "auto",
+        inherit_env: Sequence[str] = INHERITED_ENV,
+    ) -> None:
+        if mode == "auto":
+            mode = memory_limit_mode()
+            if mode == "rlimit":
+                _warn_limits_approximate()
+        elif mode == "cgroup" and usable_parent() is None:
+            raise RuntimeError(
+                "cgroup memory limits requested, but no cgroup v1 memory controller is usable"
+            )
+        self.limit_mode: LimitMode = mode
+        self.inherit_env = tuple(inherit_env)
+        self._cgroup_parent = usable_parent() if mode == "cgroup" else None
+
+    def start(self, inv: Invocation) -> LocalAttempt:
+        cgroup = None
+        if self._cgroup_parent is not None:
+            name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+            cgroup = MemoryCgroup.create(self._cgroup_parent, name, inv.memory_limit_mb)
+        env = {k: os.environ[k] for k in self.inherit_env if k in os.environ} | dict(inv.env)
+        setup = _child_setup(
+            cgroup_procs=cgroup.procs_file if cgroup else None,
+            address_space=None if cgroup else inv.memory_limit_mb * _MB,
+            orchestrator=os.getpid(),
+        )
+        try:
+            with inv.log_path.open("wb") as log_file:
+                process = subprocess.Popen(
+                    list(inv.command),
+                    env=env,
+                    cwd=inv.log_path.parent,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=setup,
+                )
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
+        return LocalAttempt(process, inv, cgroup, self.limit_mode)
+
+    def kill_leftovers(self, marker: AttemptMarker) -> None:
+        kill_leftovers(marker)
+
+
+class LocalAttempt:
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        inv: Invocation,
+        cgroup: MemoryCgroup | None,
+        mode: LimitMode,
+    ) -> None:
+        self._process = process
+        self._inv = inv
+        self._cgroup = cgroup
+        self._mode: LimitMode = mode
+        self._deadline = time.monotonic() + inv.timeout_s
+        self._timed_out = False
+        self._exit: AttemptExit | None = None
+        self._pidfd = os.pidfd_open(process.pid) if hasattr(os, "pidfd_open") else None
+        self.marker = AttemptMarker(
+            limit_mode=mode,
+            pid=process.pid,
+            pgid=process.pid,  # start_new_session makes the hook its group's leader
+            start_ticks=_start_ticks(process.pid),
+            boot_id=_boot_id(),
+            cgroup=str(cgroup.path) if cgroup else None,
+        )
+
+    def wait(self, timeout: float) -> AttemptExit | None:
+        if self._exit is not None:
+            return self._exit
+        remaining = self._deadline - time.monotonic()
+        if not self._exited(max(0.0, min(timeout, remaining))):
+            if time.monotonic() < self._deadline:
+                return None
+            self._timed_out = True
+            self.kill()
+            self._exited(None)
+        return self._reap()
+
+    def kill(self) -> None:
+        # Once reaped, the pgid may name someone else's group: kill only what is ours.
+        if self._exit is not None:
+            return
+        _killpg(self.marker.pgid)
+        if self._cgroup is not None:
+            self._cgroup.kill_all()
+
+    def _exited(self, timeout: float | None) -> bool:
+        """Whether the hook has exited; it stays a zombie, so its pid and pgid stay ours."""
+        if self._pidfd is not None:
+            readable, _, _ = select.select([self._pidfd], [], [], timeout)
+            return bool(readable)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while os.waitid(os.P_PID, self._process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def _reap(self) -> AttemptExit:
+        # Kill what the hook left running in its group while the zombie still holds the pgid.
+        _killpg(self.marker.pgid)
+        _, status = os.waitpid(self._process.pid, 0)
+        returncode = os.waitstatus_to_exitcode(status)
+        self._process.returncode = returncode  # we reaped it: keep Popen from waiting again
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+        # Without a cgroup there is no peak to report: the child's ru_maxrss starts from the
+        # copy of the orchestrator it was forked from, so it would show the orchestrator's size.
+        oom_killed = False
+        peak: float | None = None
+        if self._cgroup is not None:
+            oom_killed = self._cgroup.oom_kills() > 0
+            peak = self._cgroup.peak_mb()
+            self._cgroup.remove()
+        self._exit = AttemptExit(
+            returncode=returncode,
+            oom_killed=oom_killed,
+            timed_out=self._timed_out,
+            peak_memory_mb=peak,
+            stderr_tail=read_tail(self._inv.log_path),
+            limit_mode=self._mode,
+        )
+        return self._exit
+
+
+def kill_leftovers(marker: AttemptMarker) -> None:
+    """Kill what is left of a local attempt whose orchestrator died, and remove its cgroup."""
+    if marker.boot_id != _boot_id():
+        return  # neither processes nor cgroups survive a reboot
+    # A live leader with another start time means the pid was reused, which the kernel only
+    # does once our whole group is gone; a vanished leader leaves the pgid to our group.
+    if _start_ticks(marker.pid) in (None, marker.start_ticks):
+        _killpg(marker.pgid)
+    if marker.cgroup is not None:
+        path = Path(os.path.normpath(marker.cgroup))
+        if path.parent.is_relative_to(CGROUP_ROOT) and path.name.startswith(NAME_PREFIX):
+            MemoryCgroup(path).remove()
+        else:
+            log.warning("not touching %s: not a cgroup this runner creates", path)
+
+
+def _child_setup(
+    *, cgroup_procs: Path | None, address_space: int | None, orchestrator: int
+) -> Callable[[], None]:
+    """What the forked child does before exec: nothing it allocates may escape the limit."""
+    prctl = _prctl()
+
+    def setup() -> None:
+        if cgroup_procs is not None:
+            fd = os.open(cgroup_procs, os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+        if address_space is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            # The orchestrator may have died before the prctl above took effect.
+            if os.getppid() != orchestrator:
+                os._exit(1)
+
+    return setup
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    # Loaded in the parent: the child between fork and exec should do as little as it can.
+    if not sys.platform.startswith("linux"):
+        return None
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _killpg(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 is the start time; the command name (field 2) may contain spaces and ")".
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None

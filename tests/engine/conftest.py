@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from osa_dagster.engine import LocalRunner
+from osa_dagster.engine.cgroup import NAME_PREFIX, usable_parent
+
+from .helpers import Harness
+
+
+@pytest.fixture(autouse=True)
+def no_cgroup_left() -> Iterator[None]:
+    """Every test must remove the cgroups it made (named after this process)."""
+    yield
+    parent = usable_parent()
+    if parent is not None:
+        assert list(parent.glob(f"{NAME_PREFIX}{os.getpid()}-*")) == []
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Harness:
+    return Harness(tmp_path, LocalRunner())

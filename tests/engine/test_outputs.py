@@ -1,0 +1,134 @@
+"""Hook output the engine cannot trust: every bad case ends in a definite status, never a crash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from osa_sdk.types import OutcomeStatus
+
+from osa_dagster.engine import OutputReader
+
+from .helpers import RAW_OUTPUT, Harness, record
+
+PASSED, REJECTED, ERRORED = OutcomeStatus.PASSED, OutcomeStatus.REJECTED, OutcomeStatus.ERRORED
+
+
+def passed(record_id: Any, **features: Any) -> str:
+    return json.dumps({"id": record_id, "features": [features]}) + "\n"
+
+
+def test_reader_consumes_only_complete_lines(tmp_path: Path) -> None:
+    offsets: dict[str, int] = {}
+    reader = OutputReader(tmp_path, offsets)
+    features = tmp_path / "features.jsonl"
+    assert reader.new_lines() == []
+
+    features.write_text(passed("a") + '{"id": "b", "feat')
+    assert reader.new_lines() == [("features.jsonl", passed("a").strip().encode())]
+    assert reader.new_lines() == []
+
+    with features.open("a") as f:
+        f.write('ures": []}\n')
+    assert reader.new_lines() == [("features.jsonl", b'{"id": "b", "features": []}')]
+    assert offsets == {"features.jsonl": features.stat().st_size}
+
+    resumed = OutputReader(tmp_path, dict(offsets))
+    assert resumed.new_lines() == []
+
+
+# raw_output.py config -> expected (status, reason) per record, and the anomalies counted
+CASES: dict[str, tuple[dict[str, Any], dict[str, tuple[OutcomeStatus, str | None]], dict]] = {
+    "malformed lines": (
+        {
+            "*": {
+                "write": {
+                    "features.jsonl": "not json\n[1, 2]\n"
+                    + '{"id": "a"}\n'
+                    + passed(5)
+                    + "\udcff\udcfe\n"
+                    + "\n"
+                    + passed("b", n=1),
+                    "errors.jsonl": '{"id": "a", "error": 3}\n',
+                }
+            }
+        },
+        {"a": (ERRORED, "no outcome: the hook exited 0 without writing one"), "b": (PASSED, None)},
+        {"malformed_lines": 6, "no_outcome": 1},
+    ),
+    "unknown ids": (
+        {"*": {"write": {"features.jsonl": passed("zzz") + passed("a") + passed("b")}}},
+        {"a": (PASSED, None), "b": (PASSED, None)},
+        {"unknown_ids": 1},
+    ),
+    "conflicting outcomes": (
+        {
+            "*": {
+                "write": {
+                    "features.jsonl": passed("a") + passed("b"),
+                    "rejections.jsonl": '{"id": "a", "reason": "too big"}\n',
+                    "errors.jsonl": '{"id": "a", "error": "oops"}\n',
+                }
+            }
+        },
+        {
+            "a": (ERRORED, "conflicting outcomes: passed and rejected (too big)"),
+            "b": (PASSED, None),
+        },
+        {"conflicting_outcomes": 2},
+    ),
+    "exact duplicates": (
+        {"*": {"write": {"features.jsonl": passed("a", n=1) * 3 + passed("b")}}},
+        {"a": (PASSED, None), "b": (PASSED, None)},
+        {"duplicate_outcomes": 2},
+    ),
+    "empty out dir, exit 0": (
+        {"*": {}},
+        {
+            "a": (ERRORED, "no outcome: the hook exited 0 without writing one"),
+            "b": (ERRORED, "no outcome: the hook exited 0 without writing one"),
+        },
+        {"no_outcome": 2},
+    ),
+    "partial last line": (
+        {"*": {"write": {"features.jsonl": passed("a") + passed("b").strip()}}},
+        {"a": (PASSED, None), "b": (ERRORED, "no outcome: the hook exited 0 without writing one")},
+        {"no_outcome": 1},
+    ),
+    "non-zero exit": (
+        {"*": {"write": {"features.jsonl": passed("a")}, "stderr": "Traceback: boom\n", "exit": 3}},
+        {"a": (PASSED, None), "b": (ERRORED, "hook exited with code 3: Traceback: boom")},
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_output(harness: Harness, case: str) -> None:
+    config, expected, anomalies = CASES[case]
+    spec = harness.spec(RAW_OUTPUT, **config)
+
+    checkpoint = harness.run(spec, [record("a", 1), record("b", 2)])
+
+    assert checkpoint.complete
+    assert {rid: (o.status, o.reason) for rid, o in checkpoint.outcomes.items()} == expected
+    assert checkpoint.anomalies == anomalies
+
+
+def test_outcome_for_a_record_settled_by_an_earlier_attempt_is_ignored(harness: Harness) -> None:
+    spec = harness.spec(
+        RAW_OUTPUT,
+        **{
+            "128": {"write": {"features.jsonl": passed("a", n=1)}, "exit": 99},
+            "256": {"write": {"features.jsonl": passed("a", n=2) + passed("b", n=2)}},
+        },
+    )
+
+    checkpoint = harness.run(spec, [record("a", 1), record("b", 2)])
+
+    assert [a.memory_limit_mb for a in checkpoint.attempts] == [128, 256]
+    assert checkpoint.outcomes["a"].features == [{"n": 1}]
+    assert checkpoint.outcomes["b"].features == [{"n": 2}]
+    assert checkpoint.anomalies == {"already_settled": 1}

@@ -1,0 +1,210 @@
+"""LocalRunner with real processes and real cgroups."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from osa_dagster.engine import AttemptMarker, Invocation, LocalRunner, kill_leftovers
+from osa_dagster.engine import runners as runners_module
+
+from .helpers import alive, eventually, require_cgroups
+
+
+def invocation(
+    tmp_path: Path, *command: str, memory_mb: int = 128, timeout_s: float = 30.0
+) -> Invocation:
+    return Invocation(
+        command=command,
+        env={"OSA_IN": str(tmp_path)},
+        in_dir=tmp_path,
+        out_dir=tmp_path,
+        files_root=tmp_path,
+        memory_limit_mb=memory_mb,
+        timeout_s=timeout_s,
+        log_path=tmp_path / "hook.log",
+    )
+
+
+def read_pid(path: Path) -> int:
+    assert eventually(lambda: path.exists() and path.read_text().strip() != "")
+    return int(path.read_text())
+
+
+@pytest.fixture(params=["cgroup", "rlimit"])
+def runner(request: pytest.FixtureRequest) -> LocalRunner:
+    if request.param == "cgroup":
+        require_cgroups()
+    return LocalRunner(request.param)
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_kernel_oom_kill_is_reported_with_its_peak(tmp_path: Path) -> None:
+    require_cgroups()
+    command = (sys.executable, "-c", "bytearray(300 * 2**20)")
+
+    exit_ = LocalRunner("cgroup").start(invocation(tmp_path, *command)).wait(30)
+
+    assert exit_ is not None
+    assert (exit_.returncode, exit_.oom_killed, exit_.out_of_memory) == (-9, True, True)
+    assert exit_.peak_memory_mb == pytest.approx(128, abs=1)
+    assert exit_.limit_mode == "cgroup"
+
+
+def test_plain_sigkill_is_not_an_oom(tmp_path: Path, runner: LocalRunner) -> None:
+    attempt = runner.start(invocation(tmp_path, "sleep", "30"))
+    assert attempt.wait(0.1) is None
+
+    subprocess.run(["kill", "-9", str(attempt.marker.pid)], check=True)
+    exit_ = attempt.wait(5)
+
+    assert exit_ is not None
+    assert (exit_.returncode, exit_.oom_killed, exit_.out_of_memory, exit_.timed_out) == (
+        -9,
+        False,
+        False,
+        False,
+    )
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path: Path, runner: LocalRunner) -> None:
+    script = "sleep 30 & echo $! > child.pid; wait"
+    attempt = runner.start(invocation(tmp_path, "sh", "-c", script, timeout_s=0.5))
+    child = read_pid(tmp_path / "child.pid")
+
+    started = time.monotonic()
+    while (exit_ := attempt.wait(0.1)) is None:
+        pass
+
+    assert time.monotonic() - started < 2
+    assert (exit_.returncode, exit_.timed_out, exit_.oom_killed) == (-9, True, False)
+    assert eventually(lambda: not alive(child))
+
+
+def test_processes_that_left_the_session_die_with_the_cgroup(tmp_path: Path) -> None:
+    require_cgroups()
+    script = "setsid sleep 30 & echo $! > child.pid"
+    attempt = LocalRunner("cgroup").start(invocation(tmp_path, "sh", "-c", script))
+
+    exit_ = attempt.wait(5)
+
+    assert exit_ is not None and exit_.returncode == 0
+    assert eventually(lambda: not alive(read_pid(tmp_path / "child.pid")))
+
+
+def test_hook_gets_its_contract_env_and_not_our_secrets(
+    tmp_path: Path, runner: LocalRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2")
+    script = "env; echo boom >&2; exit 3"
+
+    exit_ = runner.start(invocation(tmp_path, "sh", "-c", script)).wait(5)
+
+    assert exit_ is not None and exit_.returncode == 3
+    assert exit_.stderr_tail.endswith("boom\n")
+    assert f"OSA_IN={tmp_path}\n" in exit_.stderr_tail
+    assert "hunter2" not in exit_.stderr_tail
+
+
+def test_without_cgroups_auto_falls_back_to_rlimit_and_warns_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(runners_module, "usable_parent", lambda: None)
+    runners_module._warn_limits_approximate.cache_clear()
+
+    modes = [LocalRunner().limit_mode, LocalRunner().limit_mode]
+
+    assert modes == ["rlimit", "rlimit"]
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "APPROXIMATE" in caplog.text
+    with pytest.raises(RuntimeError, match="no cgroup v1 memory controller"):
+        LocalRunner("cgroup")
+
+
+ORCHESTRATOR = """
+import sys, time
+from pathlib import Path
+from osa_dagster.engine import Invocation, LocalRunner
+root = Path(sys.argv[1])
+attempt = LocalRunner("cgroup").start(Invocation(
+    command=("sh", "-c", "setsid sleep 30 & echo $! > child.pid; sleep 30"), env={},
+    in_dir=root, out_dir=root, files_root=root, memory_limit_mb=64, timeout_s=60,
+    log_path=root / "hook.log"))
+print(attempt.marker.model_dump_json(), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.slow
+def test_leftovers_of_a_dead_orchestrator_are_killed(tmp_path: Path) -> None:
+    require_cgroups()
+    orchestrator = subprocess.Popen(
+        [sys.executable, "-c", ORCHESTRATOR, str(tmp_path)], stdout=subprocess.PIPE
+    )
+    assert orchestrator.stdout is not None
+    marker = AttemptMarker.model_validate_json(orchestrator.stdout.readline())
+    escaped = read_pid(tmp_path / "child.pid")
+
+    orchestrator.kill()
+    orchestrator.wait()
+
+    # PR_SET_PDEATHSIG took the hook with the orchestrator; what left its session did not die.
+    assert eventually(lambda: not alive(marker.pid))
+    assert alive(escaped)
+    assert marker.cgroup is not None and Path(marker.cgroup).is_dir()
+
+    kill_leftovers(marker)
+
+    assert eventually(lambda: not alive(escaped))
+    assert not Path(marker.cgroup).exists()
+    kill_leftovers(marker)  # a second call finds nothing and does nothing
+
+
+def test_kill_leftovers_spares_a_process_that_reused_the_pid(
+    sleeper: subprocess.Popen[bytes],
+) -> None:
+    marker = AttemptMarker(
+        limit_mode="rlimit",
+        pid=sleeper.pid,
+        pgid=sleeper.pid,
+        start_ticks=runners_module._start_ticks(sleeper.pid) + 1,
+        boot_id=runners_module._boot_id(),
+        cgroup=None,
+    )
+
+    kill_leftovers(marker)
+
+    assert alive(sleeper.pid)
+
+
+def test_kill_leftovers_touches_no_cgroup_it_did_not_make(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = tmp_path / "osa-fake"
+    fake.mkdir()
+    (fake / "cgroup.procs").write_text(f"{sleeper.pid}\n")
+    marker = AttemptMarker(
+        limit_mode="cgroup",
+        pid=sleeper.pid,
+        pgid=sleeper.pid,
+        start_ticks=runners_module._start_ticks(sleeper.pid) + 1,
+        boot_id=runners_module._boot_id(),
+        cgroup=str(fake),
+    )
+
+    kill_leftovers(marker)
+
+    assert alive(sleeper.pid) and fake.is_dir()
+    assert "not a cgroup this runner creates" in caplog.text
