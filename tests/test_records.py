@@ -51,14 +51,18 @@ def test_same_source_id_in_two_conventions_is_two_records(tmp_path: Path):
     db = _db(tmp_path)
     _publish(db, ["X1"])
     other = publish_records(
-        db, convention="uniprot", domain="example.org", partition="p", records=[RecordToPublish("X1", {})]
+        db,
+        convention="uniprot",
+        domain="example.org",
+        partition="p",
+        records=[RecordToPublish("X1", {})],
     )
     assert other.newly_published == 1
 
 
 def test_concurrent_publishers_publish_each_record_once(tmp_path: Path):
     db_path = tmp_path / "records.db"
-    RecordsDatabase(f"sqlite:///{db_path}").engine  # create the schema once
+    assert RecordsDatabase(f"sqlite:///{db_path}").engine is not None  # creates the schema once
     ids = [f"R{n}" for n in range(200)]
     results = []
 

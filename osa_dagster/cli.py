@@ -1,0 +1,236 @@
+"""`osa`: plan and run ingests through Dagster from a shell, and look at what was published.
+
+Every run goes through the Dagster instance in $DAGSTER_HOME (the repo's dagster.yaml by
+default), so what the CLI does is visible in the UI afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+# The demo's features hook starts low enough that the largest bundled entries are really
+# OOM-killed and succeed one step up the ladder. Set before the definitions load.
+DEMO_HOOK_MEMORY = "pdb.extract_features=96:768"
+DEMO_BATCH_SIZE = 10
+
+
+def _instance():  # noqa: ANN202 - dagster's type, imported lazily to keep --help fast
+    import dagster as dg
+
+    if not os.environ.get("DAGSTER_HOME"):
+        if not Path("dagster.yaml").is_file():
+            sys.exit("DAGSTER_HOME is not set and there is no dagster.yaml here")
+        os.environ["DAGSTER_HOME"] = str(Path.cwd())
+    return dg.DagsterInstance.get()
+
+
+def _conventions():  # noqa: ANN202
+    from osa_dagster.conventions.registry import load_conventions
+
+    return load_conventions()
+
+
+def _convention(name: str):  # noqa: ANN202
+    conventions = _conventions()
+    if name not in conventions:
+        sys.exit(f"no convention {name!r}; known: {', '.join(sorted(conventions))}")
+    return conventions[name]
+
+
+def plan(
+    convention_name: str, limit: int | None, since: str | None, batch_size: int | None
+) -> list[str]:
+    from osa_dagster.definitions import defs
+    from osa_dagster.defs.planning import plan_job_name
+
+    convention = _convention(convention_name)
+    config = {"limit": limit, "since": since, "batch_size": batch_size}
+    op_config = {k: v for k, v in config.items() if v is not None}
+    job = defs.resolve_job_def(plan_job_name(convention))
+    result = job.execute_in_process(
+        run_config={"ops": {f"{convention.name}_plan_batches": {"config": op_config}}},
+        instance=_instance(),
+    )
+    if not result.success:
+        sys.exit("planning failed; see the run in the UI")
+    return _partitions(convention_name)
+
+
+def _partitions(convention_name: str) -> list[str]:
+    from osa_dagster.defs.assets import batch_partitions
+
+    return _instance().get_dynamic_partitions(batch_partitions(_convention(convention_name)).name)
+
+
+def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
+    """Run the ingest job for each partition; return the partitions whose run failed."""
+    from osa_dagster.definitions import defs
+    from osa_dagster.defs.planning import ingest_job_name
+
+    convention = _convention(convention_name)
+    unknown = sorted(set(partitions) - set(_partitions(convention_name)))
+    if unknown:
+        sys.exit(f"{convention_name} has no partition {', '.join(unknown)}: plan it first")
+    job = defs.resolve_job_def(ingest_job_name(convention))
+    instance = _instance()
+    failed = []
+    for number, key in enumerate(partitions, start=1):
+        started = time.monotonic()
+        result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+        status = "ok" if result.success else "FAILED"
+        print(f"[{number}/{len(partitions)}] {key}: {status} ({time.monotonic() - started:.1f} s)")
+        if not result.success:
+            failed.append(key)
+    return failed
+
+
+def summary(convention_name: str) -> dict[str, int]:
+    from osa_sdk.types import OutcomeStatus
+    from sqlalchemy import func, select
+
+    from osa_dagster.conventions.pipeline import planned_partitions
+    from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
+    from osa_dagster.storage import BatchLayout, store_from_env
+    from osa_dagster.storage.checkpoints import StoreCheckpointIO
+
+    convention = _convention(convention_name)
+    store = store_from_env()
+    db = RecordsDatabase(database_url_from_env())
+    totals: Counter[str] = Counter()
+    for partition in planned_partitions(store, convention.name):
+        totals["batches"] += 1
+        layout = BatchLayout(convention.name, partition)
+        for hook in convention.hooks:
+            checkpoint = StoreCheckpointIO(store, layout.checkpoint(hook.name)).load()
+            if checkpoint is None:
+                continue
+            totals["oom_retries"] += sum(a.oom_killed for a in checkpoint.attempts)
+            for outcome in checkpoint.outcomes.values():
+                if outcome.status is not OutcomeStatus.PASSED:
+                    totals[f"{outcome.status.value} by {hook.name}"] += 1
+    with db.session() as session:
+        totals["records published"] = (
+            session.scalar(
+                select(func.count()).select_from(Record).where(Record.convention == convention.name)
+            )
+            or 0
+        )
+        totals["feature rows"] = (
+            session.scalar(
+                select(func.count())
+                .select_from(Feature)
+                .join(Record, Record.srn == Feature.record_srn)
+                .where(Record.convention == convention.name)
+            )
+            or 0
+        )
+    return dict(totals)
+
+
+def list_records(convention_name: str | None, limit: int, with_features: bool) -> None:
+    from sqlalchemy import select
+
+    from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
+
+    db = RecordsDatabase(database_url_from_env())
+    query = select(Record).order_by(Record.convention, Record.source_id).limit(limit)
+    if convention_name:
+        query = query.where(Record.convention == convention_name)
+    with db.session() as session:
+        for record in session.scalars(query):
+            print(f"{record.srn}  {record.convention}  {record.source_id}  {record.partition}")
+            if with_features:
+                for feature in session.scalars(
+                    select(Feature)
+                    .where(Feature.record_srn == record.srn)
+                    .order_by(Feature.hook, Feature.row_index)
+                ):
+                    print(f"    {feature.hook}[{feature.row_index}]: {feature.data}")
+
+
+def demo(fresh: bool) -> int:
+    os.environ.setdefault("OSA_HOOK_MEMORY", DEMO_HOOK_MEMORY)
+    if fresh:
+        from osa_dagster.storage.store import data_dir
+
+        shutil.rmtree(data_dir(), ignore_errors=True)
+    started = time.monotonic()
+    partitions = plan("pdb", limit=None, since=None, batch_size=DEMO_BATCH_SIZE)
+    print(f"planned {len(partitions)} batches of the bundled PDB mirror")
+    failed = materialize("pdb", partitions)
+    elapsed = time.monotonic() - started
+    totals = summary("pdb")
+    print("\nsummary of the pdb convention")
+    for name, value in sorted(totals.items()):
+        print(f"  {name:32} {value}")
+    records_in = sum(1 for _ in _records_in_batches("pdb"))
+    print(f"  {'wall time (s)':32} {elapsed:.1f}")
+    print(f"  {'records per second':32} {records_in / elapsed:.2f}")
+    print(
+        "\nSee the runs, partitions and metadata in the UI:  make ui"
+        "  (dagster dev -w workspace.yaml, http://127.0.0.1:3000)"
+    )
+    return 1 if failed else 0
+
+
+def _records_in_batches(convention_name: str):  # noqa: ANN202
+    from osa_dagster.conventions.pipeline import load_manifest, planned_partitions
+    from osa_dagster.storage import BatchLayout, store_from_env
+
+    store = store_from_env()
+    for partition in planned_partitions(store, convention_name):
+        yield from load_manifest(store, BatchLayout(convention_name, partition)).refs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="osa", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo_cmd = commands.add_parser("demo", help="ingest the bundled PDB mirror end to end")
+    demo_cmd.add_argument("--keep", action="store_true", help="keep data of earlier runs")
+
+    plan_cmd = commands.add_parser("plan", help="freeze an ingest into batches (partitions)")
+    plan_cmd.add_argument("convention")
+    plan_cmd.add_argument("--limit", type=int)
+    plan_cmd.add_argument("--since", help="ISO date, e.g. 2024-01-31")
+    plan_cmd.add_argument("--batch-size", type=int)
+
+    run_cmd = commands.add_parser("materialize", help="run the ingest job for partitions")
+    run_cmd.add_argument("convention")
+    run_cmd.add_argument("partitions", nargs="*", help="partition keys (default: all planned)")
+
+    summary_cmd = commands.add_parser("summary", help="counts of a convention's ingest")
+    summary_cmd.add_argument("convention")
+
+    records_cmd = commands.add_parser("records", help="list published records")
+    records_cmd.add_argument("--convention")
+    records_cmd.add_argument("--limit", type=int, default=50)
+    records_cmd.add_argument("--features", action="store_true", help="show feature rows too")
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return demo(fresh=not args.keep)
+    if args.command == "plan":
+        keys = plan(args.convention, args.limit, args.since, args.batch_size)
+        print("\n".join(keys))
+        return 0
+    if args.command == "materialize":
+        keys = args.partitions or _partitions(args.convention)
+        return 1 if materialize(args.convention, keys) else 0
+    if args.command == "summary":
+        for name, value in sorted(summary(args.convention).items()):
+            print(f"{name:32} {value}")
+        return 0
+    list_records(args.convention, args.limit, args.features)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

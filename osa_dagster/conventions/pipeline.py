@@ -1,0 +1,325 @@
+"""The steps a batch goes through, without an orchestrator.
+
+plan -> fetch_raw_batch -> run_batch_hook (each hook) -> publish_batch -> store_batch_features.
+The Dagster assets call these one to one; a notebook or a deposition service can too.
+Each step reads what the previous one left in the artifact store, so any step can be
+re-run alone for one partition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import islice
+
+from osa_sdk.contract import files_dir_for
+from osa_sdk.runtime import IngestReport, run_ingest
+from osa_sdk.types import HookRecord, IngesterRecord, OutcomeStatus, RecordRef
+from pydantic import ValidationError
+
+from osa_dagster.conventions.base import Convention
+from osa_dagster.engine import Checkpoint, HookBatch, HookProgress, Runner, advance_hook
+from osa_dagster.records import (
+    FeatureRows,
+    PublishResult,
+    RecordsDatabase,
+    RecordToPublish,
+    find_srns,
+    publish_records,
+    store_features,
+)
+from osa_dagster.storage.checkpoints import StoreCheckpointIO
+from osa_dagster.storage.layout import BatchLayout, Manifest, manifests_prefix
+from osa_dagster.storage.store import ArtifactStore
+
+_KEY_PART = 24
+
+
+class BatchInputError(ValueError):
+    """Input of a batch that cannot be used; the message names the batch and the place."""
+
+
+# --- planning ---------------------------------------------------------------------
+
+
+@dataclass
+class PlanResult:
+    partitions: list[str]
+    """Every partition of this plan, in order, new or planned before."""
+    new_partitions: list[str]
+    records: int
+    duplicate_refs: int = 0
+
+
+def partition_key(refs: Sequence[RecordRef]) -> str:
+    """Deterministic key of a batch: readable ends plus a digest of the whole membership."""
+    digest = hashlib.sha256("\n".join(r.source_id for r in refs).encode()).hexdigest()
+    first = files_dir_for(refs[0].source_id)[:_KEY_PART]
+    last = files_dir_for(refs[-1].source_id)[:_KEY_PART]
+    return f"{first}-{last}-{digest[:10]}"
+
+
+def plan_ingest(
+    convention: Convention,
+    store: ArtifactStore,
+    *,
+    since: datetime | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+) -> PlanResult:
+    """Discover records and freeze them into batches, one manifest per batch.
+
+    `limit` counts records, exactly. A batch planned before keeps its manifest (and so
+    its partition): planning the same thing twice adds nothing.
+    """
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be a positive number of records, not {limit}")
+    size = convention.batch_size if batch_size is None else batch_size
+    if size <= 0:
+        raise ValueError(f"batch_size must be a positive number of records, not {size}")
+
+    discovered = convention.make_ingester().discover(since, limit)
+    refs: list[RecordRef] = []
+    seen: set[str] = set()
+    duplicates = 0
+    # islice bounds the walk even if an ingester yields more than it was asked for.
+    for ref in islice(discovered, limit) if limit else discovered:
+        if ref.source_id in seen:
+            duplicates += 1
+            continue
+        seen.add(ref.source_id)
+        refs.append(ref)
+
+    result = PlanResult(
+        partitions=[], new_partitions=[], records=len(refs), duplicate_refs=duplicates
+    )
+    for start in range(0, len(refs), size):
+        batch = refs[start : start + size]
+        key = partition_key(batch)
+        layout = BatchLayout(convention.name, key)
+        result.partitions.append(key)
+        if not store.exists(layout.manifest):
+            manifest = Manifest(convention=convention.name, partition=key, refs=batch, since=since)
+            store.write_bytes(layout.manifest, manifest.model_dump_json(indent=1).encode())
+            result.new_partitions.append(key)
+    return result
+
+
+def planned_partitions(store: ArtifactStore, convention: str) -> list[str]:
+    """Partitions that have a manifest in the store (e.g. to re-register them in Dagster)."""
+    prefix = manifests_prefix(convention)
+    return [
+        key.removeprefix(prefix + "/").removesuffix(".json")
+        for key in store.list_keys(prefix)
+        if key.endswith(".json")
+    ]
+
+
+def load_manifest(store: ArtifactStore, layout: BatchLayout) -> Manifest:
+    if not store.exists(layout.manifest):
+        raise BatchInputError(
+            f"batch {layout.partition!r} of convention {layout.convention!r} has no manifest "
+            f"at {store.describe(layout.manifest)}: plan an ingest that creates it first"
+        )
+    return Manifest.model_validate_json(store.read_bytes(layout.manifest))
+
+
+# --- raw batch --------------------------------------------------------------------
+
+
+@dataclass
+class RawBatchSummary:
+    records: list[IngesterRecord]
+    report: IngestReport
+
+
+def read_raw_records(
+    store: ArtifactStore, layout: BatchLayout, convention: Convention | None = None
+) -> list[IngesterRecord]:
+    """Parse the batch's records.jsonl; any bad line fails with the batch and line named."""
+    where = f"batch {layout.partition!r} of convention {layout.convention!r}"
+    if not store.exists(layout.raw_records):
+        raise BatchInputError(f"{where}: no records.jsonl at {store.describe(layout.raw_records)}")
+    records: list[IngesterRecord] = []
+    first_line: dict[str, int] = {}
+    text = store.read_bytes(layout.raw_records).decode("utf-8")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = IngesterRecord.model_validate_json(line)
+            if convention is not None and convention.record_schema is not None:
+                convention.record_schema.model_validate(record.metadata)
+        except ValidationError as error:
+            problem = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in error.errors()
+            )
+            raise BatchInputError(f"{where}: records.jsonl line {number}: {problem}") from error
+        if record.source_id in first_line:
+            raise BatchInputError(
+                f"{where}: records.jsonl line {number}: duplicate id {record.source_id!r} "
+                f"(first on line {first_line[record.source_id]})"
+            )
+        first_line[record.source_id] = number
+        records.append(record)
+    return records
+
+
+def fetch_raw_batch(
+    convention: Convention, store: ArtifactStore, partition: str
+) -> RawBatchSummary:
+    """Run the ingester's fetch for the batch's manifest: records.jsonl plus files."""
+    layout = BatchLayout(convention.name, partition)
+    manifest = load_manifest(store, layout)
+    # A re-fetch starts clean: files of a previous fetch must not leak into this one.
+    store.delete_prefix(layout.raw)
+    with store.local_dir(layout.raw, writable=True) as out_dir:
+        report = run_ingest(convention.make_ingester(), manifest.refs, out_dir)
+    records = read_raw_records(store, layout, convention)
+    return RawBatchSummary(records=records, report=report)
+
+
+def read_ingest_report(store: ArtifactStore, layout: BatchLayout) -> IngestReport:
+    return IngestReport.model_validate_json(store.read_bytes(layout.ingest_report))
+
+
+# --- hooks ------------------------------------------------------------------------
+
+
+def run_batch_hook(
+    convention: Convention,
+    hook_name: str,
+    store: ArtifactStore,
+    partition: str,
+    runner: Runner,
+    *,
+    stop_after_oom: bool = True,
+) -> HookProgress:
+    """Advance one hook over the batch, resuming from its checkpoint in the store."""
+    spec = convention.hook(hook_name)
+    layout = BatchLayout(convention.name, partition)
+    records = [HookRecord.from_ingested(r) for r in read_raw_records(store, layout, convention)]
+    checkpoints = StoreCheckpointIO(store, layout.checkpoint(hook_name))
+    with (
+        store.local_dir(layout.raw_files, writable=True) as files_root,
+        store.local_dir(layout.hook_workdir(hook_name), writable=True) as workdir,
+    ):
+        return advance_hook(
+            spec,
+            HookBatch(records=records, files_root=files_root),
+            runner,
+            checkpoints,
+            workdir,
+            stop_after_oom=stop_after_oom,
+        )
+
+
+def load_hook_checkpoints(
+    convention: Convention, store: ArtifactStore, partition: str
+) -> dict[str, Checkpoint]:
+    """Every hook's finished checkpoint; a hook that has not finished the batch is an error."""
+    layout = BatchLayout(convention.name, partition)
+    checkpoints: dict[str, Checkpoint] = {}
+    for spec in convention.hooks:
+        checkpoint = StoreCheckpointIO(store, layout.checkpoint(spec.name)).load()
+        if checkpoint is None or not checkpoint.complete:
+            raise BatchInputError(
+                f"batch {partition!r} of convention {convention.name!r}: hook {spec.name!r} "
+                "has not finished it; materialise its hook_outcomes first"
+            )
+        checkpoints[spec.name] = checkpoint
+    return checkpoints
+
+
+# --- publishing -------------------------------------------------------------------
+
+
+@dataclass
+class PublishSummary:
+    records_in: int
+    passed_all: list[str]
+    result: PublishResult
+    not_published: Counter[str] = field(default_factory=Counter)
+    """Why records were not published: 'rejected by <hook>' / 'errored in <hook>'."""
+    rejections: list[tuple[str, str, str]] = field(default_factory=list)
+    """(record id, hook, reason) of every record not published."""
+
+
+def _verdicts(
+    records: Sequence[IngesterRecord], checkpoints: dict[str, Checkpoint]
+) -> tuple[list[IngesterRecord], list[tuple[str, str, str]]]:
+    passed: list[IngesterRecord] = []
+    failed: list[tuple[str, str, str]] = []
+    for record in records:
+        verdict = None
+        for hook_name, checkpoint in checkpoints.items():
+            outcome = checkpoint.outcomes.get(record.source_id)
+            if outcome is None:
+                verdict = (record.source_id, hook_name, "errored: no outcome")
+            elif outcome.status is not OutcomeStatus.PASSED:
+                verdict = (record.source_id, hook_name, f"{outcome.status}: {outcome.reason}")
+            if verdict:
+                break
+        if verdict:
+            failed.append(verdict)
+        else:
+            passed.append(record)
+    return passed, failed
+
+
+def publish_batch(
+    convention: Convention,
+    store: ArtifactStore,
+    db: RecordsDatabase,
+    partition: str,
+    *,
+    domain: str,
+) -> PublishSummary:
+    """Publish the records that passed every hook: one bulk, idempotent insert."""
+    layout = BatchLayout(convention.name, partition)
+    records = read_raw_records(store, layout, convention)
+    passed, failed = _verdicts(records, load_hook_checkpoints(convention, store, partition))
+    result = publish_records(
+        db,
+        convention=convention.name,
+        domain=domain,
+        partition=partition,
+        records=[RecordToPublish(r.source_id, r.metadata) for r in passed],
+    )
+    reasons = Counter(f"{verdict.split(':')[0]} in {hook}" for _, hook, verdict in failed)
+    return PublishSummary(
+        records_in=len(records),
+        passed_all=[r.source_id for r in passed],
+        result=result,
+        not_published=reasons,
+        rejections=failed,
+    )
+
+
+@dataclass
+class FeaturesSummary:
+    rows_per_hook: dict[str, int]
+    records: int
+
+
+def store_batch_features(
+    convention: Convention, store: ArtifactStore, db: RecordsDatabase, partition: str
+) -> FeaturesSummary:
+    """Store each hook's feature rows of the batch's published records, by SRN."""
+    layout = BatchLayout(convention.name, partition)
+    records = read_raw_records(store, layout, convention)
+    checkpoints = load_hook_checkpoints(convention, store, partition)
+    passed, _ = _verdicts(records, checkpoints)
+    srns = find_srns(db, convention.name, [r.source_id for r in passed])
+    rows_per_hook: dict[str, int] = {}
+    for hook_name, checkpoint in checkpoints.items():
+        rows = [
+            FeatureRows(srns[r.source_id], checkpoint.outcomes[r.source_id].features)
+            for r in passed
+            if r.source_id in srns
+        ]
+        rows_per_hook[hook_name] = store_features(db, hook=hook_name, features=rows)
+    return FeaturesSummary(rows_per_hook=rows_per_hook, records=len(srns))

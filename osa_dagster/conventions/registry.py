@@ -1,0 +1,93 @@
+"""Finding conventions: the bundled ones plus those in modules named by OSA_CONVENTIONS.
+
+A module offers conventions through a module-level ``CONVENTIONS`` list. Memory
+ladders can be changed per hook without code through OSA_HOOK_MEMORY, e.g.
+``OSA_HOOK_MEMORY="pdb.extract_features=128:1024"`` (base MB, optional cap MB).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterable
+
+from osa_dagster.conventions.base import Convention
+from osa_dagster.engine.spec import MemoryPolicy
+
+BUNDLED_MODULES = ("osa_dagster.conventions.pdb",)
+
+
+class ConventionError(ValueError):
+    """A convention module or setting that cannot be used, with what and where."""
+
+
+def _conventions_of(module_name: str) -> list[Convention]:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConventionError(
+            f"cannot import convention module {module_name!r}: {error}"
+        ) from error
+    found = getattr(module, "CONVENTIONS", None)
+    if not isinstance(found, list | tuple) or not all(isinstance(c, Convention) for c in found):
+        raise ConventionError(
+            f"module {module_name!r} must define CONVENTIONS, a list of Convention objects"
+        )
+    return list(found)
+
+
+def _parse_memory_overrides(text: str) -> dict[tuple[str, str], tuple[int, int | None]]:
+    overrides: dict[tuple[str, str], tuple[int, int | None]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            target, limits = item.split("=")
+            convention, hook = target.split(".")
+            base, _, cap = limits.partition(":")
+            overrides[(convention, hook)] = (int(base), int(cap) if cap else None)
+        except ValueError as error:
+            raise ConventionError(
+                f"OSA_HOOK_MEMORY entry {item!r} is not CONVENTION.HOOK=BASE_MB[:CAP_MB]"
+            ) from error
+    return overrides
+
+
+def _with_memory_overrides(
+    convention: Convention, overrides: dict[tuple[str, str], tuple[int, int | None]]
+) -> Convention:
+    hooks = []
+    for spec in convention.hooks:
+        override = overrides.get((convention.name, spec.name))
+        if override is not None:
+            base, cap = override
+            # Built anew (not model_copy) so that a cap below the base is refused here.
+            memory = MemoryPolicy(
+                **{**spec.memory.model_dump(), "base_mb": base, "cap_mb": cap or spec.memory.cap_mb}
+            )
+            spec = spec.model_copy(update={"memory": memory})
+        hooks.append(spec)
+    return convention.model_copy(update={"hooks": tuple(hooks)})
+
+
+def load_conventions(extra_modules: Iterable[str] | None = None) -> dict[str, Convention]:
+    """Every available convention by name; names must be unique across modules."""
+    if extra_modules is None:
+        extra_modules = os.environ.get("OSA_CONVENTIONS", "").split(",")
+    modules = [*BUNDLED_MODULES, *(m.strip() for m in extra_modules if m.strip())]
+    overrides = _parse_memory_overrides(os.environ.get("OSA_HOOK_MEMORY", ""))
+    conventions: dict[str, Convention] = {}
+    for module_name in dict.fromkeys(modules):
+        for convention in _conventions_of(module_name):
+            if convention.name in conventions:
+                raise ConventionError(
+                    f"convention {convention.name!r} from {module_name!r} is already defined"
+                )
+            conventions[convention.name] = _with_memory_overrides(convention, overrides)
+    unknown = {
+        key
+        for key in overrides
+        if key[0] not in conventions or not any(h.name == key[1] for h in conventions[key[0]].hooks)
+    }
+    if unknown:
+        names = ", ".join(f"{c}.{h}" for c, h in sorted(unknown))
+        raise ConventionError(f"OSA_HOOK_MEMORY names hooks that do not exist: {names}")
+    return conventions

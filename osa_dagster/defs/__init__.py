@@ -1,0 +1,1 @@
+"""The Dagster layer: partitions, assets, jobs, sensors, resources; thin over the layers below."""

@@ -1,0 +1,164 @@
+"""What a curator reads on a materialisation: counts first, then small tables."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import dagster as dg
+from osa_sdk.runtime import IngestReport
+from osa_sdk.types import OutcomeStatus
+
+from osa_dagster.conventions.pipeline import FeaturesSummary, PublishSummary, RawBatchSummary
+from osa_dagster.engine import AttemptRecord, Checkpoint
+
+PREVIEW_ROWS = 20
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> dg.MetadataValue:
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _ending(attempt: AttemptRecord) -> str:
+    if attempt.oom_killed:
+        return "OOM killed"
+    if attempt.timed_out:
+        return "timed out"
+    if attempt.interrupted:
+        return "interrupted"
+    return f"exit {attempt.returncode}"
+
+
+def describe_attempt(attempt: AttemptRecord) -> str:
+    text = (
+        f"attempt {attempt.number}: limit {attempt.memory_limit_mb} MB, peak "
+        f"{_mb(attempt.peak_memory_mb)} MB, {attempt.records_done}/{attempt.records_in} "
+        f"records done, {_ending(attempt)}"
+    )
+    if attempt.oom_killed and attempt.first_unfinished:
+        text += f" while on record {attempt.first_unfinished!r}"
+    return text
+
+
+def attempt_metadata(attempt: AttemptRecord) -> dict[str, Any]:
+    return {
+        "attempt": attempt.number,
+        "memory_limit_mb": attempt.memory_limit_mb,
+        "peak_memory_mb": attempt.peak_memory_mb or 0.0,
+        "oom_killed": attempt.oom_killed,
+        "ending": _ending(attempt),
+        "records_in": attempt.records_in,
+        "records_done": attempt.records_done,
+        "record_in_progress": attempt.first_unfinished or "-",
+    }
+
+
+def attempt_row(attempt: AttemptRecord) -> list[Any]:
+    return [
+        attempt.number,
+        attempt.memory_limit_mb,
+        _mb(attempt.peak_memory_mb),
+        _ending(attempt),
+        f"{attempt.records_done}/{attempt.records_in}",
+        "-" if attempt.duration_s is None else f"{attempt.duration_s:.1f}",
+        attempt.first_unfinished or "",
+    ]
+
+
+ATTEMPT_HEADER = (
+    "attempt",
+    "limit MB",
+    "peak MB",
+    "ending",
+    "records done",
+    "seconds",
+    "record in progress",
+)
+
+
+def raw_batch_metadata(summary: RawBatchSummary) -> dict[str, Any]:
+    report: IngestReport = summary.report
+    metadata: dict[str, Any] = {
+        "records": len(summary.records),
+        "dagster/row_count": len(summary.records),
+        "skipped_oversize": len(report.skipped_oversize),
+        "fetch_failed": len(report.failed),
+        "size_mb": round(sum(r.size_mb for r in summary.records), 3),
+    }
+    if report.skipped_oversize or report.failed:
+        rows = [
+            (s.source_id, f"oversize: {s.file_name} {s.size_mb:.1f} MB")
+            for s in report.skipped_oversize
+        ]
+        rows += [(f.source_id, f"fetch failed: {f.error}") for f in report.failed]
+        metadata["not_fetched"] = markdown_table(("record", "why"), rows[:PREVIEW_ROWS])
+    return metadata
+
+
+def hook_metadata(checkpoint: Checkpoint) -> dict[str, Any]:
+    counts = checkpoint.counts()
+    ooms = [a for a in checkpoint.attempts if a.oom_killed]
+    peaks = [a.peak_memory_mb for a in checkpoint.attempts if a.peak_memory_mb is not None]
+    metadata: dict[str, Any] = {
+        "records_in": len(checkpoint.outcomes),
+        "passed": counts[OutcomeStatus.PASSED],
+        "rejected": counts[OutcomeStatus.REJECTED],
+        "errored": counts[OutcomeStatus.ERRORED],
+        "attempts": len(checkpoint.attempts),
+        "oom_attempts": len(ooms),
+        "memory_limits_mb": " -> ".join(str(a.memory_limit_mb) for a in checkpoint.attempts) or "-",
+        "peak_memory_mb": max(peaks, default=0.0),
+        "attempt_log": markdown_table(ATTEMPT_HEADER, map(attempt_row, checkpoint.attempts)),
+    }
+    anomalies = {name: n for name, n in checkpoint.anomalies.items() if n}
+    if anomalies:
+        metadata["bad_output"] = dg.MetadataValue.json(anomalies)
+    not_passed = [
+        (record_id, outcome.status.value, outcome.reason or "")
+        for record_id, outcome in sorted(checkpoint.outcomes.items())
+        if outcome.status is not OutcomeStatus.PASSED
+    ]
+    if not_passed:
+        metadata["not_passed"] = markdown_table(
+            ("record", "status", "reason"), not_passed[:PREVIEW_ROWS]
+        )
+    return metadata
+
+
+def publish_metadata(summary: PublishSummary, total_published: int) -> dict[str, Any]:
+    result = summary.result
+    metadata: dict[str, Any] = {
+        "records_in": summary.records_in,
+        "passed_all_hooks": len(summary.passed_all),
+        "published": result.newly_published,
+        "duplicates_skipped": result.already_published,
+        "not_published": len(summary.rejections),
+        "convention_total_published": total_published,
+        "dagster/row_count": len(result.srns),
+    }
+    if summary.not_published:
+        metadata["why_not_published"] = dg.MetadataValue.json(dict(summary.not_published))
+        metadata["not_published_records"] = markdown_table(
+            ("record", "hook", "outcome"), summary.rejections[:PREVIEW_ROWS]
+        )
+    if result.srns:
+        rows = sorted(result.srns.items())[:PREVIEW_ROWS]
+        metadata["srns"] = markdown_table(("record", "SRN"), rows)
+    return metadata
+
+
+def features_metadata(summary: FeaturesSummary) -> dict[str, Any]:
+    return {
+        "feature_rows": sum(summary.rows_per_hook.values()),
+        "records": summary.records,
+        "rows_per_hook": dg.MetadataValue.json(summary.rows_per_hook),
+    }

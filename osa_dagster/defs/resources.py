@@ -1,0 +1,61 @@
+"""Resources: where artifacts live, where records are published, how hooks run.
+
+Each reads its environment variable when left empty, so the same definitions serve the
+embedded default and a production deployment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+
+from osa_dagster.engine import LocalRunner, Runner
+from osa_dagster.records import RecordsDatabase, database_url_from_env
+from osa_dagster.storage import ArtifactStore, FileSystemStore, store_from_env
+
+
+class ArtifactStoreResource(dg.ConfigurableResource):
+    """Batch artifacts: a folder, or OSA_STORAGE, or <data dir>/artifacts."""
+
+    location: str = ""
+
+    def get(self) -> ArtifactStore:
+        if self.location:
+            return FileSystemStore(Path(self.location))
+        return store_from_env()
+
+
+class RecordsDatabaseResource(dg.ConfigurableResource):
+    """The records database (any SQLAlchemy URL; OSA_DATABASE_URL; SQLite by default).
+
+    `domain` names this archive in SRNs (urn:osa:<domain>:rec:<uuid>); OSA_DOMAIN.
+    """
+
+    url: str = ""
+    domain: str = ""
+
+    def get(self) -> RecordsDatabase:
+        return RecordsDatabase(self.url or database_url_from_env())
+
+    def srn_domain(self) -> str:
+        return self.domain or os.environ.get("OSA_DOMAIN", "localhost")
+
+
+class HookRunnerResource(dg.ConfigurableResource):
+    """Which runner starts hook processes; the local one applies real memory limits."""
+
+    kind: Literal["local"] = "local"
+
+    def get(self) -> Runner:
+        return LocalRunner()
+
+
+def default_resources() -> dict[str, dg.ConfigurableResource]:
+    return {
+        "artifact_store": ArtifactStoreResource(),
+        "records_db": RecordsDatabaseResource(),
+        "hook_runner": HookRunnerResource(),
+    }

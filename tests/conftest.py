@@ -1,0 +1,32 @@
+"""Shared fixtures. Every test gets its own data folder, so no test sees another's records."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(autouse=True)
+def isolated_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    data = tmp_path / "data"
+    monkeypatch.setenv("OSA_DATA_DIR", str(data))
+    for name in ("OSA_STORAGE", "OSA_DATABASE_URL", "OSA_HOOK_MEMORY", "OSA_CONVENTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    return data
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def toy_conventions(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Load the toy conventions the way a user loads their own: by module name, with the
+    module's folder on PYTHONPATH (which hook processes inherit)."""
+    monkeypatch.setenv("OSA_CONVENTIONS", "tests.fixtures.toy_convention")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    yield

@@ -1,0 +1,156 @@
+"""The asset graph run through Dagster itself, on the toy conventions (fast, synthetic)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from sqlalchemy import func, select
+
+from osa_dagster.definitions import build_definitions
+from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
+from tests.fixtures.toy_convention import TOY_IDS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def instance(tmp_path: Path):
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        yield instance
+
+
+@pytest.fixture
+def defs(toy_conventions) -> dg.Definitions:
+    return build_definitions()
+
+
+def _plan(defs, instance, convention: str, **config) -> list[str]:
+    result = defs.resolve_job_def(f"{convention}_plan").execute_in_process(
+        run_config={"ops": {f"{convention}_plan_batches": {"config": config}}}, instance=instance
+    )
+    assert result.success
+    return instance.get_dynamic_partitions(f"{convention}_batches")
+
+
+def _ingest(defs, instance, convention: str, key: str) -> dg.ExecuteInProcessResult:
+    job = defs.resolve_job_def(f"{convention}_ingest")
+    return job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+
+
+def _counts() -> tuple[int, int]:
+    db = RecordsDatabase(database_url_from_env())
+    with db.session() as session:
+        return (
+            session.scalar(select(func.count()).select_from(Record)),
+            session.scalar(select(func.count()).select_from(Feature)),
+        )
+
+
+def _metadata(result: dg.ExecuteInProcessResult, *path: str) -> dict:
+    [event] = [
+        e
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey(list(path))
+    ]
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def test_whole_graph_publishes_what_passed_and_is_idempotent(defs, instance):
+    keys = _plan(defs, instance, "toy", limit=10, batch_size=5)
+    assert len(keys) == 2
+    for key in keys:
+        assert _ingest(defs, instance, "toy", key).success
+    # Record n has n kB: records 5 and 10 are rejected (multiples of 5 kB) in each batch.
+    published, features = _counts()
+    assert (published, features) == (8, 8)
+
+    again = _ingest(defs, instance, "toy", keys[0])
+    assert again.success
+    assert _counts() == (8, 8)
+    meta = _metadata(again, "toy", "published_records")
+    assert (meta["published"], meta["duplicates_skipped"]) == (0, 4)
+    hook_meta = _metadata(again, "toy", "hook_outcomes", "check_size")
+    assert (hook_meta["passed"], hook_meta["rejected"], hook_meta["errored"]) == (4, 1, 0)
+
+
+def test_planning_twice_adds_no_partition(defs, instance):
+    first = _plan(defs, instance, "toy", batch_size=5)
+    second = _plan(defs, instance, "toy", batch_size=5)
+    assert first == second
+    assert len(first) == -(-len(TOY_IDS) // 5)
+
+
+def test_bad_plan_config_fails_before_any_partition(defs, instance):
+    result = defs.resolve_job_def("toy_plan").execute_in_process(
+        run_config={"ops": {"toy_plan_batches": {"config": {"limit": 0}}}},
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert "limit must be a positive number" in str(
+        result.failure_data_for_node("toy_plan_batches").error
+    )
+    assert instance.get_dynamic_partitions("toy_batches") == []
+
+
+def test_unknown_partition_key_is_refused(defs, instance):
+    _plan(defs, instance, "toy", limit=5)
+    with pytest.raises(dg.DagsterUnknownPartitionError, match="no-such-batch"):
+        _ingest(defs, instance, "toy", "no-such-batch")
+
+
+def test_oom_is_retried_by_dagster_with_more_memory(defs, instance):
+    [key] = _plan(defs, instance, "toy_oom")
+    result = _ingest(defs, instance, "toy_oom", key)
+    assert result.success
+    retries = [
+        e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY
+    ]
+    assert len(retries) == 1
+    observations = [
+        e.asset_observation_data.asset_observation.metadata
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION
+    ]
+    attempts = [(o["memory_limit_mb"].value, o["oom_killed"].value) for o in observations]
+    assert attempts == [(128, True), (256, False)]
+    meta = _metadata(result, "toy_oom", "hook_outcomes", "hungry")
+    assert meta["passed"] == 6
+    assert meta["oom_attempts"] == 1
+    # The records done before the kill were not run again: the second attempt got only the rest.
+    assert (
+        observations[1]["records_in"].value
+        == observations[0]["records_in"].value - observations[0]["records_done"].value
+    )
+    assert _counts() == (6, 6)
+
+
+def test_a_hook_that_rejects_everything_publishes_nothing_without_failing(defs, instance):
+    [key] = _plan(defs, instance, "toy_rejected")
+    result = _ingest(defs, instance, "toy_rejected", key)
+    assert result.success
+    meta = _metadata(result, "toy_rejected", "published_records")
+    assert (meta["records_in"], meta["published"], meta["not_published"]) == (4, 0, 4)
+    assert "rejected in check_size" in meta["why_not_published"]
+    assert _counts() == (0, 0)
+
+
+def test_definitions_validate_from_the_workspace():
+    completed = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("dagster")),
+            "definitions",
+            "validate",
+            "-w",
+            "workspace.yaml",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
