@@ -27,6 +27,41 @@ REJECTIONS_FILE = "rejections.jsonl"
 ERRORS_FILE = "errors.jsonl"
 OUTPUT_FILES = (FEATURES_FILE, REJECTIONS_FILE, ERRORS_FILE)
 
+# What an ingest writes into its output folder: records.jsonl (RECORDS_FILE), the files
+# under FILES_DIR/<files_dir_for(source_id)>/, and the report, written last.
+FILES_DIR = "files"
+INGEST_REPORT_FILE = "ingest_report.json"
+
+# File sizes are decimal megabytes (10^6 bytes) everywhere: size_mb, max_file_mb, size_hint_mb.
+BYTES_PER_MB = 1_000_000
+
+
+def bytes_to_mb(num_bytes: int) -> float:
+    """The size in decimal megabytes of `num_bytes` bytes, unrounded."""
+    return num_bytes / BYTES_PER_MB
+
+
+# Longest file name a record may have: the limit of common filesystems, in bytes.
+MAX_FILE_NAME_BYTES = 255
+
+
+def file_name_error(name: str) -> str | None:
+    """Why `name` cannot be the name of a file in a record's folder, or None if it can.
+
+    A file name is exactly one path component, so a record's files can never land in
+    another record's folder or outside the batch.
+    """
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return "is a directory reference, not a file name"
+    if "/" in name or "\x00" in name:
+        return "contains '/' or NUL: a file name is one path component, such as '1abc.cif'"
+    if len(name.encode("utf-8")) > MAX_FILE_NAME_BYTES:
+        return f"is longer than {MAX_FILE_NAME_BYTES} bytes"
+    return None
+
+
 # Longest folder name we produce: well under the 255-byte limit of common filesystems,
 # leaving room for suffixes that tools add (".tmp", ".partial").
 MAX_FOLDER_NAME = 160
@@ -64,6 +99,11 @@ def files_dir_for(record_id: str) -> str:
     if cut != -1:
         prefix = prefix[:cut]
     return f"{prefix}__{digest}"
+
+
+# Exit code of a hook or ingest whose setup is wrong (a missing env var, an unimportable
+# target, a malformed input line): retrying it, with any memory, cannot help.
+EXIT_CONTRACT_ERROR = 2
 
 # Exit code with which a hook says "I ran out of memory" when no kernel OOM killer is
 # watching it (the RLIMIT_AS fallback turns an over-limit allocation into MemoryError).

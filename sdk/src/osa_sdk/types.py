@@ -33,8 +33,11 @@ class RecordRef(BaseModel):
 class IngesterFileRef(BaseModel):
     """A file of a record, relative to the record's files folder.
 
-    `size_mb` is required and is computed by the SDK when the file is written
-    (FetchContext.add_file / add_bytes), never typed by hand.
+    `path` is relative to the record's folder ``files/<files_dir_for(source_id)>/``; the
+    SDK writes it equal to `name`. `size_mb` is in decimal megabytes (bytes / 10^6), is
+    required, and is computed by the SDK from the bytes written (FetchContext.add_file /
+    add_bytes / open_file, and again by run_ingest from the file on disk), never typed
+    by hand.
     """
 
     name: str = Field(min_length=1)
@@ -127,3 +130,44 @@ class Reject(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+# Reports of the runtime.
+
+
+class HookSummary(BaseModel):
+    """How many records of one hook run got each outcome."""
+
+    passed: int = 0
+    rejected: int = 0
+    errored: int = 0
+
+
+class SkippedRecord(BaseModel):
+    """A fetched record left out of the batch because one of its files is over max_file_mb."""
+
+    source_id: str
+    file_name: str
+    size_mb: float
+
+
+class FailedRef(BaseModel):
+    """A ref that produced no record, and why."""
+
+    source_id: str
+    error: str
+
+
+class IngestReport(BaseModel):
+    """What one ingest did with its refs; written to ingest_report.json after records.jsonl.
+
+    Every ref ends up in exactly one place: a line of records.jsonl (counted in
+    `records`), `skipped_oversize`, `failed` (the ingester called ctx.fail) or `missing`
+    (fetch neither returned nor failed it).
+    """
+
+    records: int = 0
+    max_file_mb: float | None = None
+    skipped_oversize: list[SkippedRecord] = Field(default_factory=list)
+    failed: list[FailedRef] = Field(default_factory=list)
+    missing: list[FailedRef] = Field(default_factory=list)
