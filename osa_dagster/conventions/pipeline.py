@@ -248,9 +248,18 @@ class PublishSummary:
     """(record id, hook, reason) of every record not published."""
 
 
-def _verdicts(
-    records: Sequence[IngesterRecord], checkpoints: dict[str, Checkpoint]
-) -> tuple[list[IngesterRecord], list[tuple[str, str, str]]]:
+@dataclass
+class BatchVerdicts:
+    passed: list[IngesterRecord]
+    failed: list[tuple[str, str, str]]
+    """(record id, first hook that did not pass it, "<status>: <reason>")."""
+    checkpoints: dict[str, Checkpoint]
+
+
+def batch_verdicts(convention: Convention, store: ArtifactStore, partition: str) -> BatchVerdicts:
+    """Which records of the batch passed every hook, and why the others did not."""
+    records = read_raw_records(store, BatchLayout(convention.name, partition), convention)
+    checkpoints = load_hook_checkpoints(convention, store, partition)
     passed: list[IngesterRecord] = []
     failed: list[tuple[str, str, str]] = []
     for record in records:
@@ -267,7 +276,7 @@ def _verdicts(
             failed.append(verdict)
         else:
             passed.append(record)
-    return passed, failed
+    return BatchVerdicts(passed=passed, failed=failed, checkpoints=checkpoints)
 
 
 def publish_batch(
@@ -279,9 +288,8 @@ def publish_batch(
     domain: str,
 ) -> PublishSummary:
     """Publish the records that passed every hook: one bulk, idempotent insert."""
-    layout = BatchLayout(convention.name, partition)
-    records = read_raw_records(store, layout, convention)
-    passed, failed = _verdicts(records, load_hook_checkpoints(convention, store, partition))
+    verdicts = batch_verdicts(convention, store, partition)
+    passed, failed = verdicts.passed, verdicts.failed
     result = publish_records(
         db,
         convention=convention.name,
@@ -291,7 +299,7 @@ def publish_batch(
     )
     reasons = Counter(f"{verdict.split(':')[0]} in {hook}" for _, hook, verdict in failed)
     return PublishSummary(
-        records_in=len(records),
+        records_in=len(passed) + len(failed),
         passed_all=[r.source_id for r in passed],
         result=result,
         not_published=reasons,
@@ -309,13 +317,11 @@ def store_batch_features(
     convention: Convention, store: ArtifactStore, db: RecordsDatabase, partition: str
 ) -> FeaturesSummary:
     """Store each hook's feature rows of the batch's published records, by SRN."""
-    layout = BatchLayout(convention.name, partition)
-    records = read_raw_records(store, layout, convention)
-    checkpoints = load_hook_checkpoints(convention, store, partition)
-    passed, _ = _verdicts(records, checkpoints)
+    verdicts = batch_verdicts(convention, store, partition)
+    passed = verdicts.passed
     srns = find_srns(db, convention.name, [r.source_id for r in passed])
     rows_per_hook: dict[str, int] = {}
-    for hook_name, checkpoint in checkpoints.items():
+    for hook_name, checkpoint in verdicts.checkpoints.items():
         rows = [
             FeatureRows(srns[r.source_id], checkpoint.outcomes[r.source_id].features)
             for r in passed
