@@ -56,7 +56,9 @@ def ingested(tmp_path_factory: pytest.TempPathFactory):
             assert planned.success
             keys = instance.get_dynamic_partitions("pdb_batches")
             job = defs.resolve_job_def("pdb_ingest")
-            results = {key: job.execute_in_process(partition_key=key, instance=instance) for key in keys}
+            results = {
+                key: job.execute_in_process(partition_key=key, instance=instance) for key in keys
+            }
             yield base / "data", instance, job, results, RecordsDatabase(database_url_from_env())
 
 
