@@ -154,3 +154,25 @@ def test_definitions_validate_from_the_workspace():
         timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+def test_sensor_requests_one_run_per_new_partition_once(defs, instance):
+    sensor = defs.resolve_sensor_def("toy_new_batches")
+    first_keys = _plan(defs, instance, "toy", limit=10, batch_size=5)
+    first = sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+    assert [r.partition_key for r in first.run_requests] == first_keys
+    assert {r.run_key for r in first.run_requests} == set(first_keys)
+
+    later_keys = _plan(defs, instance, "toy", batch_size=7)
+    second = sensor(
+        dg.build_sensor_context(instance=instance, cursor=first.cursor, definitions=defs)
+    )
+    new_keys = [k for k in later_keys if k not in first_keys]
+    assert [r.partition_key for r in second.run_requests] == new_keys
+
+
+def test_cli_names_an_unknown_convention(toy_conventions, capsys):
+    from osa_dagster.cli import main
+
+    with pytest.raises(SystemExit, match="no convention 'nope'; known: .*pdb.*toy"):
+        main(["plan", "nope"])
