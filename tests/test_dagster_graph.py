@@ -174,5 +174,5 @@ def test_sensor_requests_one_run_per_new_partition_once(defs, instance):
 def test_cli_names_an_unknown_convention(toy_conventions, capsys):
     from osa_dagster.cli import main
 
-    with pytest.raises(SystemExit, match="no convention 'nope'; known: .*pdb.*toy"):
+    with pytest.raises(SystemExit, match=r"no convention 'nope'; known: .*pdb.*toy"):
         main(["plan", "nope"])
