@@ -115,9 +115,25 @@ def data_dir() -> Path:
 
 
 def store_from_env() -> ArtifactStore:
-    """The store named by OSA_STORAGE (a folder); default <data dir>/artifacts."""
+    """The store named by OSA_STORAGE; default <data dir>/artifacts.
+
+    OSA_STORAGE is a folder (optionally file://...) or s3://bucket[/prefix]. For S3:
+    OSA_S3_ENDPOINT_URL points at an S3-compatible server (path-style addressing then),
+    the region is AWS_REGION or AWS_DEFAULT_REGION (default us-east-1), and credentials
+    come from boto3's default chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles,
+    instance roles).
+    """
     location = os.environ.get("OSA_STORAGE", "")
-    if location.startswith("s3://"):
-        raise ValueError(f"OSA_STORAGE={location!r}: the S3 store is not available in this version")
+    if location.lower().startswith("s3:"):
+        # Imported here so that the filesystem default does not pay for importing boto3.
+        from osa_dagster.storage.s3 import S3Store, make_s3_client, parse_s3_url
+
+        bucket, prefix = parse_s3_url(location)
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        client = make_s3_client(
+            endpoint_url=os.environ.get("OSA_S3_ENDPOINT_URL") or None,
+            region=region or "us-east-1",
+        )
+        return S3Store(bucket, prefix, client)
     root = Path(location.removeprefix("file://")) if location else data_dir() / "artifacts"
     return FileSystemStore(root)
