@@ -204,7 +204,7 @@ def run_batch_hook(
     records = [HookRecord.from_ingested(r) for r in read_raw_records(store, layout, convention)]
     checkpoints = StoreCheckpointIO(store, layout.checkpoint(hook_name))
     with (
-        store.local_dir(layout.raw_files, writable=True) as files_root,
+        store.local_dir(layout.raw_files, writable=False) as files_root,
         store.local_dir(layout.hook_workdir(hook_name), writable=True) as workdir,
     ):
         return advance_hook(
