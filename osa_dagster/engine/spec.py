@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -58,3 +59,9 @@ class HookSpec(BaseModel):
     timeout_s: float = Field(default=3600.0, gt=0)
     config: dict[str, Any] = Field(default_factory=dict)
     emits_features: bool = False
+
+
+def sdk_hook_command(target: str) -> tuple[str, ...]:
+    """The command that runs an SDK hook function ("pkg.module:function") under the contract,
+    with this interpreter, so the hook sees the same installed packages."""
+    return (sys.executable, "-m", "osa_sdk", "hook", target)

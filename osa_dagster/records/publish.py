@@ -62,7 +62,7 @@ def _insert_ignoring_conflicts(session: Session, values: list[dict[str, Any]]) -
             index_elements=["convention", "source_id"]
         )
     else:
-        raise NotImplementedError(f"publishing needs PostgreSQL or SQLite, not {dialect}")
+        raise ValueError(f"the records database must be PostgreSQL or SQLite, not {dialect}")
     session.execute(statement, values)
 
 

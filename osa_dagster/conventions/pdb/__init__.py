@@ -8,26 +8,13 @@ at a 192 MB base exactly 6ZU5 is OOM-killed and passes one step up, at 384 MB.
 
 from __future__ import annotations
 
-import sys
-
 from osa_dagster.conventions.base import Convention
 from osa_dagster.conventions.pdb.ingester import PdbEntryMetadata, PdbMirrorIngester
-from osa_dagster.engine.spec import HookSpec, MemoryPolicy
-
-
-def _hook_command(function: str) -> tuple[str, ...]:
-    return (
-        sys.executable,
-        "-m",
-        "osa_sdk",
-        "hook",
-        f"osa_dagster.conventions.pdb.hooks:{function}",
-    )
-
+from osa_dagster.engine.spec import HookSpec, MemoryPolicy, sdk_hook_command
 
 VALIDATE_STRUCTURE = HookSpec(
     name="validate_structure",
-    command=_hook_command("validate_structure"),
+    command=sdk_hook_command("osa_dagster.conventions.pdb.hooks:validate_structure"),
     # Parsing alone peaks at ~215 MB for the 21 MB 6ZU5 and ~2.3 GB for 3j3q (240 MB),
     # the largest entry of the archive: the cap lets every real entry through.
     memory=MemoryPolicy(base_mb=512, cap_mb=4096),
@@ -36,7 +23,7 @@ VALIDATE_STRUCTURE = HookSpec(
 
 EXTRACT_FEATURES = HookSpec(
     name="extract_features",
-    command=_hook_command("extract_features"),
+    command=sdk_hook_command("osa_dagster.conventions.pdb.hooks:extract_features"),
     memory=MemoryPolicy(base_mb=192, cap_mb=4096),
     timeout_s=600,
     emits_features=True,
