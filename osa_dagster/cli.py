@@ -96,15 +96,14 @@ def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
 
 def summary(convention_name: str) -> dict[str, int]:
     """Counts per record, not per hook: a record rejected by two hooks counts once."""
-    from sqlalchemy import func, select
-
     from osa_dagster.conventions.pipeline import (
         BatchInputError,
         batch_verdicts,
         planned_partitions,
         read_ingest_report,
     )
-    from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
+    from osa_dagster.records import database_url_from_env, open_database
+    from osa_dagster.records.queries import count_feature_rows, count_published
     from osa_dagster.storage import BatchLayout, store_from_env
 
     convention = _convention(convention_name)
@@ -127,45 +126,21 @@ def summary(convention_name: str) -> dict[str, int]:
         totals["OOM retries"] += sum(
             len(checkpoint.oom_attempts()) for checkpoint in verdicts.checkpoints.values()
         )
-    db = RecordsDatabase(database_url_from_env())
-    with db.session() as session:
-        totals["records in the archive"] = (
-            session.scalar(
-                select(func.count()).select_from(Record).where(Record.convention == convention.name)
-            )
-            or 0
-        )
-        totals["feature rows"] = (
-            session.scalar(
-                select(func.count())
-                .select_from(Feature)
-                .join(Record, Record.srn == Feature.record_srn)
-                .where(Record.convention == convention.name)
-            )
-            or 0
-        )
+    db = open_database(database_url_from_env())
+    totals["records in the archive"] = count_published(db, convention.name)
+    totals["feature rows"] = count_feature_rows(db, convention.name)
     return dict(totals)
 
 
 def list_records(convention_name: str | None, limit: int, with_features: bool) -> None:
-    from sqlalchemy import select
+    from osa_dagster.records import database_url_from_env, open_database
+    from osa_dagster.records.queries import published_records
 
-    from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
-
-    db = RecordsDatabase(database_url_from_env())
-    query = select(Record).order_by(Record.convention, Record.source_id).limit(limit)
-    if convention_name:
-        query = query.where(Record.convention == convention_name)
-    with db.session() as session:
-        for record in session.scalars(query):
-            print(f"{record.srn}  {record.convention}  {record.source_id}  {record.partition}")
-            if with_features:
-                for feature in session.scalars(
-                    select(Feature)
-                    .where(Feature.record_srn == record.srn)
-                    .order_by(Feature.hook, Feature.row_index)
-                ):
-                    print(f"    {feature.hook}[{feature.row_index}]: {feature.data}")
+    db = open_database(database_url_from_env())
+    for record in published_records(db, convention_name, limit, with_features=with_features):
+        print(f"{record.srn}  {record.convention}  {record.source_id}  {record.partition}")
+        for hook, index, row in record.features:
+            print(f"    {hook}[{index}]: {row}")
 
 
 def demo(fresh: bool) -> int:

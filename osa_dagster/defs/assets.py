@@ -7,7 +7,6 @@ Dagster and the pipeline steps below (osa_dagster.conventions.pipeline).
 from collections.abc import Iterator
 
 import dagster as dg
-from sqlalchemy import func, select
 
 from osa_dagster.conventions.base import Convention
 from osa_dagster.conventions.pipeline import (
@@ -30,7 +29,7 @@ from osa_dagster.defs.resources import (
     RecordsDatabaseResource,
 )
 from osa_dagster.engine import HookSpec
-from osa_dagster.records import Record
+from osa_dagster.records.queries import count_published
 
 # A step whose process the kernel killed (the run worker, not the hook) is retried;
 # it resumes from the hook's checkpoint.
@@ -146,11 +145,8 @@ def _published_asset(
             context.partition_key,
             domain=records_db.srn_domain(),
         )
-        with db.session() as session:
-            total = session.scalar(
-                select(func.count()).select_from(Record).where(Record.convention == convention.name)
-            )
-        return dg.MaterializeResult(metadata=publish_metadata(summary, total or 0))
+        total = count_published(db, convention.name)
+        return dg.MaterializeResult(metadata=publish_metadata(summary, total))
 
     return published_records
 

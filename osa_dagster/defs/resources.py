@@ -13,7 +13,7 @@ from typing import Literal
 import dagster as dg
 
 from osa_dagster.engine import LocalRunner, Runner
-from osa_dagster.records import RecordsDatabase, database_url_from_env
+from osa_dagster.records import RecordsDatabase, database_url_from_env, open_database
 from osa_dagster.storage import ArtifactStore, FileSystemStore, store_from_env
 
 
@@ -38,7 +38,7 @@ class RecordsDatabaseResource(dg.ConfigurableResource):
     domain: str = ""
 
     def get(self) -> RecordsDatabase:
-        return RecordsDatabase(self.url or database_url_from_env())
+        return open_database(self.url or database_url_from_env())
 
     def srn_domain(self) -> str:
         return self.domain or os.environ.get("OSA_DOMAIN", "localhost")

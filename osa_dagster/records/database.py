@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from functools import cached_property
+from functools import cache, cached_property
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -44,3 +44,10 @@ class RecordsDatabase:
 
     def session(self) -> Session:
         return sessionmaker(self.engine)()
+
+
+@cache
+def open_database(url: str) -> RecordsDatabase:
+    """One RecordsDatabase per URL and process: its engine pools connections, and the
+    schema check runs once instead of at every step."""
+    return RecordsDatabase(url)

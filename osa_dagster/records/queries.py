@@ -1,0 +1,61 @@
+"""Reading the records database: counts for metadata and summaries, listings for people."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+
+from osa_dagster.records.database import RecordsDatabase
+from osa_dagster.records.models import Feature, Record
+
+
+def count_published(db: RecordsDatabase, convention: str) -> int:
+    with db.session() as session:
+        query = select(func.count()).select_from(Record).where(Record.convention == convention)
+        return session.scalar(query) or 0
+
+
+def count_feature_rows(db: RecordsDatabase, convention: str) -> int:
+    with db.session() as session:
+        query = (
+            select(func.count())
+            .select_from(Feature)
+            .join(Record, Record.srn == Feature.record_srn)
+            .where(Record.convention == convention)
+        )
+        return session.scalar(query) or 0
+
+
+@dataclass(frozen=True)
+class PublishedRecord:
+    srn: str
+    convention: str
+    source_id: str
+    partition: str
+    features: list[tuple[str, int, dict[str, Any]]]
+    """(hook, row index, row), empty unless asked for."""
+
+
+def published_records(
+    db: RecordsDatabase, convention: str | None, limit: int, *, with_features: bool
+) -> Iterator[PublishedRecord]:
+    """Published records in (convention, source id) order, optionally with their features."""
+    query = select(Record).order_by(Record.convention, Record.source_id).limit(limit)
+    if convention:
+        query = query.where(Record.convention == convention)
+    with db.session() as session:
+        for record in session.scalars(query).all():
+            features: list[tuple[str, int, dict[str, Any]]] = []
+            if with_features:
+                rows = session.scalars(
+                    select(Feature)
+                    .where(Feature.record_srn == record.srn)
+                    .order_by(Feature.hook, Feature.row_index)
+                )
+                features = [(f.hook, f.row_index, f.data) for f in rows]
+            yield PublishedRecord(
+                record.srn, record.convention, record.source_id, record.partition, features
+            )
