@@ -17,7 +17,7 @@ MIRROR = Path(__file__).resolve().parents[1] / "osa_dagster/conventions/pdb/mirr
 BATCH_SIZE = 10
 
 
-def _expected_publishable(path: Path) -> bool:
+def expected_publishable(path: Path) -> bool:
     """An entry gemmi reads, with atoms and at least one protein or nucleic-acid chain."""
     try:
         structure = gemmi.read_structure(str(path))
@@ -71,7 +71,7 @@ def test_every_partition_materialises(ingested):
 
 def test_published_records_are_exactly_what_gemmi_can_read(ingested):
     *_, db = ingested
-    expected = {pdb_id for pdb_id, path in mirror_entries(MIRROR) if _expected_publishable(path)}
+    expected = {pdb_id for pdb_id, path in mirror_entries(MIRROR) if expected_publishable(path)}
     with db.session() as session:
         published = set(session.scalars(select(Record.source_id).where(Record.convention == "pdb")))
     assert published == expected

@@ -67,3 +67,23 @@ def test_oom_retry_resumes_from_a_checkpoint_in_s3(on_seaweedfs, tmp_path):
     assert any(e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY for e in result.all_events)
     with RecordsDatabase(database_url_from_env()).session() as session:
         assert session.scalar(select(func.count()).select_from(Record)) == 6
+
+
+@pytest.mark.slow
+def test_every_partition_of_the_pdb_mirror_on_s3(seaweedfs: S3Endpoint, monkeypatch, tmp_path):
+    from osa_dagster.conventions.pdb.ingester import mirror_entries
+    from tests.test_pdb_end_to_end import MIRROR, expected_publishable
+
+    monkeypatch.setenv("OSA_STORAGE", f"s3://{seaweedfs.bucket}/pdb-{uuid.uuid4().hex}")
+    monkeypatch.setenv("OSA_S3_ENDPOINT_URL", seaweedfs.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweedfs.secret_key)
+    (tmp_path / "dagster").mkdir()
+    results = _run_all("pdb", tmp_path, batch_size=10)
+    entries = mirror_entries(MIRROR)
+    assert len(results) == -(-len(entries) // 10)
+    assert all(r.success for r in results)
+    expected = {pdb_id for pdb_id, path in entries if expected_publishable(path)}
+    with RecordsDatabase(database_url_from_env()).session() as session:
+        published = set(session.scalars(select(Record.source_id)))
+    assert published == expected
