@@ -6,21 +6,30 @@ import dagster as dg
 
 from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.defs.assets import batch_partitions, convention_assets
+from osa_dagster.defs.checks import convention_checks
 from osa_dagster.defs.planning import AnyJob, convention_jobs_and_sensors
 from osa_dagster.defs.resources import default_resources
 
 
 def build_definitions() -> dg.Definitions:
     assets: list[dg.AssetsDefinition] = []
+    checks: list[dg.AssetChecksDefinition] = []
     jobs: list[AnyJob] = []
     sensors: list[dg.SensorDefinition] = []
     for convention in load_conventions().values():
         partitions = batch_partitions(convention)
         assets += convention_assets(convention, partitions)
+        checks += convention_checks(convention, partitions)
         convention_jobs, convention_sensors = convention_jobs_and_sensors(convention, partitions)
         jobs += convention_jobs
         sensors += convention_sensors
-    return dg.Definitions(assets=assets, jobs=jobs, sensors=sensors, resources=default_resources())
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=jobs,
+        sensors=sensors,
+        resources=default_resources(),
+    )
 
 
 defs = build_definitions()

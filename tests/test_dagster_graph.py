@@ -176,3 +176,74 @@ def test_cli_names_an_unknown_convention(toy_conventions, capsys):
 
     with pytest.raises(SystemExit, match=r"no convention 'nope'; known: .*pdb.*toy"):
         main(["plan", "nope"])
+
+
+def _check_results(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
+    return {
+        e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+    }
+
+
+def test_asset_checks_pass_on_every_ingest(defs, instance):
+    [key, *_] = _plan(defs, instance, "toy", limit=5, batch_size=5)
+    checks = _check_results(_ingest(defs, instance, "toy", key))
+    assert checks == {
+        "passed_records_published_once": True,
+        "failed_records_not_published": True,
+        "counts_add_up": True,
+        "published_records_have_features": True,
+    }
+
+
+def test_a_corrupted_records_table_fails_a_check_in_the_next_run(defs, instance):
+    from sqlalchemy import update
+
+    [key, *_] = _plan(defs, instance, "toy", limit=5, batch_size=5)
+    assert _ingest(defs, instance, "toy", key).success
+    db = RecordsDatabase(database_url_from_env())
+    with db.session() as session, session.begin():
+        # Record 5 (5 kB) was rejected: make it look as if this batch had published it.
+        session.execute(
+            update(Record).where(Record.source_id == TOY_IDS[0]).values(source_id=TOY_IDS[4])
+        )
+    result = _ingest(defs, instance, "toy", key)
+    assert result.success  # the checks are not blocking: they flag, the data stays
+    assert _check_results(result) == {
+        "passed_records_published_once": True,  # the run published record 1 again
+        "failed_records_not_published": False,
+        "counts_add_up": True,
+        "published_records_have_features": True,
+    }
+
+
+def test_the_audit_names_what_a_corrupted_table_lost(defs, instance):
+    from sqlalchemy import delete
+
+    from osa_dagster.conventions.pipeline import audit_batch
+    from osa_dagster.conventions.registry import load_conventions
+    from osa_dagster.storage import store_from_env
+
+    [key, *_] = _plan(defs, instance, "toy", limit=5, batch_size=5)
+    assert _ingest(defs, instance, "toy", key).success
+    db = RecordsDatabase(database_url_from_env())
+    with db.session() as session, session.begin():
+        srns = dict(session.execute(select(Record.source_id, Record.srn)).all())
+        session.execute(
+            delete(Feature).where(Feature.record_srn.in_([srns[TOY_IDS[1]], srns[TOY_IDS[2]]]))
+        )
+        session.execute(delete(Record).where(Record.srn == srns[TOY_IDS[1]]))
+    audit = audit_batch(load_conventions()["toy"], store_from_env(), db, key)
+    assert audit.passed_not_published_once == [TOY_IDS[1]]
+    assert audit.missing_features == {"check_size": [TOY_IDS[2]]}
+    assert audit.published_but_failed == []
+    assert audit.counts == {
+        "planned": 5,
+        "fetched": 5,
+        "passed": 4,
+        "rejected": 1,
+        "errored": 0,
+        "skipped": 0,
+    }
+    assert audit.counts_add_up

@@ -59,3 +59,47 @@ def published_records(
             yield PublishedRecord(
                 record.srn, record.convention, record.source_id, record.partition, features
             )
+
+
+def published_in_partition(db: RecordsDatabase, convention: str, partition: str) -> dict[str, str]:
+    """source id -> SRN of the records this partition published."""
+    with db.session() as session:
+        rows = session.execute(
+            select(Record.source_id, Record.srn).where(
+                Record.convention == convention, Record.partition == partition
+            )
+        )
+        return {source_id: srn for source_id, srn in rows}
+
+
+def publication_counts(
+    db: RecordsDatabase, convention: str, source_ids: list[str]
+) -> dict[str, int]:
+    """How many records each of these upstream ids has in the archive (should be 0 or 1)."""
+    counts: dict[str, int] = {}
+    with db.session() as session:
+        for start in range(0, len(source_ids), 500):
+            chunk = source_ids[start : start + 500]
+            rows = session.execute(
+                select(Record.source_id, func.count())
+                .where(Record.convention == convention, Record.source_id.in_(chunk))
+                .group_by(Record.source_id)
+            )
+            counts.update({source_id: n for source_id, n in rows})
+    return counts
+
+
+def srns_with_features(db: RecordsDatabase, hook: str, srns: list[str]) -> set[str]:
+    """Those of these SRNs that have at least one feature row from `hook`."""
+    found: set[str] = set()
+    with db.session() as session:
+        for start in range(0, len(srns), 500):
+            chunk = srns[start : start + 500]
+            found.update(
+                session.scalars(
+                    select(Feature.record_srn)
+                    .where(Feature.hook == hook, Feature.record_srn.in_(chunk))
+                    .distinct()
+                )
+            )
+    return found

@@ -1,0 +1,98 @@
+"""Asset checks on every partition: the archive's invariants, visible in the UI."""
+
+from collections.abc import Iterator
+
+import dagster as dg
+
+from osa_dagster.conventions.base import Convention
+from osa_dagster.conventions.pipeline import BatchAudit, audit_batch
+from osa_dagster.defs.assets import features_key, published_key
+from osa_dagster.defs.resources import ArtifactStoreResource, RecordsDatabaseResource
+
+PREVIEW = 20
+
+
+def _result(check: str, asset: dg.AssetKey, broken: list[str], what: str) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=check,
+        asset_key=asset,
+        passed=not broken,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"records": len(broken), "examples": ", ".join(broken[:PREVIEW]) or "-"},
+        description=what if broken else None,
+    )
+
+
+def audit_results(convention: Convention, audit: BatchAudit) -> Iterator[dg.AssetCheckResult]:
+    published, features = published_key(convention), features_key(convention)
+    yield _result(
+        "passed_records_published_once",
+        published,
+        audit.passed_not_published_once,
+        "records that passed every hook but are not in the archive exactly once",
+    )
+    yield _result(
+        "failed_records_not_published",
+        published,
+        audit.published_but_failed,
+        "records this batch published although a hook rejected or errored them",
+    )
+    yield dg.AssetCheckResult(
+        check_name="counts_add_up",
+        asset_key=published,
+        passed=audit.counts_add_up,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata=dict(audit.counts),
+    )
+    missing = [
+        f"{record} ({hook})" for hook, ids in audit.missing_features.items() for record in ids
+    ]
+    yield _result(
+        "published_records_have_features",
+        features,
+        missing,
+        "published records without the rows of a hook that always emits features",
+    )
+
+
+CHECKS = (
+    ("passed_records_published_once", "published"),
+    ("failed_records_not_published", "published"),
+    ("counts_add_up", "published"),
+    ("published_records_have_features", "features"),
+)
+
+
+def convention_checks(
+    convention: Convention, partitions: dg.PartitionsDefinition
+) -> list[dg.AssetChecksDefinition]:
+    """One check per invariant, each on the asset it guards, every one for every partition.
+
+    Each check audits the batch on its own (a few indexed queries): Dagster's multi-checks
+    cannot be partitioned.
+    """
+    assets = {"published": published_key(convention), "features": features_key(convention)}
+
+    def build(name: str, asset: dg.AssetKey) -> dg.AssetChecksDefinition:
+        @dg.asset_check(
+            name=name,
+            asset=asset,
+            partitions_def=partitions,
+            additional_deps=[published_key(convention)]
+            if asset != published_key(convention)
+            else None,
+            blocking=False,
+        )
+        def check(
+            context: dg.AssetCheckExecutionContext,
+            artifact_store: ArtifactStoreResource,
+            records_db: RecordsDatabaseResource,
+        ) -> dg.AssetCheckResult:
+            audit = audit_batch(
+                convention, artifact_store.get(), records_db.get(), context.partition_key
+            )
+            return next(r for r in audit_results(convention, audit) if r.check_name == name)
+
+        return check
+
+    return [build(name, assets[asset]) for name, asset in CHECKS]
