@@ -247,3 +247,11 @@ def test_the_audit_names_what_a_corrupted_table_lost(defs, instance):
         "skipped": 0,
     }
     assert audit.counts_add_up
+
+
+def test_sensor_skips_batches_already_ingested(defs, instance):
+    [first, second] = _plan(defs, instance, "toy", limit=10, batch_size=5)
+    assert _ingest(defs, instance, "toy", first).success
+    sensor = defs.resolve_sensor_def("toy_new_batches")
+    result = sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+    assert [r.partition_key for r in result.run_requests] == [second]

@@ -104,7 +104,11 @@ def convention_jobs_and_sensors(
         # Keys come back in the order they were added, so the cursor is a count; the run
         # key makes a repeated request a no-op should the cursor ever lag.
         seen = int(context.cursor or 0)
-        requests = [dg.RunRequest(run_key=key, partition_key=key) for key in keys[seen:]]
+        # Batches ingested outside this sensor (the CLI, a backfill) need no run.
+        done = context.instance.get_materialized_partitions(features_key(convention))
+        requests = [
+            dg.RunRequest(run_key=key, partition_key=key) for key in keys[seen:] if key not in done
+        ]
         return dg.SensorResult(run_requests=requests, cursor=str(len(keys)))
 
     return [plan_job, ingest_job], [new_batches]
