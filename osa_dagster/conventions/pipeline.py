@@ -202,8 +202,14 @@ def run_batch_hook(
     runner: Runner,
     *,
     stop_after_oom: bool = True,
+    checkpoint_every_s: float = 1.0,
+    checkpoint_every_records: int = 1,
 ) -> HookProgress:
-    """Advance one hook over the batch, resuming from its checkpoint in the store."""
+    """Advance one hook over the batch, resuming from its checkpoint in the store.
+
+    The checkpoint is saved to the store while the hook runs, after `checkpoint_every_records`
+    new outcomes or `checkpoint_every_s` seconds (see osa_dagster.engine.hook_run).
+    """
     spec = convention.hook(hook_name)
     layout = BatchLayout(convention.name, partition)
     records = [HookRecord.from_ingested(r) for r in read_raw_records(store, layout, convention)]
@@ -218,6 +224,8 @@ def run_batch_hook(
             runner,
             checkpoints,
             workdir,
+            checkpoint_every_s=checkpoint_every_s,
+            checkpoint_every_records=checkpoint_every_records,
             stop_after_oom=stop_after_oom,
         )
 

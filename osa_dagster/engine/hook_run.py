@@ -2,6 +2,19 @@
 
 `advance_hook` does one step (at most one attempt when `stop_after_oom`) so that an
 orchestrator can give each memory limit its own retry; `run_hook` loops it to the end.
+
+While an attempt runs, its output is read every POLL_S and the checkpoint is saved when
+`checkpoint_every_records` new outcomes have arrived since the last save, or when
+`checkpoint_every_s` has passed since the last save and some new outcome has arrived; it is
+always saved when an attempt starts and ends. Outcomes not yet saved when the orchestrator
+dies are redone by the next run wherever the hook's working files are lost with it (a
+remote store): the two settings bound that loss, in records and in seconds of work.
+
+The defaults (1 record, 1 s) save every outcome at the first poll that sees it, so at most
+about POLL_S of hook work is redone after a crash, for at most 1 / POLL_S saves a second;
+with records taking ~0.1 s to minutes that is one small PUT per record on S3. A hook that
+settles many records a second over large batches (every save rewrites the whole
+checkpoint) can raise both, e.g. 100 records or 10 s.
 """
 
 from __future__ import annotations
@@ -42,6 +55,9 @@ from osa_dagster.engine.spec import HookSpec
 log = logging.getLogger(__name__)
 
 _REASON_TAIL_CHARS = 500
+# How often a running attempt's output is read: short, so that an outcome is saved soon after
+# it appears. A read is a seek and a read per output file.
+POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -79,11 +95,18 @@ def run_hook(
     workdir: Path,
     *,
     checkpoint_every_s: float = 1.0,
+    checkpoint_every_records: int = 1,
 ) -> Checkpoint:
     """Run the hook until every record of the batch has an outcome."""
     while not (
         progress := advance_hook(
-            spec, batch, runner, checkpoints, workdir, checkpoint_every_s=checkpoint_every_s
+            spec,
+            batch,
+            runner,
+            checkpoints,
+            workdir,
+            checkpoint_every_s=checkpoint_every_s,
+            checkpoint_every_records=checkpoint_every_records,
         )
     ).done:
         log.info("hook %s: continuing at %s MB", spec.name, progress.next_memory_mb)
@@ -98,14 +121,22 @@ def advance_hook(
     workdir: Path,
     *,
     checkpoint_every_s: float = 1.0,
+    checkpoint_every_records: int = 1,
     stop_after_oom: bool = True,
 ) -> HookProgress:
     """Run attempts of the hook until the batch is done, or until an OOM if `stop_after_oom`.
 
     Not done means: the last attempt ran out of memory, and the next call runs the records
-    left with `next_memory_mb`.
+    left with `next_memory_mb`. The checkpoint settings are explained in the module doc.
     """
-    run = _HookRun(spec, batch, runner, checkpoints, workdir, checkpoint_every_s)
+    if checkpoint_every_records < 1 or checkpoint_every_s <= 0:
+        raise ValueError(
+            "checkpoint_every_records must be at least 1 and checkpoint_every_s positive, "
+            f"not {checkpoint_every_records} and {checkpoint_every_s}"
+        )
+    run = _HookRun(
+        spec, batch, runner, checkpoints, workdir, checkpoint_every_s, checkpoint_every_records
+    )
     known_attempts = len(run.checkpoint.attempts)
 
     def progress(done: bool, next_memory_mb: int | None = None) -> HookProgress:
@@ -137,14 +168,17 @@ class _HookRun:
         runner: Runner,
         checkpoints: CheckpointIO,
         workdir: Path,
-        poll_s: float,
+        save_every_s: float,
+        save_every_records: int,
     ) -> None:
         self.spec = spec
         self.batch = batch
         self.runner = runner
         self.checkpoints = checkpoints
         self.workdir = workdir
-        self.poll_s = poll_s
+        self.save_every_s = save_every_s
+        self.save_every_records = save_every_records
+        self.poll_s = min(POLL_S, save_every_s)
         self.checkpoint = self._open_checkpoint()
 
     def _open_checkpoint(self) -> Checkpoint:
@@ -244,11 +278,17 @@ class _HookRun:
         self.checkpoint.running = flight
         # Saved before waiting: if we die now, the next run finds and kills the hook.
         self.checkpoints.save(self.checkpoint)
+        saved_at, unsaved = time.monotonic(), 0
         reader = OutputReader(out_dir, flight.offsets)
         try:
             while (exit_ := running.wait(self.poll_s)) is None:
-                if self._harvest(reader, flight):
+                unsaved += self._harvest(reader, flight)
+                if unsaved and (
+                    unsaved >= self.save_every_records
+                    or time.monotonic() - saved_at >= self.save_every_s
+                ):
                     self.checkpoints.save(self.checkpoint)
+                    saved_at, unsaved = time.monotonic(), 0
         except BaseException:
             # Cancelled (KeyboardInterrupt, a run termination): the hook must not outlive us.
             running.kill()
@@ -263,14 +303,17 @@ class _HookRun:
         )
         return exit_
 
-    def _harvest(self, reader: OutputReader, flight: InFlightAttempt) -> bool:
-        return harvest(
+    def _harvest(self, reader: OutputReader, flight: InFlightAttempt) -> int:
+        """Merge the attempt's new output; returns how many records it settled."""
+        settled = len(self.checkpoint.outcomes)
+        harvest(
             self.checkpoint,
             reader,
             self.batch.ids,
             attempt=flight.number,
             memory_limit_mb=flight.memory_limit_mb,
         )
+        return len(self.checkpoint.outcomes) - settled
 
     def _close_attempt(
         self,

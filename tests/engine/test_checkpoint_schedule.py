@@ -1,0 +1,127 @@
+"""When the checkpoint is saved while a hook runs: after N new outcomes, or T seconds after
+the last save once some outcome is new, and always when an attempt starts and ends."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+import pytest
+
+from osa_dagster.engine import Checkpoint, CheckpointIO, run_hook
+
+from .helpers import Harness, record
+
+
+@dataclass(frozen=True)
+class Save:
+    at: float  # time.monotonic() when the engine asked for the save
+    outcomes: int
+    in_flight: bool  # saved while an attempt was running
+
+
+@dataclass
+class RecordingCheckpointIO:
+    """A CheckpointIO that records every save before passing it on."""
+
+    inner: CheckpointIO
+    saves: list[Save] = field(default_factory=list)
+
+    def load(self) -> Checkpoint | None:
+        return self.inner.load()
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        self.saves.append(
+            Save(time.monotonic(), len(checkpoint.outcomes), checkpoint.running is not None)
+        )
+        self.inner.save(checkpoint)
+
+    def while_running(self) -> list[Save]:
+        """The saves during the attempt, after the one made as it started (no outcomes)."""
+        in_flight = [s for s in self.saves if s.in_flight]
+        assert in_flight[0].outcomes == 0
+        return in_flight[1:]
+
+
+def run(harness: Harness, records: int, sleep_s: float, **schedule: float) -> RecordingCheckpointIO:
+    recording = RecordingCheckpointIO(harness.checkpoints)
+    checkpoint = run_hook(
+        harness.spec(sleep_s=sleep_s),
+        harness.batch([record(f"r{i}", size_mb=i) for i in range(records)]),
+        harness.runner,
+        recording,
+        harness.workdir,
+        **schedule,
+    )
+    assert checkpoint.complete and checkpoint.counts()["passed"] == records
+    # Always saved at the end of the attempt, with every outcome.
+    assert (recording.saves[-1].outcomes, recording.saves[-1].in_flight) == (records, False)
+    return recording
+
+
+def test_by_default_every_new_outcome_is_saved_at_once(harness: Harness) -> None:
+    # An outcome every 0.3 s, read every 0.1 s: each one is seen, and saved, on its own.
+    recording = run(harness, records=4, sleep_s=0.3)
+
+    assert [s.outcomes for s in recording.while_running()][:3] == [1, 2, 3]
+
+
+def test_count_trigger_saves_after_every_n_new_outcomes(harness: Harness) -> None:
+    # The time trigger is out of reach: only the count can cause a save while the hook runs.
+    recording = run(
+        harness, records=9, sleep_s=0.25, checkpoint_every_records=3, checkpoint_every_s=60
+    )
+
+    counts = [0] + [s.outcomes for s in recording.while_running()]
+    assert len(counts) >= 3, counts  # saved at least twice mid-batch (3 and 6 outcomes)
+    assert all(later - earlier >= 3 for earlier, later in pairwise(counts)), counts
+
+
+def test_time_trigger_saves_new_outcomes_at_most_every_t_seconds(harness: Harness) -> None:
+    # An outcome every 0.2 s and the count trigger out of reach: saves come from the clock.
+    recording = run(
+        harness, records=8, sleep_s=0.2, checkpoint_every_records=100, checkpoint_every_s=0.5
+    )
+
+    running = recording.while_running()
+    assert len(running) >= 2, running  # 1.6 s of outcomes, a save every 0.5 s
+    starts = [s.at for s in recording.saves if s.in_flight]
+    assert all(later - earlier >= 0.5 for earlier, later in pairwise(starts)), starts
+    assert all(0 < s.outcomes < 8 for s in running)
+
+
+def test_time_trigger_does_not_save_without_a_new_outcome(harness: Harness) -> None:
+    recording = RecordingCheckpointIO(harness.checkpoints)
+    records = [record("a", 1), record("slow", 2, sleep_s=1.2), record("b", 3, sleep_s=0.3)]
+
+    run_hook(
+        harness.spec(),
+        harness.batch(records),
+        harness.runner,
+        recording,
+        harness.workdir,
+        checkpoint_every_records=100,
+        checkpoint_every_s=0.1,
+    )
+
+    # "slow" gives the clock 12 chances to fire while nothing new arrives.
+    assert [s.outcomes for s in recording.while_running()] == [1, 2]
+    assert recording.saves[-1].outcomes == 3
+
+
+@pytest.mark.parametrize(("records", "seconds"), [(0, 1.0), (1, 0.0), (1, -1.0)])
+def test_a_schedule_that_cannot_work_is_refused(
+    harness: Harness, records: int, seconds: float
+) -> None:
+    with pytest.raises(ValueError, match="checkpoint_every_records must be at least 1"):
+        run_hook(
+            harness.spec(),
+            harness.batch([record("a")]),
+            harness.runner,
+            harness.checkpoints,
+            harness.workdir,
+            checkpoint_every_records=records,
+            checkpoint_every_s=seconds,
+        )
+    assert harness.checkpoints.load() is None  # refused before anything ran
