@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)
 
-.PHONY: demo test lint ui bench clean
+.PHONY: demo demo-s3 test lint ui bench clean
 
 $(STAMP): pyproject.toml sdk/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml sdk/pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/osa demo
+
+# The same demo with every artifact in a local S3 server (SeaweedFS, started and stopped here).
+demo-s3: $(STAMP)
+	$(BIN)/python -m osa_dagster.storage.local_s3 -- $(BIN)/osa demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -29,6 +33,7 @@ ui: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/runner_overhead.py
+	$(BIN)/python bench/store_transfer.py
 
 clean:
 	rm -rf .data
