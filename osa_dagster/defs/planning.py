@@ -16,6 +16,7 @@ from osa_dagster.defs.assets import features_key
 from osa_dagster.defs.resources import ArtifactStoreResource
 
 SENSOR_INTERVAL_S = 15
+CONVENTION_TAG = "osa/convention"
 
 # define_asset_job returns a job that Definitions resolves later; both kinds are jobs to us.
 AnyJob = dg.JobDefinition | UnresolvedAssetJobDefinition
@@ -90,6 +91,8 @@ def convention_jobs_and_sensors(
         selection=dg.AssetSelection.assets(features_key(convention)).upstream(),
         executor_def=ingest_executor(),
         description=f"Fetch, check, publish and store features of one {convention.name} batch.",
+        # The production profile limits concurrent runs per convention on this tag.
+        tags={CONVENTION_TAG: convention.name},
     )
 
     @dg.sensor(
