@@ -143,6 +143,46 @@ def list_records(convention_name: str | None, limit: int, with_features: bool) -
             print(f"    {hook}[{index}]: {row}")
 
 
+def dead_letters(convention_name: str, partitions_only: bool) -> None:
+    """List the convention's poison records, and how to run them again with a higher cap.
+
+    A poison outcome is reopened by the next run of its batch whose memory ladder goes above
+    the limit it failed at, starting at that rung: raise the hook's cap with OSA_HOOK_MEMORY
+    and re-materialise the batches listed. Everything else in those batches is kept.
+    """
+    from osa_dagster.records import database_url_from_env, list_dead_letters, open_database
+
+    convention = _convention(convention_name)
+    letters = list_dead_letters(open_database(database_url_from_env()), convention.name)
+    partitions = list(dict.fromkeys(letter.partition for letter in letters))
+    if partitions_only:
+        print("\n".join(partitions))
+        return
+    if not letters:
+        print(f"{convention.name} has no dead letters")
+        return
+    print(f"{'record':32} {'hook':20} {'size MB':>8} {'limit MB':>8} {'peak MB':>8}  partition")
+    for letter in letters:
+        size = "-" if letter.size_mb is None else f"{letter.size_mb:.1f}"
+        peak = "-" if letter.peak_mb is None else f"{letter.peak_mb:.0f}"
+        print(
+            f"{letter.source_id:32} {letter.hook:20} {size:>8} {letter.limit_mb:>8} "
+            f"{peak:>8}  {letter.partition}"
+        )
+    bases = {spec.name: spec.memory.base_mb for spec in convention.hooks}
+    caps: dict[str, int] = {}
+    for letter in letters:
+        caps[letter.hook] = max(caps.get(letter.hook, 0), 2 * letter.limit_mb)
+    overrides = ",".join(
+        f"{convention.name}.{hook}={bases.get(hook, cap)}:{cap}" for hook, cap in caps.items()
+    )
+    print(
+        f"\n{len(letters)} poison records in {len(partitions)} batches. To run them again with"
+        f" a higher cap (only they run again):\n  OSA_HOOK_MEMORY={overrides} osa materialize"
+        f" {convention.name} $(osa dead-letters {convention.name} --partitions)"
+    )
+
+
 def demo(fresh: bool) -> int:
     if fresh:
         from osa_dagster.storage.store import data_dir
@@ -201,6 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     records_cmd.add_argument("--limit", type=int, default=50)
     records_cmd.add_argument("--features", action="store_true", help="show feature rows too")
 
+    dead_cmd = commands.add_parser(
+        "dead-letters", help="list poison records: out of memory alone at their hook's cap"
+    )
+    dead_cmd.add_argument("convention")
+    dead_cmd.add_argument(
+        "--partitions", action="store_true", help="print only the batches to re-materialise"
+    )
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(fresh=not args.keep)
@@ -214,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "summary":
         for name, value in sorted(summary(args.convention).items()):
             print(f"{name:32} {value}")
+        return 0
+    if args.command == "dead-letters":
+        dead_letters(args.convention, args.partitions)
         return 0
     list_records(args.convention, args.limit, args.features)
     return 0

@@ -255,3 +255,53 @@ def test_sensor_skips_batches_already_ingested(defs, instance):
     sensor = defs.resolve_sensor_def("toy_new_batches")
     result = sensor(dg.build_sensor_context(instance=instance, definitions=defs))
     assert [r.partition_key for r in result.run_requests] == [second]
+
+
+def test_poison_records_are_dead_lettered_and_rerun_with_a_raised_cap(
+    defs, instance, monkeypatch, capsys
+):
+    from osa_dagster.cli import main
+    from osa_dagster.records import list_dead_letters
+
+    poison = {TOY_IDS[1], TOY_IDS[3]}
+    [key] = _plan(defs, instance, "toy_poison")
+    result = _ingest(defs, instance, "toy_poison", key)
+    assert result.success
+    hook_meta = _metadata(result, "toy_poison", "hook_outcomes", "hungry")
+    assert (hook_meta["passed"], hook_meta["errored"], hook_meta["poison"]) == (4, 2, 2)
+    meta = _metadata(result, "toy_poison", "published_records")
+    assert (meta["published"], meta["dead_letters"]) == (4, 2)
+    assert "poison: OOM alone at 256 MB" in meta["dead_letter_records"]
+    db = RecordsDatabase(database_url_from_env())
+    letters = list_dead_letters(db, "toy_poison")
+    assert {(d.source_id, d.hook, d.partition, d.limit_mb) for d in letters} == {
+        (rid, "hungry", key, 256) for rid in poison
+    }
+    assert all(d.size_mb is not None and d.size_mb > 0 for d in letters)
+
+    # Idempotent: the same run again writes the same dead letters, no more.
+    assert _ingest(defs, instance, "toy_poison", key).success
+    assert len(list_dead_letters(db, "toy_poison")) == 2
+
+    main(["dead-letters", "toy_poison", "--partitions"])
+    assert capsys.readouterr().out.split() == [key]
+    main(["dead-letters", "toy_poison"])
+    listing = capsys.readouterr().out
+    assert all(rid in listing for rid in poison)
+    assert "OSA_HOOK_MEMORY=toy_poison.hungry=128:512" in listing
+
+    monkeypatch.setenv("OSA_HOOK_MEMORY", "toy_poison.hungry=128:512")
+    raised = _ingest(build_definitions(), instance, "toy_poison", key)
+
+    assert raised.success
+    observations = [
+        e.asset_observation_data.asset_observation.metadata
+        for e in raised.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION
+    ]
+    # Only the two poison records ran, straight at the rung above the old cap.
+    assert [(o["memory_limit_mb"].value, o["records_in"].value) for o in observations] == [(512, 2)]
+    meta = _metadata(raised, "toy_poison", "published_records")
+    assert (meta["published"], meta["duplicates_skipped"], meta["dead_letters"]) == (2, 4, 0)
+    assert list_dead_letters(db, "toy_poison") == []
+    assert _counts() == (6, 6)

@@ -93,3 +93,31 @@ def test_storing_features_twice_replaces_rows(tmp_path: Path):
             select(Feature.data).where(Feature.hook == "features").order_by(Feature.row_index)
         ).all()
     assert stored == [{"atoms": 10}, {"atoms": 11}]
+
+
+def test_dead_letters_are_replaced_per_partition_and_kept_once_per_record_and_hook(
+    tmp_path: Path,
+):
+    from osa_dagster.records import PoisonRecord, list_dead_letters, replace_dead_letters
+
+    db = _db(tmp_path)
+
+    def poison(source_id: str, limit_mb: int = 256) -> PoisonRecord:
+        return PoisonRecord(source_id, "parse", 240.0, limit_mb, 256.0, "poison: OOM alone")
+
+    replace_dead_letters(db, convention="pdb", partition="p1", poison=[poison("3J3Q"), poison("X")])
+    replace_dead_letters(db, convention="pdb", partition="p1", poison=[poison("3J3Q"), poison("X")])
+    assert [(d.source_id, d.partition) for d in list_dead_letters(db, "pdb")] == [
+        ("3J3Q", "p1"),
+        ("X", "p1"),
+    ]
+    # The same record met again in a later batch: still one row, naming the later batch.
+    replace_dead_letters(db, convention="pdb", partition="p2", poison=[poison("3J3Q", 512)])
+    assert [(d.source_id, d.partition, d.limit_mb) for d in list_dead_letters(db, "pdb")] == [
+        ("X", "p1", 256),
+        ("3J3Q", "p2", 512),
+    ]
+    # p1 re-run with a higher cap: X passed, so its dead letter goes; p2's row stays.
+    replace_dead_letters(db, convention="pdb", partition="p1", poison=[])
+    assert [d.source_id for d in list_dead_letters(db, "pdb")] == ["3J3Q"]
+    assert list_dead_letters(db, "uniprot") == []

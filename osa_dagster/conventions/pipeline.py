@@ -24,11 +24,13 @@ from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import Checkpoint, HookBatch, HookProgress, Runner, advance_hook
 from osa_dagster.records import (
     FeatureRows,
+    PoisonRecord,
     PublishResult,
     RecordsDatabase,
     RecordToPublish,
     find_srns,
     publish_records,
+    replace_dead_letters,
     store_features,
 )
 from osa_dagster.records.queries import (
@@ -259,6 +261,8 @@ class PublishSummary:
     """Why records were not published: 'rejected by <hook>' / 'errored in <hook>'."""
     rejections: list[tuple[str, str, str]] = field(default_factory=list)
     """(record id, hook, reason) of every record not published."""
+    dead_letters: list[PoisonRecord] = field(default_factory=list)
+    """The batch's poison records, as written to the dead_letters table."""
 
 
 @dataclass
@@ -310,6 +314,8 @@ def publish_batch(
         partition=partition,
         records=[RecordToPublish(r.source_id, r.metadata) for r in passed],
     )
+    poison = poison_records(verdicts.checkpoints)
+    replace_dead_letters(db, convention=convention.name, partition=partition, poison=poison)
     reasons = Counter(f"{verdict.split(':')[0]} in {hook}" for _, hook, verdict in failed)
     return PublishSummary(
         records_in=len(passed) + len(failed),
@@ -317,7 +323,25 @@ def publish_batch(
         result=result,
         not_published=reasons,
         rejections=failed,
+        dead_letters=poison,
     )
+
+
+def poison_records(checkpoints: dict[str, Checkpoint]) -> list[PoisonRecord]:
+    """Every hook's poison outcomes: a record poison in two hooks is listed for each, since
+    each hook's cap must be raised for it to pass."""
+    return [
+        PoisonRecord(
+            source_id=record_id,
+            hook=hook_name,
+            size_mb=outcome.size_mb,
+            limit_mb=outcome.memory_limit_mb,
+            peak_mb=outcome.peak_memory_mb,
+            reason=outcome.reason or "poison",
+        )
+        for hook_name, checkpoint in checkpoints.items()
+        for record_id, outcome in sorted(checkpoint.poison().items())
+    ]
 
 
 @dataclass

@@ -30,7 +30,7 @@ def _mb(value: float | None) -> str:
 
 def _ending(attempt: AttemptRecord) -> str:
     if attempt.oom_killed:
-        return "OOM killed"
+        return "OOM killed alone" if attempt.isolation else "OOM killed"
     if attempt.timed_out:
         return "timed out"
     if attempt.interrupted:
@@ -59,6 +59,7 @@ def attempt_metadata(attempt: AttemptRecord) -> dict[str, Any]:
         "records_in": attempt.records_in,
         "records_done": attempt.records_done,
         "record_in_progress": attempt.first_unfinished or "-",
+        "isolation": attempt.isolation,
     }
 
 
@@ -113,6 +114,7 @@ def hook_metadata(checkpoint: Checkpoint) -> dict[str, Any]:
         "passed": counts[OutcomeStatus.PASSED],
         "rejected": counts[OutcomeStatus.REJECTED],
         "errored": counts[OutcomeStatus.ERRORED],
+        "poison": len(checkpoint.poison()),
         "attempts": len(checkpoint.attempts),
         "oom_attempts": len(ooms),
         "memory_limits_mb": " -> ".join(str(a.memory_limit_mb) for a in checkpoint.attempts) or "-",
@@ -149,6 +151,16 @@ def publish_metadata(summary: PublishSummary, total_published: int) -> dict[str,
         metadata["why_not_published"] = dg.MetadataValue.json(dict(summary.not_published))
         metadata["not_published_records"] = markdown_table(
             ("record", "hook", "outcome"), summary.rejections[:PREVIEW_ROWS]
+        )
+    # Always present, so that a curator can chart dead letters over partitions.
+    metadata["dead_letters"] = len(summary.dead_letters)
+    if summary.dead_letters:
+        metadata["dead_letter_records"] = markdown_table(
+            ("record", "hook", "size MB", "limit MB", "peak MB", "reason"),
+            [
+                (p.source_id, p.hook, _mb(p.size_mb), p.limit_mb, _mb(p.peak_mb), p.reason)
+                for p in summary.dead_letters[:PREVIEW_ROWS]
+            ],
         )
     if result.srns:
         rows = sorted(result.srns.items())[:PREVIEW_ROWS]

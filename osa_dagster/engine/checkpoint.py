@@ -40,6 +40,11 @@ class RecordOutcome(BaseModel):
     retryable: bool = False
     attempt: int  # the attempt that settled the record
     memory_limit_mb: int
+    # Ran out of memory alone at the cap: kept apart (dead-lettered), and reopened when the
+    # hook's cap is raised above `memory_limit_mb`.
+    poison: bool = False
+    size_mb: float | None = None  # of a poison record: what a curator needs to pick a new cap
+    peak_memory_mb: float | None = None  # of a poison record's lone attempt, when measured
 
     def same_result(self, other: RecordOutcome) -> bool:
         return (self.status, self.features, self.reason, self.retryable) == (
@@ -65,6 +70,7 @@ class AttemptRecord(BaseModel):
     started_at: datetime
     stderr_tail: str
     limit_mode: LimitMode
+    isolation: bool = False  # one suspect record run alone at the cap
 
 
 class InFlightAttempt(BaseModel):
@@ -75,6 +81,7 @@ class InFlightAttempt(BaseModel):
     records_in: int
     started_at: datetime
     marker: AttemptMarker
+    isolation: bool = False
     # Bytes of each output file already merged into the outcomes, so that after a crash the
     # rest of the output is merged exactly once.
     offsets: dict[str, int] = Field(default_factory=dict)
@@ -89,12 +96,17 @@ class Checkpoint(BaseModel):
     complete: bool = False
     anomalies: dict[str, int] = Field(default_factory=dict)
     running: InFlightAttempt | None = None
+    # The record to run alone at the cap next: the one an attempt at the cap was killed on.
+    suspect: str | None = None
 
     def counts(self) -> dict[str, int]:
         counts = {status.value: 0 for status in OutcomeStatus}
         for outcome in self.outcomes.values():
             counts[outcome.status.value] += 1
         return counts
+
+    def poison(self) -> dict[str, RecordOutcome]:
+        return {rid: outcome for rid, outcome in self.outcomes.items() if outcome.poison}
 
     def oom_attempts(self) -> list[AttemptRecord]:
         return [attempt for attempt in self.attempts if attempt.oom_killed]

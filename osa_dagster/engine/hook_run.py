@@ -15,6 +15,17 @@ about POLL_S of hook work is redone after a crash, for at most 1 / POLL_S saves 
 with records taking ~0.1 s to minutes that is one small PUT per record on S3. A hook that
 settles many records a second over large batches (every save rewrites the whole
 checkpoint) can raise both, e.g. 100 records or 10 s.
+
+Poison records. Records run smallest first, so when an attempt at the top of the ladder (the
+cap) is OOM-killed, the record it was on (`AttemptRecord.first_unfinished`) is the suspect.
+The next attempt runs the suspect alone at the cap: if it runs out of memory alone it is
+errored as poison ("poison: OOM alone at N MB", with its size and the peak seen), otherwise it
+gets its real outcome; either way the records after it then go on at the cap, and the next
+OOM there names the next suspect. Nothing settled runs twice. These attempts keep the limit,
+so they run within the `advance_hook` call that reached the cap: with `stop_after_oom` a call
+still ends after each OOM that raises the limit (one Dagster retry per rung of the ladder),
+never for an isolation. A poison outcome is reopened by a later run whose ladder now goes
+above the limit it failed at (its cap was raised), starting at the next rung above it.
 """
 
 from __future__ import annotations
@@ -152,11 +163,12 @@ def advance_hook(
             run.checkpoint.complete = True
             checkpoints.save(run.checkpoint)
             return progress(done=True)
-        exit_ = run.attempt(pending)
-        next_memory = run.settle(pending, exit_)
-        if next_memory is None:
-            return progress(done=True)
-        if stop_after_oom:
+        todo = run.next_records(pending)
+        exit_ = run.attempt(todo)
+        next_memory = run.settle(todo, exit_)
+        # Only a climb of the ladder ends the call: isolating poison records at the top of
+        # the ladder keeps the limit, so it goes on in this call (see the module doc).
+        if next_memory is not None and stop_after_oom:
             return progress(done=False, next_memory_mb=next_memory)
 
 
@@ -197,22 +209,64 @@ class _HookRun:
             return Checkpoint(
                 hook=self.spec.name, batch_digest=digest, next_memory_mb=self.spec.memory.base_mb
             )
+        policy = self.spec.memory
+        # Poison only at the top of the ladder of its day: a raised cap gives it another chance.
+        raised = {
+            record_id: outcome
+            for record_id, outcome in stored.outcomes.items()
+            if outcome.poison and policy.next_after(outcome.memory_limit_mb) is not None
+        }
+        if raised:
+            log.info(
+                "hook %s: the memory cap is now %d MB; reopening %d poison records",
+                self.spec.name,
+                policy.cap_mb,
+                len(raised),
+            )
         if stored.complete:
             # A new run of a finished batch: give the transient failures another chance,
             # starting from the bottom of the ladder again.
+            retried = {
+                record_id
+                for record_id, outcome in stored.outcomes.items()
+                if outcome.status is OutcomeStatus.ERRORED and outcome.retryable
+            }
             stored.outcomes = {
                 record_id: outcome
                 for record_id, outcome in stored.outcomes.items()
-                if not (outcome.status is OutcomeStatus.ERRORED and outcome.retryable)
+                if record_id not in retried and record_id not in raised
             }
-            stored.next_memory_mb = self.spec.memory.base_mb
+            # Reopened poison alone skips the rungs it is known to fail at.
+            stored.next_memory_mb = (
+                policy.base_mb
+                if retried or not raised
+                else min(
+                    policy.next_after(o.memory_limit_mb) or policy.cap_mb for o in raised.values()
+                )
+            )
             stored.complete = False
+        else:
+            for record_id in raised:
+                del stored.outcomes[record_id]
         return stored
 
     def pending(self) -> list[HookRecord]:
         """Records without an outcome, smallest first, so an OOM costs as little as possible."""
         left = [r for r in self.batch.records if r.id not in self.checkpoint.outcomes]
         return sorted(left, key=lambda r: (r.size_mb, r.id))
+
+    def next_records(self, pending: list[HookRecord]) -> list[HookRecord]:
+        """What the next attempt runs: the suspect alone when there is one, else all pending."""
+        suspect = [r for r in pending if r.id == self.checkpoint.suspect]
+        if suspect:
+            return suspect
+        self.checkpoint.suspect = None  # settled meanwhile (an interrupted lone attempt)
+        return pending
+
+    def _isolations_at(self, limit_mb: int) -> int:
+        return sum(
+            1 for a in self.checkpoint.attempts if a.isolation and a.memory_limit_mb == limit_mb
+        )
 
     def _attempt_dir(self, number: int) -> Path:
         return self.workdir / f"attempt-{number}"
@@ -236,7 +290,7 @@ class _HookRun:
         self.checkpoints.save(self.checkpoint)
 
     def attempt(self, pending: list[HookRecord]) -> AttemptExit:
-        """One attempt over the pending records, checkpointing outcomes as they appear."""
+        """One attempt over these records, checkpointing outcomes as they appear."""
         number = len(self.checkpoint.attempts) + 1
         memory = self.checkpoint.next_memory_mb
         attempt_dir = self._attempt_dir(number)
@@ -274,6 +328,7 @@ class _HookRun:
             records_in=len(pending),
             started_at=started_at,
             marker=running.marker,
+            isolation=self.checkpoint.suspect is not None,
         )
         self.checkpoint.running = flight
         # Saved before waiting: if we die now, the next run finds and kills the hook.
@@ -342,16 +397,19 @@ class _HookRun:
                 started_at=flight.started_at,
                 stderr_tail=stderr_tail,
                 limit_mode=flight.marker.limit_mode,
+                isolation=flight.isolation,
             )
         )
         self.checkpoint.running = None
 
-    def settle(self, pending: list[HookRecord], exit_: AttemptExit) -> int | None:
+    def settle(self, todo: list[HookRecord], exit_: AttemptExit) -> int | None:
         """Decide what the records the attempt left unsettled become; save.
 
-        Returns the next memory limit after an OOM below the cap, else None (batch done).
+        Returns the next memory limit after an OOM below the top of the ladder, else None.
         """
-        left = [r.id for r in pending if r.id not in self.checkpoint.outcomes]
+        self.checkpoint.suspect = None  # a lone attempt, whatever its end, has had its say
+        left = [r for r in todo if r.id not in self.checkpoint.outcomes]
+        left_ids = [r.id for r in left]
         limit = self.checkpoint.attempts[-1].memory_limit_mb
         if exit_.out_of_memory and left:
             next_memory = self.spec.memory.next_after(limit)
@@ -360,31 +418,69 @@ class _HookRun:
                     "hook %s: out of memory at %d MB on %s; %d records left for %d MB",
                     self.spec.name,
                     limit,
-                    left[0],
+                    left_ids[0],
                     len(left),
                     next_memory,
                 )
                 self.checkpoint.next_memory_mb = next_memory
                 self.checkpoints.save(self.checkpoint)
                 return next_memory
-            self._error(left, f"OOM at {limit} MB", retryable=False)
+            self._out_of_memory_at_cap(left)
         elif exit_.timed_out:
-            self._error(left, f"timed out after {self.spec.timeout_s:g} s", retryable=True)
+            self._error(left_ids, f"timed out after {self.spec.timeout_s:g} s", retryable=True)
         elif exit_.returncode < 0:
             self._error(
-                left,
+                left_ids,
                 f"hook killed by {_signal_name(-exit_.returncode)} (not an OOM)",
                 retryable=True,
             )
         elif exit_.returncode != 0:
             tail = exit_.stderr_tail.strip()[-_REASON_TAIL_CHARS:]
-            self._error(left, f"hook exited with code {exit_.returncode}: {tail}", retryable=False)
+            self._error(
+                left_ids, f"hook exited with code {exit_.returncode}: {tail}", retryable=False
+            )
         elif left:
             self.checkpoint.note(Anomaly.NO_OUTCOME, len(left))
-            self._error(left, "no outcome: the hook exited 0 without writing one", retryable=False)
-        self.checkpoint.complete = True
+            self._error(
+                left_ids, "no outcome: the hook exited 0 without writing one", retryable=False
+            )
         self.checkpoints.save(self.checkpoint)
         return None
+
+    def _out_of_memory_at_cap(self, left: list[HookRecord]) -> None:
+        """An OOM at the top of the ladder: poison if alone, else isolate the suspect."""
+        attempt = self.checkpoint.attempts[-1]
+        limit = attempt.memory_limit_mb
+        policy = self.spec.memory
+        if policy.isolate_poison and attempt.records_in == 1:
+            [record] = left
+            log.warning(
+                "hook %s: record %s is poison: out of memory alone at %d MB (%.1f MB of files)",
+                self.spec.name,
+                record.id,
+                limit,
+                record.size_mb,
+            )
+            self.checkpoint.outcomes[record.id] = RecordOutcome(
+                status=OutcomeStatus.ERRORED,
+                reason=f"poison: OOM alone at {limit} MB",
+                retryable=False,
+                attempt=attempt.number,
+                memory_limit_mb=limit,
+                poison=True,
+                size_mb=record.size_mb,
+                peak_memory_mb=attempt.peak_memory_mb,
+            )
+        elif policy.isolate_poison and self._isolations_at(limit) < policy.max_isolation_attempts:
+            self.checkpoint.suspect = attempt.first_unfinished
+            log.warning(
+                "hook %s: out of memory at the cap, %d MB, on %s: running it alone",
+                self.spec.name,
+                limit,
+                attempt.first_unfinished,
+            )
+        else:
+            self._error([r.id for r in left], f"OOM at {limit} MB", retryable=False)
 
     def _error(self, record_ids: list[str], reason: str, *, retryable: bool) -> None:
         attempt = self.checkpoint.attempts[-1]

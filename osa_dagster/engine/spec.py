@@ -11,7 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class MemoryPolicy(BaseModel):
     """The memory ladder of one hook: base, base*factor, base*factor^2, ... never above cap.
 
-    The ladder climbs only on a real OOM kill, at most `max_retries` times.
+    The ladder climbs only on a real OOM kill, at most `max_retries` times. An OOM at the cap
+    does not give up on the records left: with `isolate_poison`, the record the hook was on is
+    run alone at the cap, and is errored as poison only if it runs out of memory alone; the
+    others go on at the cap. `max_isolation_attempts` bounds those lone runs per limit, so a
+    batch of many too-big records cannot run for ever; past it, what is left is errored.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -20,6 +24,8 @@ class MemoryPolicy(BaseModel):
     factor: float = Field(default=2.0, gt=1.0)
     cap_mb: int = Field(default=8192, gt=0)
     max_retries: int = Field(default=3, ge=0)
+    isolate_poison: bool = True
+    max_isolation_attempts: int = Field(default=10, ge=0)
 
     @model_validator(mode="after")
     def _cap_not_below_base(self) -> MemoryPolicy:

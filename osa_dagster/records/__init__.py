@@ -1,7 +1,13 @@
 """The records database: published records and their features, keyed by SRN."""
 
 from osa_dagster.records.database import RecordsDatabase, database_url_from_env, open_database
-from osa_dagster.records.models import Base, Feature, Record
+from osa_dagster.records.dead_letters import (
+    DeadLetterRow,
+    PoisonRecord,
+    list_dead_letters,
+    replace_dead_letters,
+)
+from osa_dagster.records.models import Base, DeadLetter, Feature, Record
 from osa_dagster.records.publish import (
     FeatureRows,
     PublishResult,
@@ -14,16 +20,21 @@ from osa_dagster.records.publish import (
 
 __all__ = [
     "Base",
+    "DeadLetter",
+    "DeadLetterRow",
     "Feature",
     "FeatureRows",
+    "PoisonRecord",
     "PublishResult",
     "Record",
     "RecordToPublish",
     "RecordsDatabase",
     "database_url_from_env",
     "find_srns",
+    "list_dead_letters",
     "make_srn",
     "open_database",
     "publish_records",
+    "replace_dead_letters",
     "store_features",
 ]

@@ -39,3 +39,24 @@ class Feature(Base):
     hook: Mapped[str] = mapped_column(String(64))
     row_index: Mapped[int] = mapped_column(Integer)
     data: Mapped[dict[str, Any]]
+
+
+class DeadLetter(Base):
+    """A poison record: a hook ran out of memory on it alone at its cap. One row per record
+    and hook, naming the batch to re-materialise once the hook's cap is raised."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (
+        UniqueConstraint("convention", "source_id", "hook", name="uq_dead_letters_record_hook"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    convention: Mapped[str] = mapped_column(String(64), index=True)
+    source_id: Mapped[str] = mapped_column(String(512))
+    hook: Mapped[str] = mapped_column(String(64))
+    partition: Mapped[str] = mapped_column(String(255), index=True)
+    size_mb: Mapped[float | None]
+    limit_mb: Mapped[int]
+    peak_mb: Mapped[float | None]
+    reason: Mapped[str] = mapped_column(String(1024))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

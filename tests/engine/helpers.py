@@ -103,12 +103,13 @@ class Harness:
         base_mb: int = 128,
         cap_mb: int = 512,
         timeout_s: float = 60.0,
+        memory: dict[str, Any] | None = None,
         **config: Any,
     ) -> HookSpec:
         return HookSpec(
             name="test_hook",
             command=command,
-            memory=MemoryPolicy(base_mb=base_mb, cap_mb=cap_mb),
+            memory=MemoryPolicy(base_mb=base_mb, cap_mb=cap_mb, **(memory or {})),
             timeout_s=timeout_s,
             config={"ledger": str(self.ledger), "once_file": str(self.root / "once"), **config},
         )

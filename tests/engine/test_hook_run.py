@@ -79,9 +79,9 @@ def test_without_stop_after_oom_one_call_climbs_the_ladder(harness: Harness) -> 
 
 
 @pytest.mark.slow
-def test_oom_at_the_cap_errors_only_what_is_left(harness: Harness) -> None:
+def test_without_isolation_oom_at_the_cap_errors_only_what_is_left(harness: Harness) -> None:
     require_cgroups()
-    spec = harness.spec(base_mb=128, cap_mb=256)
+    spec = harness.spec(base_mb=128, cap_mb=256, memory={"isolate_poison": False})
 
     checkpoint = harness.run(spec, big_batch())
 
@@ -98,7 +98,11 @@ def test_oom_at_the_cap_errors_only_what_is_left(harness: Harness) -> None:
     }
     for rid in ("big", "c", "d"):
         outcome = checkpoint.outcomes[rid]
-        assert (outcome.reason, outcome.retryable) == ("OOM at 256 MB", False)
+        assert (outcome.reason, outcome.retryable, outcome.poison) == (
+            "OOM at 256 MB",
+            False,
+            False,
+        )
     assert checkpoint.complete
     assert harness.ledger_counts() == {"a": 1, "b": 1}
 

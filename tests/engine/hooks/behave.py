@@ -3,6 +3,7 @@
 Each record's metadata says what to do with it:
   outcome    "passed" (default), "rejected" or "errored"
   alloc_mb   allocate and touch this many MB first
+  keep_mb    allocate and touch this many MB and keep them to the end (a leak)
   sleep_s    sleep this long first (also a config default)
   file       read this file of the record and report its size as a feature
   sigkill    SIGKILL itself, once: only while config["once_file"] does not exist yet
@@ -27,6 +28,7 @@ def main():
         config = json.load(f)
     with open(os.path.join(in_dir, "records.jsonl")) as f:
         records = [json.loads(line) for line in f]
+    kept = []
     for record in records:
         meta = record["metadata"]
         time.sleep(meta.get("sleep_s", config.get("sleep_s", 0)))
@@ -39,6 +41,9 @@ def main():
             buffer[::4096] = b"\x01" * len(range(0, len(buffer), 4096))
             features["allocated_mb"] = len(buffer) // (1024 * 1024)
             del buffer
+        if "keep_mb" in meta:
+            kept.append(bytearray(meta["keep_mb"] * 1024 * 1024))
+            kept[-1][::4096] = b"\x01" * len(range(0, len(kept[-1]), 4096))
         if "file" in meta:
             path = os.path.join(os.environ["OSA_FILES"], record["files_dir"], meta["file"])
             features["bytes"] = os.path.getsize(path)
