@@ -305,3 +305,10 @@ def test_poison_records_are_dead_lettered_and_rerun_with_a_raised_cap(
     assert (meta["published"], meta["duplicates_skipped"], meta["dead_letters"]) == (2, 4, 0)
     assert list_dead_letters(db, "toy_poison") == []
     assert _counts() == (6, 6)
+
+
+def test_only_hook_steps_take_a_slot_of_the_hook_pool(defs):
+    job = defs.resolve_job_def("toy_ingest")
+    pools = {node.name: node.definition.pool for node in job.nodes}
+    assert pools["toy__hook_outcomes__check_size"] == "osa_hooks"
+    assert {name for name, pool in pools.items() if pool} == {"toy__hook_outcomes__check_size"}

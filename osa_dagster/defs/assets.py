@@ -34,6 +34,10 @@ from osa_dagster.records.queries import count_published
 # A step whose process the kernel killed (the run worker, not the hook) is retried;
 # it resumes from the hook's checkpoint.
 STEP_CRASH_RETRIES = 2
+# Every hook step of every run holds a slot of this pool while its hook runs, so an
+# operator caps concurrent hook processes (or containers) across all runs with
+# `dagster instance concurrency set osa_hooks N`. Without a limit set, it costs nothing.
+HOOK_POOL = "osa_hooks"
 
 
 def batch_partitions(convention: Convention) -> dg.DynamicPartitionsDefinition:
@@ -88,6 +92,7 @@ def _hook_asset(
         group_name=convention.name,
         kinds={"python"},
         retry_policy=dg.RetryPolicy(max_retries=STEP_CRASH_RETRIES),
+        pool=HOOK_POOL,
         description=f"Outcomes of hook {hook.name!r} over the batch (memory ladder "
         f"{' -> '.join(f'{mb} MB' for mb in ladder)}, escalated on OOM only).",
     )
