@@ -1,0 +1,277 @@
+"""What Dagster adds per partition, against a bare Python loop over the same pipeline steps.
+
+    .venv/bin/python bench/orchestration_overhead.py [--runs 3] [--records 2000] [--batch-size 100]
+
+The same work each way: N synthetic records (1 kB file each) planned into batches, each
+batch fetched, checked by a trivial SDK hook under the local runner (a real process per
+batch, under a cgroup memory limit when there is one), published into SQLite and its
+features stored. Every run starts from an empty store, records database and Dagster
+instance (SQLite, as the embedded default), and checks that all N records were published
+with their features.
+
+  dagster      the convention's `<conv>_ingest` asset job (in-process executor, as deployed),
+               one execute_in_process run per partition, including the 4 asset checks
+  bare steps   plan_ingest, then per batch fetch_raw_batch, run_batch_hook, publish_batch,
+               store_batch_features: the floor
+  bare same    the bare steps plus what the Dagster assets and checks compute besides them
+               (count_published once and audit_batch four times per batch): the fair floor
+  single run   (prototype, bench-only assets) one Dagster run over ALL partitions with
+               BackfillPolicy.single_run(): assets that loop over context.partition_keys
+               calling the same steps, plus the same count_published and audits. The
+               project's assets read context.partition_key and so cannot run over a range;
+               this measures what that change would buy.
+
+Timed: from after planning to the last partition done (planning is the same for all).
+Variants alternate within each round (no warm-up round: one-time costs are small
+against a run of 20 partitions), so that drift of the machine hits all alike.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+os.environ["OSA_CONVENTIONS"] = "tests.fixtures.bench_convention"
+os.environ.pop("OSA_STORAGE", None)
+os.environ.pop("OSA_DATABASE_URL", None)
+
+import dagster as dg  # noqa: E402
+from dagster._core.storage.tags import (  # noqa: E402
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
+from sqlalchemy import func, select  # noqa: E402
+
+from osa_dagster.conventions.base import Convention  # noqa: E402
+from osa_dagster.conventions.pipeline import (  # noqa: E402
+    audit_batch,
+    fetch_raw_batch,
+    plan_ingest,
+    publish_batch,
+    run_batch_hook,
+    store_batch_features,
+)
+from osa_dagster.defs.checks import CHECKS  # noqa: E402
+from osa_dagster.engine import LocalRunner, memory_limit_mode  # noqa: E402
+from osa_dagster.records import (  # noqa: E402
+    Feature,
+    Record,
+    database_url_from_env,
+    open_database,
+)
+from osa_dagster.records.queries import count_published  # noqa: E402
+from osa_dagster.storage import store_from_env  # noqa: E402
+
+CONVENTION = "bench_overhead"
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+VARIANTS = ("dagster", "single run", "bare same", "bare steps")
+
+
+def _convention() -> Convention:
+    from osa_dagster.conventions.registry import load_conventions
+
+    return load_conventions()[CONVENTION]
+
+
+def _outputs_check(expected: int) -> None:
+    """A benchmark of runs that went wrong measures nothing."""
+    db = open_database(database_url_from_env())
+    with db.session() as session:
+        records = session.scalar(select(func.count()).select_from(Record))
+        features = session.scalar(select(func.count()).select_from(Feature))
+    if (records, features) != (expected, expected):
+        raise RuntimeError(
+            f"expected {expected} records and feature rows, got {records}, {features}"
+        )
+
+
+def run_dagster(defs: dg.Definitions, home: Path) -> float:
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        defs.resolve_job_def(f"{CONVENTION}_plan").execute_in_process(instance=instance)
+        keys = instance.get_dynamic_partitions(f"{CONVENTION}_batches")
+        job = defs.resolve_job_def(f"{CONVENTION}_ingest")
+        started = time.perf_counter()
+        for key in keys:
+            result = job.execute_in_process(partition_key=key, instance=instance)
+            assert result.success
+        elapsed = time.perf_counter() - started
+        checks = [
+            e
+            for e in result.all_events
+            if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+        ]
+        assert len(checks) == len(CHECKS), "the ingest job no longer runs the asset checks"
+    return elapsed
+
+
+def _extra_work(convention: Convention, store, db, key: str) -> None:
+    """What the Dagster assets and checks compute besides the steps."""
+    count_published(db, convention.name)
+    for _ in CHECKS:
+        audit_batch(convention, store, db, key)
+
+
+def run_bare(same_work: bool) -> float:
+    convention = _convention()
+    store = store_from_env()
+    db = open_database(database_url_from_env())
+    keys = plan_ingest(convention, store).partitions
+    runner = LocalRunner()
+    started = time.perf_counter()
+    for key in keys:
+        fetch_raw_batch(convention, store, key)
+        for spec in convention.hooks:
+            assert run_batch_hook(convention, spec.name, store, key, runner).done
+        publish_batch(convention, store, db, key, domain="bench")
+        store_batch_features(convention, store, db, key)
+        if same_work:
+            _extra_work(convention, store, db, key)
+    return time.perf_counter() - started
+
+
+def single_run_defs(convention: Convention) -> dg.Definitions:
+    """The same graph as the project's, written to run over many partitions in one run."""
+    partitions = dg.DynamicPartitionsDefinition(name=f"{convention.name}_batches")
+    policy = dg.BackfillPolicy.single_run()
+    common = {"partitions_def": partitions, "backfill_policy": policy}
+    raw_key = dg.AssetKey([convention.name, "raw_batch"])
+    hook_keys = [dg.AssetKey([convention.name, "hook_outcomes", h.name]) for h in convention.hooks]
+    published_key = dg.AssetKey([convention.name, "published_records"])
+
+    @dg.asset(key=raw_key, **common)
+    def raw_batch(context: dg.AssetExecutionContext) -> None:
+        store = store_from_env()
+        for key in context.partition_keys:
+            fetch_raw_batch(convention, store, key)
+
+    def hook_asset(name: str, asset_key: dg.AssetKey) -> dg.AssetsDefinition:
+        @dg.asset(key=asset_key, deps=[raw_key], **common)
+        def hook_outcomes(context: dg.AssetExecutionContext) -> None:
+            store, runner = store_from_env(), LocalRunner()
+            for key in context.partition_keys:
+                assert run_batch_hook(convention, name, store, key, runner).done
+
+        return hook_outcomes
+
+    @dg.asset(key=published_key, deps=hook_keys, **common)
+    def published_records(context: dg.AssetExecutionContext) -> None:
+        store, db = store_from_env(), open_database(database_url_from_env())
+        for key in context.partition_keys:
+            publish_batch(convention, store, db, key, domain="bench")
+            count_published(db, convention.name)
+
+    @dg.asset(key=dg.AssetKey([convention.name, "features"]), deps=[published_key], **common)
+    def features(context: dg.AssetExecutionContext) -> None:
+        store, db = store_from_env(), open_database(database_url_from_env())
+        for key in context.partition_keys:
+            store_batch_features(convention, store, db, key)
+            for _ in CHECKS:
+                audit_batch(convention, store, db, key)
+
+    assets = [
+        raw_batch,
+        *(hook_asset(h.name, k) for h, k in zip(convention.hooks, hook_keys, strict=True)),
+        published_records,
+        features,
+    ]
+    job = dg.define_asset_job("single_run_ingest", selection=dg.AssetSelection.assets(*assets))
+    return dg.Definitions(assets=assets, jobs=[job], executor=dg.in_process_executor)
+
+
+def run_single(defs: dg.Definitions, home: Path) -> float:
+    convention = _convention()
+    store = store_from_env()
+    keys = plan_ingest(convention, store).partitions
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        instance.add_dynamic_partitions(f"{convention.name}_batches", keys)
+        job = defs.resolve_job_def("single_run_ingest")
+        started = time.perf_counter()
+        result = job.execute_in_process(
+            instance=instance,
+            tags={
+                ASSET_PARTITION_RANGE_START_TAG: keys[0],
+                ASSET_PARTITION_RANGE_END_TAG: keys[-1],
+            },
+        )
+        elapsed = time.perf_counter() - started
+        assert result.success
+        materialized = instance.get_materialized_partitions(
+            dg.AssetKey([convention.name, "features"])
+        )
+        assert materialized == set(keys), "the single run did not materialise every partition"
+    return elapsed
+
+
+def one_round(
+    variants: dict[str, Callable[[Path], float]], scratch: Path, records: int
+) -> dict[str, float]:
+    times = {}
+    for name, run in variants.items():
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            os.environ["OSA_DATA_DIR"] = str(Path(tmp) / "data")
+            (Path(tmp) / "dagster").mkdir()
+            times[name] = run(Path(tmp) / "dagster")
+            _outputs_check(records)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--records", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=100)
+    args = parser.parse_args()
+    os.environ["OSA_BENCH_RECORDS"] = str(args.records)
+    os.environ["OSA_BENCH_BATCH_SIZE"] = str(args.batch_size)
+    partitions = -(-args.records // args.batch_size)
+
+    from osa_dagster.definitions import build_definitions
+
+    defs = build_definitions()
+    single = single_run_defs(_convention())
+    variants: dict[str, Callable[[Path], float]] = {
+        "dagster": lambda home: run_dagster(defs, home),
+        "single run": lambda home: run_single(single, home),
+        "bare same": lambda home: run_bare(same_work=True),
+        "bare steps": lambda home: run_bare(same_work=False),
+    }
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    with tempfile.TemporaryDirectory(prefix="osa-bench-") as tmp:
+        for _ in range(args.runs):
+            for name, seconds in one_round(variants, Path(tmp), args.records).items():
+                times[name].append(seconds)
+
+    print(
+        f"{args.records} records in {partitions} partitions, trivial SDK hook under "
+        f"LocalRunner({memory_limit_mode()}), SQLite records DB and Dagster instance; "
+        f"{args.runs} runs per variant (no warm-up: one-time imports are < 1% of a run), "
+        f"{os.cpu_count()} CPUs"
+    )
+    floor = statistics.median(times["bare same"])
+    steps = statistics.median(times["bare steps"])
+    print(
+        f"{'variant':<12}{'median s':>10}{'min-max s':>16}{'/bare same':>11}{'/bare steps':>12}"
+        f"{'overhead s/partition':>22}"
+    )
+    for name in VARIANTS:
+        samples = times[name]
+        median = statistics.median(samples)
+        spread = f"{min(samples):.2f}-{max(samples):.2f}"
+        overhead = (median - floor) / partitions
+        print(
+            f"{name:<12}{median:>10.2f}{spread:>16}{median / floor:>11.2f}{median / steps:>12.2f}"
+            f"{overhead:>22.3f}"
+        )
+    print("overhead s/partition = (median - median of 'bare same') / partitions")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Shared pieces of the fault-injection tests: the fault conventions, a Dagster instance on
+disk that other processes can share, and the records database as the tests read it."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from sqlalchemy import func, select
+
+from osa_dagster.definitions import build_definitions
+from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
+from tests.fixtures.pg_cluster import PgCluster, pg_binary
+
+REPO = Path(__file__).resolve().parents[2]
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def skip_or_fail(reason: str) -> None:
+    """The fault tests must run in CI: what they need missing there is a failure."""
+    if IN_CI:
+        pytest.fail(f"{reason}: CI must run the fault-injection tests")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.txt"
+
+
+@pytest.fixture
+def fault_env(tmp_path: Path, ledger: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fault conventions, and DAGSTER_HOME: a folder other processes can share."""
+    home = tmp_path / "dagster"
+    home.mkdir()
+    monkeypatch.setenv("OSA_CONVENTIONS", "tests.fixtures.fault_convention")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("OSA_FAULTS_LEDGER", str(ledger))
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def instance(fault_env: Path) -> Iterator[dg.DagsterInstance]:
+    # Writes DAGSTER_HOME/dagster.yaml: processes started by the test use the same storage.
+    with dg.instance_for_test(temp_dir=str(fault_env)) as instance:
+        yield instance
+
+
+@pytest.fixture
+def postgres() -> Iterator[PgCluster]:
+    if pg_binary("initdb") is None:
+        skip_or_fail("PostgreSQL (initdb, pg_ctl) is not installed")
+    cluster = PgCluster().init()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+def plan(instance: dg.DagsterInstance, convention: str) -> list[str]:
+    defs = build_definitions()
+    result = defs.resolve_job_def(f"{convention}_plan").execute_in_process(instance=instance)
+    assert result.success
+    return instance.get_dynamic_partitions(f"{convention}_batches")
+
+
+def ingest(instance: dg.DagsterInstance, convention: str, key: str) -> dg.ExecuteInProcessResult:
+    job = build_definitions().resolve_job_def(f"{convention}_ingest")
+    return job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+
+
+def failed_steps(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+    """step key -> the error of every step that failed: Dagster's message, then the causes'."""
+    failures = {}
+    for event in result.all_events:
+        if event.event_type == dg.DagsterEventType.STEP_FAILURE:
+            error, messages = event.step_failure_data.error, []
+            while error is not None:
+                messages.append(error.message.strip())
+                error = error.cause
+            failures[event.step_key] = "\n".join(messages)
+    return failures
+
+
+def check_results(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
+    return {
+        e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+    }
+
+
+def published(convention: str, url: str | None = None) -> Counter[str]:
+    """How many rows of the records table each source id of the convention has."""
+    db = RecordsDatabase(url or database_url_from_env())
+    try:
+        with db.session() as session:
+            rows = session.execute(
+                select(Record.source_id).where(Record.convention == convention)
+            ).scalars()
+            return Counter(rows)
+    finally:
+        db.engine.dispose()
+
+
+def feature_rows(url: str | None = None) -> int:
+    db = RecordsDatabase(url or database_url_from_env())
+    try:
+        with db.session() as session:
+            return session.scalar(select(func.count()).select_from(Feature)) or 0
+    finally:
+        db.engine.dispose()
+
+
+def ledger_counts(ledger: Path) -> Counter[str]:
+    return Counter(ledger.read_text().splitlines()) if ledger.exists() else Counter()
