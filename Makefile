@@ -32,8 +32,7 @@ ui: $(STAMP)
 	$(BIN)/dagster dev -w workspace.yaml
 
 bench: $(STAMP)
-	$(BIN)/python bench/runner_overhead.py
-	$(BIN)/python bench/store_transfer.py
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf .data

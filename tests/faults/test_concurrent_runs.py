@@ -70,12 +70,6 @@ def test_racing_publishers_publish_each_record_once_postgres(postgres):
     _assert_published_once(postgres.url, _race(postgres.url, processes=4, count=3000), 3000)
 
 
-@pytest.mark.xfail(
-    reason="RecordsDatabase.engine runs Base.metadata.create_all unguarded: processes that "
-    "first open an empty database at once race on CREATE TABLE ('table records already "
-    "exists'); the race is timing-dependent, so not strict",
-    strict=False,
-)
 def test_first_opens_at_once_create_the_schema_once(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'records.db'}"
     for _ in range(3):

@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 
 from osa_dagster.definitions import build_definitions
-from tests.fixtures.postgres import Postgres, PostgresUnavailable, throwaway_postgres
+from tests.fixtures.pg_cluster import PgCluster, throwaway_postgres
 
 from .servers import S3Endpoint
 
@@ -21,11 +21,11 @@ PROFILE = REPO / "deploy/production/dagster.yaml"
 
 
 @pytest.fixture
-def postgres() -> Iterator[Postgres]:
+def postgres() -> Iterator[PgCluster]:
     try:
         with throwaway_postgres() as server:
             yield server
-    except PostgresUnavailable as error:
+    except (RuntimeError, FileNotFoundError) as error:
         if os.environ.get("CI") == "true":
             pytest.fail(f"PostgreSQL is required in CI: {error}")
         pytest.skip(f"PostgreSQL unavailable: {error}")
@@ -33,7 +33,7 @@ def postgres() -> Iterator[Postgres]:
 
 def test_the_production_profile_runs_an_ingest_on_postgres(
     seaweedfs: S3Endpoint,
-    postgres: Postgres,
+    postgres: PgCluster,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     toy_conventions,
@@ -43,17 +43,17 @@ def test_the_production_profile_runs_an_ingest_on_postgres(
     shutil.copy(PROFILE, home / "dagster.yaml")
     for name, value in {
         "DAGSTER_HOME": str(home),
-        "OSA_DAGSTER_PG_HOST": postgres.host,
+        "OSA_DAGSTER_PG_HOST": "127.0.0.1",
         "OSA_DAGSTER_PG_PORT": str(postgres.port),
         "OSA_DAGSTER_PG_DB": "postgres",
-        "OSA_DAGSTER_PG_USER": postgres.user,
+        "OSA_DAGSTER_PG_USER": "postgres",
         "OSA_DAGSTER_PG_PASSWORD": "",
         "OSA_COMPUTE_LOG_BUCKET": seaweedfs.bucket,
         "OSA_COMPUTE_LOG_PREFIX": f"logs/{uuid.uuid4().hex}",
         "OSA_S3_ENDPOINT_URL": seaweedfs.url,
         "AWS_ACCESS_KEY_ID": seaweedfs.access_key,
         "AWS_SECRET_ACCESS_KEY": seaweedfs.secret_key,
-        "OSA_DATABASE_URL": postgres.url(),
+        "OSA_DATABASE_URL": postgres.url,
     }.items():
         monkeypatch.setenv(name, value)
 
