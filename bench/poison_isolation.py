@@ -13,8 +13,8 @@ Reported per variant (isolation off, isolation on): attempts, attempts at the ca
 with their real outcome, records errored, and memory-seconds (the limit of each attempt
 times its duration, in GB*s: what a scheduler reserves for the hook).
 
-Prediction of starting memory from record size (issue 8) is not implemented yet, so this
-script has no variant for it.
+Both variants run without a memory history (plain doubling from the base); what predicting
+the starting memory from record size adds is measured by bench/memory_prediction.py.
 """
 
 from __future__ import annotations

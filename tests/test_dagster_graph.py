@@ -12,6 +12,9 @@ from sqlalchemy import func, select
 
 from osa_dagster.definitions import build_definitions
 from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
+from osa_dagster.storage import store_from_env
+from osa_dagster.storage.checkpoints import StoreMemoryHistoryIO
+from osa_dagster.storage.layout import memory_history_key
 from tests.fixtures.toy_convention import TOY_IDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +130,12 @@ def test_oom_is_retried_by_dagster_with_more_memory(defs, instance):
         == observations[0]["records_in"].value - observations[0]["records_done"].value
     )
     assert _counts() == (6, 6)
+    # The hook's memory history in the store learnt the OOM and the fits, for the next batch.
+    history = StoreMemoryHistoryIO(store_from_env(), memory_history_key("toy_oom", "hungry"))
+    learnt = history.load()
+    assert learnt is not None and learnt.hook == "hungry"
+    assert [o.limit_mb for o in learnt.ooms] == [128]
+    assert learnt.fits
 
 
 def test_a_hook_that_rejects_everything_publishes_nothing_without_failing(defs, instance):

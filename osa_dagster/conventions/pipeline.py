@@ -38,8 +38,13 @@ from osa_dagster.records.queries import (
     published_in_partition,
     srns_with_features,
 )
-from osa_dagster.storage.checkpoints import StoreCheckpointIO
-from osa_dagster.storage.layout import BatchLayout, Manifest, manifests_prefix
+from osa_dagster.storage.checkpoints import StoreCheckpointIO, StoreMemoryHistoryIO
+from osa_dagster.storage.layout import (
+    BatchLayout,
+    Manifest,
+    manifests_prefix,
+    memory_history_key,
+)
 from osa_dagster.storage.store import ArtifactStore
 
 _KEY_PART = 24
@@ -206,11 +211,15 @@ def run_batch_hook(
     stop_after_oom: bool = True,
     checkpoint_every_s: float = 1.0,
     checkpoint_every_records: int = 1,
+    predict_memory: bool = True,
 ) -> HookProgress:
     """Advance one hook over the batch, resuming from its checkpoint in the store.
 
     The checkpoint is saved to the store while the hook runs, after `checkpoint_every_records`
-    new outcomes or `checkpoint_every_s` seconds (see osa_dagster.engine.hook_run).
+    new outcomes or `checkpoint_every_s` seconds (see osa_dagster.engine.hook_run). With
+    `predict_memory`, the hook's memory history in the store (`memory_history_key`) starts
+    a new batch's large records at the memory their size needed before, and learns from
+    this batch's attempts; without it, the ladder starts every record at the base.
     """
     spec = convention.hook(hook_name)
     layout = BatchLayout(convention.name, partition)
@@ -229,6 +238,9 @@ def run_batch_hook(
             checkpoint_every_s=checkpoint_every_s,
             checkpoint_every_records=checkpoint_every_records,
             stop_after_oom=stop_after_oom,
+            history=StoreMemoryHistoryIO(store, memory_history_key(convention.name, hook_name))
+            if predict_memory
+            else None,
         )
 
 

@@ -60,12 +60,14 @@ def attempt_metadata(attempt: AttemptRecord) -> dict[str, Any]:
         "records_done": attempt.records_done,
         "record_in_progress": attempt.first_unfinished or "-",
         "isolation": attempt.isolation,
+        "lane": attempt.lane or "main",
     }
 
 
 def attempt_row(attempt: AttemptRecord) -> list[Any]:
     return [
         attempt.number,
+        attempt.lane or "main",
         attempt.memory_limit_mb,
         _mb(attempt.peak_memory_mb),
         _ending(attempt),
@@ -77,6 +79,7 @@ def attempt_row(attempt: AttemptRecord) -> list[Any]:
 
 ATTEMPT_HEADER = (
     "attempt",
+    "lane",
     "limit MB",
     "peak MB",
     "ending",

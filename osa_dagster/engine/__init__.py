@@ -13,7 +13,19 @@ from osa_dagster.engine.checkpoint import (
     InFlightAttempt,
     RecordOutcome,
 )
-from osa_dagster.engine.hook_run import HookBatch, HookProgress, advance_hook, run_hook
+from osa_dagster.engine.hook_run import (
+    LARGE_LANE,
+    HookBatch,
+    HookProgress,
+    advance_hook,
+    run_hook,
+)
+from osa_dagster.engine.memory_history import (
+    FileMemoryHistoryIO,
+    MemoryHistory,
+    MemoryHistoryIO,
+    update_history,
+)
 from osa_dagster.engine.outputs import OutputReader, harvest
 from osa_dagster.engine.runners import (
     AttemptExit,
@@ -29,6 +41,7 @@ from osa_dagster.engine.runners import (
 from osa_dagster.engine.spec import HookSpec, MemoryPolicy
 
 __all__ = [
+    "LARGE_LANE",
     "Anomaly",
     "AttemptExit",
     "AttemptMarker",
@@ -36,6 +49,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointIO",
     "FileCheckpointIO",
+    "FileMemoryHistoryIO",
     "HookBatch",
     "HookProgress",
     "HookSpec",
@@ -43,6 +57,8 @@ __all__ = [
     "Invocation",
     "LimitMode",
     "LocalRunner",
+    "MemoryHistory",
+    "MemoryHistoryIO",
     "MemoryPolicy",
     "OutputReader",
     "RecordOutcome",
@@ -53,4 +69,5 @@ __all__ = [
     "kill_leftovers",
     "memory_limit_mode",
     "run_hook",
+    "update_history",
 ]

@@ -71,6 +71,13 @@ class AttemptRecord(BaseModel):
     stderr_tail: str
     limit_mode: LimitMode
     isolation: bool = False  # one suspect record run alone at the cap
+    # "large": records started above the main ladder's limit, at the level a memory history
+    # predicted for their size (see hook_run); None: the main ladder.
+    lane: str | None = None
+    # What a memory history learns from (engine/memory_history.py): the largest record the
+    # hook settled, and the size of the record it was on when OOM-killed.
+    max_size_mb_done: float | None = None
+    first_unfinished_size_mb: float | None = None
 
 
 class InFlightAttempt(BaseModel):
@@ -82,6 +89,7 @@ class InFlightAttempt(BaseModel):
     started_at: datetime
     marker: AttemptMarker
     isolation: bool = False
+    lane: str | None = None
     # Bytes of each output file already merged into the outcomes, so that after a crash the
     # rest of the output is merged exactly once.
     offsets: dict[str, int] = Field(default_factory=dict)
@@ -98,6 +106,9 @@ class Checkpoint(BaseModel):
     running: InFlightAttempt | None = None
     # The record to run alone at the cap next: the one an attempt at the cap was killed on.
     suspect: str | None = None
+    # Records that start above `next_memory_mb`, at the limit a memory history predicted for
+    # their size (raised when their lane is OOM-killed). Only those records are listed.
+    lanes: dict[str, int] = Field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         counts = {status.value: 0 for status in OutcomeStatus}
@@ -135,24 +146,27 @@ class FileCheckpointIO:
         return Checkpoint.model_validate_json(data)
 
     def save(self, checkpoint: Checkpoint) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # The temporary file must be in the same directory: a rename is atomic only
-        # within one filesystem.
-        fd, temporary = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(checkpoint.model_dump_json().encode())
-                f.flush()
-                os.fsync(f.fileno())
-            Path(temporary).replace(self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        # Make the rename itself durable.
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_atomically(self.path, checkpoint.model_dump_json().encode())
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace the file at `path` with `data`: a crash leaves the old or the new, durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary file must be in the same directory: a rename is atomic only
+    # within one filesystem.
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        Path(temporary).replace(path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -26,6 +26,23 @@ so they run within the `advance_hook` call that reached the cap: with `stop_afte
 still ends after each OOM that raises the limit (one Dagster retry per rung of the ladder),
 never for an isolation. A poison outcome is reopened by a later run whose ladder now goes
 above the limit it failed at (its cap was raised), starting at the next rung above it.
+
+Size-aware starting memory (lanes). Given a `MemoryHistoryIO`, a new batch's checkpoint
+records, for each record whose size the hook's history (engine/memory_history.py) says needs
+more than the base, the rung to start it at (`Checkpoint.lanes`). A record's level is then
+the larger of the main ladder's limit (`next_memory_mb`) and its lane, and each attempt runs
+the pending records of the lowest level (smallest records first, as before): the small
+records from the base, then each group of large records in its own attempt at its predicted
+rung (`AttemptRecord.lane == "large"`). An OOM raises the limit of the records that attempt
+left (the main ladder's, or their lane's) to the next rung, and once the main ladder reaches a
+lane's rung their records run together. Isolation at the cap is the same in every lane.
+Dagster retries: a lane's first attempt is not a climb, so it runs in the call that finished
+the level below it and never consumes a retry; only an OOM that raises a limit ends the call.
+Since the lowest level runs first and a climb leaves nothing at the level it left, every
+climb raises the lowest pending level: a batch still climbs at most len(ladder) - 1 times,
+the bound of the Dagster retries. Without a history (or with an empty one) nothing is in a
+lane and the engine behaves as plain doubling. The history learns from the whole checkpoint
+at the end of every call (idempotently), so later batches start from what this one saw.
 """
 
 from __future__ import annotations
@@ -59,6 +76,7 @@ from osa_dagster.engine.checkpoint import (
     InFlightAttempt,
     RecordOutcome,
 )
+from osa_dagster.engine.memory_history import MemoryHistoryIO, update_history
 from osa_dagster.engine.outputs import OutputReader, harvest
 from osa_dagster.engine.runners import AttemptExit, Invocation, Runner, read_tail
 from osa_dagster.engine.spec import HookSpec
@@ -69,6 +87,7 @@ _REASON_TAIL_CHARS = 500
 # How often a running attempt's output is read: short, so that an outcome is saved soon after
 # it appears. A read is a seek and a read per output file.
 POLL_S = 0.1
+LARGE_LANE = "large"
 
 
 @dataclass(frozen=True)
@@ -107,6 +126,7 @@ def run_hook(
     *,
     checkpoint_every_s: float = 1.0,
     checkpoint_every_records: int = 1,
+    history: MemoryHistoryIO | None = None,
 ) -> Checkpoint:
     """Run the hook until every record of the batch has an outcome."""
     while not (
@@ -118,6 +138,7 @@ def run_hook(
             workdir,
             checkpoint_every_s=checkpoint_every_s,
             checkpoint_every_records=checkpoint_every_records,
+            history=history,
         )
     ).done:
         log.info("hook %s: continuing at %s MB", spec.name, progress.next_memory_mb)
@@ -134,11 +155,13 @@ def advance_hook(
     checkpoint_every_s: float = 1.0,
     checkpoint_every_records: int = 1,
     stop_after_oom: bool = True,
+    history: MemoryHistoryIO | None = None,
 ) -> HookProgress:
     """Run attempts of the hook until the batch is done, or until an OOM if `stop_after_oom`.
 
     Not done means: the last attempt ran out of memory, and the next call runs the records
-    left with `next_memory_mb`. The checkpoint settings are explained in the module doc.
+    left with `next_memory_mb`. The checkpoint settings are explained in the module doc, and
+    so is `history`: starting large records at the memory their size is known to need.
     """
     if checkpoint_every_records < 1 or checkpoint_every_s <= 0:
         raise ValueError(
@@ -146,11 +169,20 @@ def advance_hook(
             f"not {checkpoint_every_records} and {checkpoint_every_s}"
         )
     run = _HookRun(
-        spec, batch, runner, checkpoints, workdir, checkpoint_every_s, checkpoint_every_records
+        spec,
+        batch,
+        runner,
+        checkpoints,
+        workdir,
+        checkpoint_every_s,
+        checkpoint_every_records,
+        history,
     )
     known_attempts = len(run.checkpoint.attempts)
 
     def progress(done: bool, next_memory_mb: int | None = None) -> HookProgress:
+        if history is not None:
+            update_history(history, spec.name, run.checkpoint.attempts)
         return HookProgress(
             run.checkpoint, done, next_memory_mb, run.checkpoint.attempts[known_attempts:]
         )
@@ -163,8 +195,8 @@ def advance_hook(
             run.checkpoint.complete = True
             checkpoints.save(run.checkpoint)
             return progress(done=True)
-        todo = run.next_records(pending)
-        exit_ = run.attempt(todo)
+        todo, memory, lane = run.next_records(pending)
+        exit_ = run.attempt(todo, memory, lane)
         next_memory = run.settle(todo, exit_)
         # Only a climb of the ladder ends the call: isolating poison records at the top of
         # the ladder keeps the limit, so it goes on in this call (see the module doc).
@@ -182,9 +214,12 @@ class _HookRun:
         workdir: Path,
         save_every_s: float,
         save_every_records: int,
+        history: MemoryHistoryIO | None = None,
     ) -> None:
         self.spec = spec
         self.batch = batch
+        self.history = history
+        self.sizes = {r.id: r.size_mb for r in batch.records}
         self.runner = runner
         self.checkpoints = checkpoints
         self.workdir = workdir
@@ -207,7 +242,10 @@ class _HookRun:
             stored = None
         if stored is None:
             return Checkpoint(
-                hook=self.spec.name, batch_digest=digest, next_memory_mb=self.spec.memory.base_mb
+                hook=self.spec.name,
+                batch_digest=digest,
+                next_memory_mb=self.spec.memory.base_mb,
+                lanes=self._plan_lanes(),
             )
         policy = self.spec.memory
         # Poison only at the top of the ladder of its day: a raised cap gives it another chance.
@@ -250,18 +288,44 @@ class _HookRun:
                 del stored.outcomes[record_id]
         return stored
 
+    def _plan_lanes(self) -> dict[str, int]:
+        """The records that the hook's history says to start above the base, and where."""
+        history = self.history.load() if self.history is not None else None
+        if history is None:
+            return {}
+        policy = self.spec.memory
+        lanes = {
+            r.id: start
+            for r in self.batch.records
+            if (start := history.predict(policy, r.size_mb)) > policy.base_mb
+        }
+        if lanes:
+            log.info(
+                "hook %s: %d records start above the base, at %s MB, from the memory history",
+                self.spec.name,
+                len(lanes),
+                sorted(set(lanes.values())),
+            )
+        return lanes
+
+    def level(self, record: HookRecord) -> int:
+        """The limit a pending record runs at next: the main ladder's, or its lane's."""
+        return max(self.checkpoint.next_memory_mb, self.checkpoint.lanes.get(record.id, 0))
+
     def pending(self) -> list[HookRecord]:
         """Records without an outcome, smallest first, so an OOM costs as little as possible."""
         left = [r for r in self.batch.records if r.id not in self.checkpoint.outcomes]
         return sorted(left, key=lambda r: (r.size_mb, r.id))
 
-    def next_records(self, pending: list[HookRecord]) -> list[HookRecord]:
-        """What the next attempt runs: the suspect alone when there is one, else all pending."""
+    def next_records(self, pending: list[HookRecord]) -> tuple[list[HookRecord], int, str | None]:
+        """What the next attempt runs, at which limit, in which lane: the suspect alone when
+        there is one, else every pending record of the lowest level."""
         suspect = [r for r in pending if r.id == self.checkpoint.suspect]
-        if suspect:
-            return suspect
-        self.checkpoint.suspect = None  # settled meanwhile (an interrupted lone attempt)
-        return pending
+        if not suspect:
+            self.checkpoint.suspect = None  # settled meanwhile (an interrupted lone attempt)
+        lowest = min(self.level(r) for r in suspect or pending)
+        todo = suspect or [r for r in pending if self.level(r) == lowest]
+        return todo, lowest, LARGE_LANE if lowest > self.checkpoint.next_memory_mb else None
 
     def _isolations_at(self, limit_mb: int) -> int:
         return sum(
@@ -289,10 +353,9 @@ class _HookRun:
         )
         self.checkpoints.save(self.checkpoint)
 
-    def attempt(self, pending: list[HookRecord]) -> AttemptExit:
+    def attempt(self, pending: list[HookRecord], memory: int, lane: str | None) -> AttemptExit:
         """One attempt over these records, checkpointing outcomes as they appear."""
         number = len(self.checkpoint.attempts) + 1
-        memory = self.checkpoint.next_memory_mb
         attempt_dir = self._attempt_dir(number)
         # Left over from a discarded checkpoint, whose attempts were numbered from 1 too.
         shutil.rmtree(attempt_dir, ignore_errors=True)
@@ -318,7 +381,12 @@ class _HookRun:
             log_path=attempt_dir / "hook.log",
         )
         log.info(
-            "hook %s: attempt %d, %d records at %d MB", self.spec.name, number, len(pending), memory
+            "hook %s: attempt %d, %d records at %d MB%s",
+            self.spec.name,
+            number,
+            len(pending),
+            memory,
+            f" ({lane} lane)" if lane else "",
         )
         started_at, started = datetime.now(UTC), time.monotonic()
         running = self.runner.start(invocation)
@@ -329,6 +397,7 @@ class _HookRun:
             started_at=started_at,
             marker=running.marker,
             isolation=self.checkpoint.suspect is not None,
+            lane=lane,
         )
         self.checkpoint.running = flight
         # Saved before waiting: if we die now, the next run finds and kills the hook.
@@ -379,6 +448,8 @@ class _HookRun:
         duration_s: float | None = None,
     ) -> None:
         """Log the attempt (`exit_` None: interrupted, its end unknown) and clear `running`."""
+        settled = [rid for rid, o in self.checkpoint.outcomes.items() if o.attempt == flight.number]
+        oom = exit_ is not None and exit_.out_of_memory
         self.checkpoint.attempts.append(
             AttemptRecord(
                 number=flight.number,
@@ -389,15 +460,18 @@ class _HookRun:
                 timed_out=exit_.timed_out if exit_ else False,
                 interrupted=exit_ is None,
                 records_in=flight.records_in,
-                records_done=sum(
-                    1 for o in self.checkpoint.outcomes.values() if o.attempt == flight.number
-                ),
-                first_unfinished=first_unfinished if exit_ and exit_.out_of_memory else None,
+                records_done=len(settled),
+                first_unfinished=first_unfinished if oom else None,
                 duration_s=duration_s,
                 started_at=flight.started_at,
                 stderr_tail=stderr_tail,
                 limit_mode=flight.marker.limit_mode,
                 isolation=flight.isolation,
+                lane=flight.lane,
+                max_size_mb_done=max((self.sizes[rid] for rid in settled), default=None),
+                first_unfinished_size_mb=(
+                    self.sizes.get(first_unfinished) if oom and first_unfinished else None
+                ),
             )
         )
         self.checkpoint.running = None
@@ -410,19 +484,24 @@ class _HookRun:
         self.checkpoint.suspect = None  # a lone attempt, whatever its end, has had its say
         left = [r for r in todo if r.id not in self.checkpoint.outcomes]
         left_ids = [r.id for r in left]
-        limit = self.checkpoint.attempts[-1].memory_limit_mb
+        attempt = self.checkpoint.attempts[-1]
+        limit = attempt.memory_limit_mb
         if exit_.out_of_memory and left:
             next_memory = self.spec.memory.next_after(limit)
             if next_memory is not None:
                 log.warning(
-                    "hook %s: out of memory at %d MB on %s; %d records left for %d MB",
+                    "hook %s: out of memory at %d MB on %s%s; %d records left for %d MB",
                     self.spec.name,
                     limit,
                     left_ids[0],
+                    f" ({attempt.lane} lane)" if attempt.lane else "",
                     len(left),
                     next_memory,
                 )
-                self.checkpoint.next_memory_mb = next_memory
+                if attempt.lane is None:
+                    self.checkpoint.next_memory_mb = next_memory
+                else:
+                    self.checkpoint.lanes.update(dict.fromkeys(left_ids, next_memory))
                 self.checkpoints.save(self.checkpoint)
                 return next_memory
             self._out_of_memory_at_cap(left)

@@ -61,5 +61,10 @@ class BatchLayout:
         return f"{self.hook(hook_name)}/work"
 
 
+def memory_history_key(convention: str, hook_name: str) -> str:
+    """A hook's memory-vs-size history, shared by every batch of the convention."""
+    return f"history/{convention}/{hook_name}.json"
+
+
 def manifests_prefix(convention: str) -> str:
     return f"manifests/{convention}"

@@ -23,6 +23,7 @@ from osa_dagster.engine import (
     HookProgress,
     HookSpec,
     LocalRunner,
+    MemoryHistoryIO,
     MemoryPolicy,
     advance_hook,
     memory_limit_mode,
@@ -117,7 +118,13 @@ class Harness:
     def batch(self, records: list[HookRecord]) -> HookBatch:
         return HookBatch(records=records, files_root=self.files_root)
 
-    def run(self, spec: HookSpec, records: list[HookRecord]) -> Checkpoint:
+    def run(
+        self,
+        spec: HookSpec,
+        records: list[HookRecord],
+        *,
+        history: MemoryHistoryIO | None = None,
+    ) -> Checkpoint:
         return run_hook(
             spec,
             self.batch(records),
@@ -125,10 +132,16 @@ class Harness:
             self.checkpoints,
             self.workdir,
             checkpoint_every_s=POLL_S,
+            history=history,
         )
 
     def advance(
-        self, spec: HookSpec, records: list[HookRecord], *, stop_after_oom: bool = True
+        self,
+        spec: HookSpec,
+        records: list[HookRecord],
+        *,
+        stop_after_oom: bool = True,
+        history: MemoryHistoryIO | None = None,
     ) -> HookProgress:
         return advance_hook(
             spec,
@@ -138,6 +151,7 @@ class Harness:
             self.workdir,
             checkpoint_every_s=POLL_S,
             stop_after_oom=stop_after_oom,
+            history=history,
         )
 
     def ledger_counts(self) -> Counter[str]:
