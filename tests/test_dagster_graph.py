@@ -123,6 +123,8 @@ def test_oom_is_retried_by_dagster_with_more_memory(defs, instance):
     assert attempts == [(128, True), (256, False)]
     meta = _metadata(result, "toy_oom", "hook_outcomes", "hungry")
     assert meta["passed"] == 6
+    # The history the prediction uses is shown: the record that was killed at 128 MB.
+    assert "| OOM-killed | 128 |" in meta["memory_history"]
     assert meta["oom_attempts"] == 1
     # The records done before the kill were not run again: the second attempt got only the rest.
     assert (

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import Checkpoint, HookBatch, HookProgress, Runner, advance_hook
+from osa_dagster.engine.memory_history import MemoryHistory
 from osa_dagster.records import (
     FeatureRows,
     PoisonRecord,
@@ -434,3 +435,10 @@ def audit_batch(
             "skipped": len(report.skipped_oversize) + len(report.failed) + len(report.missing),
         },
     )
+
+
+def load_memory_history(
+    convention: Convention, store: ArtifactStore, hook_name: str
+) -> MemoryHistory | None:
+    """The memory-vs-size history that predicts where a hook's large records start."""
+    return StoreMemoryHistoryIO(store, memory_history_key(convention.name, hook_name)).load()

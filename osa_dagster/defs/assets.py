@@ -11,6 +11,7 @@ import dagster as dg
 from osa_dagster.conventions.base import Convention
 from osa_dagster.conventions.pipeline import (
     fetch_raw_batch,
+    load_memory_history,
     publish_batch,
     run_batch_hook,
     store_batch_features,
@@ -20,6 +21,7 @@ from osa_dagster.defs.metadata import (
     describe_attempt,
     features_metadata,
     hook_metadata,
+    memory_history_metadata,
     publish_metadata,
     raw_batch_metadata,
 )
@@ -101,8 +103,9 @@ def _hook_asset(
         artifact_store: ArtifactStoreResource,
         hook_runner: HookRunnerResource,
     ) -> Iterator[dg.AssetObservation | dg.MaterializeResult]:
+        store = artifact_store.get()
         progress = run_batch_hook(
-            convention, hook.name, artifact_store.get(), context.partition_key, hook_runner.get()
+            convention, hook.name, store, context.partition_key, hook_runner.get()
         )
         # Yielded, not logged: events logged through the context are dropped when the step
         # then raises, and the OOM attempt is the one a curator must see.
@@ -120,7 +123,10 @@ def _hook_asset(
             )
             # Only an OOM gets here: the next step attempt takes its memory from the checkpoint.
             raise dg.RetryRequested(max_retries=len(ladder), seconds_to_wait=0)
-        yield dg.MaterializeResult(metadata=hook_metadata(progress.checkpoint))
+        history = load_memory_history(convention, store, hook.name)
+        yield dg.MaterializeResult(
+            metadata={**hook_metadata(progress.checkpoint), **memory_history_metadata(history)}
+        )
 
     return hook_outcomes
 

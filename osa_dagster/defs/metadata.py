@@ -11,6 +11,7 @@ from osa_sdk.types import OutcomeStatus
 
 from osa_dagster.conventions.pipeline import FeaturesSummary, PublishSummary, RawBatchSummary
 from osa_dagster.engine import AttemptRecord, Checkpoint
+from osa_dagster.engine.memory_history import MemoryHistory
 
 PREVIEW_ROWS = 20
 
@@ -176,4 +177,18 @@ def features_metadata(summary: FeaturesSummary) -> dict[str, Any]:
         "feature_rows": sum(summary.rows_per_hook.values()),
         "records": summary.records,
         "rows_per_hook": dg.MetadataValue.json(summary.rows_per_hook),
+    }
+
+
+def memory_history_metadata(history: MemoryHistory | None) -> dict[str, Any]:
+    """What the hook's memory prediction has learnt, largest records first."""
+    if history is None or not (history.fits or history.ooms):
+        return {}
+    rows = [(f"{f.size_mb:.2f}", "fitted", f"{f.need_mb:.0f}") for f in history.fits]
+    rows += [(f"{o.size_mb:.2f}", "OOM-killed", o.limit_mb) for o in history.ooms]
+    rows.sort(key=lambda row: -float(row[0]))
+    return {
+        "memory_history": markdown_table(
+            ("record size MB", "outcome", "memory MB (peak or limit)"), rows[:PREVIEW_ROWS]
+        )
     }
