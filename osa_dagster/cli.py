@@ -183,6 +183,19 @@ def dead_letters(convention_name: str, partitions_only: bool) -> None:
     )
 
 
+def database_schema(action: str) -> int:
+    """Upgrade the records database to the newest revision, or tell where it is."""
+    from osa_dagster.records import RecordsDatabase, database_url_from_env
+    from osa_dagster.records.schema import current_revision, head_revision, upgrade
+
+    engine = RecordsDatabase(database_url_from_env()).engine  # opening upgrades already
+    if action == "upgrade":
+        upgrade(engine)
+    revision = current_revision(engine)
+    print(f"records database at revision {revision} (newest: {head_revision()})")
+    return 0 if revision == head_revision() else 1
+
+
 def demo(fresh: bool) -> int:
     if fresh:
         from osa_dagster.storage.store import data_dir
@@ -249,7 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--partitions", action="store_true", help="print only the batches to re-materialise"
     )
 
+    db_cmd = commands.add_parser("db", help="the records database's schema (migrations)")
+    db_cmd.add_argument("action", choices=["upgrade", "current"])
+
     args = parser.parse_args(argv)
+    if args.command == "db":
+        return database_schema(args.action)
     if args.command == "demo":
         return demo(fresh=not args.keep)
     if args.command == "plan":

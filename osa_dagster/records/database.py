@@ -6,26 +6,10 @@ import os
 from functools import cache, cached_property
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
-from osa_dagster.records.models import Base
+from osa_dagster.records.schema import upgrade
 from osa_dagster.storage.store import data_dir
-
-
-def _create_schema(engine: Engine) -> None:
-    """Create missing tables; processes that open a new database at once race here.
-
-    create_all checks, then creates: between the two another process may create the same
-    table. The loser sees "already exists" and checks again, by then finding it.
-    """
-    for attempt in range(3):
-        try:
-            Base.metadata.create_all(engine)
-            return
-        except (OperationalError, ProgrammingError) as error:
-            if "already exists" not in str(error) or attempt == 2:
-                raise
 
 
 def database_url_from_env() -> str:
@@ -55,7 +39,7 @@ class RecordsDatabase:
                 cursor.execute("PRAGMA foreign_keys=ON")
                 cursor.close()
 
-        _create_schema(engine)
+        upgrade(engine)
         return engine
 
     def session(self) -> Session:
