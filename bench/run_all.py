@@ -28,6 +28,17 @@ SCRIPTS = [
     ("publish_throughput.py", ["--runs", "3"], ["--runs", "1", "--records", "10000"]),
     ("runner_overhead.py", ["--runs", "30"], ["--runs", "5"]),
     ("store_transfer.py", ["--runs", "5"], ["--runs", "1"]),
+    (
+        "pdb_scale.py",
+        ["--runs", "3"],
+        ["--runs", "1", "--records", "20000", "--e2e-records", "300"],
+    ),
+    (
+        "orchestrator_memory.py",
+        [],
+        ["--partitions", "2", "4", "--big-records", "2", "--big-file-mb", "5"],
+    ),
+    ("oom_recovery.py", ["--runs", "3"], ["--runs", "1", "--records", "10", "--position", "5"]),
 ]
 
 
@@ -49,6 +60,9 @@ def machine() -> str:
         f"Python {platform.python_version()}; dagster {version('dagster')}, "
         f"SQLAlchemy {version('sqlalchemy')}"
     )
+
+
+HAND_WRITTEN = "## Reading the figures"
 
 
 def main() -> None:
@@ -77,7 +91,12 @@ def main() -> None:
         f"Written by `bench/run_all.py{' --quick' if args.quick else ''}` on "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n\nMachine: {machine()}\n\n"
     )
-    args.output.write_text(header + "\n".join(sections))
+    # The hand-written reading of the figures, at the end of the file, survives a rewrite.
+    kept = ""
+    if args.output.exists():
+        previous = args.output.read_text()
+        kept = previous[previous.find(HAND_WRITTEN) :] if HAND_WRITTEN in previous else ""
+    args.output.write_text(header + "\n".join(sections) + ("\n" + kept if kept else ""))
     print(f"wrote {args.output}")
 
 
