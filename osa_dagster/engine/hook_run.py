@@ -379,6 +379,7 @@ class _HookRun:
             memory_limit_mb=memory,
             timeout_s=self.spec.timeout_s,
             log_path=attempt_dir / "hook.log",
+            image=self.spec.image,
         )
         log.info(
             "hook %s: attempt %d, %d records at %d MB%s",
@@ -505,6 +506,10 @@ class _HookRun:
                 self.checkpoints.save(self.checkpoint)
                 return next_memory
             self._out_of_memory_at_cap(left)
+        elif exit_.failure is not None:
+            self._error(
+                left_ids, f"{exit_.failure}: the platform ended the attempt", retryable=True
+            )
         elif exit_.timed_out:
             self._error(left_ids, f"timed out after {self.spec.timeout_s:g} s", retryable=True)
         elif exit_.returncode < 0:

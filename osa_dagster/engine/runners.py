@@ -30,7 +30,9 @@ from osa_dagster.engine.cgroup import CGROUP_ROOT, NAME_PREFIX, MemoryCgroup, us
 
 log = logging.getLogger(__name__)
 
-LimitMode = Literal["cgroup", "rlimit"]
+# How an attempt's memory limit was enforced: a cgroup of our own, RLIMIT_AS (approximate),
+# or the container platform (Docker, Kubernetes), which puts the container in a cgroup.
+LimitMode = Literal["cgroup", "rlimit", "container"]
 
 # What a local hook inherits from the orchestrator's environment: enough to find programs
 # and a virtualenv, never the orchestrator's credentials.
@@ -52,6 +54,7 @@ class Invocation:
     memory_limit_mb: int
     timeout_s: float
     log_path: Path  # the hook's stdout and stderr
+    image: str | None = None  # the hook's container image, for container runners
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class AttemptExit:
     peak_memory_mb: float | None
     stderr_tail: str
     limit_mode: LimitMode
+    # Why the platform ended the attempt when the hook itself did not ("Evicted",
+    # "ImagePullBackOff", "DeadlineExceeded", "NodeLost"...). Never a reason to add memory.
+    failure: str | None = None
 
     @property
     def out_of_memory(self) -> bool:
@@ -76,13 +82,16 @@ class AttemptMarker(BaseModel):
 
     runner: str = "local"
     limit_mode: LimitMode
-    pid: int
-    pgid: int
+    # Local attempts: the hook's process and group.
+    pid: int | None = None
+    pgid: int | None = None
     # The kernel start time of `pid` and the boot it belongs to: tell our hook apart from a
     # later process that reused its pid.
-    start_ticks: int | None
-    boot_id: str | None
-    cgroup: str | None
+    start_ticks: int | None = None
+    boot_id: str | None = None
+    cgroup: str | None = None
+    # Container attempts: the container's or job's name, unique per attempt.
+    container: str | None = None
 
 
 class RunningAttempt(Protocol):
@@ -229,7 +238,7 @@ class LocalAttempt:
         # Once reaped, the pgid may name someone else's group: kill only what is ours.
         if self._exit is not None:
             return
-        _killpg(self.marker.pgid)
+        _killpg(self._process.pid)
         if self._cgroup is not None:
             self._cgroup.kill_all()
 
@@ -247,7 +256,7 @@ class LocalAttempt:
 
     def _reap(self) -> AttemptExit:
         # Kill what the hook left running in its group while the zombie still holds the pgid.
-        _killpg(self.marker.pgid)
+        _killpg(self._process.pid)
         _, status = os.waitpid(self._process.pid, 0)
         returncode = os.waitstatus_to_exitcode(status)
         self._process.returncode = returncode  # we reaped it: keep Popen from waiting again
@@ -274,8 +283,8 @@ class LocalAttempt:
 
 def kill_leftovers(marker: AttemptMarker) -> None:
     """Kill what is left of a local attempt whose orchestrator died, and remove its cgroup."""
-    if marker.boot_id != _boot_id():
-        return  # neither processes nor cgroups survive a reboot
+    if marker.pid is None or marker.pgid is None or marker.boot_id != _boot_id():
+        return  # not a local attempt; or a reboot, which neither processes nor cgroups survive
     # A live leader with another start time means the pid was reused, which the kernel only
     # does once our whole group is gone; a vanished leader leaves the pgid to our group.
     if _start_ticks(marker.pid) in (None, marker.start_ticks):
