@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)
 
-.PHONY: demo demo-s3 test lint ui bench clean
+.PHONY: demo demo-s3 test lint images ui bench clean
 
 $(STAMP): pyproject.toml sdk/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The hook images for the Docker runner (needs a Docker engine and debootstrap; cached).
+images: $(STAMP)
+	$(BIN)/python images/build.py
 
 ui: $(STAMP)
 	$(BIN)/dagster dev -w workspace.yaml

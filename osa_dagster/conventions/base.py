@@ -17,6 +17,19 @@ from osa_dagster.engine.spec import HookSpec
 DEFAULT_BATCH_SIZE = 100
 
 
+class HookImage(BaseModel):
+    """The container image a convention's hooks run in under the Docker or Kubernetes runner.
+
+    `images/build.py` builds it on a Debian base from wheels made on the host: osa-sdk, this
+    project (for the hook modules), and `requirements`, pinned to the host's versions.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._/-]*:[A-Za-z0-9._-]+$")
+    requirements: tuple[str, ...] = ()
+
+
 class Convention(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
@@ -28,6 +41,7 @@ class Convention(BaseModel):
     record_schema: type[BaseModel] | None = None
     """Validates each record's metadata in raw_batch when set."""
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, gt=0)
+    hook_image: HookImage | None = None
 
     @model_validator(mode="after")
     def _hook_names_unique(self) -> Convention:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import dagster as dg
 
 from osa_dagster.engine import LocalRunner, Runner
+from osa_dagster.engine.docker_runner import DockerRunner
 from osa_dagster.records import RecordsDatabase, database_url_from_env, open_database
 from osa_dagster.storage import ArtifactStore, FileSystemStore, store_from_env
 
@@ -44,13 +45,22 @@ class RecordsDatabaseResource(dg.ConfigurableResource):
         return self.domain or os.environ.get("OSA_DOMAIN", "localhost")
 
 
-class HookRunnerResource(dg.ConfigurableResource):
-    """Which runner starts hook processes; the local one applies real memory limits."""
+RunnerKind = Literal["local", "docker"]
 
-    kind: Literal["local"] = "local"
+
+class HookRunnerResource(dg.ConfigurableResource):
+    """Where hooks run: "local" processes under cgroup limits, or "docker" containers (each
+    hook's image, sandboxed). Empty means OSA_HOOK_RUNNER, else "local"."""
+
+    kind: str = ""
 
     def get(self) -> Runner:
-        return LocalRunner()
+        kind = self.kind or os.environ.get("OSA_HOOK_RUNNER", "local")
+        if kind == "local":
+            return LocalRunner()
+        if kind == "docker":
+            return DockerRunner()
+        raise ValueError(f"unknown hook runner {kind!r}: choose one of {get_args(RunnerKind)}")
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:

@@ -217,7 +217,7 @@ class LocalAttempt:
             limit_mode=mode,
             pid=process.pid,
             pgid=process.pid,  # start_new_session makes the hook its group's leader
-            start_ticks=_start_ticks(process.pid),
+            start_ticks=process_start_ticks(process.pid),
             boot_id=_boot_id(),
             cgroup=str(cgroup.path) if cgroup else None,
         )
@@ -287,7 +287,7 @@ def kill_leftovers(marker: AttemptMarker) -> None:
         return  # not a local attempt; or a reboot, which neither processes nor cgroups survive
     # A live leader with another start time means the pid was reused, which the kernel only
     # does once our whole group is gone; a vanished leader leaves the pgid to our group.
-    if _start_ticks(marker.pid) in (None, marker.start_ticks):
+    if process_start_ticks(marker.pid) in (None, marker.start_ticks):
         _killpg(marker.pgid)
     if marker.cgroup is not None:
         path = Path(os.path.normpath(marker.cgroup))
@@ -332,7 +332,7 @@ def _killpg(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _start_ticks(pid: int) -> int | None:
+def process_start_ticks(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

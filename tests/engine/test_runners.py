@@ -179,7 +179,7 @@ def test_kill_leftovers_spares_a_process_that_reused_the_pid(
         limit_mode="rlimit",
         pid=sleeper.pid,
         pgid=sleeper.pid,
-        start_ticks=runners_module._start_ticks(sleeper.pid) + 1,
+        start_ticks=runners_module.process_start_ticks(sleeper.pid) + 1,
         boot_id=runners_module._boot_id(),
         cgroup=None,
     )
@@ -199,7 +199,7 @@ def test_kill_leftovers_touches_no_cgroup_it_did_not_make(
         limit_mode="cgroup",
         pid=sleeper.pid,
         pgid=sleeper.pid,
-        start_ticks=runners_module._start_ticks(sleeper.pid) + 1,
+        start_ticks=runners_module.process_start_ticks(sleeper.pid) + 1,
         boot_id=runners_module._boot_id(),
         cgroup=str(fake),
     )

@@ -8,13 +8,17 @@ at a 192 MB base exactly 6ZU5 is OOM-killed and passes one step up, at 384 MB.
 
 from __future__ import annotations
 
-from osa_dagster.conventions.base import Convention
+from osa_dagster import __version__
+from osa_dagster.conventions.base import Convention, HookImage
 from osa_dagster.conventions.pdb.ingester import PdbEntryMetadata, PdbMirrorIngester
 from osa_dagster.engine.spec import HookSpec, MemoryPolicy, sdk_hook_command
+
+HOOK_IMAGE = HookImage(name=f"osa-hooks-pdb:{__version__}", requirements=("gemmi", "numpy"))
 
 VALIDATE_STRUCTURE = HookSpec(
     name="validate_structure",
     command=sdk_hook_command("osa_dagster.conventions.pdb.hooks:validate_structure"),
+    image=HOOK_IMAGE.name,
     # Parsing alone peaks at ~215 MB for the 21 MB 6ZU5 and ~2.3 GB for 3j3q (240 MB),
     # the largest entry of the archive: the cap lets every real entry through.
     memory=MemoryPolicy(base_mb=512, cap_mb=4096),
@@ -24,6 +28,7 @@ VALIDATE_STRUCTURE = HookSpec(
 EXTRACT_FEATURES = HookSpec(
     name="extract_features",
     command=sdk_hook_command("osa_dagster.conventions.pdb.hooks:extract_features"),
+    image=HOOK_IMAGE.name,
     memory=MemoryPolicy(base_mb=192, cap_mb=4096),
     timeout_s=600,
     emits_features=True,
@@ -36,5 +41,6 @@ CONVENTIONS = [
         ingester=PdbMirrorIngester,
         hooks=(VALIDATE_STRUCTURE, EXTRACT_FEATURES),
         record_schema=PdbEntryMetadata,
+        hook_image=HOOK_IMAGE,
     )
 ]
