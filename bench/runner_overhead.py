@@ -1,6 +1,9 @@
-"""What LocalRunner adds to starting a hook process, against a bare subprocess.run.
+"""What the runners add to starting a hook, against a bare subprocess.run.
 
-    .venv/bin/python bench/runner_overhead.py [--runs 30] [--command python|true]
+    .venv/bin/python bench/runner_overhead.py [--runs 30] [--command python|true] [--docker]
+
+With --docker, the same command also runs in a sandboxed container of the pdb hook image
+(DockerRunner; needs a Docker engine and `make images`).
 
 Runs the same command with each launcher in turn, round after round (so that drift of the
 machine hits all of them alike), and prints the median, the range and the ratio to the bare run.
@@ -17,7 +20,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from osa_dagster.engine import Invocation, LocalRunner, memory_limit_mode
+from osa_dagster.conventions.pdb import HOOK_IMAGE
+from osa_dagster.engine import Invocation, LocalRunner, Runner, memory_limit_mode
+from osa_dagster.engine.docker_runner import DockerRunner
 
 COMMANDS = {"python": [sys.executable, "-c", "pass"], "true": ["true"]}
 
@@ -26,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--command", choices=sorted(COMMANDS), default="python")
+    parser.add_argument("--docker", action="store_true", help="also time DockerRunner")
     args = parser.parse_args()
     command = COMMANDS[args.command]
 
@@ -40,6 +46,7 @@ def main() -> None:
             memory_limit_mb=512,
             timeout_s=60,
             log_path=root / "hook.log",
+            image=HOOK_IMAGE.name,
         )
         launchers: dict[str, Callable[[], None]] = {
             "subprocess.run": lambda: subprocess.run(command, check=True)
@@ -47,6 +54,8 @@ def main() -> None:
         modes = ["cgroup", "rlimit"] if memory_limit_mode() == "cgroup" else ["rlimit"]
         for mode in modes:
             launchers[f"LocalRunner({mode})"] = _runner_launcher(LocalRunner(mode), invocation)
+        if args.docker:
+            launchers["DockerRunner"] = _runner_launcher(DockerRunner(), invocation)
 
         times: dict[str, list[float]] = {name: [] for name in launchers}
         for launch in launchers.values():
@@ -66,7 +75,7 @@ def main() -> None:
         print(f"{name:<22} {median * 1e3:>10.2f} {spread:>16} {median / bare:>6.2f}")
 
 
-def _runner_launcher(runner: LocalRunner, invocation: Invocation) -> Callable[[], None]:
+def _runner_launcher(runner: Runner, invocation: Invocation) -> Callable[[], None]:
     def launch() -> None:
         exit_ = runner.start(invocation).wait(60)
         assert exit_ is not None and exit_.returncode == 0, exit_
