@@ -45,9 +45,11 @@ RUN python3 -m venv {VENV} \\
 COPY project /wheels/project
 RUN {VENV}/bin/pip install --no-cache-dir --no-index --no-deps /wheels/project/*.whl \\
  && rm -rf /wheels/project
-USER 65534:65534
 WORKDIR /tmp
 """
+# Hooks run unprivileged (the Docker runner also says so on every container); steps run as
+# root, as they must write the Dagster instance and the data folder they share with the host.
+HOOK_USER = "USER 65534:65534\n"
 
 
 def run(command: Sequence[str], **kwargs: object) -> None:
@@ -132,14 +134,14 @@ def third_party_wheels(requirements: list[str], into: Path) -> None:
     run([*wheel, "-c", str(constraints_file), "-r", str(into / "requirements.txt")])
 
 
-def build_image(name: str, requirements: list[str]) -> None:
+def build_image(name: str, requirements: list[str], *, dockerfile_extra: str = "") -> None:
     started = time.monotonic()
     context = CACHE / name.replace("/", "_").replace(":", "_")
     shutil.rmtree(context, ignore_errors=True)
     context.mkdir(parents=True)
     third_party_wheels(requirements, context / "third_party")
     project_wheels(context / "project")
-    (context / "Dockerfile").write_text(DOCKERFILE)
+    (context / "Dockerfile").write_text(DOCKERFILE + dockerfile_extra)
     run(
         ["docker", "build", "--quiet", "-t", name, str(context)],
         env={**os.environ, "DOCKER_BUILDKIT": "0"},
@@ -177,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     build_base()
     for name, requirements in hook_images().items():
-        build_image(name, pinned(["pydantic", *dict.fromkeys(requirements)]))
+        requirements = pinned(["pydantic", *dict.fromkeys(requirements)])
+        build_image(name, requirements, dockerfile_extra=HOOK_USER)
     if args.step:
         from osa_dagster import __version__
 

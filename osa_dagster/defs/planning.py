@@ -10,10 +10,12 @@ from dagster._core.definitions.unresolved_asset_job_definition import (
 )
 from pydantic import Field
 
+from osa_dagster import __version__
 from osa_dagster.conventions.base import Convention
 from osa_dagster.conventions.pipeline import plan_ingest
 from osa_dagster.defs.assets import features_key
 from osa_dagster.defs.resources import ArtifactStoreResource
+from osa_dagster.storage.store import data_dir
 
 SENSOR_INTERVAL_S = 15
 CONVENTION_TAG = "osa/convention"
@@ -30,14 +32,61 @@ class PlanConfig(dg.Config):
     batch_size: int | None = Field(default=None, description="Records per batch (partition).")
 
 
+# What a step container needs from the orchestrator's environment.
+STEP_ENV_VARS = (
+    "DAGSTER_HOME",
+    "OSA_DATA_DIR",
+    "OSA_STORAGE",
+    "OSA_DATABASE_URL",
+    "OSA_DOMAIN",
+    "OSA_CONVENTIONS",
+    "OSA_HOOK_MEMORY",
+    "OSA_HOOK_RUNNER",
+    "DOCKER_HOST",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+)
+
+
 def ingest_executor() -> dg.ExecutorDefinition:
     """In-process by default: hooks already run in their own processes or containers, and a
-    process per step costs seconds per partition. OSA_EXECUTOR=multiprocess isolates steps."""
+    process per step costs seconds per partition. OSA_EXECUTOR=multiprocess isolates steps
+    in processes, OSA_EXECUTOR=docker in containers (see docker_step_executor)."""
     choice = os.environ.get("OSA_EXECUTOR", "in_process")
+    if choice == "docker":
+        return docker_step_executor()
     executors = {"in_process": dg.in_process_executor, "multiprocess": dg.multiprocess_executor}
     if choice not in executors:
-        raise ValueError(f"OSA_EXECUTOR={choice!r}: choose one of {sorted(executors)}")
+        raise ValueError(f"OSA_EXECUTOR={choice!r}: choose one of {sorted([*executors, 'docker'])}")
     return executors[choice]
+
+
+def docker_step_executor() -> dg.ExecutorDefinition:
+    """dagster_docker's executor: every step in its own container of OSA_STEP_IMAGE.
+
+    Steps use the host's network, so they reach services on 127.0.0.1 (S3, PostgreSQL). The
+    Dagster home, the data folder and a unix DOCKER_HOST socket are mounted at the same paths
+    as on the host, so a step sees the files the orchestrator sees and the Docker runner's
+    bind mounts name paths that the Docker engine can find.
+    """
+    from dagster_docker import docker_executor
+
+    mounts = [os.environ.get("DAGSTER_HOME", ""), str(data_dir())]
+    docker_host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if docker_host.startswith("unix://"):
+        mounts.append(docker_host.removeprefix("unix://"))
+    volumes = {path: {"bind": path, "mode": "rw"} for path in mounts if path}
+    return docker_executor.configured(
+        {
+            "image": os.environ.get("OSA_STEP_IMAGE", f"osa-dagster-step:{__version__}"),
+            "network": "host",
+            "env_vars": [name for name in STEP_ENV_VARS if name in os.environ],
+            "container_kwargs": {"volumes": volumes},
+        },
+        name="docker",
+    )
 
 
 def plan_job_name(convention: Convention) -> str:

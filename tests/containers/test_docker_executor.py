@@ -1,0 +1,69 @@
+"""One partition through dagster_docker's executor: every step in a container of the step
+image, every hook in a sibling hook container, the run launched from the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import docker
+import pytest
+from sqlalchemy import func, select
+
+from osa_dagster import __version__
+from osa_dagster.records import Record, RecordsDatabase, database_url_from_env
+
+pytestmark = pytest.mark.slow
+
+STEP_IMAGE = f"osa-dagster-step:{__version__}"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def step_image(docker_client: docker.DockerClient, pdb_hook_image: str) -> str:
+    try:
+        docker_client.images.get(STEP_IMAGE)
+    except docker.errors.ImageNotFound:
+        subprocess.run([sys.executable, str(REPO / "images" / "build.py"), "--step"], check=True)
+    return STEP_IMAGE
+
+
+def test_a_partition_materialises_with_every_step_in_a_container(tmp_path, step_image):
+    home, data = tmp_path / "home", Path(os.environ["OSA_DATA_DIR"])
+    home.mkdir()
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "OSA_DATA_DIR": str(data),
+        "OSA_EXECUTOR": "docker",
+        "OSA_HOOK_RUNNER": "docker",
+    }
+    cli = Path(sys.executable).parent
+    subprocess.run([cli / "osa", "plan", "pdb", "--limit", "6"], env=env, check=True, cwd=tmp_path)
+    instance = dg.DagsterInstance.from_config(str(home))
+    (key,) = instance.get_dynamic_partitions("pdb_batches")
+    execute = [cli / "dagster", "job", "execute", "-m", "osa_dagster.definitions"]
+    subprocess.run(
+        [*execute, "-j", "pdb_ingest", "--tags", json.dumps({"dagster/partition": key})],
+        env=env,
+        check=True,
+        cwd=tmp_path,
+    )
+    (run,) = instance.get_run_records(dg.RunsFilter(job_name="pdb_ingest"))
+    assert run.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+    launched = [
+        e
+        for e in instance.all_logs(run.dagster_run.run_id)
+        if e.dagster_event is not None
+        and e.dagster_event.event_type == dg.DagsterEventType.STEP_WORKER_STARTING
+    ]
+    # One container per step: raw_batch, two hooks, published_records, features, and checks.
+    assert len(launched) >= 5
+    assert all("Docker container" in (e.message or e.user_message) for e in launched)
+    db = RecordsDatabase(database_url_from_env())
+    with db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Record)) >= 4
