@@ -2,7 +2,8 @@
 
 A module offers conventions through a module-level ``CONVENTIONS`` list. Memory
 ladders can be changed per hook without code through OSA_HOOK_MEMORY, e.g.
-``OSA_HOOK_MEMORY="pdb.extract_features=128:1024"`` (base MB, optional cap MB).
+``OSA_HOOK_MEMORY="pdb.extract_features=128:1024"`` (base MB, optional cap MB), and the
+source a convention reads through OSA_SOURCES, e.g. ``OSA_SOURCES="pdb=rcsb,geo=ncbi"``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from collections.abc import Iterable
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine.spec import MemoryPolicy
 
-BUNDLED_MODULES = ("osa_dagster.conventions.pdb",)
+BUNDLED_MODULES = (
+    "osa_dagster.conventions.pdb",
+    "osa_dagster.conventions.uniprot",
+    "osa_dagster.conventions.geo",
+)
 
 
 class ConventionError(ValueError):
@@ -68,12 +73,24 @@ def _with_memory_overrides(
     return convention.model_copy(update={"hooks": tuple(hooks)})
 
 
+def _parse_sources(text: str) -> dict[str, str]:
+    """OSA_SOURCES, e.g. "pdb=rcsb,uniprot=rest": convention -> name of its source."""
+    sources = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        convention, sep, source = (part.strip() for part in item.partition("="))
+        if not sep or not convention or not source:
+            raise ConventionError(f"OSA_SOURCES entry {item!r} is not CONVENTION=SOURCE")
+        sources[convention] = source
+    return sources
+
+
 def load_conventions(extra_modules: Iterable[str] | None = None) -> dict[str, Convention]:
     """Every available convention by name; names must be unique across modules."""
     if extra_modules is None:
         extra_modules = os.environ.get("OSA_CONVENTIONS", "").split(",")
     modules = [*BUNDLED_MODULES, *(m.strip() for m in extra_modules if m.strip())]
     overrides = _parse_memory_overrides(os.environ.get("OSA_HOOK_MEMORY", ""))
+    sources = _parse_sources(os.environ.get("OSA_SOURCES", ""))
     conventions: dict[str, Convention] = {}
     for module_name in dict.fromkeys(modules):
         for convention in _conventions_of(module_name):
@@ -81,7 +98,14 @@ def load_conventions(extra_modules: Iterable[str] | None = None) -> dict[str, Co
                 raise ConventionError(
                     f"convention {convention.name!r} from {module_name!r} is already defined"
                 )
+            if convention.name in sources:
+                try:
+                    convention = convention.with_source(sources[convention.name])
+                except ValueError as error:
+                    raise ConventionError(f"OSA_SOURCES: {error}") from error
             conventions[convention.name] = _with_memory_overrides(convention, overrides)
+    if unknown_sources := sorted(set(sources) - set(conventions)):
+        raise ConventionError(f"OSA_SOURCES names conventions that do not exist: {unknown_sources}")
     unknown = {
         key
         for key in overrides

@@ -185,8 +185,8 @@ def test_fetch_copies_each_entry_and_records_its_header(tmp_path: Path) -> None:
         assert metadata.revision_date == max(date.fromisoformat(d) for d in revisions)
         deposited = cif_values(block, "_pdbx_database_status.recvd_initial_deposition_date")
         assert metadata.deposition_date == date.fromisoformat(deposited[0])
-        assert metadata.mirror_path == source.relative_to(DEFAULT_MIRROR).as_posix()
-        assert metadata.mirror_modified_at.timestamp() == pytest.approx(source.stat().st_mtime)
+        assert metadata.source_path == source.relative_to(DEFAULT_MIRROR).as_posix()
+        assert metadata.source_modified_at.timestamp() == pytest.approx(source.stat().st_mtime)
 
 
 def test_fetch_reports_refs_it_cannot_fetch(tmp_path: Path) -> None:

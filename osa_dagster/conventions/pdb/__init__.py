@@ -1,4 +1,5 @@
-"""The pdb convention: PDB entries from a local mirror, checked and described with gemmi.
+"""The pdb convention: PDB entries from a local mirror (or with OSA_SOURCES=pdb=rcsb, from
+RCSB's web services), checked and described with gemmi.
 
 Memory ladders come from measurements of every bundled entry, one process each
 (`python -m osa_dagster.conventions.pdb.measure_memory`, table in README.md):
@@ -9,7 +10,7 @@ at a 192 MB base exactly 6ZU5 is OOM-killed and passes one step up, at 384 MB.
 from __future__ import annotations
 
 from osa_dagster import __version__
-from osa_dagster.conventions.base import Convention, HookImage
+from osa_dagster.conventions.base import Convention, HookImage, IngesterSource
 from osa_dagster.conventions.pdb.ingester import PdbEntryMetadata, PdbMirrorIngester
 from osa_dagster.engine.spec import HookSpec, MemoryPolicy, sdk_hook_command
 
@@ -42,5 +43,12 @@ CONVENTIONS = [
         hooks=(VALIDATE_STRUCTURE, EXTRACT_FEATURES),
         record_schema=PdbEntryMetadata,
         hook_image=HOOK_IMAGE,
+        source="mirror",
+        sources={
+            "rcsb": IngesterSource(
+                ingester="osa_dagster.conventions.pdb.rcsb:RcsbIngester",
+                description="entries from the RCSB holdings, search and file services",
+            )
+        },
     )
 ]

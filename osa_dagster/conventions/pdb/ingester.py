@@ -56,10 +56,11 @@ class PdbEntryMetadata(BaseModel):
     deposition_date: date | None
     revision_date: date | None
     """The latest revision of the entry, from its revision history."""
-    mirror_path: str
-    """The entry's file, relative to the mirror root."""
-    mirror_modified_at: datetime
-    """Modification time of the mirror's file: what `discover(since=...)` compares."""
+    source_path: str
+    """The entry's file, relative to the mirror root or to the download URL's folder."""
+    source_modified_at: datetime
+    """When the file changed at its source: the mirror file's mtime (what a mirror's
+    `discover(since=...)` compares), or the download's Last-Modified."""
 
 
 def entry_path(mirror: Path, pdb_id: str) -> Path:
@@ -179,8 +180,8 @@ def entry_metadata(mirror: Path, path: Path, pdb_id: str) -> PdbEntryMetadata:
         methods=_values(header, "_exptl.method"),
         deposition_date=min(_dates(deposited), default=None),
         revision_date=max(_dates(revisions), default=None),
-        mirror_path=path.relative_to(mirror).as_posix(),
-        mirror_modified_at=datetime.fromtimestamp(path.stat().st_mtime, UTC),
+        source_path=path.relative_to(mirror).as_posix(),
+        source_modified_at=datetime.fromtimestamp(path.stat().st_mtime, UTC),
     )
 
 
