@@ -1,0 +1,326 @@
+"""Ingest UniProtKB entries from a local flat file (``uniprot_sprot.dat``, optionally gzipped).
+
+A release's flat file holds one entry after the other, each from its ``ID`` line to its
+``//`` line. The file is streamed entry by entry, never loaded whole: a full Swiss-Prot
+release is ~3 GB of text. The project bundles 100 real entries (data/, see
+data/SOURCES.md); point `path` at a release's file to ingest all of it.
+
+Every record gets its entry's text as ``<accession>.dat``, the same file the REST
+ingester (rest.py) writes, so both share the hooks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from Bio import SwissProt
+from osa_sdk.authoring import FetchContext, Ingester, ingester
+from osa_sdk.contract import bytes_to_mb
+from osa_sdk.types import IngesterRecord, RecordRef
+from pydantic import BaseModel, ConfigDict
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FLAT_FILE = Path(__file__).resolve().parent / "data" / "SWISS100.dat.gz"
+
+ENTRY_FILE_SUFFIX = ".dat"
+"""Each record's entry text is the file ``<accession>.dat``."""
+
+# The lines of an entry's header: what discover reads to name an entry and date it.
+_HEADER_LINE_CODES = (b"ID", b"AC", b"DT")
+_ENTRY_START = b"ID   "
+_ENTRY_END = b"//"
+
+_GZIP_BUFFER = 1 << 20
+
+# RecordRef.extra keys: where discover found the entry, so that fetch reads it directly.
+_OFFSET = "offset"
+_LENGTH = "length"
+
+
+class UniProtEntryMetadata(BaseModel):
+    """What fetch records about an entry; None where the entry does not say (or is damaged)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    accession: str
+    """The entry's primary accession: the record's source_id, unless upstream merged the
+    entry into another between discover and fetch (the hooks then reject the record)."""
+    entry_name: str | None
+    reviewed: bool | None
+    """True for Swiss-Prot (reviewed), False for TrEMBL (unreviewed)."""
+    organism: str | None
+    taxonomy_id: int | None
+    sequence_length: int | None
+    """The length the ID line declares (the hooks compare it with the sequence)."""
+    entry_version: int | None
+    modified: date | None
+    """Date of the entry's latest annotation change (its "entry version" DT line)."""
+    release: str | None
+    """The UniProt release the entry comes from ("2024_01"), when known."""
+    source: str
+    """Where the entry was read: "flatfile:<file name>" or the REST URL."""
+
+
+class EntryParseError(ValueError):
+    """An entry's text that Biopython's Swiss-Prot parser cannot read."""
+
+
+@dataclass(frozen=True)
+class RawEntry:
+    """One entry's bytes as they stand in the flat file, and where."""
+
+    text: bytes
+    offset: int
+    """Byte offset of its ID line in the (uncompressed) file."""
+    line_number: int
+    """1-based line number of its first line, for messages."""
+
+
+def open_flat_file(path: Path) -> BinaryIO:
+    """The flat file as a binary stream, decompressed when its name ends in .gz."""
+    if path.name.endswith(".gz"):
+        # GzipFile's own readline is a Python method per line; a large buffer in front of it
+        # makes line iteration twice as fast.
+        return io.BufferedReader(gzip.open(path, "rb"), buffer_size=_GZIP_BUFFER)
+    return path.open("rb")
+
+
+def iter_entries(stream: BinaryIO, where: str) -> Iterator[RawEntry]:
+    """Entries of a flat file, one at a time: from an ``ID`` line to its ``//`` line.
+
+    An entry cut short (no ``//`` before the next ``ID`` line or the end of the file) is
+    yielded as it stands, so that the hooks reject it visibly instead of it vanishing.
+    Lines outside any entry other than blank ones are logged and skipped.
+    """
+    lines: list[bytes] = []
+    start_offset = start_line = 0
+    offset = 0
+    for line_number, line in enumerate(stream, start=1):
+        if line.startswith(_ENTRY_START):
+            if lines:
+                log.warning("%s line %d: entry has no '//' line", where, start_line)
+                yield RawEntry(b"".join(lines), start_offset, start_line)
+            lines, start_offset, start_line = [line], offset, line_number
+        elif lines:
+            lines.append(line)
+            if line.rstrip() == _ENTRY_END:
+                yield RawEntry(b"".join(lines), start_offset, start_line)
+                lines = []
+        elif line.strip():
+            log.warning("%s line %d: skipping a line outside any entry", where, line_number)
+        offset += len(line)
+    if lines:
+        log.warning("%s line %d: the file ends inside an entry", where, start_line)
+        yield RawEntry(b"".join(lines), start_offset, start_line)
+
+
+def is_one_entry(text: bytes) -> bool:
+    """Whether `text` is one entry as iter_entries cuts them: its ID line, then lines that
+    neither start another entry nor end this one before the last."""
+    lines = text.splitlines()
+    return (
+        bool(lines)
+        and lines[0].startswith(_ENTRY_START)
+        and not any(line.startswith(_ENTRY_START) for line in lines[1:])
+        and not any(line.rstrip() == _ENTRY_END for line in lines[:-1])
+    )
+
+
+def parse_entry(text: bytes) -> SwissProt.Record:
+    """The entry parsed by Biopython; EntryParseError says why it cannot be."""
+    try:
+        return SwissProt.read(io.StringIO(text.decode("ascii", errors="replace")))
+    except (ValueError, AssertionError) as error:
+        # Biopython's SwissProtParserError carries the offending line.
+        line = getattr(error, "line", None)
+        at = f" at line {line.rstrip()!r}" if line else ""
+        raise EntryParseError(f"{error or type(error).__name__}{at}") from None
+
+
+def parse_entry_header(text: bytes) -> SwissProt.Record:
+    """Only the ID, AC and DT lines of an entry, parsed by Biopython.
+
+    Enough to name and date the entry, at a fraction of the cost of a whole parse.
+    """
+    header = [
+        line
+        for line in text.splitlines(keepends=True)
+        if line[:2] in _HEADER_LINE_CODES and line[2:5] == b"   "
+    ]
+    parsed = parse_entry(b"".join(header) + _ENTRY_END + b"\n")
+    if not parsed.accessions:
+        raise EntryParseError("the entry has no AC (accession) line")
+    return parsed
+
+
+def _date(text: str | None) -> date | None:
+    """A flat-file date ("09-JUL-2014"); None when missing or not a date."""
+    if not text:
+        return None
+    try:
+        return datetime.strptime(text, "%d-%b-%Y").date()
+    except ValueError:
+        log.warning("ignoring a date that is not DD-MON-YYYY: %r", text)
+        return None
+
+
+def organism_name(parsed: SwissProt.Record) -> str | None:
+    """The OS line without its final full stop: "Homo sapiens (Human)"."""
+    return parsed.organism.rstrip(".") or None
+
+
+def taxonomy_id(parsed: SwissProt.Record) -> int | None:
+    """The NCBI taxonomy id of the OX line; None when there is none or it is not a number."""
+    ids = parsed.taxonomy_id
+    if not ids or not ids[0].strip().isdigit():
+        return None
+    return int(ids[0])
+
+
+def modified_date(parsed: SwissProt.Record) -> date | None:
+    return _date(parsed.annotation_update[0]) if parsed.annotation_update else None
+
+
+def entry_metadata(text: bytes, *, release: str | None, source: str) -> UniProtEntryMetadata:
+    """Metadata of an entry's text; a damaged entry keeps what its header says.
+
+    Raises EntryParseError only when not even the header (ID, AC, DT lines) can be read.
+    """
+    try:
+        parsed = parse_entry(text)
+        complete = True
+    except EntryParseError as error:
+        log.warning(
+            "%s: the entry cannot be parsed (%s); metadata from its header only", source, error
+        )
+        parsed = parse_entry_header(text)
+        complete = False
+    return UniProtEntryMetadata(
+        accession=parsed.accessions[0],
+        entry_name=parsed.entry_name or None,
+        reviewed={"Reviewed": True, "Unreviewed": False}.get(parsed.data_class),
+        organism=organism_name(parsed) if complete else None,
+        taxonomy_id=taxonomy_id(parsed) if complete else None,
+        sequence_length=parsed.sequence_length,
+        entry_version=parsed.annotation_update[1] if parsed.annotation_update else None,
+        modified=modified_date(parsed),
+        release=release,
+        source=source,
+    )
+
+
+@ingester(name="uniprot_flat_file", max_file_mb=20)
+class UniProtFlatFileIngester(Ingester):
+    """Entries of a local UniProtKB flat file; `source_id` is the primary accession ("P31946").
+
+    `discover(since=...)` selects entries by the date of their latest annotation change
+    (the "entry version" DT line), at day granularity: an entry changed on the day of
+    `since` is included, as re-ingesting it is harmless and missing it is not.
+
+    discover notes where each entry starts and how long it is in its ref, so fetch reads
+    exactly those bytes. In an uncompressed file that is a seek; in a gzipped one, fetch
+    decompresses the file up to the batch's entries, which is fine for samples but makes a
+    full release cost quadratic time: decompress a release's file once before ingesting it.
+
+    max_file_mb=20: the largest entries (titin, ~35,000 residues) are around 1 MB of text.
+    """
+
+    def __init__(self, path: str | Path = DEFAULT_FLAT_FILE, release: str | None = None) -> None:
+        super().__init__(path=str(path), release=release)
+        self.path = Path(path)
+        self.release = release
+
+    @property
+    def source(self) -> str:
+        return f"flatfile:{self.path.name}"
+
+    def discover(self, since: datetime | None, limit: int | None) -> Iterator[RecordRef]:
+        """Entries in file order changed on or after the day of `since` (naive means UTC)."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be a number of records >= 0, not {limit}")
+        if not self.path.is_file():
+            raise FileNotFoundError(f"UniProt flat file {self.path} does not exist")
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+        since_day = since.astimezone(UTC).date() if since is not None else None
+        found = unnamed = 0
+        with open_flat_file(self.path) as stream:
+            for entry in iter_entries(stream, str(self.path)):
+                if limit is not None and found >= limit:
+                    break
+                try:
+                    header = parse_entry_header(entry.text)
+                except EntryParseError as error:
+                    # Without an accession the entry cannot be a record; say which one it is.
+                    unnamed += 1
+                    log.warning(
+                        "%s line %d: skipping an entry whose header cannot be read: %s",
+                        self.path,
+                        entry.line_number,
+                        error,
+                    )
+                    continue
+                if since_day is not None:
+                    modified = modified_date(header)
+                    if modified is not None and modified < since_day:
+                        continue
+                found += 1
+                yield RecordRef(
+                    source_id=header.accessions[0],
+                    size_hint_mb=bytes_to_mb(len(entry.text)),
+                    extra={_OFFSET: entry.offset, _LENGTH: len(entry.text)},
+                )
+        if unnamed:
+            log.warning("%s: %d entries skipped, their header cannot be read", self.path, unnamed)
+
+    def fetch(self, refs: Sequence[RecordRef], ctx: FetchContext) -> Iterator[IngesterRecord]:
+        """Write each entry's text as ``<accession>.dat`` and its metadata."""
+        located = []
+        for ref in refs:
+            offset, length = ref.extra.get(_OFFSET), ref.extra.get(_LENGTH)
+            if not isinstance(offset, int) or not isinstance(length, int):
+                ctx.fail(
+                    ref.source_id,
+                    f"ref {ref.source_id} does not say where its entry is in {self.path.name} "
+                    f"(extra.{_OFFSET}, extra.{_LENGTH}): plan it with this ingester's discover",
+                )
+                continue
+            located.append((offset, length, ref.source_id))
+        # In offset order, so a gzipped file is decompressed once, forward.
+        with open_flat_file(self.path) as stream:
+            for offset, length, accession in sorted(located):
+                stream.seek(offset)
+                text = stream.read(length)
+                changed = (
+                    f"the file changed since this batch was planned ({self.path}, offset {offset})"
+                )
+                if len(text) != length or not is_one_entry(text):
+                    ctx.fail(accession, f"entry {accession} is not where it was: {changed}")
+                    continue
+                try:
+                    metadata = entry_metadata(text, release=self.release, source=self.source)
+                except EntryParseError as error:
+                    ctx.fail(
+                        accession, f"no entry header where {accession} was ({error}): {changed}"
+                    )
+                    continue
+                if metadata.accession != accession:
+                    ctx.fail(
+                        accession,
+                        f"entry {metadata.accession} stands where {accession} was: {changed}",
+                    )
+                    continue
+                file_ref = ctx.add_bytes(accession, accession + ENTRY_FILE_SUFFIX, text)
+                yield IngesterRecord(
+                    source_id=accession,
+                    metadata=metadata.model_dump(mode="json"),
+                    files=[file_ref],
+                )
