@@ -30,7 +30,7 @@ lint: $(STAMP)
 
 # The hook images for the Docker runner (needs a Docker engine and debootstrap; cached).
 images: $(STAMP)
-	$(BIN)/python images/build.py
+	$(BIN)/python images/build.py --step
 
 ui: $(STAMP)
 	$(BIN)/dagster dev -w workspace.yaml
