@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.pg_cluster import PgCluster, pg_binary, throwaway_postgres
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -30,3 +32,15 @@ def toy_conventions(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("OSA_CONVENTIONS", "tests.fixtures.toy_convention")
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     yield
+
+
+@pytest.fixture
+def postgres() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL server; on CI a missing server fails the test."""
+    if pg_binary("initdb") is None:
+        reason = "PostgreSQL (initdb, pg_ctl) is not installed"
+        if IN_CI:
+            pytest.fail(f"{reason}: CI must run the PostgreSQL tests")
+        pytest.skip(reason)
+    with throwaway_postgres() as server:
+        yield server

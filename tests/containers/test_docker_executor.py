@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,29 @@ def test_a_partition_materialises_with_every_step_in_a_container(tmp_path, step_
     db = RecordsDatabase(database_url_from_env())
     with db.session() as session:
         assert session.scalar(select(func.count()).select_from(Record)) >= 4
+
+
+def test_the_docker_profile_loads_with_the_docker_run_launcher(
+    tmp_path, monkeypatch, postgres, step_image
+):
+    from dagster_docker import DockerRunLauncher
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(REPO / "deploy/docker/dagster.yaml", home / "dagster.yaml")
+    for name, value in {
+        "DAGSTER_HOME": str(home),
+        "OSA_DAGSTER_PG_HOST": "127.0.0.1",
+        "OSA_DAGSTER_PG_PORT": str(postgres.port),
+        "OSA_DAGSTER_PG_DB": "postgres",
+        "OSA_DAGSTER_PG_USER": "postgres",
+        "OSA_DAGSTER_PG_PASSWORD": "",
+        "OSA_STEP_IMAGE": step_image,
+    }.items():
+        monkeypatch.setenv(name, value)
+    with dg.DagsterInstance.get() as instance:
+        launcher = instance.run_launcher
+        assert isinstance(launcher, DockerRunLauncher)
+        assert launcher.image == step_image
+        assert launcher.networks == ["host"]
+        assert "DOCKER_HOST" in launcher.env_vars

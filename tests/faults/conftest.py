@@ -14,7 +14,6 @@ from sqlalchemy import func, select
 
 from osa_dagster.definitions import build_definitions
 from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
-from tests.fixtures.pg_cluster import PgCluster, pg_binary
 
 REPO = Path(__file__).resolve().parents[2]
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -49,18 +48,6 @@ def instance(fault_env: Path) -> Iterator[dg.DagsterInstance]:
     # Writes DAGSTER_HOME/dagster.yaml: processes started by the test use the same storage.
     with dg.instance_for_test(temp_dir=str(fault_env)) as instance:
         yield instance
-
-
-@pytest.fixture
-def postgres() -> Iterator[PgCluster]:
-    if pg_binary("initdb") is None:
-        skip_or_fail("PostgreSQL (initdb, pg_ctl) is not installed")
-    cluster = PgCluster().init()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.remove()
 
 
 def plan(instance: dg.DagsterInstance, convention: str) -> list[str]:

@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from osa_dagster.definitions import build_definitions
-from tests.fixtures.pg_cluster import PgCluster, throwaway_postgres
+from tests.fixtures.pg_cluster import PgCluster
 
 from .servers import S3Endpoint
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "deploy/production/dagster.yaml"
-
-
-@pytest.fixture
-def postgres() -> Iterator[PgCluster]:
-    try:
-        with throwaway_postgres() as server:
-            yield server
-    except (RuntimeError, FileNotFoundError) as error:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL is required in CI: {error}")
-        pytest.skip(f"PostgreSQL unavailable: {error}")
 
 
 def test_the_production_profile_runs_an_ingest_on_postgres(
