@@ -1,4 +1,5 @@
-"""The Definitions object that workspace.yaml loads: every convention's graph, jobs and sensors."""
+"""The Definitions object that workspace.yaml loads: every convention's graph, jobs, sensors
+and schedules."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dagster as dg
 
 from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.defs.assets import batch_partitions, convention_assets
+from osa_dagster.defs.automation import convention_automation
 from osa_dagster.defs.checks import convention_checks
 from osa_dagster.defs.planning import AnyJob, convention_jobs_and_sensors
 from osa_dagster.defs.resources import default_resources
@@ -16,18 +18,25 @@ def build_definitions() -> dg.Definitions:
     checks: list[dg.AssetChecksDefinition] = []
     jobs: list[AnyJob] = []
     sensors: list[dg.SensorDefinition] = []
+    schedules: list[dg.ScheduleDefinition] = []
     for convention in load_conventions().values():
         partitions = batch_partitions(convention)
         assets += convention_assets(convention, partitions)
         checks += convention_checks(convention, partitions)
         convention_jobs, convention_sensors = convention_jobs_and_sensors(convention, partitions)
+        _, ingest_job = convention_jobs
+        convention_schedules, watch_sensors = convention_automation(
+            convention, partitions, ingest_job
+        )
         jobs += convention_jobs
-        sensors += convention_sensors
+        sensors += convention_sensors + watch_sensors
+        schedules += convention_schedules
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
         jobs=jobs,
         sensors=sensors,
+        schedules=schedules,
         resources=default_resources(),
     )
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import islice
 
 from osa_sdk.contract import files_dir_for
 from osa_sdk.runtime import IngestReport, run_ingest
 from osa_sdk.types import HookRecord, IngesterRecord, OutcomeStatus, RecordRef
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import Checkpoint, HookBatch, HookProgress, Runner, advance_hook
@@ -68,8 +68,10 @@ class PlanResult:
 
 
 def partition_key(refs: Sequence[RecordRef]) -> str:
-    """Deterministic key of a batch: readable ends plus a digest of the whole membership."""
-    digest = hashlib.sha256("\n".join(r.source_id for r in refs).encode()).hexdigest()
+    """Deterministic key of a batch: readable ends plus a digest of the whole membership,
+    versions included, so that a batch of revised records is a new partition."""
+    members = (f"{r.source_id}@{r.version}" if r.version else r.source_id for r in refs)
+    digest = hashlib.sha256("\n".join(members).encode()).hexdigest()
     first = files_dir_for(refs[0].source_id)[:_KEY_PART]
     last = files_dir_for(refs[-1].source_id)[:_KEY_PART]
     return f"{first}-{last}-{digest[:10]}"
@@ -95,11 +97,30 @@ def plan_ingest(
         raise ValueError(f"batch_size must be a positive number of records, not {size}")
 
     discovered = convention.make_ingester().discover(since, limit)
+    # islice bounds the walk even if an ingester yields more than it was asked for.
+    return plan_refs(
+        convention,
+        store,
+        islice(discovered, limit) if limit else discovered,
+        since=since,
+        batch_size=size,
+    )
+
+
+def plan_refs(
+    convention: Convention,
+    store: ArtifactStore,
+    discovered: Iterable[RecordRef],
+    *,
+    since: datetime | None = None,
+    batch_size: int | None = None,
+) -> PlanResult:
+    """Freeze `discovered` (repeats of a source id dropped) into batches of `batch_size`."""
+    size = convention.batch_size if batch_size is None else batch_size
     refs: list[RecordRef] = []
     seen: set[str] = set()
     duplicates = 0
-    # islice bounds the walk even if an ingester yields more than it was asked for.
-    for ref in islice(discovered, limit) if limit else discovered:
+    for ref in discovered:
         if ref.source_id in seen:
             duplicates += 1
             continue
@@ -119,6 +140,48 @@ def plan_ingest(
             store.write_bytes(layout.manifest, manifest.model_dump_json(indent=1).encode())
             result.new_partitions.append(key)
     return result
+
+
+class WatchCursor(BaseModel):
+    """Where a watch of the upstream stopped: the start of its last look, and the records
+    (id and version) it found in the overlap window, which the next look sees again."""
+
+    model_config = ConfigDict(frozen=True)
+
+    looked_at: datetime
+    recent: dict[str, str | None] = Field(default_factory=dict)
+
+
+def watch_upstream(
+    convention: Convention,
+    store: ArtifactStore,
+    cursor: WatchCursor | None,
+    *,
+    now: datetime,
+    overlap: timedelta,
+    batch_size: int | None = None,
+) -> tuple[PlanResult, WatchCursor]:
+    """Plan what changed upstream since the last look, each change exactly once.
+
+    The first look only starts the watch: what exists already is an initial ingest's job
+    (the plan job), not a watcher's. Later looks discover from `overlap` before the last
+    look, since upstream clocks and days are coarse (a mirror keeps upstream's mtimes, an
+    API filters by day), and drop the records the last look found with the same version:
+    a record is planned again only when its version changes. `overlap` must exceed how late
+    a change can become visible (a mirror's sync lag, a service's indexing delay).
+    """
+    if cursor is None:
+        return PlanResult(partitions=[], new_partitions=[], records=0), WatchCursor(looked_at=now)
+    found = list(convention.make_ingester().discover(cursor.looked_at - overlap, None))
+    changed = [
+        ref
+        for ref in found
+        if ref.source_id not in cursor.recent or cursor.recent[ref.source_id] != ref.version
+    ]
+    result = plan_refs(
+        convention, store, changed, since=cursor.looked_at - overlap, batch_size=batch_size
+    )
+    return result, WatchCursor(looked_at=now, recent={r.source_id: r.version for r in found})
 
 
 def planned_partitions(store: ArtifactStore, convention: str) -> list[str]:

@@ -89,6 +89,13 @@ def docker_step_executor() -> dg.ExecutorDefinition:
     )
 
 
+def has_ingest_run(instance: dg.DagsterInstance, job_name: str, partition: str) -> bool:
+    runs = instance.get_run_records(
+        dg.RunsFilter(job_name=job_name, tags={"dagster/partition": partition}), limit=1
+    )
+    return bool(runs)
+
+
 def plan_job_name(convention: Convention) -> str:
     return f"{convention.name}_plan"
 
@@ -156,10 +163,13 @@ def convention_jobs_and_sensors(
         # Keys come back in the order they were added, so the cursor is a count; the run
         # key makes a repeated request a no-op should the cursor ever lag.
         seen = int(context.cursor or 0)
-        # Batches ingested outside this sensor (the CLI, a backfill) need no run.
+        # Batches ingested outside this sensor (the CLI, a backfill) need no run, nor do
+        # those the upstream watch already requested one for.
         done = context.instance.get_materialized_partitions(features_key(convention))
         requests = [
-            dg.RunRequest(run_key=key, partition_key=key) for key in keys[seen:] if key not in done
+            dg.RunRequest(run_key=key, partition_key=key)
+            for key in keys[seen:]
+            if key not in done and not has_ingest_run(context.instance, ingest_job.name, key)
         ]
         return dg.SensorResult(run_requests=requests, cursor=str(len(keys)))
 

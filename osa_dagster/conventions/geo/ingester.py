@@ -155,7 +155,7 @@ class GeoFolderIngester(Ingester):
             raise ValueError(f"limit must be a number of records >= 0, not {limit}")
         if since is not None and since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
-        found: dict[str, tuple[Path, int]] = {}
+        found: dict[str, tuple[Path, os.stat_result]] = {}
         for path in soft_files(self.folder):
             try:
                 stat = path.stat()
@@ -176,14 +176,15 @@ class GeoFolderIngester(Ingester):
                     f"{self.folder}: {accession} is in two files, {found[accession][0]} and "
                     f"{path}; remove one of them"
                 )
-            found[accession] = (path, stat.st_size)
+            found[accession] = (path, stat)
         for count, accession in enumerate(sorted(found, key=accession_sort_key)):
             if limit is not None and count >= limit:
                 return
-            path, size = found[accession]
+            path, stat = found[accession]
             yield RecordRef(
                 source_id=accession,
-                size_hint_mb=bytes_to_mb(size),
+                size_hint_mb=bytes_to_mb(stat.st_size),
+                version=f"{stat.st_mtime_ns}:{stat.st_size}",
                 extra={"path": path.relative_to(self.folder).as_posix()},
             )
 

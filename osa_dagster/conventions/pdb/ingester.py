@@ -223,7 +223,11 @@ class PdbMirrorIngester(Ingester):
             if since is not None and datetime.fromtimestamp(stat.st_mtime, UTC) <= since:
                 continue
             found += 1
-            yield RecordRef(source_id=pdb_id, size_hint_mb=bytes_to_mb(stat.st_size))
+            yield RecordRef(
+                source_id=pdb_id,
+                size_hint_mb=bytes_to_mb(stat.st_size),
+                version=f"{stat.st_mtime_ns}:{stat.st_size}",
+            )
 
     def fetch(self, refs: Sequence[RecordRef], ctx: FetchContext) -> Iterator[IngesterRecord]:
         """Copy each entry's .cif.gz into the batch and record its header as metadata."""

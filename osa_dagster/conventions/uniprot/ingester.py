@@ -268,14 +268,14 @@ class UniProtFlatFileIngester(Ingester):
                         error,
                     )
                     continue
-                if since_day is not None:
-                    modified = modified_date(header)
-                    if modified is not None and modified < since_day:
-                        continue
+                modified = modified_date(header)
+                if since_day is not None and modified is not None and modified < since_day:
+                    continue
                 found += 1
                 yield RecordRef(
                     source_id=header.accessions[0],
                     size_hint_mb=bytes_to_mb(len(entry.text)),
+                    version=modified.isoformat() if modified else None,
                     extra={_OFFSET: entry.offset, _LENGTH: len(entry.text)},
                 )
         if unnamed:

@@ -160,7 +160,7 @@ class UniProtRestIngester(Ingester):
                 release = release or page_release
                 extra = {_RELEASE: release} if release else {}
                 for accession in _page_accessions(response):
-                    yield RecordRef(source_id=accession, extra=extra)
+                    yield RecordRef(source_id=accession, version=release, extra=extra)
                     found += 1
                     if limit is not None and found >= limit:
                         return

@@ -27,6 +27,9 @@ class RecordRef(BaseModel):
 
     source_id: str = Field(min_length=1)
     size_hint_mb: float | None = None
+    version: str | None = None
+    """Changes whenever the record changes upstream (a file's mtime and size, a revision
+    date): a watcher tells a revised record from one it already planned. None: unknown."""
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -1,0 +1,100 @@
+"""Ingests that start themselves: a weekly incremental plan per convention, and a watch of
+the upstream that plans each change as it appears.
+
+Both only plan (add partitions). Every new partition then gets its ingest run, from the
+watch itself or from the `<convention>_new_batches` sensor (defs/planning.py).
+"""
+
+import os
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+
+from osa_dagster.conventions.base import Convention
+from osa_dagster.conventions.pipeline import WatchCursor, watch_upstream
+from osa_dagster.defs.planning import AnyJob, plan_job_name
+from osa_dagster.defs.resources import ArtifactStoreResource
+
+DEFAULT_PLAN_CRON = "0 3 * * 1"  # Mondays at 03:00 UTC: PDB releases on Wednesdays
+DEFAULT_WATCH_INTERVAL_S = 3600
+DEFAULT_WATCH_OVERLAP_H = 48.0
+
+
+def plan_cron(convention: Convention) -> str:
+    """OSA_PLAN_CRON_<CONVENTION> (e.g. OSA_PLAN_CRON_PDB="0 3 * * 3"), else weekly."""
+    return os.environ.get(f"OSA_PLAN_CRON_{convention.name.upper()}", DEFAULT_PLAN_CRON)
+
+
+def last_successful_plan_start(instance: dg.DagsterInstance, job_name: str) -> datetime | None:
+    """When the newest successful plan run of `job_name` started: what it saw is planned."""
+    records = instance.get_run_records(
+        dg.RunsFilter(job_name=job_name, statuses=[dg.DagsterRunStatus.SUCCESS]),
+        limit=1,
+        order_by="create_timestamp",
+        ascending=False,
+    )
+    if not records or records[0].start_time is None:
+        return None
+    return datetime.fromtimestamp(records[0].start_time, UTC)
+
+
+def convention_automation(
+    convention: Convention,
+    partitions: dg.DynamicPartitionsDefinition,
+    ingest_job: AnyJob,
+) -> tuple[list[dg.ScheduleDefinition], list[dg.SensorDefinition]]:
+    plan_job = plan_job_name(convention)
+
+    @dg.schedule(
+        name=f"{convention.name}_weekly_plan",
+        cron_schedule=plan_cron(convention),
+        job_name=plan_job,
+        execution_timezone="UTC",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=(
+            f"Plans the {convention.name} records changed since the last successful plan "
+            "(everything the first time); the new batches are then ingested."
+        ),
+    )
+    def weekly_plan(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        since = last_successful_plan_start(context.instance, plan_job)
+        config = {"since": since.isoformat()} if since else {}
+        return dg.RunRequest(
+            run_config={"ops": {f"{convention.name}_plan_batches": {"config": config}}},
+            tags={"osa/plan-since": since.isoformat() if since else "everything"},
+        )
+
+    @dg.sensor(
+        name=f"{convention.name}_upstream_changes",
+        job=ingest_job,
+        minimum_interval_seconds=int(
+            os.environ.get("OSA_WATCH_INTERVAL_S", DEFAULT_WATCH_INTERVAL_S)
+        ),
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description=(
+            f"Watches the {convention.name} upstream and plans every new or changed record "
+            "once (OSA_WATCH_OVERLAP_H: how late a change may become visible upstream)."
+        ),
+    )
+    def upstream_changes(
+        context: dg.SensorEvaluationContext, artifact_store: ArtifactStoreResource
+    ) -> dg.SensorResult:
+        cursor = WatchCursor.model_validate_json(context.cursor) if context.cursor else None
+        overlap = timedelta(
+            hours=float(os.environ.get("OSA_WATCH_OVERLAP_H", DEFAULT_WATCH_OVERLAP_H))
+        )
+        result, cursor = watch_upstream(
+            convention, artifact_store.get(), cursor, now=datetime.now(UTC), overlap=overlap
+        )
+        if not result.new_partitions:
+            return dg.SensorResult(
+                skip_reason=f"nothing new upstream since {cursor.looked_at:%Y-%m-%d %H:%M} UTC",
+                cursor=cursor.model_dump_json(),
+            )
+        return dg.SensorResult(
+            run_requests=[dg.RunRequest(run_key=k, partition_key=k) for k in result.new_partitions],
+            dynamic_partitions_requests=[partitions.build_add_request(result.new_partitions)],
+            cursor=cursor.model_dump_json(),
+        )
+
+    return [weekly_plan], [upstream_changes]

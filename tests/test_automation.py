@@ -1,0 +1,111 @@
+"""The weekly plan schedule and the upstream watch, evaluated with Dagster's own helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from osa_dagster.conventions.pdb.ingester import DEFAULT_MIRROR, mirror_entries
+from osa_dagster.conventions.registry import load_conventions
+from osa_dagster.definitions import build_definitions
+from osa_dagster.defs.assets import batch_partitions
+from osa_dagster.defs.automation import convention_automation
+from osa_dagster.defs.planning import convention_jobs_and_sensors
+from osa_dagster.defs.resources import ArtifactStoreResource
+
+pytestmark = pytest.mark.slow
+
+
+def copy_entry(source: Path, mirror: Path, pdb_id: str) -> Path:
+    target = mirror / "mmCIF" / pdb_id[1:3] / f"{pdb_id}.cif.gz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
+@pytest.fixture
+def small_mirror(tmp_path: Path) -> Path:
+    mirror = tmp_path / "mirror"
+    for pdb_id, path in mirror_entries(DEFAULT_MIRROR)[:3]:
+        copy_entry(path, mirror, pdb_id.lower())
+        # Old upstream times, as `rsync -t` keeps them.
+        os.utime(mirror / "mmCIF" / pdb_id.lower()[1:3] / path.name, (1e9, 1e9))
+    return mirror
+
+
+@pytest.fixture
+def watch(small_mirror: Path):
+    convention = load_conventions()["pdb"].model_copy(
+        update={"ingester_config": {"mirror": str(small_mirror)}}
+    )
+    partitions = batch_partitions(convention)
+    jobs, _ = convention_jobs_and_sensors(convention, partitions)
+    _, (sensor,) = convention_automation(convention, partitions, jobs[1])
+    return sensor
+
+
+def tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, cursor: str | None):
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"artifact_store": ArtifactStoreResource()}
+    )
+    return sensor(context)
+
+
+def test_the_watch_plans_each_upstream_change_once(watch, small_mirror):
+    with dg.instance_for_test() as instance:
+        first = tick(watch, instance, None)
+        # The first look starts the watch; the records already there are the plan job's.
+        assert first.run_requests == [] and first.skip_reason
+        assert tick(watch, instance, first.cursor).run_requests == []
+
+        new_entry = copy_entry(next(small_mirror.rglob("*.cif.gz")), small_mirror, "9zz9")
+        second = tick(watch, instance, first.cursor)
+        (request,) = second.run_requests
+        (added,) = second.dynamic_partitions_requests
+        assert added.partition_keys == [request.partition_key]
+        assert request.run_key == request.partition_key
+        assert request.partition_key.startswith("9ZZ9")
+
+        # Seen again inside the overlap window, but unchanged: not planned twice.
+        third = tick(watch, instance, second.cursor)
+        assert third.run_requests == [] and third.skip_reason
+
+        # Revised upstream (a new mtime): planned again, as a new partition.
+        os.utime(new_entry, (2e9, 2e9))
+        fourth = tick(watch, instance, third.cursor)
+        (again,) = fourth.run_requests
+        assert again.partition_key.startswith("9ZZ9")
+        assert again.partition_key != request.partition_key
+
+
+def test_the_weekly_plan_asks_for_what_changed_since_the_last_successful_plan():
+    with dg.instance_for_test() as instance:
+        defs = build_definitions()
+        schedule = defs.resolve_schedule_def("pdb_weekly_plan")
+        assert schedule.cron_schedule == "0 3 * * 1"
+        first = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+        (request,) = first.run_requests
+        assert request.run_config == {"ops": {"pdb_plan_batches": {"config": {}}}}
+
+        plan = defs.resolve_job_def("pdb_plan")
+        result = plan.execute_in_process(run_config=request.run_config, instance=instance)
+        assert result.success
+        assert len(instance.get_dynamic_partitions("pdb_batches")) > 0
+        started = instance.get_run_record_by_id(result.run_id).start_time
+
+        second = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+        (request,) = second.run_requests
+        since = request.run_config["ops"]["pdb_plan_batches"]["config"]["since"]
+        assert datetime.fromisoformat(since).timestamp() == pytest.approx(started, abs=1e-3)
+
+        # Nothing in the mirror changed since that plan: the second plan adds nothing.
+        before = instance.get_dynamic_partitions("pdb_batches")
+        replan = plan.execute_in_process(run_config=request.run_config, instance=instance)
+        (output,) = [e for e in replan.all_events if e.is_successful_output]
+        assert output.step_output_data.metadata["records"].value == 0
+        assert instance.get_dynamic_partitions("pdb_batches") == before
