@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)
 
-.PHONY: demo demo-s3 test lint images ui bench clean
+.PHONY: demo demo-s3 test lint images k8s-check ui bench clean
 
 $(STAMP): pyproject.toml sdk/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: $(STAMP)
 # The hook images for the Docker runner (needs a Docker engine and debootstrap; cached).
 images: $(STAMP)
 	$(BIN)/python images/build.py --step
+
+# The Kubernetes runner against a real cluster (kind, k3s): see scripts/k8s_runner_check.py
+# for what it needs, and pass its options as ARGS="...".
+k8s-check: $(STAMP)
+	$(BIN)/python scripts/k8s_runner_check.py $(ARGS)
 
 ui: $(STAMP)
 	$(BIN)/dagster dev -w workspace.yaml

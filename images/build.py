@@ -179,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     build_base()
     for name, requirements in hook_images().items():
-        requirements = pinned(["pydantic", *dict.fromkeys(requirements)])
+        # boto3 for osa_sdk.remote: the Kubernetes runner's stagers run in the hook's image.
+        requirements = pinned(["pydantic", "boto3", *dict.fromkeys(requirements)])
         build_image(name, requirements, dockerfile_extra=HOOK_USER)
     if args.step:
         from osa_dagster import __version__

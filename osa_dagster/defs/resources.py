@@ -45,12 +45,16 @@ class RecordsDatabaseResource(dg.ConfigurableResource):
         return self.domain or os.environ.get("OSA_DOMAIN", "localhost")
 
 
-RunnerKind = Literal["local", "docker"]
+RunnerKind = Literal["local", "docker", "kubernetes"]
 
 
 class HookRunnerResource(dg.ConfigurableResource):
-    """Where hooks run: "local" processes under cgroup limits, or "docker" containers (each
-    hook's image, sandboxed). Empty means OSA_HOOK_RUNNER, else "local"."""
+    """Where hooks run: "local" processes under cgroup limits, "docker" containers or
+    "kubernetes" Jobs (each hook's image, sandboxed). Empty means OSA_HOOK_RUNNER, else
+    "local". Kubernetes stages inputs and outputs through the S3 artifact store
+    (OSA_STORAGE) under `staging/`; OSA_K8S_NAMESPACE, OSA_K8S_STAGING_SECRET (a Secret
+    with the stagers' S3 credentials) and OSA_K8S_S3_ENDPOINT_URL (S3 as pods reach it)
+    configure it."""
 
     kind: str = ""
 
@@ -60,6 +64,23 @@ class HookRunnerResource(dg.ConfigurableResource):
             return LocalRunner()
         if kind == "docker":
             return DockerRunner()
+        if kind == "kubernetes":
+            # Imported here: the kubernetes client takes ~0.65 s to import, which every
+            # run and CLI command would pay otherwise.
+            from osa_dagster.engine.kubernetes import KubernetesRunner, KubernetesRunnerConfig
+            from osa_dagster.storage.staging import StoreStaging
+
+            return KubernetesRunner(
+                StoreStaging(
+                    store_from_env(),
+                    "staging",
+                    pod_endpoint_url=os.environ.get("OSA_K8S_S3_ENDPOINT_URL"),
+                ),
+                KubernetesRunnerConfig(
+                    namespace=os.environ.get("OSA_K8S_NAMESPACE", "default"),
+                    staging_secret=os.environ.get("OSA_K8S_STAGING_SECRET"),
+                ),
+            )
         raise ValueError(f"unknown hook runner {kind!r}: choose one of {get_args(RunnerKind)}")
 
 
