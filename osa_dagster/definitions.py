@@ -9,6 +9,7 @@ from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.defs.assets import batch_partitions, convention_assets
 from osa_dagster.defs.automation import convention_automation
 from osa_dagster.defs.checks import convention_checks
+from osa_dagster.defs.deposits import convention_deposits
 from osa_dagster.defs.planning import AnyJob, convention_jobs_and_sensors
 from osa_dagster.defs.resources import default_resources
 
@@ -28,8 +29,10 @@ def build_definitions() -> dg.Definitions:
         convention_schedules, watch_sensors = convention_automation(
             convention, partitions, ingest_job
         )
-        jobs += convention_jobs
-        sensors += convention_sensors + watch_sensors
+        deposit_asset, deposit_job, deposit_sensor = convention_deposits(convention)
+        assets.append(deposit_asset)
+        jobs += [*convention_jobs, deposit_job]
+        sensors += [*convention_sensors, *watch_sensors, deposit_sensor]
         schedules += convention_schedules
     return dg.Definitions(
         assets=assets,

@@ -9,6 +9,7 @@ import dagster as dg
 from osa_sdk.runtime import IngestReport
 from osa_sdk.types import OutcomeStatus
 
+from osa_dagster.conventions.deposits import DepositResult
 from osa_dagster.conventions.pipeline import FeaturesSummary, PublishSummary, RawBatchSummary
 from osa_dagster.engine import AttemptRecord, Checkpoint
 from osa_dagster.engine.memory_history import MemoryHistory
@@ -192,3 +193,32 @@ def memory_history_metadata(history: MemoryHistory | None) -> dict[str, Any]:
             ("record size MB", "outcome", "memory MB (peak or limit)"), rows[:PREVIEW_ROWS]
         )
     }
+
+
+def deposit_metadata(result: DepositResult, location: str) -> dict[str, Any]:
+    """What a depositor or curator reads about one validated deposit."""
+    metadata: dict[str, Any] = {
+        "status": result.status.value,
+        "reason": result.reason or "-",
+        "source_id": result.source_id or "-",
+        "result": dg.MetadataValue.path(location),
+    }
+    if result.hooks:
+        metadata["hooks"] = markdown_table(
+            ["hook", "status", "reason", "attempts (MB, OOM)"],
+            (
+                (
+                    v.hook,
+                    v.status.value,
+                    v.reason or "-",
+                    ", ".join(
+                        f"{a.memory_limit_mb}{' OOM' if a.oom_killed else ''}" for a in v.attempts
+                    ),
+                )
+                for v in result.hooks
+            ),
+        )
+        features = [row for v in result.hooks for row in v.features]
+        if features:
+            metadata["features"] = dg.MetadataValue.json(features[:PREVIEW_ROWS])
+    return metadata

@@ -16,6 +16,7 @@ from osa_dagster.engine import LocalRunner, Runner
 from osa_dagster.engine.docker_runner import DockerRunner
 from osa_dagster.records import RecordsDatabase, database_url_from_env, open_database
 from osa_dagster.storage import ArtifactStore, FileSystemStore, store_from_env
+from osa_dagster.storage.store import deposits_store_from_env
 
 
 class ArtifactStoreResource(dg.ConfigurableResource):
@@ -27,6 +28,18 @@ class ArtifactStoreResource(dg.ConfigurableResource):
         if self.location:
             return FileSystemStore(Path(self.location))
         return store_from_env()
+
+
+class DepositsResource(dg.ConfigurableResource):
+    """Where single records are deposited for validation: a folder, or OSA_DEPOSITS (a
+    folder or s3://...), or <data dir>/deposits."""
+
+    location: str = ""
+
+    def get(self) -> ArtifactStore:
+        if self.location:
+            return FileSystemStore(Path(self.location))
+        return deposits_store_from_env()
 
 
 class RecordsDatabaseResource(dg.ConfigurableResource):
@@ -89,4 +102,5 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
         "artifact_store": ArtifactStoreResource(),
         "records_db": RecordsDatabaseResource(),
         "hook_runner": HookRunnerResource(),
+        "deposits": DepositsResource(),
     }

@@ -105,16 +105,26 @@ def data_dir() -> Path:
 
 
 def store_from_env() -> ArtifactStore:
-    """The store named by OSA_STORAGE; default <data dir>/artifacts.
+    """The store named by OSA_STORAGE (see `store_at`); default <data dir>/artifacts."""
+    return store_at(os.environ.get("OSA_STORAGE", ""), default=data_dir() / "artifacts")
 
-    OSA_STORAGE is a folder (optionally file://...) or s3://bucket[/prefix]. For S3:
-    OSA_S3_ENDPOINT_URL points at an S3-compatible server (path-style addressing then),
-    the region is AWS_REGION or AWS_DEFAULT_REGION (default us-east-1), and credentials
-    come from boto3's default chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles,
-    instance roles), and transient failures are retried as OSA_S3_RETRY_ATTEMPTS and
-    OSA_S3_RETRY_MAX_WAIT_S say (see s3.RetryPolicy for the defaults).
+
+def deposits_store_from_env() -> ArtifactStore:
+    """Where people deposit single records to validate: OSA_DEPOSITS (a folder or an S3
+    prefix, as `store_at` reads it); default <data dir>/deposits, a drop folder."""
+    return store_at(os.environ.get("OSA_DEPOSITS", ""), default=data_dir() / "deposits")
+
+
+def store_at(location: str, *, default: Path) -> ArtifactStore:
+    """The store at `location`: a folder (optionally file://...), s3://bucket[/prefix], or
+    `default` when empty.
+
+    For S3: OSA_S3_ENDPOINT_URL points at an S3-compatible server (path-style addressing
+    then), the region is AWS_REGION or AWS_DEFAULT_REGION (default us-east-1), and
+    credentials come from boto3's default chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+    profiles, instance roles), and transient failures are retried as OSA_S3_RETRY_ATTEMPTS
+    and OSA_S3_RETRY_MAX_WAIT_S say (see s3.RetryPolicy for the defaults).
     """
-    location = os.environ.get("OSA_STORAGE", "")
     if location.lower().startswith("s3:"):
         # Imported here so that the filesystem default does not pay for importing boto3.
         from osa_dagster.storage.s3 import RetryPolicy, S3Store, make_s3_client, parse_s3_url
@@ -126,5 +136,4 @@ def store_from_env() -> ArtifactStore:
             region=region or "us-east-1",
         )
         return S3Store(bucket, prefix, client, retry=RetryPolicy.from_env())
-    root = Path(location.removeprefix("file://")) if location else data_dir() / "artifacts"
-    return FileSystemStore(root)
+    return FileSystemStore(Path(location.removeprefix("file://")) if location else default)

@@ -1,0 +1,210 @@
+"""Validating one record deposited by a person, with a convention's hooks and the same engine.
+
+A deposit is a folder in the deposits store (a drop folder by default, an S3 prefix in
+production; see storage.store.deposits_store_from_env):
+
+    <convention>/<deposit>/files/...       the record's files
+    <convention>/<deposit>/deposit.json    written last: {"source_id": ..., "metadata": {...}}
+    <convention>/<deposit>/result.json     written here: what the depositor reads
+
+`deposit.json` marks the deposit complete, so a half-uploaded one is never picked up. The
+record runs through every hook as a batch of one, with the same memory ladder and OOM
+escalation as a batch. A malformed deposit gets a result that says what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from osa_sdk.contract import bytes_to_mb, file_name_error, files_dir_for
+from osa_sdk.types import HookRecord, HookRecordId, OutcomeStatus
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from osa_dagster.conventions.base import Convention
+from osa_dagster.engine import FileCheckpointIO, HookBatch, Runner, run_hook
+from osa_dagster.storage.store import ArtifactStore
+
+DEPOSIT_FILE = "deposit.json"
+RESULT_FILE = "result.json"
+FILES_DIR = "files"
+# Deposit names become Dagster partition keys and store keys: plain names only.
+DEPOSIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class DepositRequest(BaseModel):
+    """deposit.json: the record's id (default: the deposit's name) and its metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_id: str | None = Field(default=None, min_length=1)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class AttemptSummary(BaseModel):
+    memory_limit_mb: int
+    peak_memory_mb: float | None
+    oom_killed: bool
+
+
+class HookVerdict(BaseModel):
+    hook: str
+    status: OutcomeStatus
+    reason: str | None = None
+    features: list[dict[str, Any]] = Field(default_factory=list)
+    attempts: list[AttemptSummary] = Field(default_factory=list)
+
+
+class DepositResult(BaseModel):
+    """result.json: passed (with features), rejected (with reasons) or errored."""
+
+    deposit: str
+    convention: str
+    source_id: str | None
+    status: OutcomeStatus
+    reason: str | None = None
+    hooks: list[HookVerdict] = Field(default_factory=list)
+    validated_at: datetime
+
+
+def deposit_prefix(convention: str, deposit: str) -> str:
+    return f"{convention}/{deposit}"
+
+
+def pending_deposits(store: ArtifactStore, convention: str) -> list[str]:
+    """Complete deposits (deposit.json written) without a result yet, by name."""
+    complete, done = set(), set()
+    for key in store.list_keys(convention):
+        parts = key.split("/")
+        if len(parts) == 3 and DEPOSIT_NAME.fullmatch(parts[1]):
+            if parts[2] == DEPOSIT_FILE:
+                complete.add(parts[1])
+            elif parts[2] == RESULT_FILE:
+                done.add(parts[1])
+    return sorted(complete - done)
+
+
+def read_result(store: ArtifactStore, convention: str, deposit: str) -> DepositResult:
+    key = f"{deposit_prefix(convention, deposit)}/{RESULT_FILE}"
+    return DepositResult.model_validate_json(store.read_bytes(key))
+
+
+def validate_deposit(
+    convention: Convention, store: ArtifactStore, deposit: str, runner: Runner
+) -> DepositResult:
+    """Run the deposit through the convention's hooks and write its result.json."""
+    if not DEPOSIT_NAME.fullmatch(deposit):
+        raise ValueError(f"{deposit!r} is not a deposit name (letters, digits, '.', '_', '-')")
+    prefix = deposit_prefix(convention.name, deposit)
+    with tempfile.TemporaryDirectory(prefix="osa-deposit-") as tmp:
+        result = _validate(convention, store, prefix, deposit, runner, Path(tmp))
+    store.write_bytes(f"{prefix}/{RESULT_FILE}", result.model_dump_json(indent=1).encode())
+    return result
+
+
+def _validate(
+    convention: Convention,
+    store: ArtifactStore,
+    prefix: str,
+    deposit: str,
+    runner: Runner,
+    work: Path,
+) -> DepositResult:
+    def malformed(reason: str, source_id: str | None = None) -> DepositResult:
+        return DepositResult(
+            deposit=deposit,
+            convention=convention.name,
+            source_id=source_id,
+            status=OutcomeStatus.REJECTED,
+            reason=f"malformed deposit: {reason}",
+            validated_at=datetime.now(UTC),
+        )
+
+    try:
+        request = DepositRequest.model_validate_json(store.read_bytes(f"{prefix}/{DEPOSIT_FILE}"))
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'the file'}: {e['msg']}" for e in error.errors()
+        )
+        return malformed(f"{DEPOSIT_FILE} is not valid ({problems})")
+    source_id = request.source_id or deposit
+
+    files_root = work / "files"
+    record_dir = files_root / files_dir_for(source_id)
+    record_dir.mkdir(parents=True)
+    size = 0
+    with store.local_dir(f"{prefix}/{FILES_DIR}", writable=False) as deposited:
+        for path in sorted(deposited.iterdir()) if deposited.is_dir() else []:
+            if not path.is_file():
+                return malformed(f"{FILES_DIR}/{path.name} is a folder: put files only", source_id)
+            if problem := file_name_error(path.name):
+                return malformed(f"file name {path.name!r} {problem}", source_id)
+            shutil.copyfile(path, record_dir / path.name)
+            size += path.stat().st_size
+    if size == 0:
+        return malformed(f"no files (or only empty ones) under {FILES_DIR}/", source_id)
+
+    record = HookRecord(
+        id=HookRecordId(source_id),
+        files_dir=files_dir_for(source_id),
+        metadata=request.metadata,
+        size_mb=bytes_to_mb(size),
+    )
+    verdicts: list[HookVerdict] = []
+    for spec in convention.hooks:
+        checkpoint = run_hook(
+            spec,
+            HookBatch(records=[record], files_root=files_root),
+            runner,
+            FileCheckpointIO(work / f"{spec.name}.checkpoint.json"),
+            work / spec.name,
+        )
+        outcome = checkpoint.outcomes[source_id]
+        verdicts.append(
+            HookVerdict(
+                hook=spec.name,
+                status=outcome.status,
+                reason=outcome.reason,
+                features=outcome.features,
+                attempts=[
+                    AttemptSummary(
+                        memory_limit_mb=a.memory_limit_mb,
+                        peak_memory_mb=a.peak_memory_mb,
+                        oom_killed=a.oom_killed,
+                    )
+                    for a in checkpoint.attempts
+                ],
+            )
+        )
+        if outcome.status is not OutcomeStatus.PASSED:
+            break  # a record failing one hook is not published: the rest would be wasted
+    failed = next((v for v in verdicts if v.status is not OutcomeStatus.PASSED), None)
+    return DepositResult(
+        deposit=deposit,
+        convention=convention.name,
+        source_id=source_id,
+        status=failed.status if failed else OutcomeStatus.PASSED,
+        reason=f"{failed.hook}: {failed.reason}" if failed else None,
+        hooks=verdicts,
+        validated_at=datetime.now(UTC),
+    )
+
+
+def write_deposit(
+    store: ArtifactStore,
+    convention: str,
+    deposit: str,
+    files: dict[str, bytes],
+    request: dict[str, Any] | str | None = None,
+) -> None:
+    """Deposit a record (what a depositor's upload does): files first, deposit.json last."""
+    prefix = deposit_prefix(convention, deposit)
+    for name, data in files.items():
+        store.write_bytes(f"{prefix}/{FILES_DIR}/{name}", data)
+    text = request if isinstance(request, str) else json.dumps(request or {})
+    store.write_bytes(f"{prefix}/{DEPOSIT_FILE}", text.encode())

@@ -1,0 +1,77 @@
+"""Deposits in Dagster: one partition per deposited record, validated by a sensor-launched
+run, with the verdict on the materialisation (see conventions/deposits.py)."""
+
+import dagster as dg
+
+from osa_dagster.conventions.base import Convention
+from osa_dagster.conventions.deposits import (
+    RESULT_FILE,
+    deposit_prefix,
+    pending_deposits,
+    validate_deposit,
+)
+from osa_dagster.defs.metadata import deposit_metadata
+from osa_dagster.defs.planning import AnyJob
+from osa_dagster.defs.resources import DepositsResource, HookRunnerResource
+
+DEPOSIT_SENSOR_INTERVAL_S = 15
+
+
+def deposit_key(convention: Convention) -> dg.AssetKey:
+    return dg.AssetKey([convention.name, "deposit_validation"])
+
+
+def convention_deposits(
+    convention: Convention,
+) -> tuple[dg.AssetsDefinition, AnyJob, dg.SensorDefinition]:
+    partitions = dg.DynamicPartitionsDefinition(name=f"{convention.name}_deposits")
+
+    @dg.asset(
+        key=deposit_key(convention),
+        partitions_def=partitions,
+        group_name=f"{convention.name}_deposits",
+        kinds={"python"},
+        description=f"One record deposited by a person, validated by every {convention.name} "
+        "hook as a batch of one (same memory ladder and OOM escalation): passed with "
+        "features, rejected with reasons, or errored. The verdict is also written to the "
+        "deposit's result.json.",
+    )
+    def deposit_validation(
+        context: dg.AssetExecutionContext,
+        deposits: DepositsResource,
+        hook_runner: HookRunnerResource,
+    ) -> dg.MaterializeResult:
+        store = deposits.get()
+        result = validate_deposit(convention, store, context.partition_key, hook_runner.get())
+        prefix = deposit_prefix(convention.name, result.deposit)
+        location = store.describe(f"{prefix}/{RESULT_FILE}")
+        context.log.info(f"deposit {result.deposit}: {result.status.value} {result.reason or ''}")
+        return dg.MaterializeResult(metadata=deposit_metadata(result, location))
+
+    job = dg.define_asset_job(
+        name=f"{convention.name}_validate_deposit",
+        selection=[deposit_key(convention)],
+        partitions_def=partitions,
+        executor_def=dg.in_process_executor,
+        description=f"Validate one deposited {convention.name} record.",
+    )
+
+    @dg.sensor(
+        name=f"{convention.name}_deposits",
+        job=job,
+        minimum_interval_seconds=DEPOSIT_SENSOR_INTERVAL_S,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Validates each complete deposit (deposit.json written) once.",
+    )
+    def new_deposits(
+        context: dg.SensorEvaluationContext, deposits: DepositsResource
+    ) -> dg.SensorResult:
+        pending = pending_deposits(deposits.get(), convention.name)
+        known = set(context.instance.get_dynamic_partitions(partitions.name))
+        new = [name for name in pending if name not in known]
+        return dg.SensorResult(
+            run_requests=[dg.RunRequest(run_key=name, partition_key=name) for name in new],
+            dynamic_partitions_requests=[partitions.build_add_request(new)] if new else [],
+        )
+
+    return deposit_validation, job, new_deposits

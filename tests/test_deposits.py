@@ -1,0 +1,99 @@
+"""Single-record deposits: picked up by a sensor, validated by the real hooks through the
+same engine, verdicts written where the depositor reads them and shown on the asset."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+from osa_sdk.types import OutcomeStatus
+
+from osa_dagster.conventions.deposits import read_result, write_deposit
+from osa_dagster.conventions.pdb.ingester import DEFAULT_MIRROR, entry_path
+from osa_dagster.definitions import build_definitions
+from osa_dagster.defs.resources import DepositsResource
+from osa_dagster.storage.store import deposits_store_from_env
+from tests.engine.helpers import require_cgroups
+
+pytestmark = pytest.mark.slow
+
+
+def entry_bytes(pdb_id: str) -> bytes:
+    return entry_path(DEFAULT_MIRROR, pdb_id).read_bytes()
+
+
+@pytest.fixture
+def validated():
+    """Four deposits, validated through the sensor and the deposit job."""
+    require_cgroups()
+    store = deposits_store_from_env()
+    write_deposit(store, "pdb", "good", {"1a28.cif.gz": entry_bytes("1A28")}, {"source_id": "1A28"})
+    write_deposit(store, "pdb", "big", {"6zu5.cif.gz": entry_bytes("6ZU5")})
+    write_deposit(store, "pdb", "broken", {"x.cif.gz": b"\x1f\x8b not really gzip"})
+    write_deposit(store, "pdb", "malformed", {"1a28.cif.gz": entry_bytes("1A28")}, "{not json")
+    # A deposit still being uploaded (no deposit.json yet) is left alone.
+    store.write_bytes("pdb/uploading/files/1a28.cif.gz", entry_bytes("1A28"))
+
+    defs = build_definitions()
+    sensor = defs.resolve_sensor_def("pdb_deposits")
+    job = defs.resolve_job_def("pdb_validate_deposit")
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(
+            instance=instance, resources={"deposits": DepositsResource()}
+        )
+        tick = sensor(context)
+        keys = [r.partition_key for r in tick.run_requests]
+        assert sorted(keys) == ["big", "broken", "good", "malformed"]
+        instance.add_dynamic_partitions("pdb_deposits", keys)
+        results = {
+            key: job.execute_in_process(partition_key=key, instance=instance) for key in keys
+        }
+        second = sensor(
+            dg.build_sensor_context(instance=instance, resources={"deposits": DepositsResource()})
+        )
+        yield store, results, second
+
+
+def test_a_good_deposit_passes_with_features(validated):
+    store, results, _ = validated
+    assert results["good"].success
+    result = read_result(store, "pdb", "good")
+    assert (result.status, result.source_id) == (OutcomeStatus.PASSED, "1A28")
+    (features,) = [v for v in result.hooks if v.hook == "extract_features"]
+    assert features.features[0]["atoms"] > 1000
+
+
+def test_a_deposit_that_needs_more_memory_is_escalated(validated):
+    store, _, _ = validated
+    result = read_result(store, "pdb", "big")
+    assert result.status is OutcomeStatus.PASSED
+    (features,) = [v for v in result.hooks if v.hook == "extract_features"]
+    assert [(a.memory_limit_mb, a.oom_killed) for a in features.attempts] == [
+        (192, True),
+        (384, False),
+    ]
+
+
+def test_a_broken_file_is_rejected_with_a_readable_reason(validated):
+    store, results, _ = validated
+    assert results["broken"].success  # a verdict, not a crashed run
+    result = read_result(store, "pdb", "broken")
+    assert result.status is OutcomeStatus.REJECTED
+    assert result.reason.startswith("validate_structure: ")
+    assert len(result.hooks) == 1  # the feature extractor is not run on a rejected record
+
+
+def test_a_malformed_deposit_is_rejected_not_crashed(validated):
+    store, results, _ = validated
+    assert results["malformed"].success
+    result = read_result(store, "pdb", "malformed")
+    assert result.status is OutcomeStatus.REJECTED
+    assert result.reason.startswith("malformed deposit: deposit.json is not valid")
+
+
+def test_the_verdict_is_on_the_materialisation_and_nothing_is_validated_twice(validated):
+    _, results, second = validated
+    (materialization,) = results["big"].asset_materializations_for_node("pdb__deposit_validation")
+    metadata = materialization.metadata
+    assert metadata["status"].value == "passed"
+    assert "192 OOM, 384" in metadata["hooks"].value
+    assert second.run_requests == []
