@@ -71,26 +71,46 @@ def _partitions(convention_name: str) -> list[str]:
 
 
 def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
-    """Run the ingest job for each partition; return the partitions whose run failed."""
+    """Run the ingest job over the partitions, adjacent ones together (OSA_PARTITIONS_PER_RUN
+    per run at most); return the partitions of the runs that failed."""
+    from dagster._core.storage.tags import (
+        ASSET_PARTITION_RANGE_END_TAG,
+        ASSET_PARTITION_RANGE_START_TAG,
+    )
+
     from osa_dagster.definitions import defs
-    from osa_dagster.defs.planning import ingest_job_name
+    from osa_dagster.defs.assets import partitions_per_run
+    from osa_dagster.defs.planning import contiguous_chunks, ingest_job_name
 
     convention = _convention(convention_name)
-    unknown = sorted(set(partitions) - set(_partitions(convention_name)))
+    known = _partitions(convention_name)
+    unknown = sorted(set(partitions) - set(known))
     if unknown:
         sys.exit(f"{convention_name} has no partition {', '.join(unknown)}: plan it first")
     job = defs.resolve_job_def(ingest_job_name(convention))
     instance = _instance()
-    failed = []
-    for number, key in enumerate(partitions, start=1):
+    failed: list[str] = []
+    chunks = contiguous_chunks(known, set(known) - set(partitions), partitions_per_run())
+    done = 0
+    for chunk in chunks:
+        run_range = {
+            ASSET_PARTITION_RANGE_START_TAG: chunk[0],
+            ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
+        }
         started = time.monotonic()
         result = job.execute_in_process(
-            run_config=QUIET_RUN, partition_key=key, instance=instance, raise_on_error=False
+            run_config=QUIET_RUN,
+            instance=instance,
+            raise_on_error=False,
+            tags=run_range,
         )
+        done += len(chunk)
         status = "ok" if result.success else "FAILED"
-        print(f"[{number}/{len(partitions)}] {key}: {status} ({time.monotonic() - started:.1f} s)")
+        what = chunk[0] if len(chunk) == 1 else f"{chunk[0]} .. {chunk[-1]} ({len(chunk)} batches)"
+        elapsed = time.monotonic() - started
+        print(f"[{done}/{len(partitions)}] {what}: {status} ({elapsed:.1f} s)")
         if not result.success:
-            failed.append(key)
+            failed += chunk
     return failed
 
 

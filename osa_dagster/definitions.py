@@ -25,10 +25,7 @@ def build_definitions() -> dg.Definitions:
         assets += convention_assets(convention, partitions)
         checks += convention_checks(convention, partitions)
         convention_jobs, convention_sensors = convention_jobs_and_sensors(convention, partitions)
-        _, ingest_job = convention_jobs
-        convention_schedules, watch_sensors = convention_automation(
-            convention, partitions, ingest_job
-        )
+        convention_schedules, watch_sensors = convention_automation(convention, partitions)
         deposit_asset, deposit_job, deposit_sensor = convention_deposits(convention)
         assets.append(deposit_asset)
         jobs += [*convention_jobs, deposit_job]

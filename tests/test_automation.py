@@ -15,7 +15,7 @@ from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.definitions import build_definitions
 from osa_dagster.defs.assets import batch_partitions
 from osa_dagster.defs.automation import convention_automation
-from osa_dagster.defs.planning import convention_jobs_and_sensors
+from osa_dagster.defs.planning import contiguous_chunks
 from osa_dagster.defs.resources import ArtifactStoreResource
 
 pytestmark = pytest.mark.slow
@@ -43,9 +43,7 @@ def watch(small_mirror: Path):
     convention = load_conventions()["pdb"].model_copy(
         update={"ingester_config": {"mirror": str(small_mirror)}}
     )
-    partitions = batch_partitions(convention)
-    jobs, _ = convention_jobs_and_sensors(convention, partitions)
-    _, (sensor,) = convention_automation(convention, partitions, jobs[1])
+    _, (sensor,) = convention_automation(convention, batch_partitions(convention))
     return sensor
 
 
@@ -65,11 +63,11 @@ def test_the_watch_plans_each_upstream_change_once(watch, small_mirror):
 
         new_entry = copy_entry(next(small_mirror.rglob("*.cif.gz")), small_mirror, "9zz9")
         second = tick(watch, instance, first.cursor)
-        (request,) = second.run_requests
         (added,) = second.dynamic_partitions_requests
-        assert added.partition_keys == [request.partition_key]
-        assert request.run_key == request.partition_key
-        assert request.partition_key.startswith("9ZZ9")
+        (planned,) = added.partition_keys
+        assert planned.startswith("9ZZ9")
+        # The watch plans; the new-batches sensor requests the run, so there is one only.
+        assert second.run_requests == []
 
         # Seen again inside the overlap window, but unchanged: not planned twice.
         third = tick(watch, instance, second.cursor)
@@ -78,9 +76,8 @@ def test_the_watch_plans_each_upstream_change_once(watch, small_mirror):
         # Revised upstream (a new mtime): planned again, as a new partition.
         os.utime(new_entry, (2e9, 2e9))
         fourth = tick(watch, instance, third.cursor)
-        (again,) = fourth.run_requests
-        assert again.partition_key.startswith("9ZZ9")
-        assert again.partition_key != request.partition_key
+        (again,) = fourth.dynamic_partitions_requests[0].partition_keys
+        assert again.startswith("9ZZ9") and again != planned
 
 
 def test_the_weekly_plan_asks_for_what_changed_since_the_last_successful_plan():
@@ -109,3 +106,31 @@ def test_the_weekly_plan_asks_for_what_changed_since_the_last_successful_plan():
         (output,) = [e for e in replan.all_events if e.is_successful_output]
         assert output.step_output_data.metadata["records"].value == 0
         assert instance.get_dynamic_partitions("pdb_batches") == before
+
+
+def test_new_batches_are_requested_in_ranges_that_skip_done_partitions(monkeypatch):
+    monkeypatch.setenv("OSA_PARTITIONS_PER_RUN", "2")
+    with dg.instance_for_test() as instance:
+        defs = build_definitions()
+        keys = [f"b{n}" for n in range(6)]
+        instance.add_dynamic_partitions("pdb_batches", keys)
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset_key=["pdb", "features"], partition="b2")
+        )
+        sensor = defs.resolve_sensor_def("pdb_new_batches")
+        result = sensor(dg.build_sensor_context(instance=instance))
+        ranges = [
+            (r.tags.get("dagster/asset_partition_range_start"), r.partition_key)
+            for r in result.run_requests
+        ]
+        # b2 is done: no run covers it, so b0-b1, then b3-b4, then b5 alone.
+        assert [r.run_key for r in result.run_requests] == ["b0...b1", "b3...b4", "b5"]
+        assert ranges[-1] == (None, "b5")
+        assert result.cursor == "6"
+
+
+def test_contiguous_chunks_never_span_a_skipped_key():
+    keys = list("abcdefg")
+    assert contiguous_chunks(keys, {"c", "d"}, 2) == [["a", "b"], ["e", "f"], ["g"]]
+    assert contiguous_chunks(keys, set(), 20) == [keys]
+    assert contiguous_chunks(keys, set(keys), 3) == []

@@ -167,19 +167,31 @@ def test_definitions_validate_from_the_workspace():
     assert completed.returncode == 0, completed.stderr[-2000:]
 
 
-def test_sensor_requests_one_run_per_new_partition_once(defs, instance):
+def _covered(request: dg.RunRequest, keys: list[str]) -> list[str]:
+    """The partitions a run request covers: one, or a range of adjacent keys."""
+    if request.partition_key is not None:
+        return [request.partition_key]
+    start = keys.index(request.tags["dagster/asset_partition_range_start"])
+    end = keys.index(request.tags["dagster/asset_partition_range_end"])
+    return keys[start : end + 1]
+
+
+def test_sensor_requests_runs_for_new_partitions_once(defs, instance):
     sensor = defs.resolve_sensor_def("toy_new_batches")
     first_keys = _plan(defs, instance, "toy", limit=10, batch_size=5)
     first = sensor(dg.build_sensor_context(instance=instance, definitions=defs))
-    assert [r.partition_key for r in first.run_requests] == first_keys
-    assert {r.run_key for r in first.run_requests} == set(first_keys)
+    # Both new partitions in one run (up to OSA_PARTITIONS_PER_RUN of them per run).
+    (request,) = first.run_requests
+    assert _covered(request, first_keys) == first_keys
+    assert request.run_key == f"{first_keys[0]}...{first_keys[-1]}"
 
     later_keys = _plan(defs, instance, "toy", batch_size=7)
     second = sensor(
         dg.build_sensor_context(instance=instance, cursor=first.cursor, definitions=defs)
     )
     new_keys = [k for k in later_keys if k not in first_keys]
-    assert [r.partition_key for r in second.run_requests] == new_keys
+    all_keys = instance.get_dynamic_partitions("toy_batches")
+    assert [k for r in second.run_requests for k in _covered(r, all_keys)] == new_keys
 
 
 def test_cli_names_an_unknown_convention(toy_conventions, capsys):
@@ -323,3 +335,30 @@ def test_only_hook_steps_take_a_slot_of_the_hook_pool(defs):
     pools = {node.name: node.definition.pool for node in job.nodes}
     assert pools["toy__hook_outcomes__check_size"] == "osa_hooks"
     assert {name for name, pool in pools.items() if pool} == {"toy__hook_outcomes__check_size"}
+
+
+def test_one_run_over_a_partition_range_keeps_per_partition_metadata(defs, instance):
+    keys = _plan(defs, instance, "toy", limit=15, batch_size=5)
+    assert len(keys) == 3
+    job = defs.resolve_job_def("toy_ingest")
+    result = job.execute_in_process(
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": keys[0],
+            "dagster/asset_partition_range_end": keys[-1],
+        },
+    )
+    assert result.success
+    assert _counts() == (12, 12)
+    published = [
+        e.materialization
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey(["toy", "published_records"])
+    ]
+    assert sorted(m.partition for m in published) == sorted(keys)
+    # Each partition's own counts, not the range's: 4 of its 5 records pass.
+    assert {m.metadata["published"].value for m in published} == {4}
+    assert {m.metadata["records_in"].value for m in published} == {5}
+    checks = result.get_asset_check_evaluations()
+    assert checks and all(c.passed for c in checks)
+    assert {c.metadata["partitions"].value for c in checks} == {3}

@@ -1,9 +1,12 @@
 """One convention's asset graph: raw_batch -> hook_outcomes/<hook> -> published_records -> features.
 
-One dynamic partition per frozen batch. The asset functions only translate between
-Dagster and the pipeline steps below (osa_dagster.conventions.pipeline).
+One dynamic partition per frozen batch. A run covers one partition or a range of them
+(`partitions_per_run`): each asset function loops over the run's partitions, calling the
+pipeline steps below (osa_dagster.conventions.pipeline) and giving every partition its own
+materialisation metadata.
 """
 
+import os
 from collections.abc import Iterator
 
 import dagster as dg
@@ -40,6 +43,22 @@ STEP_CRASH_RETRIES = 2
 # operator caps concurrent hook processes (or containers) across all runs with
 # `dagster instance concurrency set osa_hooks N`. Without a limit set, it costs nothing.
 HOOK_POOL = "osa_hooks"
+# Partitions a run covers when many are materialised at once (asset backfills, the
+# new-batches sensor, `osa materialize`). Dagster's cost is per run and per step, about
+# 1 s per run-partition against 0.14 s per partition in a run of 20 (bench/RESULTS.md);
+# a run failing stops only its own range. OSA_PARTITIONS_PER_RUN=1: one run each.
+DEFAULT_PARTITIONS_PER_RUN = 20
+
+
+def partitions_per_run() -> int:
+    value = int(os.environ.get("OSA_PARTITIONS_PER_RUN", DEFAULT_PARTITIONS_PER_RUN))
+    if value < 1:
+        raise ValueError(f"OSA_PARTITIONS_PER_RUN must be at least 1, not {value}")
+    return value
+
+
+def backfill_policy() -> dg.BackfillPolicy:
+    return dg.BackfillPolicy.multi_run(max_partitions_per_run=partitions_per_run())
 
 
 def batch_partitions(convention: Convention) -> dg.DynamicPartitionsDefinition:
@@ -68,6 +87,7 @@ def _raw_batch_asset(
     @dg.asset(
         key=raw_batch_key(convention),
         partitions_def=partitions,
+        backfill_policy=backfill_policy(),
         group_name=convention.name,
         kinds={"python"},
         description=f"Records of one {convention.name} batch fetched by its ingester: "
@@ -76,8 +96,11 @@ def _raw_batch_asset(
     def raw_batch(
         context: dg.AssetExecutionContext, artifact_store: ArtifactStoreResource
     ) -> dg.MaterializeResult:
-        summary = fetch_raw_batch(convention, artifact_store.get(), context.partition_key)
-        return dg.MaterializeResult(metadata=raw_batch_metadata(summary))
+        store = artifact_store.get()
+        for partition in context.partition_keys:
+            summary = fetch_raw_batch(convention, store, partition)
+            context.add_asset_metadata(raw_batch_metadata(summary), partition_key=partition)
+        return dg.MaterializeResult()
 
     return raw_batch
 
@@ -91,6 +114,7 @@ def _hook_asset(
         key=hook_key(convention, hook),
         deps=[raw_batch_key(convention)],
         partitions_def=partitions,
+        backfill_policy=backfill_policy(),
         group_name=convention.name,
         kinds={"python"},
         retry_policy=dg.RetryPolicy(max_retries=STEP_CRASH_RETRIES),
@@ -104,29 +128,36 @@ def _hook_asset(
         hook_runner: HookRunnerResource,
     ) -> Iterator[dg.AssetObservation | dg.MaterializeResult]:
         store = artifact_store.get()
-        progress = run_batch_hook(
-            convention, hook.name, store, context.partition_key, hook_runner.get()
-        )
-        # Yielded, not logged: events logged through the context are dropped when the step
-        # then raises, and the OOM attempt is the one a curator must see.
-        for attempt in progress.attempts_this_call:
-            context.log.info(f"hook {hook.name}: {describe_attempt(attempt)}")
-            yield dg.AssetObservation(
-                asset_key=hook_key(convention, hook),
-                partition=context.partition_key,
-                metadata=attempt_metadata(attempt),
-            )
-        if not progress.done:
+        runner = hook_runner.get()
+        oom_killed: dict[str, int | None] = {}
+        for partition in context.partition_keys:
+            progress = run_batch_hook(convention, hook.name, store, partition, runner)
+            # Yielded, not logged: events logged through the context are dropped when the
+            # step then raises, and the OOM attempt is the one a curator must see.
+            for attempt in progress.attempts_this_call:
+                context.log.info(f"hook {hook.name} on {partition}: {describe_attempt(attempt)}")
+                yield dg.AssetObservation(
+                    asset_key=hook_key(convention, hook),
+                    partition=partition,
+                    metadata=attempt_metadata(attempt),
+                )
+            if progress.done:
+                history = load_memory_history(convention, store, hook.name)
+                context.add_asset_metadata(
+                    {**hook_metadata(progress.checkpoint), **memory_history_metadata(history)},
+                    partition_key=partition,
+                )
+            else:
+                oom_killed[partition] = progress.next_memory_mb
+        if oom_killed:
             context.log.warning(
-                f"hook {hook.name} was OOM-killed; the records not yet done run again with "
-                f"{progress.next_memory_mb} MB"
+                f"hook {hook.name} was OOM-killed in {', '.join(oom_killed)}; their records "
+                f"not yet done run again with more memory ({oom_killed})"
             )
-            # Only an OOM gets here: the next step attempt takes its memory from the checkpoint.
+            # Only an OOM gets here: the next step attempt takes its memory from the
+            # checkpoint, and the partitions already done return at once.
             raise dg.RetryRequested(max_retries=len(ladder), seconds_to_wait=0)
-        history = load_memory_history(convention, store, hook.name)
-        yield dg.MaterializeResult(
-            metadata={**hook_metadata(progress.checkpoint), **memory_history_metadata(history)}
-        )
+        yield dg.MaterializeResult()
 
     return hook_outcomes
 
@@ -138,6 +169,7 @@ def _published_asset(
         key=published_key(convention),
         deps=[hook_key(convention, hook) for hook in convention.hooks],
         partitions_def=partitions,
+        backfill_policy=backfill_policy(),
         group_name=convention.name,
         kinds={"sqlite", "postgres"},
         description="Records that passed every hook, published once per (convention, source id) "
@@ -148,16 +180,14 @@ def _published_asset(
         artifact_store: ArtifactStoreResource,
         records_db: RecordsDatabaseResource,
     ) -> dg.MaterializeResult:
-        db = records_db.get()
-        summary = publish_batch(
-            convention,
-            artifact_store.get(),
-            db,
-            context.partition_key,
-            domain=records_db.srn_domain(),
-        )
-        total = count_published(db, convention.name)
-        return dg.MaterializeResult(metadata=publish_metadata(summary, total))
+        db, store = records_db.get(), artifact_store.get()
+        for partition in context.partition_keys:
+            summary = publish_batch(
+                convention, store, db, partition, domain=records_db.srn_domain()
+            )
+            total = count_published(db, convention.name)
+            context.add_asset_metadata(publish_metadata(summary, total), partition_key=partition)
+        return dg.MaterializeResult()
 
     return published_records
 
@@ -169,6 +199,7 @@ def _features_asset(
         key=features_key(convention),
         deps=[published_key(convention)],
         partitions_def=partitions,
+        backfill_policy=backfill_policy(),
         group_name=convention.name,
         kinds={"sqlite", "postgres"},
         description="Each hook's feature rows of the published records, stored by SRN.",
@@ -178,10 +209,11 @@ def _features_asset(
         artifact_store: ArtifactStoreResource,
         records_db: RecordsDatabaseResource,
     ) -> dg.MaterializeResult:
-        summary = store_batch_features(
-            convention, artifact_store.get(), records_db.get(), context.partition_key
-        )
-        return dg.MaterializeResult(metadata=features_metadata(summary))
+        store, db = artifact_store.get(), records_db.get()
+        for partition in context.partition_keys:
+            summary = store_batch_features(convention, store, db, partition)
+            context.add_asset_metadata(features_metadata(summary), partition_key=partition)
+        return dg.MaterializeResult()
 
     return features
 

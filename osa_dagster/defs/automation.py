@@ -1,8 +1,8 @@
 """Ingests that start themselves: a weekly incremental plan per convention, and a watch of
 the upstream that plans each change as it appears.
 
-Both only plan (add partitions). Every new partition then gets its ingest run, from the
-watch itself or from the `<convention>_new_batches` sensor (defs/planning.py).
+Both only plan (add partitions); the `<convention>_new_batches` sensor (defs/planning.py)
+then requests the ingest runs of every new partition, so no partition gets two.
 """
 
 import os
@@ -12,7 +12,7 @@ import dagster as dg
 
 from osa_dagster.conventions.base import Convention
 from osa_dagster.conventions.pipeline import WatchCursor, watch_upstream
-from osa_dagster.defs.planning import AnyJob, plan_job_name
+from osa_dagster.defs.planning import plan_job_name
 from osa_dagster.defs.resources import ArtifactStoreResource
 
 DEFAULT_PLAN_CRON = "0 3 * * 1"  # Mondays at 03:00 UTC: PDB releases on Wednesdays
@@ -39,9 +39,7 @@ def last_successful_plan_start(instance: dg.DagsterInstance, job_name: str) -> d
 
 
 def convention_automation(
-    convention: Convention,
-    partitions: dg.DynamicPartitionsDefinition,
-    ingest_job: AnyJob,
+    convention: Convention, partitions: dg.DynamicPartitionsDefinition
 ) -> tuple[list[dg.ScheduleDefinition], list[dg.SensorDefinition]]:
     plan_job = plan_job_name(convention)
 
@@ -66,7 +64,6 @@ def convention_automation(
 
     @dg.sensor(
         name=f"{convention.name}_upstream_changes",
-        job=ingest_job,
         minimum_interval_seconds=int(
             os.environ.get("OSA_WATCH_INTERVAL_S", DEFAULT_WATCH_INTERVAL_S)
         ),
@@ -92,7 +89,6 @@ def convention_automation(
                 cursor=cursor.model_dump_json(),
             )
         return dg.SensorResult(
-            run_requests=[dg.RunRequest(run_key=k, partition_key=k) for k in result.new_partitions],
             dynamic_partitions_requests=[partitions.build_add_request(result.new_partitions)],
             cursor=cursor.model_dump_json(),
         )

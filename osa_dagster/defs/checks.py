@@ -55,6 +55,27 @@ def audit_results(convention: Convention, audit: BatchAudit) -> Iterator[dg.Asse
     )
 
 
+def merged_result(
+    check: str, asset: dg.AssetKey, results: dict[str, dg.AssetCheckResult]
+) -> dg.AssetCheckResult:
+    """One result for a run over many partitions (Dagster records one evaluation per
+    check step): passed only if every partition passed, naming those that did not."""
+    failed = [partition for partition, result in results.items() if not result.passed]
+    first_failure = next((results[p] for p in failed), None)
+    return dg.AssetCheckResult(
+        check_name=check,
+        asset_key=asset,
+        passed=not failed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "partitions": len(results),
+            "failed_partitions": ", ".join(failed[:PREVIEW]) or "-",
+            **({"first_failure": first_failure.description or "-"} if first_failure else {}),
+        },
+        description=first_failure.description if first_failure else None,
+    )
+
+
 CHECKS = (
     ("passed_records_published_once", "published"),
     ("failed_records_not_published", "published"),
@@ -88,10 +109,16 @@ def convention_checks(
             artifact_store: ArtifactStoreResource,
             records_db: RecordsDatabaseResource,
         ) -> dg.AssetCheckResult:
-            audit = audit_batch(
-                convention, artifact_store.get(), records_db.get(), context.partition_key
-            )
-            return next(r for r in audit_results(convention, audit) if r.check_name == name)
+            store, db = artifact_store.get(), records_db.get()
+            results = {}
+            for partition in context.partition_keys:
+                audit = audit_batch(convention, store, db, partition)
+                results[partition] = next(
+                    r for r in audit_results(convention, audit) if r.check_name == name
+                )
+            if len(results) == 1:
+                return next(iter(results.values()))
+            return merged_result(name, asset, results)
 
         return check
 

@@ -2,18 +2,23 @@
 sensor that requests a run for every new partition."""
 
 import os
+from collections.abc import Sequence, Set
 from datetime import datetime
 
 import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import (
     UnresolvedAssetJobDefinition,
 )
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 from pydantic import Field
 
 from osa_dagster import __version__
 from osa_dagster.conventions.base import Convention
 from osa_dagster.conventions.pipeline import plan_ingest
-from osa_dagster.defs.assets import features_key
+from osa_dagster.defs.assets import features_key, partitions_per_run
 from osa_dagster.defs.resources import ArtifactStoreResource
 from osa_dagster.storage.store import data_dir
 
@@ -89,11 +94,29 @@ def docker_step_executor() -> dg.ExecutorDefinition:
     )
 
 
-def has_ingest_run(instance: dg.DagsterInstance, job_name: str, partition: str) -> bool:
-    runs = instance.get_run_records(
-        dg.RunsFilter(job_name=job_name, tags={"dagster/partition": partition}), limit=1
+def contiguous_chunks(keys: Sequence[str], skip: Set[str], size: int) -> list[list[str]]:
+    """`keys` without `skip`, cut into runs of at most `size` keys that were adjacent in
+    `keys`: a run over a partition range must not cover a partition it should skip."""
+    chunks: list[list[str]] = [[]]
+    for key in keys:
+        if key in skip:
+            chunks.append([])
+        else:
+            if len(chunks[-1]) == size:
+                chunks.append([])
+            chunks[-1].append(key)
+    return [chunk for chunk in chunks if chunk]
+
+
+def partition_range_request(chunk: Sequence[str]) -> dg.RunRequest:
+    """One run over the partitions `chunk[0]`..`chunk[-1]` (adjacent in the definition)."""
+    if len(chunk) == 1:
+        return dg.RunRequest(run_key=chunk[0], partition_key=chunk[0])
+    first, last = chunk[0], chunk[-1]
+    return dg.RunRequest(
+        run_key=f"{first}...{last}",
+        tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
     )
-    return bool(runs)
 
 
 def plan_job_name(convention: Convention) -> str:
@@ -163,13 +186,11 @@ def convention_jobs_and_sensors(
         # Keys come back in the order they were added, so the cursor is a count; the run
         # key makes a repeated request a no-op should the cursor ever lag.
         seen = int(context.cursor or 0)
-        # Batches ingested outside this sensor (the CLI, a backfill) need no run, nor do
-        # those the upstream watch already requested one for.
+        # Batches ingested outside this sensor (the CLI, a backfill) need no run.
         done = context.instance.get_materialized_partitions(features_key(convention))
         requests = [
-            dg.RunRequest(run_key=key, partition_key=key)
-            for key in keys[seen:]
-            if key not in done and not has_ingest_run(context.instance, ingest_job.name, key)
+            partition_range_request(chunk)
+            for chunk in contiguous_chunks(keys[seen:], done, partitions_per_run())
         ]
         return dg.SensorResult(run_requests=requests, cursor=str(len(keys)))
 
