@@ -10,16 +10,15 @@ instance (SQLite, as the embedded default), and checks that all N records were p
 with their features.
 
   dagster      the convention's `<conv>_ingest` asset job (in-process executor, as deployed),
-               one execute_in_process run per partition, including the 4 asset checks
+               one execute_in_process run per partition (OSA_PARTITIONS_PER_RUN=1),
+               including the 4 asset checks
+  runs of 20   the same job, one run per range of 20 adjacent partitions: the default
+               (OSA_PARTITIONS_PER_RUN), as the new-batches sensor and `osa materialize` run it
+  single run   the same job, one run over every partition (BackfillPolicy.single_run())
   bare steps   plan_ingest, then per batch fetch_raw_batch, run_batch_hook, publish_batch,
                store_batch_features: the floor
   bare same    the bare steps plus what the Dagster assets and checks compute besides them
                (count_published once and audit_batch four times per batch): the fair floor
-  single run   (prototype, bench-only assets) one Dagster run over ALL partitions with
-               BackfillPolicy.single_run(): assets that loop over context.partition_keys
-               calling the same steps, plus the same count_published and audits. The
-               project's assets read context.partition_key and so cannot run over a range;
-               this measures what that change would buy.
 
 Timed: from after planning to the last partition done (planning is the same for all).
 Variants alternate within each round (no warm-up round: one-time costs are small
@@ -60,6 +59,7 @@ from osa_dagster.conventions.pipeline import (  # noqa: E402
     store_batch_features,
 )
 from osa_dagster.defs.checks import CHECKS  # noqa: E402
+from osa_dagster.defs.planning import contiguous_chunks  # noqa: E402
 from osa_dagster.engine import LocalRunner, memory_limit_mode  # noqa: E402
 from osa_dagster.records import (  # noqa: E402
     Feature,
@@ -72,7 +72,7 @@ from osa_dagster.storage import store_from_env  # noqa: E402
 
 CONVENTION = "bench_overhead"
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
-VARIANTS = ("dagster", "single run", "bare same", "bare steps")
+VARIANTS = ("dagster", "runs of 20", "single run", "bare same", "bare steps")
 
 
 def _convention() -> Convention:
@@ -93,14 +93,21 @@ def _outputs_check(expected: int) -> None:
         )
 
 
-def run_dagster(defs: dg.Definitions, home: Path) -> float:
+def run_dagster(defs: dg.Definitions, home: Path, per_run: int | None) -> float:
+    """The ingest job over every partition, `per_run` adjacent partitions per run (None: all)."""
     with dg.instance_for_test(temp_dir=str(home)) as instance:
         defs.resolve_job_def(f"{CONVENTION}_plan").execute_in_process(instance=instance)
         keys = instance.get_dynamic_partitions(f"{CONVENTION}_batches")
         job = defs.resolve_job_def(f"{CONVENTION}_ingest")
         started = time.perf_counter()
-        for key in keys:
-            result = job.execute_in_process(partition_key=key, instance=instance)
+        for chunk in contiguous_chunks(keys, set(), per_run or len(keys)):
+            result = job.execute_in_process(
+                instance=instance,
+                tags={
+                    ASSET_PARTITION_RANGE_START_TAG: chunk[0],
+                    ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
+                },
+            )
             assert result.success
         elapsed = time.perf_counter() - started
         checks = [
@@ -109,6 +116,8 @@ def run_dagster(defs: dg.Definitions, home: Path) -> float:
             if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
         ]
         assert len(checks) == len(CHECKS), "the ingest job no longer runs the asset checks"
+        materialized = instance.get_materialized_partitions(dg.AssetKey([CONVENTION, "features"]))
+        assert materialized == set(keys), "not every partition was materialised"
     return elapsed
 
 
@@ -137,79 +146,6 @@ def run_bare(same_work: bool) -> float:
     return time.perf_counter() - started
 
 
-def single_run_defs(convention: Convention) -> dg.Definitions:
-    """The same graph as the project's, written to run over many partitions in one run."""
-    partitions = dg.DynamicPartitionsDefinition(name=f"{convention.name}_batches")
-    policy = dg.BackfillPolicy.single_run()
-    common = {"partitions_def": partitions, "backfill_policy": policy}
-    raw_key = dg.AssetKey([convention.name, "raw_batch"])
-    hook_keys = [dg.AssetKey([convention.name, "hook_outcomes", h.name]) for h in convention.hooks]
-    published_key = dg.AssetKey([convention.name, "published_records"])
-
-    @dg.asset(key=raw_key, **common)
-    def raw_batch(context: dg.AssetExecutionContext) -> None:
-        store = store_from_env()
-        for key in context.partition_keys:
-            fetch_raw_batch(convention, store, key)
-
-    def hook_asset(name: str, asset_key: dg.AssetKey) -> dg.AssetsDefinition:
-        @dg.asset(key=asset_key, deps=[raw_key], **common)
-        def hook_outcomes(context: dg.AssetExecutionContext) -> None:
-            store, runner = store_from_env(), LocalRunner()
-            for key in context.partition_keys:
-                assert run_batch_hook(convention, name, store, key, runner).done
-
-        return hook_outcomes
-
-    @dg.asset(key=published_key, deps=hook_keys, **common)
-    def published_records(context: dg.AssetExecutionContext) -> None:
-        store, db = store_from_env(), open_database(database_url_from_env())
-        for key in context.partition_keys:
-            publish_batch(convention, store, db, key, domain="bench")
-            count_published(db, convention.name)
-
-    @dg.asset(key=dg.AssetKey([convention.name, "features"]), deps=[published_key], **common)
-    def features(context: dg.AssetExecutionContext) -> None:
-        store, db = store_from_env(), open_database(database_url_from_env())
-        for key in context.partition_keys:
-            store_batch_features(convention, store, db, key)
-            for _ in CHECKS:
-                audit_batch(convention, store, db, key)
-
-    assets = [
-        raw_batch,
-        *(hook_asset(h.name, k) for h, k in zip(convention.hooks, hook_keys, strict=True)),
-        published_records,
-        features,
-    ]
-    job = dg.define_asset_job("single_run_ingest", selection=dg.AssetSelection.assets(*assets))
-    return dg.Definitions(assets=assets, jobs=[job], executor=dg.in_process_executor)
-
-
-def run_single(defs: dg.Definitions, home: Path) -> float:
-    convention = _convention()
-    store = store_from_env()
-    keys = plan_ingest(convention, store).partitions
-    with dg.instance_for_test(temp_dir=str(home)) as instance:
-        instance.add_dynamic_partitions(f"{convention.name}_batches", keys)
-        job = defs.resolve_job_def("single_run_ingest")
-        started = time.perf_counter()
-        result = job.execute_in_process(
-            instance=instance,
-            tags={
-                ASSET_PARTITION_RANGE_START_TAG: keys[0],
-                ASSET_PARTITION_RANGE_END_TAG: keys[-1],
-            },
-        )
-        elapsed = time.perf_counter() - started
-        assert result.success
-        materialized = instance.get_materialized_partitions(
-            dg.AssetKey([convention.name, "features"])
-        )
-        assert materialized == set(keys), "the single run did not materialise every partition"
-    return elapsed
-
-
 def one_round(
     variants: dict[str, Callable[[Path], float]], scratch: Path, records: int
 ) -> dict[str, float]:
@@ -236,10 +172,10 @@ def main() -> None:
     from osa_dagster.definitions import build_definitions
 
     defs = build_definitions()
-    single = single_run_defs(_convention())
     variants: dict[str, Callable[[Path], float]] = {
-        "dagster": lambda home: run_dagster(defs, home),
-        "single run": lambda home: run_single(single, home),
+        "dagster": lambda home: run_dagster(defs, home, 1),
+        "runs of 20": lambda home: run_dagster(defs, home, 20),
+        "single run": lambda home: run_dagster(defs, home, None),
         "bare same": lambda home: run_bare(same_work=True),
         "bare steps": lambda home: run_bare(same_work=False),
     }

@@ -8,9 +8,13 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from sqlalchemy import select
 
+from osa_dagster.conventions.pdb.ingester import mirror_entries
 from osa_dagster.definitions import build_definitions
+from osa_dagster.records import Record, RecordsDatabase, database_url_from_env
 from tests.fixtures.pg_cluster import PgCluster
+from tests.test_pdb_end_to_end import MIRROR, expected_publishable
 
 from .servers import S3Endpoint
 
@@ -18,13 +22,11 @@ REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "deploy/production/dagster.yaml"
 
 
-def test_the_production_profile_runs_an_ingest_on_postgres(
-    seaweedfs: S3Endpoint,
-    postgres: PgCluster,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    toy_conventions,
-):
+@pytest.fixture
+def production(
+    seaweedfs: S3Endpoint, postgres: PgCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The production profile in DAGSTER_HOME, on a throwaway PostgreSQL and SeaweedFS."""
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(PROFILE, home / "dagster.yaml")
@@ -44,6 +46,8 @@ def test_the_production_profile_runs_an_ingest_on_postgres(
     }.items():
         monkeypatch.setenv(name, value)
 
+
+def test_the_production_profile_runs_an_ingest_on_postgres(production, toy_conventions):
     with dg.DagsterInstance.get() as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
@@ -62,3 +66,31 @@ def test_the_production_profile_runs_an_ingest_on_postgres(
         assert instance.get_run_by_id(ingest.run_id).tags["osa/convention"] == "toy"
         stored = instance.get_materialized_partitions(dg.AssetKey(["toy", "features"]))
         assert stored == {key}
+
+
+@pytest.mark.slow
+def test_the_bundled_mirror_ingests_with_instance_and_records_on_postgres(production):
+    with dg.DagsterInstance.get() as instance:
+        defs = build_definitions()
+        plan = defs.resolve_job_def("pdb_plan").execute_in_process(
+            run_config={"ops": {"pdb_plan_batches": {"config": {"batch_size": 10}}}},
+            instance=instance,
+        )
+        assert plan.success
+        keys = instance.get_dynamic_partitions("pdb_batches")
+        ingest = defs.resolve_job_def("pdb_ingest").execute_in_process(
+            instance=instance,
+            tags={
+                "dagster/asset_partition_range_start": keys[0],
+                "dagster/asset_partition_range_end": keys[-1],
+            },
+        )
+        assert ingest.success
+        assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+        stored = instance.get_materialized_partitions(dg.AssetKey(["pdb", "features"]))
+        assert stored == set(keys)
+    db = RecordsDatabase(database_url_from_env())
+    assert db.engine.dialect.name == "postgresql"
+    expected = {pdb_id for pdb_id, path in mirror_entries(MIRROR) if expected_publishable(path)}
+    with db.session() as session:
+        assert set(session.scalars(select(Record.source_id))) == expected
