@@ -1,9 +1,9 @@
 """What the runners add to starting a hook, against a bare subprocess.run.
 
-    .venv/bin/python bench/runner_overhead.py [--runs 30] [--command python|true] [--docker]
+    .venv/bin/python bench/runner_overhead.py [--runs 30] [--command python|true] [--no-docker]
 
-With --docker, the same command also runs in a sandboxed container of the pdb hook image
-(DockerRunner; needs a Docker engine and `make images`).
+The same command also runs in a sandboxed container of the pdb hook image (DockerRunner)
+when a Docker engine answers and the image is built (`make images`); --no-docker skips it.
 
 Runs the same command with each launcher in turn, round after round (so that drift of the
 machine hits all of them alike), and prints the median, the range and the ratio to the bare run.
@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--command", choices=sorted(COMMANDS), default="python")
-    parser.add_argument("--docker", action="store_true", help="also time DockerRunner")
+    parser.add_argument("--no-docker", action="store_true", help="do not time DockerRunner")
     args = parser.parse_args()
     command = COMMANDS[args.command]
 
@@ -54,7 +54,7 @@ def main() -> None:
         modes = ["cgroup", "rlimit"] if memory_limit_mode() == "cgroup" else ["rlimit"]
         for mode in modes:
             launchers[f"LocalRunner({mode})"] = _runner_launcher(LocalRunner(mode), invocation)
-        if args.docker:
+        if not args.no_docker and _docker_image_ready():
             launchers["DockerRunner"] = _runner_launcher(DockerRunner(), invocation)
 
         times: dict[str, list[float]] = {name: [] for name in launchers}
@@ -73,6 +73,17 @@ def main() -> None:
         median = statistics.median(samples)
         spread = f"{min(samples) * 1e3:.2f}-{max(samples) * 1e3:.2f}"
         print(f"{name:<22} {median * 1e3:>10.2f} {spread:>16} {median / bare:>6.2f}")
+
+
+def _docker_image_ready() -> bool:
+    import docker
+
+    try:
+        docker.from_env().images.get(HOOK_IMAGE.name)
+    except docker.errors.DockerException:
+        print("no Docker engine or no pdb hook image: DockerRunner not timed")
+        return False
+    return True
 
 
 def _runner_launcher(runner: Runner, invocation: Invocation) -> Callable[[], None]:
