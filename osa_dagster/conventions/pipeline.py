@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import islice
 
-from osa_sdk.contract import files_dir_for
+from osa_sdk.contract import INGEST_REPORT_FILE, files_dir_for
 from osa_sdk.runtime import IngestReport, run_ingest
-from osa_sdk.types import HookRecord, IngesterRecord, OutcomeStatus, RecordRef
+from osa_sdk.types import FailedRef, HookRecord, IngesterRecord, OutcomeStatus, RecordRef
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from osa_dagster.conventions.base import Convention
@@ -34,6 +34,7 @@ from osa_dagster.records import (
     replace_dead_letters,
     store_features,
 )
+from osa_dagster.records.models import Record
 from osa_dagster.records.queries import (
     publication_counts,
     published_in_partition,
@@ -205,6 +206,19 @@ def load_manifest(store: ArtifactStore, layout: BatchLayout) -> Manifest:
 
 # --- raw batch --------------------------------------------------------------------
 
+# The longest source id the records database holds (records.source_id).
+MAX_SOURCE_ID_CHARS = Record.__table__.c.source_id.type.length
+
+
+def source_id_error(source_id: str) -> str | None:
+    """Why a record with this id cannot be published, or None if it can. The same rule for
+    every database: PostgreSQL text holds no NUL, and the column has a length."""
+    if "\x00" in source_id:
+        return "contains NUL, which a records database cannot hold"
+    if len(source_id) > MAX_SOURCE_ID_CHARS:
+        return f"is {len(source_id)} characters long, over the {MAX_SOURCE_ID_CHARS} allowed"
+    return None
+
 
 @dataclass
 class RawBatchSummary:
@@ -221,8 +235,10 @@ def read_raw_records(
         raise BatchInputError(f"{where}: no records.jsonl at {store.describe(layout.raw_records)}")
     records: list[IngesterRecord] = []
     first_line: dict[str, int] = {}
-    text = store.read_bytes(layout.raw_records).decode("utf-8")
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split as bytes and let each line be decoded by its parse: a byte that is not UTF-8 is
+    # then a bad line named like any other, and no decoded copy of the whole file is made.
+    data = store.read_bytes(layout.raw_records)
+    for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -252,8 +268,16 @@ def fetch_raw_batch(
     manifest = load_manifest(store, layout)
     # A re-fetch starts clean: files of a previous fetch must not leak into this one.
     store.delete_prefix(layout.raw)
+    refs = [ref for ref in manifest.refs if source_id_error(ref.source_id) is None]
     with store.local_dir(layout.raw, writable=True) as out_dir:
-        report = run_ingest(convention.make_ingester(), manifest.refs, out_dir)
+        report = run_ingest(convention.make_ingester(), refs, out_dir)
+        if len(refs) < len(manifest.refs):
+            report.failed += [
+                FailedRef(source_id=ref.source_id, error=f"not fetched: the source id {problem}")
+                for ref in manifest.refs
+                if (problem := source_id_error(ref.source_id)) is not None
+            ]
+            (out_dir / INGEST_REPORT_FILE).write_text(report.model_dump_json(indent=2) + "\n")
     records = read_raw_records(store, layout, convention)
     return RawBatchSummary(records=records, report=report)
 

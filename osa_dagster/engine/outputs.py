@@ -6,11 +6,15 @@ lines are counted as anomalies, never raised, and only complete lines are read.
 
 from __future__ import annotations
 
-from collections.abc import Set
+import json
+import os
+import re
+from collections.abc import Iterator, Set
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from osa_sdk.contract import FEATURES_FILE, OUTPUT_FILES, REJECTIONS_FILE
+from osa_sdk.contract import BYTES_PER_MB, FEATURES_FILE, OUTPUT_FILES, REJECTIONS_FILE, bytes_to_mb
 from osa_sdk.types import ErrorLine, FeaturesLine, OutcomeStatus, RejectionLine
 from pydantic import ValidationError
 
@@ -19,34 +23,101 @@ from osa_dagster.engine.checkpoint import Anomaly, Checkpoint, RecordOutcome
 CONFLICT_PREFIX = "conflicting outcomes: "
 
 
+# An outcome line longer than this is not read: its record is errored instead. Far above the
+# features of any real record, far below what would strain the orchestrator.
+MAX_LINE_BYTES = 64 * BYTES_PER_MB
+# How much of an output file is read at once: the orchestrator holds at most this plus one
+# line, whatever the hook writes and however fast.
+READ_CHUNK_BYTES = 8 * BYTES_PER_MB
+# How much of an over-long line is kept to find the record id it starts with.
+_HEAD_BYTES = 64 * 1024
+_LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+@dataclass(frozen=True)
+class OversizedLine:
+    """A complete line over the limit, which was skipped rather than read."""
+
+    size: int
+    head: bytes
+
+    def record_id(self) -> str | None:
+        """The id the line starts with, when it starts like an outcome line."""
+        match = _LEADING_ID.match(self.head)
+        if match is None:
+            return None
+        try:
+            record_id = json.loads(match.group(1))
+        except ValueError:
+            return None
+        return record_id if isinstance(record_id, str) else None
+
+
 class OutputReader:
     """Hands out the complete lines appended to an attempt's output files since the last call.
 
     A line counts once its `\\n` is written; a partial last line (the hook was killed while
-    writing it) is left unread.
+    writing it) is left unread. Files are read in chunks, up to where they ended when the call
+    started, and a line over `max_line_bytes` is skipped as it streams past (an OversizedLine
+    in its place), so memory stays bounded whatever the hook writes. What was read of a
+    partial line is kept for the next call rather than read again.
     """
 
-    def __init__(self, out_dir: Path, offsets: dict[str, int]) -> None:
+    def __init__(
+        self, out_dir: Path, offsets: dict[str, int], max_line_bytes: int = MAX_LINE_BYTES
+    ) -> None:
         self.out_dir = out_dir
         # Shared with the checkpoint's in-flight attempt, so that saving the checkpoint also
         # saves how far its outcomes go.
         self.offsets = offsets
+        self.max_line_bytes = max_line_bytes
+        self._partial: dict[str, bytes] = {}  # read after the offset, no newline yet
+        self._skipping: dict[str, tuple[int, bytes]] = {}  # over-long line: scanned to, head
 
-    def new_lines(self) -> list[tuple[str, bytes]]:
-        lines: list[tuple[str, bytes]] = []
+    def new_lines(self) -> Iterator[tuple[str, bytes | OversizedLine]]:
         for name in OUTPUT_FILES:
-            offset = self.offsets.get(name, 0)
             try:
-                with (self.out_dir / name).open("rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
+                f = (self.out_dir / name).open("rb")
             except FileNotFoundError:
                 continue
-            end = chunk.rfind(b"\n") + 1
-            if end:
-                self.offsets[name] = offset + end
-                lines.extend((name, line) for line in chunk[:end].split(b"\n")[:-1])
-        return lines
+            with f:
+                yield from self._read(name, f, os.fstat(f.fileno()).st_size)
+
+    def _read(
+        self, name: str, f: BinaryIO, end: int
+    ) -> Iterator[tuple[str, bytes | OversizedLine]]:
+        offset = self.offsets.get(name, 0)
+        partial = self._partial.pop(name, b"")
+        scanned, head = self._skipping.pop(name, (offset + len(partial), None))
+        f.seek(scanned)
+        while scanned < end:
+            chunk = f.read(min(READ_CHUNK_BYTES, end - scanned))
+            if not chunk:
+                break
+            start, scanned = scanned, scanned + len(chunk)
+            if head is not None:
+                newline = chunk.find(b"\n")
+                if newline == -1:
+                    continue
+                line_end = start + newline + 1
+                yield name, OversizedLine(line_end - 1 - offset, head)
+                offset, head, chunk = line_end, None, chunk[newline + 1 :]
+                self.offsets[name] = offset
+            partial += chunk
+            complete = partial.rfind(b"\n") + 1
+            if complete:
+                lines, partial = partial[:complete].split(b"\n")[:-1], partial[complete:]
+                offset += complete
+                self.offsets[name] = offset
+                for line in lines:
+                    too_long = len(line) > self.max_line_bytes
+                    yield name, OversizedLine(len(line), line[:_HEAD_BYTES]) if too_long else line
+            if len(partial) > self.max_line_bytes:
+                head, partial = partial[:_HEAD_BYTES], b""
+        if head is not None:
+            self._skipping[name] = (scanned, head)
+        elif partial:
+            self._partial[name] = partial
 
 
 def harvest(
@@ -58,18 +129,36 @@ def harvest(
     memory_limit_mb: int,
 ) -> bool:
     """Merge the new lines of `reader` into `checkpoint`; True if any line was consumed."""
-    lines = reader.new_lines()
-    for file_name, raw in lines:
-        if not raw.strip():
+    consumed = False
+    for file_name, raw in reader.new_lines():
+        consumed = True
+        if isinstance(raw, OversizedLine):
+            parsed = _oversized(file_name, raw, reader.max_line_bytes)
+        elif not raw.strip():
             continue
-        parsed = _parse(file_name, raw)
+        else:
+            parsed = _parse(file_name, raw)
         if parsed is None:
             checkpoint.note(Anomaly.MALFORMED_LINES)
             continue
         record_id, fields = parsed
         outcome = RecordOutcome(**fields, attempt=attempt, memory_limit_mb=memory_limit_mb)
         _merge(checkpoint, batch_ids, record_id, outcome)
-    return bool(lines)
+    return consumed
+
+
+def _oversized(
+    file_name: str, line: OversizedLine, limit: int
+) -> tuple[str, dict[str, Any]] | None:
+    """An over-long line errors the record it names; None when it names none."""
+    record_id = line.record_id()
+    if record_id is None:
+        return None
+    reason = (
+        f"the hook wrote a {file_name} line of {bytes_to_mb(line.size):.1f} MB for this record, "
+        f"over the limit of {bytes_to_mb(limit):.1f} MB"
+    )
+    return record_id, {"status": OutcomeStatus.ERRORED, "reason": reason, "retryable": False}
 
 
 def _parse(file_name: str, raw: bytes) -> tuple[str, dict[str, Any]] | None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from osa_sdk.contract import EXIT_MEMORY_ERROR
+from osa_sdk.contract import ENV_OUT, EXIT_MEMORY_ERROR
 from pydantic import BaseModel, ConfigDict
 
 from osa_dagster.engine.cgroup import CGROUP_ROOT, NAME_PREFIX, MemoryCgroup, usable_parent
@@ -257,6 +257,9 @@ class LocalAttempt:
     def _reap(self) -> AttemptExit:
         # Kill what the hook left running in its group while the zombie still holds the pgid.
         _killpg(self._process.pid)
+        if self._cgroup is None:
+            # Without a cgroup, a child that left the group (setsid) is found by its environment.
+            _kill_marked(f"{ENV_OUT}={self._inv.out_dir}".encode())
         _, status = os.waitpid(self._process.pid, 0)
         returncode = os.waitstatus_to_exitcode(status)
         self._process.returncode = returncode  # we reaped it: keep Popen from waiting again
@@ -325,6 +328,21 @@ def _prctl() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _kill_marked(variable: bytes) -> None:
+    """SIGKILL every process whose environment holds `variable` (b"NAME=value"). Best effort: a
+    process that cleared its environment is not found; only a cgroup finds everything."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if variable in environ.split(b"\0"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 def _killpg(pgid: int) -> None:

@@ -24,19 +24,19 @@ def test_reader_consumes_only_complete_lines(tmp_path: Path) -> None:
     offsets: dict[str, int] = {}
     reader = OutputReader(tmp_path, offsets)
     features = tmp_path / "features.jsonl"
-    assert reader.new_lines() == []
+    assert list(reader.new_lines()) == []
 
     features.write_text(passed("a") + '{"id": "b", "feat')
-    assert reader.new_lines() == [("features.jsonl", passed("a").strip().encode())]
-    assert reader.new_lines() == []
+    assert list(reader.new_lines()) == [("features.jsonl", passed("a").strip().encode())]
+    assert list(reader.new_lines()) == []
 
     with features.open("a") as f:
         f.write('ures": []}\n')
-    assert reader.new_lines() == [("features.jsonl", b'{"id": "b", "features": []}')]
+    assert list(reader.new_lines()) == [("features.jsonl", b'{"id": "b", "features": []}')]
     assert offsets == {"features.jsonl": features.stat().st_size}
 
     resumed = OutputReader(tmp_path, dict(offsets))
-    assert resumed.new_lines() == []
+    assert list(resumed.new_lines()) == []
 
 
 # raw_output.py config -> expected (status, reason) per record, and the anomalies counted
