@@ -285,7 +285,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     db_cmd = commands.add_parser("db", help="the records database's schema (migrations)")
     db_cmd.add_argument("action", choices=["upgrade", "current"])
 
+    from osa_dagster.backfill import add_backfill_parser, run_backfill_command
+
+    add_backfill_parser(commands)
+
     args = parser.parse_args(argv)
+    if args.command == "backfill":
+        return run_backfill_command(args)
     if args.command == "db":
         return database_schema(args.action)
     if args.command == "demo":

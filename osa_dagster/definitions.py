@@ -10,7 +10,7 @@ from osa_dagster.defs.assets import batch_partitions, convention_assets
 from osa_dagster.defs.automation import convention_automation
 from osa_dagster.defs.checks import convention_checks
 from osa_dagster.defs.deposits import convention_deposits
-from osa_dagster.defs.planning import AnyJob, convention_jobs_and_sensors
+from osa_dagster.defs.planning import AnyJob, convention_jobs_and_sensors, ingest_executor
 from osa_dagster.defs.resources import default_resources
 
 
@@ -38,6 +38,9 @@ def build_definitions() -> dg.Definitions:
         sensors=sensors,
         schedules=schedules,
         resources=default_resources(),
+        # Also for the implicit asset job that asset backfills and UI materialisations
+        # run: otherwise Dagster's default gives every step its own process.
+        executor=ingest_executor(),
     )
 
 

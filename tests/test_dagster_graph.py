@@ -362,3 +362,8 @@ def test_one_run_over_a_partition_range_keeps_per_partition_metadata(defs, insta
     checks = result.get_asset_check_evaluations()
     assert checks and all(c.passed for c in checks)
     assert {c.metadata["partitions"].value for c in checks} == {3}
+    # And every partition has its own verdict for the UI.
+    check = dg.AssetCheckKey(dg.AssetKey(["toy", "published_records"]), "counts_add_up")
+    history = instance.event_log_storage.get_asset_check_execution_history(check, limit=20)
+    verdicts = {r.partition: r.status.value for r in history if r.run_id == ""}
+    assert verdicts == dict.fromkeys(keys, "SUCCEEDED")

@@ -118,6 +118,20 @@ def convention_checks(
                 )
             if len(results) == 1:
                 return next(iter(results.values()))
+            # Dagster records one evaluation per check step, not per partition of a range:
+            # each partition's own verdict is reported beside it, so the UI shows it.
+            for partition, result in results.items():
+                context.instance.report_runless_asset_event(
+                    dg.AssetCheckEvaluation(
+                        asset_key=asset,
+                        check_name=name,
+                        passed=result.passed,
+                        metadata=result.metadata,
+                        severity=result.severity,
+                        description=result.description,
+                        partition=partition,
+                    )
+                )
             return merged_result(name, asset, results)
 
         return check

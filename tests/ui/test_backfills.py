@@ -1,0 +1,203 @@
+"""Backfills from the command line against a running `dagster dev` (webserver + daemon):
+`dagster job backfill` over some batches, then `osa backfill --failed` over the rest."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import dagster as dg
+import pytest
+from sqlalchemy import select
+
+from osa_dagster.backfill import (
+    BackfillError,
+    ConventionPartitions,
+    DagsterWebserver,
+    PartitionSelection,
+    select_partitions,
+)
+from osa_dagster.conventions.pdb.ingester import mirror_entries
+from osa_dagster.records import Record, RecordsDatabase, database_url_from_env
+from tests.test_pdb_end_to_end import MIRROR, expected_publishable
+from tests.ui.conftest import CODE_LOCATION, DagsterSite, dagster_server, make_site
+
+PLANNED_RECORDS = 12
+BATCH_SIZE = 4
+RUNS_TIMEOUT_S = 300.0
+# The backfill daemon looks at backfills every 30 s: one look to launch, one to close.
+ASSET_BACKFILL_TIMEOUT_S = 300.0
+FINISHED_RUN_STATUSES = {
+    dg.DagsterRunStatus.SUCCESS,
+    dg.DagsterRunStatus.FAILURE,
+    dg.DagsterRunStatus.CANCELED,
+}
+
+
+@dataclass(frozen=True)
+class RunningDagster:
+    site: DagsterSite
+    url: str
+    partitions: list[str]
+
+    def instance(self) -> dg.DagsterInstance:
+        return dg.DagsterInstance.from_config(str(self.site.home))
+
+
+@pytest.fixture(scope="module")
+def running_dagster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDagster]:
+    """Three planned pdb batches, nothing ingested, and `dagster dev` serving them."""
+    site = make_site(tmp_path_factory.mktemp("backfills"))
+    # The sensor would request a run for each new batch itself; stopped, every run that
+    # follows was launched by a backfill.
+    site.dagster("sensor", "stop", "-m", CODE_LOCATION, "pdb_new_batches")
+    planned = site.osa("plan", "pdb", "--limit", str(PLANNED_RECORDS), "--batch-size", "4")
+    partitions = planned.stdout.split()
+    assert len(partitions) == PLANNED_RECORDS // BATCH_SIZE, planned.stdout
+    with dagster_server(site, [sys.executable, "-m", "dagster", "dev"], "dagster-dev") as url:
+        yield RunningDagster(site=site, url=url, partitions=partitions)
+
+
+def wait_for_runs(
+    instance: dg.DagsterInstance, partitions: set[str], timeout_s: float
+) -> list[dg.DagsterRun]:
+    """The pdb_ingest runs of `partitions`, once there is a finished one for each."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = [
+            run
+            for run in instance.get_runs(dg.RunsFilter(job_name="pdb_ingest"))
+            if run.tags.get("dagster/partition") in partitions
+        ]
+        finished = {r.tags["dagster/partition"] for r in runs if r.status in FINISHED_RUN_STATUSES}
+        if finished == partitions:
+            return runs
+        if time.monotonic() > deadline:
+            states = {r.tags["dagster/partition"]: r.status.value for r in runs}
+            pytest.fail(f"runs not finished after {timeout_s} s: {states}")
+        time.sleep(1.0)
+
+
+def partition_span(run: dg.DagsterRun) -> tuple[str, str]:
+    """First and last partition of a run: a single one, or a range (a backfill policy's)."""
+    if "dagster/partition" in run.tags:
+        return run.tags["dagster/partition"], run.tags["dagster/partition"]
+    return (
+        run.tags["dagster/asset_partition_range_start"],
+        run.tags["dagster/asset_partition_range_end"],
+    )
+
+
+def published_source_ids(running: RunningDagster, monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    monkeypatch.setenv("OSA_DATA_DIR", str(running.site.data))
+    db = RecordsDatabase(database_url_from_env())
+    with db.session() as session:
+        return set(session.scalars(select(Record.source_id).where(Record.convention == "pdb")))
+
+
+@pytest.mark.slow
+def test_job_backfill_then_asset_backfill_of_the_rest(
+    running_dagster: RunningDagster, monkeypatch: pytest.MonkeyPatch
+):
+    first_two, rest = running_dagster.partitions[:2], running_dagster.partitions[2:]
+    running_dagster.site.dagster(
+        "job", "backfill", "-m", CODE_LOCATION, "-j", "pdb_ingest",
+        "--partitions", ",".join(first_two), "--noprompt",
+    )  # fmt: skip
+    with running_dagster.instance() as instance:
+        runs = wait_for_runs(instance, set(first_two), RUNS_TIMEOUT_S)
+        assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS] * 2
+        assert len({r.tags["dagster/backfill"] for r in runs}) == 1
+        assert len(instance.get_runs(dg.RunsFilter(job_name="pdb_ingest"))) == 2
+
+    # Only the batch the job backfill left out is missing, so that is what --failed selects.
+    launched = running_dagster.site.run(
+        sys.executable, "-m", "osa_dagster.backfill", "pdb", "--failed",
+        "--url", running_dagster.url, "--wait", str(ASSET_BACKFILL_TIMEOUT_S),
+        timeout_s=ASSET_BACKFILL_TIMEOUT_S + 60,
+    )  # fmt: skip
+    match = re.search(r"launched backfill (\S+) of 1 pdb batches:\n  (\S+)\n", launched.stdout)
+    assert match, launched.stdout
+    backfill_id, selected = match.groups()
+    assert [selected] == rest
+    assert f"backfill {backfill_id}: COMPLETED_SUCCESS" in launched.stdout
+
+    with running_dagster.instance() as instance:
+        backfill_runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+        assert [partition_span(r) for r in backfill_runs] == [(rest[0], rest[-1])]
+        assert all(r.status is dg.DagsterRunStatus.SUCCESS for r in backfill_runs)
+        assert backfill_runs[0].tags["osa/convention"] == "pdb"
+        features = dg.AssetKey(["pdb", "features"])
+        assert instance.get_materialized_partitions(features) == set(running_dagster.partitions)
+
+    planned_entries = mirror_entries(MIRROR)[:PLANNED_RECORDS]
+    expected = {pdb_id for pdb_id, path in planned_entries if expected_publishable(path)}
+    assert len(expected) < PLANNED_RECORDS  # the damaged 1OSM is among them and is rejected
+    assert published_source_ids(running_dagster, monkeypatch) == expected
+
+    # Nothing failed or missing now: a second --failed launches nothing.
+    again = running_dagster.site.run(
+        sys.executable, "-m", "osa_dagster.backfill", "pdb", "--failed",
+        "--url", running_dagster.url,
+    )  # fmt: skip
+    assert "nothing to backfill" in again.stdout
+
+
+@pytest.mark.slow
+def test_webserver_errors_are_raised_with_their_message(running_dagster: RunningDagster):
+    webserver = DagsterWebserver(running_dagster.url)
+    state = webserver.convention_partitions("pdb")
+    assert state.partition_keys == running_dagster.partitions
+    assert ["pdb", "raw_batch"] in state.asset_keys
+
+    with pytest.raises(BackfillError, match=r"PartitionKeysNotFoundError: .*no-such-batch"):
+        webserver.launch_asset_backfill(state.asset_keys, ["no-such-batch"], "bad", tags={})
+    with pytest.raises(BackfillError, match=r"PythonError: .*'pdb', 'no_such_asset'"):
+        webserver.launch_asset_backfill(
+            [["pdb", "no_such_asset"]], state.partition_keys[:1], "bad", tags={}
+        )
+    with pytest.raises(BackfillError, match=r"no partitioned assets of convention 'nope'.*pdb"):
+        webserver.convention_partitions("nope")
+    with pytest.raises(BackfillError, match="BackfillNotFoundError"):
+        webserver.backfill_status("nosuchid")
+
+
+def test_an_unreachable_webserver_is_named():
+    with pytest.raises(BackfillError, match=r"cannot reach the Dagster webserver at http://127"):
+        DagsterWebserver("http://127.0.0.1:9").convention_partitions("pdb")
+
+
+PLANNED = ConventionPartitions(
+    convention="pdb",
+    asset_keys=[["pdb", "raw_batch"]],
+    partition_keys=["K-c", "K-a", "K-d", "K-b"],  # planning order, not sorted
+    failed_or_missing=["K-a", "K-b"],
+)
+
+
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [
+        (PartitionSelection(keys=["K-b", "K-c"]), ["K-c", "K-b"]),
+        (PartitionSelection(first="K-a", last="K-d"), ["K-a", "K-d"]),
+        (PartitionSelection(first="K-d"), ["K-d", "K-b"]),
+        (PartitionSelection(last="K-a"), ["K-c", "K-a"]),
+        (PartitionSelection(failed_or_missing=True), ["K-a", "K-b"]),
+    ],
+)
+def test_partitions_are_selected_in_planning_order(selection, expected):
+    assert select_partitions(PLANNED, selection) == expected
+
+
+def test_bad_selections_are_refused_with_what_is_wrong():
+    with pytest.raises(BackfillError, match="pdb has no partition K-x, K-y"):
+        select_partitions(PLANNED, PartitionSelection(keys=["K-a", "K-x", "K-y"]))
+    with pytest.raises(BackfillError, match="--from K-b comes after --to K-a"):
+        select_partitions(PLANNED, PartitionSelection(first="K-b", last="K-a"))
+    with pytest.raises(ValueError, match="select partitions one way"):
+        PartitionSelection(keys=["K-a"], failed_or_missing=True)
+    with pytest.raises(ValueError, match="select partitions one way"):
+        PartitionSelection()
