@@ -55,7 +55,7 @@ def attempt_metadata(attempt: AttemptRecord) -> dict[str, Any]:
     return {
         "attempt": attempt.number,
         "memory_limit_mb": attempt.memory_limit_mb,
-        "peak_memory_mb": attempt.peak_memory_mb or 0.0,
+        "peak_memory_mb": round(attempt.peak_memory_mb or 0.0, 1),
         "oom_killed": attempt.oom_killed,
         "ending": _ending(attempt),
         "records_in": attempt.records_in,
@@ -123,7 +123,7 @@ def hook_metadata(checkpoint: Checkpoint) -> dict[str, Any]:
         "attempts": len(checkpoint.attempts),
         "oom_attempts": len(ooms),
         "memory_limits_mb": " -> ".join(str(a.memory_limit_mb) for a in checkpoint.attempts) or "-",
-        "peak_memory_mb": max(peaks, default=0.0),
+        "peak_memory_mb": round(max(peaks, default=0.0), 1),
         "attempt_log": markdown_table(ATTEMPT_HEADER, map(attempt_row, checkpoint.attempts)),
     }
     anomalies = {name: n for name, n in checkpoint.anomalies.items() if n}
