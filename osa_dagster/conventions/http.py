@@ -17,12 +17,12 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
-from urllib.parse import urljoin, urlsplit
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3.exceptions
@@ -32,6 +32,7 @@ from requests.structures import CaseInsensitiveDict
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 _DOWNLOAD_CHUNK = 1 << 20
 _BODY_EXCERPT = 200
 _RETRYABLE_ERRORS = (
@@ -52,6 +53,7 @@ class UpstreamError(Exception):
     """An upstream request failed for good; the message names the URL."""
 
     def __init__(self, url: str, problem: str, status: int | None = None) -> None:
+        url = without_secrets(url)
         super().__init__(f"{url}: {problem}")
         self.url = url
         self.status = status
@@ -223,32 +225,24 @@ class HttpClient:
         is not asked for (Accept-Encoding: identity), so most servers send bytes as-is.
         """
         keep_encoded = name.endswith(".gz")
-        full_url = _full_url(url, params)
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                with self._send("GET", url, params, {"Accept-Encoding": "identity"}) as response:
-                    self._check_status(response)
-                    expected = _content_length(response)
-                    pending = ctx.open_file(source_id, name)
-                    with pending as out:
-                        for chunk in response.raw.stream(
-                            _DOWNLOAD_CHUNK, decode_content=not keep_encoded
-                        ):
-                            out.write(chunk)
-                        # Raw bytes are what Content-Length counts; decoded ones are not.
-                        on_wire = response.raw.tell()
-                        if expected is not None and on_wire < expected:
-                            raise _Retryable(
-                                f"body truncated: {on_wire} of {expected} bytes arrived"
-                            )
-                    return DownloadedFile(pending.ref, response.url, _headers(response))
-            except _Retryable as failure:
-                self._before_retry(full_url, attempt, failure)
-            except _RETRYABLE_ERRORS as error:
-                self._before_retry(full_url, attempt, _Retryable(_describe(error)))
-            except requests.RequestException as error:
-                raise UpstreamError(full_url, _describe(error)) from error
-        raise AssertionError("unreachable: the last attempt raises")
+
+        def attempt() -> DownloadedFile:
+            with self._send("GET", url, params, {"Accept-Encoding": "identity"}) as response:
+                self._check_status(response)
+                expected = _content_length(response)
+                pending = ctx.open_file(source_id, name)
+                with pending as out:
+                    for chunk in response.raw.stream(
+                        _DOWNLOAD_CHUNK, decode_content=not keep_encoded
+                    ):
+                        out.write(chunk)
+                    # Raw bytes are what Content-Length counts; decoded ones are not.
+                    on_wire = response.raw.tell()
+                    if expected is not None and on_wire < expected:
+                        raise _Retryable(f"body truncated: {on_wire} of {expected} bytes arrived")
+                return DownloadedFile(pending.ref, response.url, _headers(response))
+
+        return self._with_retries(_full_url(url, params), attempt)
 
     def close(self) -> None:
         with self._sessions_lock:
@@ -273,21 +267,26 @@ class HttpClient:
         headers: Headers,
         payload: Any = None,
     ) -> HttpResponse:
-        full_url = _full_url(url, params)
-        for attempt in range(1, self.max_attempts + 1):
+
+        def attempt() -> HttpResponse:
+            with self._send(method, url, params, headers, payload) as response:
+                self._check_status(response)
+                # .content decodes gzip and, through urllib3, refuses a body shorter than
+                # its Content-Length (ProtocolError, retried).
+                body = response.content
+                return HttpResponse(response.url, response.status_code, _headers(response), body)
+
+        return self._with_retries(_full_url(url, params), attempt)
+
+    def _with_retries(self, full_url: str, attempt: Callable[[], _T]) -> _T:
+        """`attempt()` until it succeeds, retrying what is transient, at most max_attempts."""
+        for number in range(1, self.max_attempts + 1):
             try:
-                with self._send(method, url, params, headers, payload) as response:
-                    self._check_status(response)
-                    # .content decodes gzip and, through urllib3, refuses a body shorter
-                    # than its Content-Length (ProtocolError, retried below).
-                    body = response.content
-                    return HttpResponse(
-                        response.url, response.status_code, _headers(response), body
-                    )
+                return attempt()
             except _Retryable as failure:
-                self._before_retry(full_url, attempt, failure)
+                self._before_retry(full_url, number, failure)
             except _RETRYABLE_ERRORS as error:
-                self._before_retry(full_url, attempt, _Retryable(_describe(error)))
+                self._before_retry(full_url, number, _Retryable(_describe(error)))
             except requests.RequestException as error:
                 raise UpstreamError(full_url, _describe(error)) from error
         raise AssertionError("unreachable: the last attempt raises")
@@ -369,11 +368,27 @@ class HttpClient:
         return session
 
 
-def _full_url(url: str, params: Params) -> str:
-    """The URL with its query string, as it will be requested (for error messages)."""
-    if not params:
+# Query parameters that carry credentials: never written into messages or logs.
+_SECRET_PARAMS = frozenset({"api_key", "apikey", "token", "access_token"})
+
+
+def without_secrets(url: str) -> str:
+    """`url` with the values of credential parameters (api_key, token...) blanked."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(k.lower() in _SECRET_PARAMS for k, _ in query):
         return url
-    prepared = requests.Request("GET", url, params=dict(params)).prepare().url
+    shown = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in query]
+    return urlunsplit(parts._replace(query=urlencode(shown)))
+
+
+def _full_url(url: str, params: Params) -> str:
+    """The URL with its query string, as it will be requested, credentials blanked (for
+    error messages and logs)."""
+    if not params:
+        return without_secrets(url)
+    shown = {k: ("***" if k.lower() in _SECRET_PARAMS else v) for k, v in params.items()}
+    prepared = requests.Request("GET", url, params=shown).prepare().url
     return prepared or url
 
 

@@ -384,3 +384,12 @@ def test_a_200_mb_download_never_sits_in_memory(fake_upstream, tmp_path):
     print(f"peak RSS growth: download {download_growth:.1f} MB, get {buffered_growth:.1f} MB")
     assert download_growth < 30
     assert buffered_growth > length / 1e6 * 0.9
+
+
+def test_an_api_key_never_appears_in_an_error(fake_upstream):
+    fake_upstream.route("/gone", Reply(status=404))
+    client = HttpClient(max_attempts=1)
+    with pytest.raises(NotFound) as raised:
+        client.get(fake_upstream.url("/gone"), params={"term": "x", "api_key": "s3cret"})
+    assert "s3cret" not in str(raised.value)
+    assert "api_key=%2A%2A%2A" in str(raised.value) or "api_key=***" in str(raised.value)
