@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,3 +45,23 @@ def postgres() -> Iterator[PgCluster]:
         pytest.skip(reason)
     with throwaway_postgres() as server:
         yield server
+
+
+def use_instance_profile(
+    profile: Path, postgres: PgCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """DAGSTER_HOME with `profile` as its dagster.yaml and the OSA_DAGSTER_PG_* variables
+    the shipped profiles read, pointing at `postgres`; the home folder."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(profile, home / "dagster.yaml")
+    for name, value in {
+        "DAGSTER_HOME": str(home),
+        "OSA_DAGSTER_PG_HOST": "127.0.0.1",
+        "OSA_DAGSTER_PG_PORT": str(postgres.port),
+        "OSA_DAGSTER_PG_DB": "postgres",
+        "OSA_DAGSTER_PG_USER": "postgres",
+        "OSA_DAGSTER_PG_PASSWORD": "",
+    }.items():
+        monkeypatch.setenv(name, value)
+    return home

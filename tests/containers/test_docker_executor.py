@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from sqlalchemy import func, select
 
 from osa_dagster import __version__
 from osa_dagster.records import Record, RecordsDatabase, database_url_from_env
+from tests.conftest import use_instance_profile
 
 pytestmark = pytest.mark.slow
 
@@ -75,19 +75,8 @@ def test_the_docker_profile_loads_with_the_docker_run_launcher(
 ):
     from dagster_docker import DockerRunLauncher
 
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copy(REPO / "deploy/docker/dagster.yaml", home / "dagster.yaml")
-    for name, value in {
-        "DAGSTER_HOME": str(home),
-        "OSA_DAGSTER_PG_HOST": "127.0.0.1",
-        "OSA_DAGSTER_PG_PORT": str(postgres.port),
-        "OSA_DAGSTER_PG_DB": "postgres",
-        "OSA_DAGSTER_PG_USER": "postgres",
-        "OSA_DAGSTER_PG_PASSWORD": "",
-        "OSA_STEP_IMAGE": step_image,
-    }.items():
-        monkeypatch.setenv(name, value)
+    use_instance_profile(REPO / "deploy/docker/dagster.yaml", postgres, tmp_path, monkeypatch)
+    monkeypatch.setenv("OSA_STEP_IMAGE", step_image)
     with dg.DagsterInstance.get() as instance:
         launcher = instance.run_launcher
         assert isinstance(launcher, DockerRunLauncher)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from sqlalchemy import select
 from osa_dagster.conventions.pdb.ingester import mirror_entries
 from osa_dagster.definitions import build_definitions
 from osa_dagster.records import Record, RecordsDatabase, database_url_from_env
+from tests.conftest import use_instance_profile
 from tests.fixtures.pg_cluster import PgCluster
 from tests.test_pdb_end_to_end import MIRROR, expected_publishable
 
@@ -27,16 +27,8 @@ def production(
     seaweedfs: S3Endpoint, postgres: PgCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The production profile in DAGSTER_HOME, on a throwaway PostgreSQL and SeaweedFS."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(PROFILE, home / "dagster.yaml")
+    use_instance_profile(PROFILE, postgres, tmp_path, monkeypatch)
     for name, value in {
-        "DAGSTER_HOME": str(home),
-        "OSA_DAGSTER_PG_HOST": "127.0.0.1",
-        "OSA_DAGSTER_PG_PORT": str(postgres.port),
-        "OSA_DAGSTER_PG_DB": "postgres",
-        "OSA_DAGSTER_PG_USER": "postgres",
-        "OSA_DAGSTER_PG_PASSWORD": "",
         "OSA_COMPUTE_LOG_BUCKET": seaweedfs.bucket,
         "OSA_COMPUTE_LOG_PREFIX": f"logs/{uuid.uuid4().hex}",
         "OSA_S3_ENDPOINT_URL": seaweedfs.url,
