@@ -51,7 +51,6 @@ def convention_deposits(
     job = dg.define_asset_job(
         name=f"{convention.name}_validate_deposit",
         selection=[deposit_key(convention)],
-        partitions_def=partitions,
         executor_def=dg.in_process_executor,
         description=f"Validate one deposited {convention.name} record.",
     )
