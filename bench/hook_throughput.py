@@ -1,0 +1,75 @@
+"""Records per second of each bundled convention's hooks on its bundled data, in process.
+
+    .venv/bin/python bench/hook_throughput.py [--runs 3]
+
+Each convention's records are planned and fetched from its bundled data into a scratch
+store, as an ingest would, then every hook function is called on every record in this
+process (no runner, no subprocess): what the parsers cost, not the engine. Rejections
+count as done records; the median of the runs is reported with its range.
+"""
+
+import argparse
+import contextlib
+import importlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from osa_sdk.authoring import Hook  # noqa: E402
+from osa_sdk.types import HookRecord, Reject  # noqa: E402
+
+from osa_dagster.conventions.pipeline import fetch_raw_batch, plan_ingest  # noqa: E402
+from osa_dagster.conventions.registry import load_conventions  # noqa: E402
+from osa_dagster.storage import BatchLayout, FileSystemStore  # noqa: E402
+
+
+def hook_function(command: tuple[str, ...]) -> Hook:
+    module, _, name = command[-1].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    header = ("convention.hook", "records", "MB", "median s", "min-max s", "rec/s")
+    print("{:<32}{:>8}{:>8}{:>10}{:>14}{:>9}".format(*header))
+    with tempfile.TemporaryDirectory(prefix="osa-bench-") as tmp:
+        store = FileSystemStore(Path(tmp))
+        for convention in load_conventions().values():
+            plan = plan_ingest(convention, store, batch_size=1_000_000)
+            (partition,) = plan.partitions
+            records = [
+                HookRecord.from_ingested(r)
+                for r in fetch_raw_batch(convention, store, partition).records
+            ]
+            files_root = Path(tmp) / BatchLayout(convention.name, partition).raw_files
+            for record in records:
+                record.bind_files_root(files_root)
+            megabytes = sum(r.size_mb for r in records)
+            for spec in convention.hooks:
+                hook = hook_function(spec.command)
+                times = []
+                for _ in range(args.runs):
+                    started = time.perf_counter()
+                    for record in records:
+                        with contextlib.suppress(Reject):
+                            hook(record, **spec.config)
+                    times.append(time.perf_counter() - started)
+                median = statistics.median(times)
+                print(
+                    f"{convention.name + '.' + spec.name:<32}{len(records):>8}{megabytes:>8.1f}"
+                    f"{median:>10.2f}{f'{min(times):.2f}-{max(times):.2f}':>14}"
+                    f"{len(records) / median:>9.1f}"
+                )
+    print(f"{os.cpu_count()} CPUs; one process, hooks called directly")
+
+
+if __name__ == "__main__":
+    main()
