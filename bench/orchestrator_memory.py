@@ -5,11 +5,12 @@
 
 Each measurement runs in a child process of its own (this script with --child), which
 builds the project's Definitions, plans, then ingests every partition through the project's
-`<conv>_ingest` job in process (one execute_in_process run per partition, as the sensor and
-the CLI run it), against a fresh filesystem store, SQLite records DB and SQLite Dagster
-instance. The child reports resource.getrusage(RUSAGE_SELF).ru_maxrss (peak RSS of the
-orchestrating process only: hooks and their containers are other processes) once after
-setup and planning, and once after the last partition.
+`<conv>_ingest` job in process (one execute_in_process run per range of adjacent
+partitions, as the sensor and the CLI run them), against a fresh filesystem store, SQLite
+records DB and SQLite Dagster instance. The child reports
+resource.getrusage(RUSAGE_SELF).ru_maxrss (peak RSS of the orchestrating process only:
+hooks and their containers are other processes) once after setup and planning, and once
+after the last partition.
 
   N partitions   the synthetic convention of tests/fixtures/scale_convention.py, batches of
                  --batch-size records of 100 bytes, the trivial SDK hook
@@ -51,8 +52,14 @@ def child(kind: str, partitions: int, batch_size: int, big_records: int, big_mb:
     import warnings
 
     import dagster as dg
+    from dagster._core.storage.tags import (
+        ASSET_PARTITION_RANGE_END_TAG,
+        ASSET_PARTITION_RANGE_START_TAG,
+    )
 
     from osa_dagster.definitions import build_definitions
+    from osa_dagster.defs.assets import partitions_per_run
+    from osa_dagster.defs.planning import contiguous_chunks
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     name = sc.NAME if kind == "partitions" else sc.BIG_NAME
@@ -66,8 +73,14 @@ def child(kind: str, partitions: int, batch_size: int, big_records: int, big_mb:
             job = defs.resolve_job_def(f"{name}_ingest")
             setup = _rss_mb()
             started = time.perf_counter()
-            for key in keys:
-                assert job.execute_in_process(partition_key=key, instance=instance).success
+            # As the new-batches sensor and `osa materialize` run them: adjacent partitions
+            # together, OSA_PARTITIONS_PER_RUN (20) per run.
+            for chunk in contiguous_chunks(keys, set(), partitions_per_run()):
+                run_range = {
+                    ASSET_PARTITION_RANGE_START_TAG: chunk[0],
+                    ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
+                }
+                assert job.execute_in_process(tags=run_range, instance=instance).success
             seconds = time.perf_counter() - started
             data_mb = (
                 sum(f.stat().st_size for f in (Path(tmp) / "data").rglob("*") if f.is_file()) / 1e6
