@@ -45,7 +45,7 @@ STEP_CRASH_RETRIES = 2
 HOOK_POOL = "osa_hooks"
 # Partitions a run covers when many are materialised at once (asset backfills, the
 # new-batches sensor, `osa materialize`). Dagster's cost is per run and per step, about
-# 1 s per run-partition against 0.14 s per partition in a run of 20 (bench/RESULTS.md);
+# 1 s per one-partition run against 0.20 s per partition in runs of 20 (bench/RESULTS.md);
 # a run failing stops only its own range. OSA_PARTITIONS_PER_RUN=1: one run each.
 DEFAULT_PARTITIONS_PER_RUN = 20
 

@@ -179,7 +179,8 @@ def convention_jobs_and_sensors(
         job=ingest_job,
         minimum_interval_seconds=SENSOR_INTERVAL_S,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Requests one ingest run per newly planned batch.",
+        description="Requests ingest runs for newly planned batches, up to "
+        "OSA_PARTITIONS_PER_RUN adjacent ones per run.",
     )
     def new_batches(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         keys = context.instance.get_dynamic_partitions(partitions.name)
