@@ -144,7 +144,7 @@ def main() -> None:
     )
     print(
         "peak RSS of the orchestrating process (ru_maxrss, RUSAGE_SELF), one child process per "
-        "row, in-process ingest job run per partition, filesystem store, SQLite; "
+        "row, in-process ingest runs of adjacent partitions, filesystem store, SQLite; "
         f"{os.cpu_count()} CPUs; 1 run per row"
     )
     print(
