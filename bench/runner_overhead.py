@@ -67,7 +67,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - started)
 
     bare = statistics.median(times["subprocess.run"])
-    print(f"{' '.join(command)!r}, {args.runs} runs each")
+    print(f"{args.command!r} command, {args.runs} runs each")
     print(f"{'launcher':<22} {'median ms':>10} {'min-max ms':>16} {'ratio':>6}")
     for name, samples in times.items():
         median = statistics.median(samples)
