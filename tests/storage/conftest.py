@@ -3,7 +3,6 @@ gives every semantics test the filesystem store, S3 on moto and S3 on SeaweedFS 
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from osa_dagster.storage import ArtifactStore, FileSystemStore
+from tests.fixtures.services import unavailable
 
 from .servers import S3Endpoint, SeaweedFS, SeaweedFSUnavailable, moto_endpoint
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 @pytest.fixture(autouse=True)
@@ -37,9 +35,7 @@ def seaweedfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seawe
     try:
         server = SeaweedFS.start(tmp_path_factory.mktemp("seaweedfs"))
     except SeaweedFSUnavailable as error:
-        if IN_CI:
-            pytest.fail(f"SeaweedFS is required in CI: {error}")
-        pytest.skip(f"SeaweedFS unavailable: {error}")
+        unavailable(f"SeaweedFS unavailable: {error}")
     try:
         yield server
     finally:

@@ -35,12 +35,13 @@ from osa_dagster.storage import BatchLayout, store_from_env
 from osa_dagster.storage.checkpoints import StoreCheckpointIO
 from osa_dagster.storage.s3 import RetryPolicy, S3Store
 from tests.engine.helpers import alive, eventually
+from tests.fixtures.services import unavailable
 from tests.fixtures.toy_convention import TOY_IDS, ToyIngester
 
 from .servers import S3Endpoint, SeaweedFS, SeaweedFSUnavailable
 
 REPO = Path(__file__).resolve().parents[2]
-IN_CI = os.environ.get("CI", "").lower() == "true"
+
 HOOK = "ledger"
 
 
@@ -267,9 +268,7 @@ def own_seaweedfs(tmp_path: Path) -> Iterator[SeaweedFS]:
     try:
         server = SeaweedFS.start(tmp_path / "seaweedfs")
     except SeaweedFSUnavailable as error:
-        if IN_CI:
-            pytest.fail(f"SeaweedFS is required in CI: {error}")
-        pytest.skip(f"SeaweedFS unavailable: {error}")
+        unavailable(f"SeaweedFS unavailable: {error}")
     try:
         yield server
     finally:
