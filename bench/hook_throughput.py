@@ -24,7 +24,8 @@ sys.path.insert(0, str(REPO))
 from osa_sdk.authoring import Hook  # noqa: E402
 from osa_sdk.types import HookRecord, Reject  # noqa: E402
 
-from osa_dagster.conventions.pipeline import fetch_raw_batch, plan_ingest  # noqa: E402
+from osa_dagster.batch.fetch import fetch_raw_batch  # noqa: E402
+from osa_dagster.batch.plan import plan_ingest  # noqa: E402
 from osa_dagster.conventions.registry import load_conventions  # noqa: E402
 from osa_dagster.storage import BatchLayout, FileSystemStore  # noqa: E402
 

@@ -49,15 +49,12 @@ from dagster._core.storage.tags import (  # noqa: E402
 )
 from sqlalchemy import func, select  # noqa: E402
 
+from osa_dagster.batch.audit import audit_batch  # noqa: E402
+from osa_dagster.batch.fetch import fetch_raw_batch  # noqa: E402
+from osa_dagster.batch.hooks import run_batch_hook  # noqa: E402
+from osa_dagster.batch.plan import plan_ingest  # noqa: E402
+from osa_dagster.batch.publish import publish_batch, store_batch_features  # noqa: E402
 from osa_dagster.conventions.base import Convention  # noqa: E402
-from osa_dagster.conventions.pipeline import (  # noqa: E402
-    audit_batch,
-    fetch_raw_batch,
-    plan_ingest,
-    publish_batch,
-    run_batch_hook,
-    store_batch_features,
-)
 from osa_dagster.defs.checks import CHECKS  # noqa: E402
 from osa_dagster.defs.planning import contiguous_chunks  # noqa: E402
 from osa_dagster.engine import LocalRunner, memory_limit_mode  # noqa: E402

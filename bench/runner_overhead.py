@@ -22,7 +22,7 @@ from pathlib import Path
 
 from osa_dagster.conventions.pdb import HOOK_IMAGE
 from osa_dagster.engine import Invocation, LocalRunner, Runner, memory_limit_mode
-from osa_dagster.engine.docker_runner import DockerRunner
+from osa_dagster.engine.runners.docker import DockerRunner
 
 COMMANDS = {"python": [sys.executable, "-c", "pass"], "true": ["true"]}
 

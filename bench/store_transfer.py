@@ -35,14 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
+from osa_dagster.batch.fetch import fetch_raw_batch  # noqa: E402
+from osa_dagster.batch.hooks import run_batch_hook  # noqa: E402
+from osa_dagster.batch.plan import plan_ingest  # noqa: E402
+from osa_dagster.batch.publish import publish_batch, store_batch_features  # noqa: E402
 from osa_dagster.conventions.base import Convention  # noqa: E402
-from osa_dagster.conventions.pipeline import (  # noqa: E402
-    fetch_raw_batch,
-    plan_ingest,
-    publish_batch,
-    run_batch_hook,
-    store_batch_features,
-)
 from osa_dagster.engine import LocalRunner  # noqa: E402
 from osa_dagster.records import RecordsDatabase  # noqa: E402
 from osa_dagster.storage import store_from_env  # noqa: E402

@@ -116,12 +116,10 @@ def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
 
 def summary(convention_name: str) -> dict[str, int]:
     """Counts per record, not per hook: a record rejected by two hooks counts once."""
-    from osa_dagster.conventions.pipeline import (
-        BatchInputError,
-        batch_verdicts,
-        planned_partitions,
-        read_ingest_report,
-    )
+    from osa_dagster.batch import BatchInputError
+    from osa_dagster.batch.fetch import read_ingest_report
+    from osa_dagster.batch.plan import planned_partitions
+    from osa_dagster.batch.publish import batch_verdicts
     from osa_dagster.records import database_url_from_env, open_database
     from osa_dagster.records.queries import count_feature_rows, count_published
     from osa_dagster.storage import BatchLayout, store_from_env
@@ -141,8 +139,8 @@ def summary(convention_name: str) -> dict[str, int]:
         totals["records skipped (oversize)"] += len(report.skipped_oversize)
         totals["records not fetched"] += len(report.failed) + len(report.missing)
         totals["records passed every hook"] += len(verdicts.passed)
-        for _, _, outcome in verdicts.failed:
-            totals[f"records {outcome.split(':')[0]}"] += 1
+        for verdict in verdicts.failed:
+            totals[f"records {verdict.status}"] += 1
         totals["OOM retries"] += sum(
             len(checkpoint.oom_attempts()) for checkpoint in verdicts.checkpoints.values()
         )
@@ -218,7 +216,7 @@ def database_schema(action: str) -> int:
 
 def demo(fresh: bool) -> int:
     if fresh:
-        from osa_dagster.storage.store import data_dir
+        from osa_dagster.settings import data_dir
 
         shutil.rmtree(data_dir(), ignore_errors=True)
     started = time.monotonic()
@@ -241,7 +239,7 @@ def demo(fresh: bool) -> int:
 
 
 def _records_in_batches(convention_name: str):  # noqa: ANN202
-    from osa_dagster.conventions.pipeline import load_manifest, planned_partitions
+    from osa_dagster.batch.plan import load_manifest, planned_partitions
     from osa_dagster.storage import BatchLayout, store_from_env
 
     store = store_from_env()

@@ -69,7 +69,7 @@ from osa_dagster.engine import (
     MemoryPolicy,
     run_hook,
 )
-from osa_dagster.engine.kubernetes import (
+from osa_dagster.engine.runners.kubernetes import (
     DEADLINE_EXCEEDED,
     LABEL_MANAGED_BY,
     MANAGED_BY,

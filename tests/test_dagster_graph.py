@@ -10,10 +10,10 @@ import dagster as dg
 import pytest
 from sqlalchemy import func, select
 
+from osa_dagster.batch.stores import StoreMemoryHistoryIO
 from osa_dagster.definitions import build_definitions
 from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
 from osa_dagster.storage import store_from_env
-from osa_dagster.storage.checkpoints import StoreMemoryHistoryIO
 from osa_dagster.storage.layout import memory_history_key
 from tests.fixtures.toy_convention import TOY_IDS
 
@@ -244,7 +244,7 @@ def test_a_corrupted_records_table_fails_a_check_in_the_next_run(defs, instance)
 def test_the_audit_names_what_a_corrupted_table_lost(defs, instance):
     from sqlalchemy import delete
 
-    from osa_dagster.conventions.pipeline import audit_batch
+    from osa_dagster.batch.audit import audit_batch
     from osa_dagster.conventions.registry import load_conventions
     from osa_dagster.storage import store_from_env
 

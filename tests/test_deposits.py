@@ -7,7 +7,7 @@ import dagster as dg
 import pytest
 from osa_sdk.types import OutcomeStatus
 
-from osa_dagster.conventions.deposits import read_result, write_deposit
+from osa_dagster.batch.deposits import read_result, write_deposit
 from osa_dagster.conventions.pdb.ingester import DEFAULT_MIRROR, entry_path
 from osa_dagster.definitions import build_definitions
 from osa_dagster.defs.resources import DepositsResource

@@ -2,14 +2,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from osa_dagster.conventions.pipeline import (
-    BatchInputError,
-    fetch_raw_batch,
-    load_manifest,
-    plan_ingest,
-    planned_partitions,
-    read_raw_records,
-)
+from osa_dagster.batch import BatchInputError
+from osa_dagster.batch.fetch import fetch_raw_batch, read_raw_records
+from osa_dagster.batch.plan import load_manifest, plan_ingest, planned_partitions
 from osa_dagster.storage import BatchLayout, store_from_env
 from tests.fixtures.toy_convention import CONVENTIONS, TOY_IDS
 

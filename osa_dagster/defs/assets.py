@@ -2,7 +2,7 @@
 
 One dynamic partition per frozen batch. A run covers one partition or a range of them
 (`partitions_per_run`): each asset function loops over the run's partitions, calling the
-pipeline steps below (osa_dagster.conventions.pipeline) and giving every partition its own
+pipeline steps below (osa_dagster.batch) and giving every partition its own
 materialisation metadata.
 """
 
@@ -11,14 +11,10 @@ from collections.abc import Iterator
 
 import dagster as dg
 
+from osa_dagster.batch.fetch import fetch_raw_batch
+from osa_dagster.batch.hooks import load_memory_history, run_batch_hook
+from osa_dagster.batch.publish import publish_batch, store_batch_features
 from osa_dagster.conventions.base import Convention
-from osa_dagster.conventions.pipeline import (
-    fetch_raw_batch,
-    load_memory_history,
-    publish_batch,
-    run_batch_hook,
-    store_batch_features,
-)
 from osa_dagster.defs.metadata import (
     attempt_metadata,
     describe_attempt,

@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
+from osa_dagster.batch.plan import WatchCursor, watch_upstream
 from osa_dagster.conventions.base import Convention
-from osa_dagster.conventions.pipeline import WatchCursor, watch_upstream
 from osa_dagster.defs.planning import plan_job_name
 from osa_dagster.defs.resources import ArtifactStoreResource
 

@@ -4,8 +4,8 @@ from collections.abc import Iterator
 
 import dagster as dg
 
+from osa_dagster.batch.audit import BatchAudit, audit_batch
 from osa_dagster.conventions.base import Convention
-from osa_dagster.conventions.pipeline import BatchAudit, audit_batch
 from osa_dagster.defs.assets import features_key, published_key
 from osa_dagster.defs.resources import ArtifactStoreResource, RecordsDatabaseResource
 

@@ -3,13 +3,13 @@ run, with the verdict on the materialisation (see conventions/deposits.py)."""
 
 import dagster as dg
 
-from osa_dagster.conventions.base import Convention
-from osa_dagster.conventions.deposits import (
+from osa_dagster.batch.deposits import (
     RESULT_FILE,
     deposit_prefix,
     pending_deposits,
     validate_deposit,
 )
+from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.metadata import deposit_metadata
 from osa_dagster.defs.planning import AnyJob
 from osa_dagster.defs.resources import DepositsResource, HookRunnerResource

@@ -9,8 +9,9 @@ import dagster as dg
 from osa_sdk.runtime import IngestReport
 from osa_sdk.types import OutcomeStatus
 
-from osa_dagster.conventions.deposits import DepositResult
-from osa_dagster.conventions.pipeline import FeaturesSummary, PublishSummary, RawBatchSummary
+from osa_dagster.batch.deposits import DepositResult
+from osa_dagster.batch.fetch import RawBatchSummary
+from osa_dagster.batch.publish import FeaturesSummary, PublishSummary
 from osa_dagster.engine import AttemptRecord, Checkpoint
 from osa_dagster.engine.memory_history import MemoryHistory
 
@@ -155,7 +156,8 @@ def publish_metadata(summary: PublishSummary, total_published: int) -> dict[str,
     if summary.not_published:
         metadata["why_not_published"] = dg.MetadataValue.json(dict(summary.not_published))
         metadata["not_published_records"] = markdown_table(
-            ("record", "hook", "outcome"), summary.rejections[:PREVIEW_ROWS]
+            ("record", "hook", "outcome"),
+            [(v.source_id, v.hook, v.outcome) for v in summary.rejections[:PREVIEW_ROWS]],
         )
     # Always present, so that a curator can chart dead letters over partitions.
     metadata["dead_letters"] = len(summary.dead_letters)

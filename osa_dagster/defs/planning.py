@@ -16,11 +16,11 @@ from dagster._core.storage.tags import (
 from pydantic import Field
 
 from osa_dagster import __version__
+from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.conventions.base import Convention
-from osa_dagster.conventions.pipeline import plan_ingest
 from osa_dagster.defs.assets import features_key, partitions_per_run
 from osa_dagster.defs.resources import ArtifactStoreResource
-from osa_dagster.storage.store import data_dir
+from osa_dagster.settings import data_dir
 
 SENSOR_INTERVAL_S = 15
 CONVENTION_TAG = "osa/convention"

@@ -13,7 +13,7 @@ from typing import Literal, get_args
 import dagster as dg
 
 from osa_dagster.engine import LocalRunner, Runner
-from osa_dagster.engine.docker_runner import DockerRunner
+from osa_dagster.engine.runners.docker import DockerRunner
 from osa_dagster.records import RecordsDatabase, database_url_from_env, open_database
 from osa_dagster.storage import ArtifactStore, FileSystemStore, store_from_env
 from osa_dagster.storage.store import deposits_store_from_env
@@ -80,7 +80,10 @@ class HookRunnerResource(dg.ConfigurableResource):
         if kind == "kubernetes":
             # Imported here: the kubernetes client takes ~0.65 s to import, which every
             # run and CLI command would pay otherwise.
-            from osa_dagster.engine.kubernetes import KubernetesRunner, KubernetesRunnerConfig
+            from osa_dagster.engine.runners.kubernetes import (
+                KubernetesRunner,
+                KubernetesRunnerConfig,
+            )
             from osa_dagster.storage.staging import StoreStaging
 
             return KubernetesRunner(

@@ -7,17 +7,15 @@ so the checkpoint can live on a local disk or in an object store.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from datetime import datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Protocol
 
 from osa_sdk.types import OutcomeStatus
 from pydantic import BaseModel, ConfigDict, Field
 
-from osa_dagster.engine.runners import AttemptMarker, LimitMode
+from osa_dagster.atomic_files import JsonModelFile
+from osa_dagster.engine.runners.base import AttemptMarker, LimitMode
 
 
 class Anomaly(StrEnum):
@@ -132,41 +130,7 @@ class CheckpointIO(Protocol):
     def save(self, checkpoint: Checkpoint) -> None: ...
 
 
-class FileCheckpointIO:
+class FileCheckpointIO(JsonModelFile[Checkpoint]):
     """A checkpoint in one JSON file, replaced atomically: a crash leaves the old or the new."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> Checkpoint | None:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        return Checkpoint.model_validate_json(data)
-
-    def save(self, checkpoint: Checkpoint) -> None:
-        write_atomically(self.path, checkpoint.model_dump_json().encode())
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace the file at `path` with `data`: a crash leaves the old or the new, durably."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file must be in the same directory: a rename is atomic only
-    # within one filesystem.
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        Path(temporary).replace(path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable.
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    model = Checkpoint

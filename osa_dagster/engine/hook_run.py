@@ -78,7 +78,7 @@ from osa_dagster.engine.checkpoint import (
 )
 from osa_dagster.engine.memory_history import MemoryHistoryIO, update_history
 from osa_dagster.engine.outputs import OutputReader, harvest
-from osa_dagster.engine.runners import AttemptExit, Invocation, Runner, read_tail
+from osa_dagster.engine.runners.base import AttemptExit, Invocation, Runner, read_tail
 from osa_dagster.engine.spec import HookSpec
 
 log = logging.getLogger(__name__)

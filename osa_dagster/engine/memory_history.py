@@ -24,12 +24,12 @@ twice changes nothing: a caller may learn from a whole checkpoint after every st
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from osa_dagster.engine.checkpoint import AttemptRecord, Checkpoint, write_atomically
+from osa_dagster.atomic_files import JsonModelFile
+from osa_dagster.engine.checkpoint import AttemptRecord, Checkpoint
 from osa_dagster.engine.spec import MemoryPolicy
 
 # The frontiers are bounded by the distinct limits and peaks seen; this bounds them for good.
@@ -126,20 +126,10 @@ class MemoryHistoryIO(Protocol):
     def save(self, history: MemoryHistory) -> None: ...
 
 
-class FileMemoryHistoryIO:
+class FileMemoryHistoryIO(JsonModelFile[MemoryHistory]):
     """A history in one JSON file, replaced atomically."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> MemoryHistory | None:
-        try:
-            return MemoryHistory.model_validate_json(self.path.read_bytes())
-        except FileNotFoundError:
-            return None
-
-    def save(self, history: MemoryHistory) -> None:
-        write_atomically(self.path, history.model_dump_json().encode())
+    model = MemoryHistory
 
 
 def update_history(io: MemoryHistoryIO, hook: str, attempts: list[AttemptRecord]) -> None:

@@ -9,7 +9,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from osa_dagster.records.schema import upgrade
-from osa_dagster.storage.store import data_dir
+from osa_dagster.settings import data_dir
 
 
 def database_url_from_env() -> str:

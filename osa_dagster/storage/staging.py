@@ -1,6 +1,6 @@
 """Staging of hook attempts for remote runners, on the project's artifact store.
 
-`StoreStaging` implements the engine's `Staging` protocol (osa_dagster.engine.kubernetes)
+`StoreStaging` implements the engine's `Staging` protocol (osa_dagster.engine.runners.kubernetes)
 over an `ArtifactStore`, so that the engine never imports the storage layer: the Dagster
 layer builds a `StoreStaging` and hands it to the runner. Pods reach the staged objects by
 their s3:// URLs, so the store must be an S3 one.

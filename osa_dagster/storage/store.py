@@ -15,9 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from osa_dagster.engine.checkpoint import write_atomically
-
-DEFAULT_DATA_DIR = Path(".data")
+from osa_dagster.atomic_files import write_atomically
+from osa_dagster.settings import data_dir
 
 
 class StoreKeyError(ValueError):
@@ -97,11 +96,6 @@ class FileSystemStore:
 
     def describe(self, key: str) -> str:
         return str(self.path(key))
-
-
-def data_dir() -> Path:
-    """The project's data folder: OSA_DATA_DIR, else .data in the working directory."""
-    return Path(os.environ.get("OSA_DATA_DIR", DEFAULT_DATA_DIR)).resolve()
 
 
 def store_from_env() -> ArtifactStore:

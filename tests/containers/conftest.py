@@ -18,7 +18,7 @@ import docker.errors
 import pytest
 
 from osa_dagster.conventions.pdb import HOOK_IMAGE
-from osa_dagster.engine.docker_runner import ORCHESTRATOR_LABEL, RUNNER_LABEL, orchestrator_id
+from osa_dagster.engine.runners.docker import ORCHESTRATOR_LABEL, RUNNER_LABEL, orchestrator_id
 from tests.fixtures.services import unavailable
 
 REPO = Path(__file__).resolve().parents[2]

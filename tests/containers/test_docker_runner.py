@@ -13,7 +13,7 @@ from osa_sdk.contract import files_dir_for
 from osa_sdk.types import OutcomeStatus
 
 from osa_dagster.engine import HookSpec, MemoryPolicy
-from osa_dagster.engine.docker_runner import (
+from osa_dagster.engine.runners.docker import (
     ORCHESTRATOR_LABEL,
     RUNNER_LABEL,
     DockerRunner,

@@ -46,7 +46,7 @@ from osa_dagster.engine import (
     MemoryPolicy,
     advance_hook,
 )
-from osa_dagster.engine.kubernetes import (
+from osa_dagster.engine.runners.kubernetes import (
     DEADLINE_EXCEEDED,
     EVICTED,
     NODE_LOST,
@@ -57,7 +57,7 @@ from osa_dagster.engine.kubernetes import (
     Verdict,
     attempt_name,
     classify,
-    pod_command,
+    image_command,
 )
 from osa_dagster.storage.staging import StoreStaging
 from osa_dagster.storage.store import FileSystemStore
@@ -602,10 +602,10 @@ def test_engine_never_escalates_on_eviction(
 # --- small pieces ---------------------------------------------------------------------------
 
 
-def test_pod_command_runs_the_image_python() -> None:
-    assert pod_command([sys.executable, "-m", "osa_sdk", "hook", "m:f"])[0] == "python3"
-    assert pod_command(["/usr/bin/python3.11", "-m", "x"])[0] == "python3"
-    assert pod_command(["sh", "/hooks/run.sh"]) == ["sh", "/hooks/run.sh"]
+def test_image_command_runs_the_image_python() -> None:
+    assert image_command([sys.executable, "-m", "osa_sdk", "hook", "m:f"])[0] == "python3"
+    assert image_command(["/usr/bin/python3.11", "-m", "x"])[0] == "python3"
+    assert image_command(["sh", "/hooks/run.sh"]) == ["sh", "/hooks/run.sh"]
 
 
 def test_attempt_names_are_short_unique_dns_labels() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from osa_sdk.types import HookRecord
 
+from osa_dagster.batch.stores import StoreMemoryHistoryIO
 from osa_dagster.engine import (
     LARGE_LANE,
     AttemptRecord,
@@ -17,7 +18,6 @@ from osa_dagster.engine import (
     MemoryPolicy,
 )
 from osa_dagster.storage import FileSystemStore
-from osa_dagster.storage.checkpoints import StoreMemoryHistoryIO
 from osa_dagster.storage.layout import memory_history_key
 
 from .helpers import Harness, record, require_cgroups

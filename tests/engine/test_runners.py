@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from osa_dagster.engine import AttemptMarker, Invocation, LocalRunner, kill_leftovers
-from osa_dagster.engine import runners as runners_module
+from osa_dagster.engine.runners import local as runners_module
 
 from .helpers import alive, eventually, require_cgroups
 
@@ -180,7 +180,7 @@ def test_kill_leftovers_spares_a_process_that_reused_the_pid(
         pid=sleeper.pid,
         pgid=sleeper.pid,
         start_ticks=runners_module.process_start_ticks(sleeper.pid) + 1,
-        boot_id=runners_module._boot_id(),
+        boot_id=runners_module.boot_id(),
         cgroup=None,
     )
 
@@ -200,7 +200,7 @@ def test_kill_leftovers_touches_no_cgroup_it_did_not_make(
         pid=sleeper.pid,
         pgid=sleeper.pid,
         start_ticks=runners_module.process_start_ticks(sleeper.pid) + 1,
-        boot_id=runners_module._boot_id(),
+        boot_id=runners_module.boot_id(),
         cgroup=str(fake),
     )
 

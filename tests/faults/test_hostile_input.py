@@ -36,12 +36,9 @@ from osa_sdk.contract import (
 from osa_sdk.runtime import IngestError, run_ingest
 from osa_sdk.types import IngesterFileRef, IngesterRecord, RecordRef
 
-from osa_dagster.conventions.pipeline import (
-    BatchInputError,
-    batch_verdicts,
-    read_ingest_report,
-    read_raw_records,
-)
+from osa_dagster.batch import BatchInputError
+from osa_dagster.batch.fetch import read_ingest_report, read_raw_records
+from osa_dagster.batch.publish import batch_verdicts
 from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.engine import LocalRunner
 from osa_dagster.engine.cgroup import NAME_PREFIX, MemoryCgroup, own_memory_cgroup
@@ -95,9 +92,8 @@ def definite_statuses(convention: str, partition: str) -> dict[str, tuple[str, s
     verdicts = batch_verdicts(spec, store, partition)
     for passed in verdicts.passed:
         statuses[passed.source_id] = ("passed", "")
-    for record_id, _hook, verdict in verdicts.failed:
-        status, _, reason = verdict.partition(": ")
-        statuses[record_id] = (status, reason)
+    for verdict in verdicts.failed:
+        statuses[verdict.source_id] = (str(verdict.status), verdict.reason)
     return statuses
 
 

@@ -125,13 +125,10 @@ def test_peak_memory_does_not_grow_with_file_sizes(seaweedfs: S3Endpoint, tmp_pa
 def _child(records: int, file_mb: float) -> dict[str, Any]:
     """One batch through every step, as the assets run them; imports here, not at the top,
     so that the parent (pytest) does not import what only the child needs."""
-    from osa_dagster.conventions.pipeline import (
-        fetch_raw_batch,
-        plan_ingest,
-        publish_batch,
-        run_batch_hook,
-        store_batch_features,
-    )
+    from osa_dagster.batch.fetch import fetch_raw_batch
+    from osa_dagster.batch.hooks import run_batch_hook
+    from osa_dagster.batch.plan import plan_ingest
+    from osa_dagster.batch.publish import publish_batch, store_batch_features
     from osa_dagster.engine import LocalRunner
     from osa_dagster.records import RecordsDatabase, database_url_from_env
     from osa_dagster.storage import store_from_env
@@ -168,7 +165,7 @@ def _child(records: int, file_mb: float) -> dict[str, Any]:
         "peak_after": peak_after,
         "fetched": len(raw.records),
         "published": len(published.passed_all),
-        "rejections": published.rejections,
+        "rejections": [v.outcome for v in published.rejections],
         "feature_rows": features.rows_per_hook["file_digest"],
     }
 

@@ -21,18 +21,14 @@ from typing import Any
 import pytest
 from osa_sdk.types import RecordRef
 
+from osa_dagster.batch.fetch import fetch_raw_batch
+from osa_dagster.batch.hooks import run_batch_hook
+from osa_dagster.batch.plan import partition_key, plan_ingest, planned_partitions
+from osa_dagster.batch.stores import StoreCheckpointIO
 from osa_dagster.conventions.base import Convention
-from osa_dagster.conventions.pipeline import (
-    fetch_raw_batch,
-    partition_key,
-    plan_ingest,
-    planned_partitions,
-    run_batch_hook,
-)
 from osa_dagster.engine import HookSpec, LocalRunner, MemoryPolicy
 from osa_dagster.engine.spec import sdk_hook_command
 from osa_dagster.storage import BatchLayout, store_from_env
-from osa_dagster.storage.checkpoints import StoreCheckpointIO
 from osa_dagster.storage.s3 import RetryPolicy, S3Store
 from tests.engine.helpers import alive, eventually
 from tests.fixtures.services import unavailable
@@ -78,7 +74,7 @@ def ledger_counts(ledger: Path) -> Counter[str]:
 WORKER = """
 import json, sys
 from pathlib import Path
-from osa_dagster.conventions.pipeline import fetch_raw_batch, plan_ingest, run_batch_hook
+from osa_dagster.batch import fetch_raw_batch, plan_ingest, run_batch_hook
 from osa_dagster.engine import LocalRunner
 from osa_dagster.storage import store_from_env
 from tests.storage.test_s3_resilience import HOOK, ledger_convention

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from osa_dagster.batch.stores import StoreCheckpointIO
 from osa_dagster.engine import Checkpoint
 from osa_dagster.storage import ArtifactStore
-from osa_dagster.storage.checkpoints import StoreCheckpointIO
 from osa_dagster.storage.store import StoreKeyError
 
 

@@ -53,7 +53,6 @@ import math
 import re
 import secrets
 import signal
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -76,8 +75,15 @@ from osa_sdk.contract import (
 from osa_sdk.types import HookRecord
 from pydantic import BaseModel, ConfigDict, Field
 
-from osa_dagster.engine.checkpoint import write_atomically
-from osa_dagster.engine.runners import AttemptExit, AttemptMarker, Invocation, read_tail
+from osa_dagster.atomic_files import write_atomically
+from osa_dagster.engine.runners.base import (
+    AttemptExit,
+    AttemptMarker,
+    Invocation,
+    image_command,
+    read_tail,
+    returncode_from_exit_code,
+)
 
 log = logging.getLogger(__name__)
 
@@ -210,16 +216,6 @@ def attempt_name(hook_name: str) -> str:
     """A Job name unique per attempt: a DNS label short enough for the pod names after it."""
     readable = _NAME_PART.sub("-", hook_name.lower()).strip("-")[:38].strip("-") or "hook"
     return f"osa-{readable}-{secrets.token_hex(4)}"
-
-
-def pod_command(command: Iterable[str]) -> list[str]:
-    """The invocation's command as the image runs it: the host's interpreter becomes python3."""
-    parts = list(command)
-    if parts and (
-        parts[0] == sys.executable or re.fullmatch(r"python[0-9.]*", Path(parts[0]).name)
-    ):
-        parts[0] = "python3"
-    return parts
 
 
 @dataclass(frozen=True)
@@ -363,7 +359,7 @@ def job_manifest(
                 "name": HOOK_CONTAINER,
                 "image": inv.image,
                 "imagePullPolicy": config.image_pull_policy,
-                "command": pod_command(inv.command),
+                "command": image_command(inv.command),
                 "workingDir": POD_TMP,
                 "env": [{"name": k, "value": v} for k, v in hook_env.items()],
                 "resources": hook_resources,
@@ -520,8 +516,7 @@ def _returncode(terminated: k8s.V1ContainerStateTerminated) -> int:
     """Negative for a signal, as the local runner reports it: runtimes say 128 + n."""
     if terminated.signal:
         return -terminated.signal
-    code = terminated.exit_code
-    return -(code - 128) if 128 < code <= 128 + 64 else code
+    return returncode_from_exit_code(terminated.exit_code)
 
 
 def _transient(error: Exception) -> bool:

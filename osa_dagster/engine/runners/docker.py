@@ -17,11 +17,9 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import socket
-import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +29,15 @@ import requests.exceptions
 from docker.models.containers import Container
 from osa_sdk.contract import ENV_FILES, ENV_IN, ENV_OUT
 
-from osa_dagster.engine.runners import (
+from osa_dagster.engine.runners.base import (
+    BYTES_PER_MIB,
     AttemptExit,
     AttemptMarker,
     Invocation,
+    image_command,
     process_start_ticks,
     read_tail,
+    returncode_from_exit_code,
 )
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,7 @@ HOOK_LABEL = "org.osa.hook"
 
 # nobody:nogroup: the hook owns nothing it does not need to.
 DEFAULT_USER = "65534:65534"
-_MB = 1024 * 1024
 _POLL_S = 0.5
-_SIGNAL_EXIT_BASE = 128
-
-
-def container_command(command: Sequence[str]) -> list[str]:
-    """The hook's command inside its image: the host's interpreter becomes the image's."""
-    if command and command[0] == sys.executable:
-        return ["python3", *command[1:]]
-    return list(command)
 
 
 def orchestrator_id() -> str:
@@ -112,7 +104,7 @@ class DockerRunner:
         }
         container = self.client.containers.create(
             inv.image,
-            container_command(inv.command),
+            image_command(inv.command),
             name=name,
             environment=env,
             volumes={
@@ -128,8 +120,8 @@ class DockerRunner:
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             pids_limit=self.pids_limit,
-            mem_limit=inv.memory_limit_mb * _MB,
-            memswap_limit=inv.memory_limit_mb * _MB,
+            mem_limit=inv.memory_limit_mb * BYTES_PER_MIB,
+            memswap_limit=inv.memory_limit_mb * BYTES_PER_MIB,
             labels={
                 RUNNER_LABEL: "docker",
                 ORCHESTRATOR_LABEL: self._orchestrator,
@@ -215,7 +207,7 @@ class DockerAttempt:
             stats = self._client.api.stats(self._container.id, stream=False, one_shot=True)
             peak = stats.get("memory_stats", {}).get("max_usage")
             if peak:
-                self._peak_mb = max(self._peak_mb or 0.0, peak / _MB)
+                self._peak_mb = max(self._peak_mb or 0.0, peak / BYTES_PER_MIB)
 
     def _finish(self, state: Mapping[str, Any]) -> AttemptExit:
         oom_killed = bool(state.get("OOMKilled"))
@@ -225,7 +217,7 @@ class DockerAttempt:
         finally:
             _remove(self._container)
         self._exit = AttemptExit(
-            returncode=_returncode(code),
+            returncode=returncode_from_exit_code(code),
             oom_killed=oom_killed,
             timed_out=self._timed_out,
             peak_memory_mb=self._inv.memory_limit_mb if oom_killed else self._peak_mb,
@@ -233,14 +225,6 @@ class DockerAttempt:
             limit_mode="container",
         )
         return self._exit
-
-
-def _returncode(exit_code: int) -> int:
-    """A container's exit code as a process's: 128+N (the hook died of signal N) -> -N."""
-    signal_number = exit_code - _SIGNAL_EXIT_BASE
-    if 0 < signal_number < signal.NSIG:
-        return -signal_number
-    return exit_code
 
 
 def _writable_by(folder: Path, user: str) -> None:

@@ -1,8 +1,5 @@
-"""Runners start one attempt of a hook under a memory limit and report how it ended.
-
-The engine talks to the `Runner` and `RunningAttempt` protocols only; `LocalRunner` runs the
-hook as a local process. Docker and Kubernetes runners implement the same protocols.
-"""
+"""The local runner: a hook as a local process in its own session, under a real memory
+limit (a cgroup v1 memory controller of our own, or RLIMIT_AS where there is none)."""
 
 from __future__ import annotations
 
@@ -18,99 +15,30 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
-from osa_sdk.contract import ENV_OUT, EXIT_MEMORY_ERROR
-from pydantic import BaseModel, ConfigDict
+from osa_sdk.contract import ENV_OUT
 
 from osa_dagster.engine.cgroup import CGROUP_ROOT, NAME_PREFIX, MemoryCgroup, usable_parent
+from osa_dagster.engine.runners.base import (
+    BYTES_PER_MIB,
+    AttemptExit,
+    AttemptMarker,
+    Invocation,
+    LimitMode,
+    boot_id,
+    process_start_ticks,
+    read_tail,
+)
 
 log = logging.getLogger(__name__)
-
-# How an attempt's memory limit was enforced: a cgroup of our own, RLIMIT_AS (approximate),
-# or the container platform (Docker, Kubernetes), which puts the container in a cgroup.
-LimitMode = Literal["cgroup", "rlimit", "container"]
 
 # What a local hook inherits from the orchestrator's environment: enough to find programs
 # and a virtualenv, never the orchestrator's credentials.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
-TAIL_BYTES = 4096
-_MB = 1024 * 1024
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class Invocation:
-    """One attempt of a hook: what to run, where its contract folders are, and its limits."""
-
-    command: Sequence[str]
-    env: Mapping[str, str]
-    in_dir: Path
-    out_dir: Path
-    files_root: Path
-    memory_limit_mb: int
-    timeout_s: float
-    log_path: Path  # the hook's stdout and stderr
-    image: str | None = None  # the hook's container image, for container runners
-
-
-@dataclass(frozen=True)
-class AttemptExit:
-    returncode: int  # negative: killed by that signal
-    oom_killed: bool  # the kernel OOM killer acted (an exit by SIGKILL alone proves nothing)
-    timed_out: bool
-    peak_memory_mb: float | None
-    stderr_tail: str
-    limit_mode: LimitMode
-    # Why the platform ended the attempt when the hook itself did not ("Evicted",
-    # "ImagePullBackOff", "DeadlineExceeded", "NodeLost"...). Never a reason to add memory.
-    failure: str | None = None
-
-    @property
-    def out_of_memory(self) -> bool:
-        """A kernel OOM kill, or a hook that met MemoryError (how RLIMIT_AS shows)."""
-        return self.oom_killed or self.returncode == EXIT_MEMORY_ERROR
-
-
-class AttemptMarker(BaseModel):
-    """Enough to find an attempt's processes again after the orchestrator died."""
-
-    model_config = ConfigDict(frozen=True)
-
-    runner: str = "local"
-    limit_mode: LimitMode
-    # Local attempts: the hook's process and group.
-    pid: int | None = None
-    pgid: int | None = None
-    # The kernel start time of `pid` and the boot it belongs to: tell our hook apart from a
-    # later process that reused its pid.
-    start_ticks: int | None = None
-    boot_id: str | None = None
-    cgroup: str | None = None
-    # Container attempts: the container's or job's name, unique per attempt.
-    container: str | None = None
-
-
-class RunningAttempt(Protocol):
-    @property
-    def marker(self) -> AttemptMarker: ...
-
-    def wait(self, timeout: float) -> AttemptExit | None:
-        """The exit, or None if the hook still runs after `timeout` seconds."""
-        ...
-
-    def kill(self) -> None: ...
-
-
-class Runner(Protocol):
-    def start(self, inv: Invocation) -> RunningAttempt: ...
-
-    def kill_leftovers(self, marker: AttemptMarker) -> None:
-        """Kill whatever is left of an attempt whose orchestrator died; safe to repeat."""
-        ...
 
 
 def memory_limit_mode() -> LimitMode:
@@ -127,15 +55,6 @@ def _warn_limits_approximate() -> None:
         "space, not resident memory, and an over-limit hook gets MemoryError instead of an "
         "OOM kill."
     )
-
-
-def read_tail(path: Path, limit: int = TAIL_BYTES) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
-            return f.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 class LocalRunner:
@@ -172,7 +91,7 @@ class LocalRunner:
         env = {k: os.environ[k] for k in self.inherit_env if k in os.environ} | dict(inv.env)
         setup = _child_setup(
             cgroup_procs=cgroup.procs_file if cgroup else None,
-            address_space=None if cgroup else inv.memory_limit_mb * _MB,
+            address_space=None if cgroup else inv.memory_limit_mb * BYTES_PER_MIB,
             orchestrator=os.getpid(),
         )
         try:
@@ -218,7 +137,7 @@ class LocalAttempt:
             pid=process.pid,
             pgid=process.pid,  # start_new_session makes the hook its group's leader
             start_ticks=process_start_ticks(process.pid),
-            boot_id=_boot_id(),
+            boot_id=boot_id(),
             cgroup=str(cgroup.path) if cgroup else None,
         )
 
@@ -286,7 +205,7 @@ class LocalAttempt:
 
 def kill_leftovers(marker: AttemptMarker) -> None:
     """Kill what is left of a local attempt whose orchestrator died, and remove its cgroup."""
-    if marker.pid is None or marker.pgid is None or marker.boot_id != _boot_id():
+    if marker.pid is None or marker.pgid is None or marker.boot_id != boot_id():
         return  # not a local attempt; or a reboot, which neither processes nor cgroups survive
     # A live leader with another start time means the pid was reused, which the kernel only
     # does once our whole group is gone; a vanished leader leaves the pgid to our group.
@@ -348,19 +267,3 @@ def _kill_marked(variable: bytes) -> None:
 def _killpg(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-
-
-def process_start_ticks(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22 is the start time; the command name (field 2) may contain spaces and ")".
-    return int(stat.rpartition(")")[2].split()[19])
-
-
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None

@@ -1,0 +1,96 @@
+"""Fetching: the ingester turns a batch's manifest into records.jsonl and files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from osa_sdk.contract import INGEST_REPORT_FILE
+from osa_sdk.runtime import IngestReport, run_ingest
+from osa_sdk.types import FailedRef, IngesterRecord
+from pydantic import ValidationError
+
+from osa_dagster.batch import BatchInputError
+from osa_dagster.batch.plan import load_manifest
+from osa_dagster.conventions.base import Convention
+from osa_dagster.records.models import Record
+from osa_dagster.storage.layout import BatchLayout
+from osa_dagster.storage.store import ArtifactStore
+
+# The longest source id the records database holds (records.source_id).
+MAX_SOURCE_ID_CHARS = Record.__table__.c.source_id.type.length
+
+
+def source_id_error(source_id: str) -> str | None:
+    """Why a record with this id cannot be published, or None if it can. The same rule for
+    every database: PostgreSQL text holds no NUL, and the column has a length."""
+    if "\x00" in source_id:
+        return "contains NUL, which a records database cannot hold"
+    if len(source_id) > MAX_SOURCE_ID_CHARS:
+        return f"is {len(source_id)} characters long, over the {MAX_SOURCE_ID_CHARS} allowed"
+    return None
+
+
+@dataclass
+class RawBatchSummary:
+    records: list[IngesterRecord]
+    report: IngestReport
+
+
+def read_raw_records(
+    store: ArtifactStore, layout: BatchLayout, convention: Convention | None = None
+) -> list[IngesterRecord]:
+    """Parse the batch's records.jsonl; any bad line fails with the batch and line named."""
+    where = f"batch {layout.partition!r} of convention {layout.convention!r}"
+    if not store.exists(layout.raw_records):
+        raise BatchInputError(f"{where}: no records.jsonl at {store.describe(layout.raw_records)}")
+    records: list[IngesterRecord] = []
+    first_line: dict[str, int] = {}
+    # Split as bytes and let each line be decoded by its parse: a byte that is not UTF-8 is
+    # then a bad line named like any other, and no decoded copy of the whole file is made.
+    data = store.read_bytes(layout.raw_records)
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = IngesterRecord.model_validate_json(line)
+            if convention is not None and convention.record_schema is not None:
+                convention.record_schema.model_validate(record.metadata)
+        except ValidationError as error:
+            problem = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in error.errors()
+            )
+            raise BatchInputError(f"{where}: records.jsonl line {number}: {problem}") from error
+        if record.source_id in first_line:
+            raise BatchInputError(
+                f"{where}: records.jsonl line {number}: duplicate id {record.source_id!r} "
+                f"(first on line {first_line[record.source_id]})"
+            )
+        first_line[record.source_id] = number
+        records.append(record)
+    return records
+
+
+def fetch_raw_batch(
+    convention: Convention, store: ArtifactStore, partition: str
+) -> RawBatchSummary:
+    """Run the ingester's fetch for the batch's manifest: records.jsonl plus files."""
+    layout = BatchLayout(convention.name, partition)
+    manifest = load_manifest(store, layout)
+    # A re-fetch starts clean: files of a previous fetch must not leak into this one.
+    store.delete_prefix(layout.raw)
+    refs = [ref for ref in manifest.refs if source_id_error(ref.source_id) is None]
+    with store.local_dir(layout.raw, writable=True) as out_dir:
+        report = run_ingest(convention.make_ingester(), refs, out_dir)
+        if len(refs) < len(manifest.refs):
+            report.failed += [
+                FailedRef(source_id=ref.source_id, error=f"not fetched: the source id {problem}")
+                for ref in manifest.refs
+                if (problem := source_id_error(ref.source_id)) is not None
+            ]
+            (out_dir / INGEST_REPORT_FILE).write_text(report.model_dump_json(indent=2) + "\n")
+    records = read_raw_records(store, layout, convention)
+    return RawBatchSummary(records=records, report=report)
+
+
+def read_ingest_report(store: ArtifactStore, layout: BatchLayout) -> IngestReport:
+    return IngestReport.model_validate_json(store.read_bytes(layout.ingest_report))

@@ -1,0 +1,165 @@
+"""Planning: discover records upstream and freeze them into batches, one manifest each."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from itertools import islice
+
+from osa_sdk.contract import files_dir_for
+from osa_sdk.types import RecordRef
+from pydantic import BaseModel, ConfigDict, Field
+
+from osa_dagster.batch import BatchInputError
+from osa_dagster.conventions.base import Convention
+from osa_dagster.storage.layout import BatchLayout, Manifest, manifests_prefix
+from osa_dagster.storage.store import ArtifactStore
+
+_KEY_PART = 24
+
+
+@dataclass
+class PlanResult:
+    partitions: list[str]
+    """Every partition of this plan, in order, new or planned before."""
+    new_partitions: list[str]
+    records: int
+    duplicate_refs: int = 0
+
+
+def partition_key(refs: Sequence[RecordRef]) -> str:
+    """Deterministic key of a batch: readable ends plus a digest of the whole membership,
+    versions included, so that a batch of revised records is a new partition."""
+    members = (f"{r.source_id}@{r.version}" if r.version else r.source_id for r in refs)
+    digest = hashlib.sha256("\n".join(members).encode()).hexdigest()
+    first = files_dir_for(refs[0].source_id)[:_KEY_PART]
+    last = files_dir_for(refs[-1].source_id)[:_KEY_PART]
+    return f"{first}-{last}-{digest[:10]}"
+
+
+def plan_ingest(
+    convention: Convention,
+    store: ArtifactStore,
+    *,
+    since: datetime | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+) -> PlanResult:
+    """Discover records and freeze them into batches, one manifest per batch.
+
+    `limit` counts records, exactly. A batch planned before keeps its manifest (and so
+    its partition): planning the same thing twice adds nothing.
+    """
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be a positive number of records, not {limit}")
+    size = convention.batch_size if batch_size is None else batch_size
+    if size <= 0:
+        raise ValueError(f"batch_size must be a positive number of records, not {size}")
+
+    discovered = convention.make_ingester().discover(since, limit)
+    # islice bounds the walk even if an ingester yields more than it was asked for.
+    return plan_refs(
+        convention,
+        store,
+        islice(discovered, limit) if limit else discovered,
+        since=since,
+        batch_size=size,
+    )
+
+
+def plan_refs(
+    convention: Convention,
+    store: ArtifactStore,
+    discovered: Iterable[RecordRef],
+    *,
+    since: datetime | None = None,
+    batch_size: int | None = None,
+) -> PlanResult:
+    """Freeze `discovered` (repeats of a source id dropped) into batches of `batch_size`."""
+    size = convention.batch_size if batch_size is None else batch_size
+    refs: list[RecordRef] = []
+    seen: set[str] = set()
+    duplicates = 0
+    for ref in discovered:
+        if ref.source_id in seen:
+            duplicates += 1
+            continue
+        seen.add(ref.source_id)
+        refs.append(ref)
+
+    result = PlanResult(
+        partitions=[], new_partitions=[], records=len(refs), duplicate_refs=duplicates
+    )
+    for start in range(0, len(refs), size):
+        batch = refs[start : start + size]
+        key = partition_key(batch)
+        layout = BatchLayout(convention.name, key)
+        result.partitions.append(key)
+        if not store.exists(layout.manifest):
+            manifest = Manifest(convention=convention.name, partition=key, refs=batch, since=since)
+            store.write_bytes(layout.manifest, manifest.model_dump_json(indent=1).encode())
+            result.new_partitions.append(key)
+    return result
+
+
+class WatchCursor(BaseModel):
+    """Where a watch of the upstream stopped: the start of its last look, and the records
+    (id and version) it found in the overlap window, which the next look sees again."""
+
+    model_config = ConfigDict(frozen=True)
+
+    looked_at: datetime
+    recent: dict[str, str | None] = Field(default_factory=dict)
+
+
+def watch_upstream(
+    convention: Convention,
+    store: ArtifactStore,
+    cursor: WatchCursor | None,
+    *,
+    now: datetime,
+    overlap: timedelta,
+    batch_size: int | None = None,
+) -> tuple[PlanResult, WatchCursor]:
+    """Plan what changed upstream since the last look, each change exactly once.
+
+    The first look only starts the watch: what exists already is an initial ingest's job
+    (the plan job), not a watcher's. Later looks discover from `overlap` before the last
+    look, since upstream clocks and days are coarse (a mirror keeps upstream's mtimes, an
+    API filters by day), and drop the records the last look found with the same version:
+    a record is planned again only when its version changes. `overlap` must exceed how late
+    a change can become visible (a mirror's sync lag, a service's indexing delay).
+    """
+    if cursor is None:
+        return PlanResult(partitions=[], new_partitions=[], records=0), WatchCursor(looked_at=now)
+    found = list(convention.make_ingester().discover(cursor.looked_at - overlap, None))
+    changed = [
+        ref
+        for ref in found
+        if ref.source_id not in cursor.recent or cursor.recent[ref.source_id] != ref.version
+    ]
+    result = plan_refs(
+        convention, store, changed, since=cursor.looked_at - overlap, batch_size=batch_size
+    )
+    return result, WatchCursor(looked_at=now, recent={r.source_id: r.version for r in found})
+
+
+def planned_partitions(store: ArtifactStore, convention: str) -> list[str]:
+    """Partitions that have a manifest in the store (e.g. to re-register them in Dagster)."""
+    prefix = manifests_prefix(convention)
+    return [
+        key.removeprefix(prefix + "/").removesuffix(".json")
+        for key in store.list_keys(prefix)
+        if key.endswith(".json")
+    ]
+
+
+def load_manifest(store: ArtifactStore, layout: BatchLayout) -> Manifest:
+    if not store.exists(layout.manifest):
+        raise BatchInputError(
+            f"batch {layout.partition!r} of convention {layout.convention!r} has no manifest "
+            f"at {store.describe(layout.manifest)}: plan an ingest that creates it first"
+        )
+    return Manifest.model_validate_json(store.read_bytes(layout.manifest))

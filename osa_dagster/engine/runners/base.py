@@ -1,0 +1,144 @@
+"""What every runner shares: an attempt's invocation and exit, the marker that finds its
+processes again, the protocols the engine talks to, and the rules all runners apply alike.
+
+The engine talks to `Runner` and `RunningAttempt` only. `local` runs a hook as a local
+process, `docker` in a container, `kubernetes` as a Job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from osa_sdk.contract import EXIT_MEMORY_ERROR
+from pydantic import BaseModel, ConfigDict
+
+# How an attempt's memory limit was enforced: a cgroup of our own, RLIMIT_AS (approximate),
+# or the container platform (Docker, Kubernetes), which puts the container in a cgroup.
+LimitMode = Literal["cgroup", "rlimit", "container"]
+
+TAIL_BYTES = 4096
+BYTES_PER_MIB = 1024 * 1024
+# Container runtimes report a process killed by signal N as exit code 128 + N.
+_SIGNAL_EXIT_BASE = 128
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One attempt of a hook: what to run, where its contract folders are, and its limits."""
+
+    command: Sequence[str]
+    env: Mapping[str, str]
+    in_dir: Path
+    out_dir: Path
+    files_root: Path
+    memory_limit_mb: int
+    timeout_s: float
+    log_path: Path  # the hook's stdout and stderr
+    image: str | None = None  # the hook's container image, for container runners
+
+
+@dataclass(frozen=True)
+class AttemptExit:
+    returncode: int  # negative: killed by that signal
+    oom_killed: bool  # the kernel OOM killer acted (an exit by SIGKILL alone proves nothing)
+    timed_out: bool
+    peak_memory_mb: float | None
+    stderr_tail: str
+    limit_mode: LimitMode
+    # Why the platform ended the attempt when the hook itself did not ("Evicted",
+    # "ImagePullBackOff", "DeadlineExceeded", "NodeLost"...). Never a reason to add memory.
+    failure: str | None = None
+
+    @property
+    def out_of_memory(self) -> bool:
+        """A kernel OOM kill, or a hook that met MemoryError (how RLIMIT_AS shows)."""
+        return self.oom_killed or self.returncode == EXIT_MEMORY_ERROR
+
+
+class AttemptMarker(BaseModel):
+    """Enough to find an attempt's processes again after the orchestrator died."""
+
+    model_config = ConfigDict(frozen=True)
+
+    runner: str = "local"
+    limit_mode: LimitMode
+    # Local attempts: the hook's process and group.
+    pid: int | None = None
+    pgid: int | None = None
+    # The kernel start time of `pid` and the boot it belongs to: tell our hook apart from a
+    # later process that reused its pid.
+    start_ticks: int | None = None
+    boot_id: str | None = None
+    cgroup: str | None = None
+    # Container attempts: the container's or job's name, unique per attempt.
+    container: str | None = None
+
+
+class RunningAttempt(Protocol):
+    @property
+    def marker(self) -> AttemptMarker: ...
+
+    def wait(self, timeout: float) -> AttemptExit | None:
+        """The exit, or None if the hook still runs after `timeout` seconds."""
+        ...
+
+    def kill(self) -> None: ...
+
+
+class Runner(Protocol):
+    def start(self, inv: Invocation) -> RunningAttempt: ...
+
+    def kill_leftovers(self, marker: AttemptMarker) -> None:
+        """Kill whatever is left of an attempt whose orchestrator died; safe to repeat."""
+        ...
+
+
+def read_tail(path: Path, limit: int = TAIL_BYTES) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+            return f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def returncode_from_exit_code(exit_code: int) -> int:
+    """A container's exit code as a local process's returncode: 128+N (the hook died of
+    signal N) becomes -N, as `subprocess` reports it."""
+    signal_number = exit_code - _SIGNAL_EXIT_BASE
+    if 0 < signal_number < signal.NSIG:
+        return -signal_number
+    return exit_code
+
+
+def image_command(command: Iterable[str]) -> list[str]:
+    """The hook's command inside its image: the host's interpreter becomes the image's."""
+    parts = list(command)
+    if parts and (
+        parts[0] == sys.executable or re.fullmatch(r"python[0-9.]*", Path(parts[0]).name)
+    ):
+        parts[0] = "python3"
+    return parts
+
+
+def process_start_ticks(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 is the start time; the command name (field 2) may contain spaces and ")".
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+def boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
