@@ -1,13 +1,169 @@
-"""The project's settings: every OSA_* variable in one place."""
+"""Every OSA_* variable of the project, typed and validated in one place.
+
+`Settings.from_env()` reads the environment once; a malformed value raises `SettingsError`,
+whose one-line message names the variable, what it holds and what it must be. The CLI, the
+Dagster resources and the batch steps read their settings from here, so a variable means
+the same thing and fails the same way wherever it is used.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DEFAULT_DATA_DIR = Path(".data")
+PLAN_CRON_PREFIX = "OSA_PLAN_CRON_"
+
+
+class SettingsError(ValueError):
+    """An OSA_* variable that cannot be used; the message names it."""
+
+
+class MemoryOverride(BaseModel):
+    """A hook's memory ladder set by OSA_HOOK_MEMORY: base MB and, optionally, cap MB."""
+
+    model_config = ConfigDict(frozen=True)
+
+    base_mb: int = Field(gt=0)
+    cap_mb: int | None = Field(default=None, gt=0)
+
+
+class Settings(BaseModel):
+    """The project's settings; each field's `alias` is its variable."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    data_dir: Path = Field(DEFAULT_DATA_DIR, alias="OSA_DATA_DIR")
+    """Folder of the default artifact store and records database."""
+    storage: str = Field("", alias="OSA_STORAGE")
+    """Artifact store: a folder or s3://bucket/prefix; empty: <data_dir>/artifacts."""
+    s3_endpoint_url: str | None = Field(None, alias="OSA_S3_ENDPOINT_URL")
+    s3_retry_attempts: int = Field(8, ge=1, alias="OSA_S3_RETRY_ATTEMPTS")
+    s3_retry_max_wait_s: float = Field(
+        8.0, gt=0, allow_inf_nan=False, alias="OSA_S3_RETRY_MAX_WAIT_S"
+    )
+    database_url: str | None = Field(None, alias="OSA_DATABASE_URL")
+    """Records database, any SQLAlchemy URL; None: SQLite in the data folder."""
+    domain: str = Field("localhost", min_length=1, alias="OSA_DOMAIN")
+    conventions: tuple[str, ...] = Field((), alias="OSA_CONVENTIONS")
+    hook_memory: dict[str, MemoryOverride] = Field(default_factory=dict, alias="OSA_HOOK_MEMORY")
+    """"convention.hook" -> its ladder's base and cap."""
+    sources: dict[str, str] = Field(default_factory=dict, alias="OSA_SOURCES")
+    partitions_per_run: int = Field(20, ge=1, alias="OSA_PARTITIONS_PER_RUN")
+    deposits: str = Field("", alias="OSA_DEPOSITS")
+    """Where records are deposited for validation; empty: <data_dir>/deposits."""
+    executor: Literal["in_process", "multiprocess", "docker"] = Field(
+        "in_process", alias="OSA_EXECUTOR"
+    )
+    hook_runner: Literal["local", "docker", "kubernetes"] = Field("local", alias="OSA_HOOK_RUNNER")
+    step_image: str | None = Field(None, alias="OSA_STEP_IMAGE")
+    k8s_namespace: str = Field("default", min_length=1, alias="OSA_K8S_NAMESPACE")
+    k8s_staging_secret: str | None = Field(None, alias="OSA_K8S_STAGING_SECRET")
+    k8s_s3_endpoint_url: str | None = Field(None, alias="OSA_K8S_S3_ENDPOINT_URL")
+    plan_cron: dict[str, str] = Field(default_factory=dict)
+    """Convention -> cron of its weekly plan, from OSA_PLAN_CRON_<CONVENTION>."""
+    watch_interval_s: int = Field(3600, ge=1, alias="OSA_WATCH_INTERVAL_S")
+    watch_overlap_h: float = Field(48.0, ge=0, allow_inf_nan=False, alias="OSA_WATCH_OVERLAP_H")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """The settings of `environ` (default: this process's); blank variables are unset."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            raw = env.get(field.alias or "", "").strip() if field.alias else ""
+            if raw:
+                values[name] = _PARSERS.get(name, _as_is)(raw, field.alias or name)
+        values["plan_cron"] = {
+            key.removeprefix(PLAN_CRON_PREFIX).lower(): value.strip()
+            for key, value in env.items()
+            if key.startswith(PLAN_CRON_PREFIX) and value.strip()
+        }
+        try:
+            settings = cls.model_validate(values)
+        except ValidationError as error:
+            first = error.errors()[0]
+            field_name = str(first["loc"][0]) if first["loc"] else ""
+            field = cls.model_fields.get(field_name)
+            variable = field.alias if field and field.alias else field_name
+            shown = env.get(variable, "")
+            raise SettingsError(f"{variable}={shown!r}: {first['msg']}") from None
+        return settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
+
+    @property
+    def artifacts_location(self) -> str:
+        """OSA_STORAGE, or the default folder in the data folder."""
+        return self.storage or str(self.data_dir / "artifacts")
+
+    @property
+    def deposits_location(self) -> str:
+        return self.deposits or str(self.data_dir / "deposits")
+
+    def memory_override(self, convention: str, hook: str) -> MemoryOverride | None:
+        return self.hook_memory.get(f"{convention}.{hook}")
+
+
+def settings() -> Settings:
+    """The settings of this process's environment, read now (tests change it freely)."""
+    return Settings.from_env()
 
 
 def data_dir() -> Path:
-    """The project's data folder: OSA_DATA_DIR, else .data in the working directory."""
+    """The project's data folder: OSA_DATA_DIR, else .data in the working directory. Read
+    alone, so that a command that needs only the data folder works whatever else is set."""
     return Path(os.environ.get("OSA_DATA_DIR", "").strip() or DEFAULT_DATA_DIR).resolve()
+
+
+def _as_is(raw: str, _variable: str) -> str:
+    return raw
+
+
+def _comma_list(raw: str, _variable: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _pairs(raw: str, variable: str, shape: str) -> dict[str, str]:
+    pairs = {}
+    for item in _comma_list(raw, variable):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not value:
+            raise SettingsError(f"{variable}: entry {item!r} is not {shape}")
+        pairs[key] = value
+    return pairs
+
+
+def _sources(raw: str, variable: str) -> dict[str, str]:
+    return _pairs(raw, variable, "CONVENTION=SOURCE")
+
+
+def _hook_memory(raw: str, variable: str) -> dict[str, MemoryOverride]:
+    overrides = {}
+    shape = "CONVENTION.HOOK=BASE_MB[:CAP_MB]"
+    for hook, ladder in _pairs(raw, variable, shape).items():
+        base, _, cap = ladder.partition(":")
+        if "." not in hook or not base.strip().isdigit() or (cap and not cap.strip().isdigit()):
+            raise SettingsError(f"{variable}: entry {hook}={ladder!r} is not {shape}")
+        try:
+            override = MemoryOverride(base_mb=int(base), cap_mb=int(cap) if cap else None)
+        except ValidationError:
+            raise SettingsError(
+                f"{variable}: entry {hook}={ladder!r}: memory must be a positive number of MB"
+            ) from None
+        if override.cap_mb is not None and override.cap_mb < override.base_mb:
+            raise SettingsError(
+                f"{variable}: entry {hook}={ladder!r}: the cap ({override.cap_mb} MB) is below "
+                f"the base ({override.base_mb} MB)"
+            )
+        overrides[hook] = override
+    return overrides
+
+
+_PARSERS = {
+    "conventions": _comma_list,
+    "sources": _sources,
+    "hook_memory": _hook_memory,
+}

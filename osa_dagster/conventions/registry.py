@@ -9,11 +9,11 @@ source a convention reads through OSA_SOURCES, e.g. ``OSA_SOURCES="pdb=rcsb,geo=
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Iterable
 
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine.spec import MemoryPolicy
+from osa_dagster.settings import Settings
 
 BUNDLED_MODULES = (
     "osa_dagster.conventions.pdb",
@@ -41,56 +41,31 @@ def _conventions_of(module_name: str) -> list[Convention]:
     return list(found)
 
 
-def _parse_memory_overrides(text: str) -> dict[tuple[str, str], tuple[int, int | None]]:
-    overrides: dict[tuple[str, str], tuple[int, int | None]] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        try:
-            target, limits = item.split("=")
-            convention, hook = target.split(".")
-            base, _, cap = limits.partition(":")
-            overrides[(convention, hook)] = (int(base), int(cap) if cap else None)
-        except ValueError as error:
-            raise ConventionError(
-                f"OSA_HOOK_MEMORY entry {item!r} is not CONVENTION.HOOK=BASE_MB[:CAP_MB]"
-            ) from error
-    return overrides
-
-
-def _with_memory_overrides(
-    convention: Convention, overrides: dict[tuple[str, str], tuple[int, int | None]]
-) -> Convention:
+def _with_memory_overrides(convention: Convention, settings: Settings) -> Convention:
     hooks = []
     for spec in convention.hooks:
-        override = overrides.get((convention.name, spec.name))
+        override = settings.memory_override(convention.name, spec.name)
         if override is not None:
-            base, cap = override
             # Built anew (not model_copy) so that a cap below the base is refused here.
             memory = MemoryPolicy(
-                **{**spec.memory.model_dump(), "base_mb": base, "cap_mb": cap or spec.memory.cap_mb}
+                **{
+                    **spec.memory.model_dump(),
+                    "base_mb": override.base_mb,
+                    "cap_mb": override.cap_mb or spec.memory.cap_mb,
+                }
             )
             spec = spec.model_copy(update={"memory": memory})
         hooks.append(spec)
     return convention.model_copy(update={"hooks": tuple(hooks)})
 
 
-def _parse_sources(text: str) -> dict[str, str]:
-    """OSA_SOURCES, e.g. "pdb=rcsb,uniprot=rest": convention -> name of its source."""
-    sources = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        convention, sep, source = (part.strip() for part in item.partition("="))
-        if not sep or not convention or not source:
-            raise ConventionError(f"OSA_SOURCES entry {item!r} is not CONVENTION=SOURCE")
-        sources[convention] = source
-    return sources
-
-
 def load_conventions(extra_modules: Iterable[str] | None = None) -> dict[str, Convention]:
     """Every available convention by name; names must be unique across modules."""
+    settings = Settings.from_env()
     if extra_modules is None:
-        extra_modules = os.environ.get("OSA_CONVENTIONS", "").split(",")
+        extra_modules = settings.conventions
     modules = [*BUNDLED_MODULES, *(m.strip() for m in extra_modules if m.strip())]
-    overrides = _parse_memory_overrides(os.environ.get("OSA_HOOK_MEMORY", ""))
-    sources = _parse_sources(os.environ.get("OSA_SOURCES", ""))
+    sources = settings.sources
     conventions: dict[str, Convention] = {}
     for module_name in dict.fromkeys(modules):
         for convention in _conventions_of(module_name):
@@ -103,15 +78,11 @@ def load_conventions(extra_modules: Iterable[str] | None = None) -> dict[str, Co
                     convention = convention.with_source(sources[convention.name])
                 except ValueError as error:
                     raise ConventionError(f"OSA_SOURCES: {error}") from error
-            conventions[convention.name] = _with_memory_overrides(convention, overrides)
+            conventions[convention.name] = _with_memory_overrides(convention, settings)
     if unknown_sources := sorted(set(sources) - set(conventions)):
         raise ConventionError(f"OSA_SOURCES names conventions that do not exist: {unknown_sources}")
-    unknown = {
-        key
-        for key in overrides
-        if key[0] not in conventions or not any(h.name == key[1] for h in conventions[key[0]].hooks)
-    }
-    if unknown:
-        names = ", ".join(f"{c}.{h}" for c, h in sorted(unknown))
+    known = {f"{c.name}.{h.name}" for c in conventions.values() for h in c.hooks}
+    if unknown := sorted(set(settings.hook_memory) - known):
+        names = ", ".join(unknown)
         raise ConventionError(f"OSA_HOOK_MEMORY names hooks that do not exist: {names}")
     return conventions

@@ -6,7 +6,6 @@ pipeline steps below (osa_dagster.batch) and giving every partition its own
 materialisation metadata.
 """
 
-import os
 from collections.abc import Iterator
 
 import dagster as dg
@@ -31,6 +30,7 @@ from osa_dagster.defs.resources import (
 )
 from osa_dagster.engine import HookSpec
 from osa_dagster.records.queries import count_published
+from osa_dagster.settings import Settings
 
 # A step whose process the kernel killed (the run worker, not the hook) is retried;
 # it resumes from the hook's checkpoint.
@@ -39,18 +39,14 @@ STEP_CRASH_RETRIES = 2
 # operator caps concurrent hook processes (or containers) across all runs with
 # `dagster instance concurrency set osa_hooks N`. Without a limit set, it costs nothing.
 HOOK_POOL = "osa_hooks"
+
+
 # Partitions a run covers when many are materialised at once (asset backfills, the
 # new-batches sensor, `osa materialize`). Dagster's cost is per run and per step, about
 # 1 s per one-partition run against 0.20 s per partition in runs of 20 (bench/RESULTS.md);
 # a run failing stops only its own range. OSA_PARTITIONS_PER_RUN=1: one run each.
-DEFAULT_PARTITIONS_PER_RUN = 20
-
-
 def partitions_per_run() -> int:
-    value = int(os.environ.get("OSA_PARTITIONS_PER_RUN", DEFAULT_PARTITIONS_PER_RUN))
-    if value < 1:
-        raise ValueError(f"OSA_PARTITIONS_PER_RUN must be at least 1, not {value}")
-    return value
+    return Settings.from_env().partitions_per_run
 
 
 def backfill_policy() -> dg.BackfillPolicy:

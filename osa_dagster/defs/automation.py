@@ -5,7 +5,6 @@ Both only plan (add partitions); the `<convention>_new_batches` sensor (defs/pla
 then requests the ingest runs of every new partition, so no partition gets two.
 """
 
-import os
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -14,15 +13,14 @@ from osa_dagster.batch.plan import WatchCursor, watch_upstream
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.planning import plan_job_name
 from osa_dagster.defs.resources import ArtifactStoreResource
+from osa_dagster.settings import Settings
 
 DEFAULT_PLAN_CRON = "0 3 * * 1"  # Mondays at 03:00 UTC: PDB releases on Wednesdays
-DEFAULT_WATCH_INTERVAL_S = 3600
-DEFAULT_WATCH_OVERLAP_H = 48.0
 
 
 def plan_cron(convention: Convention) -> str:
     """OSA_PLAN_CRON_<CONVENTION> (e.g. OSA_PLAN_CRON_PDB="0 3 * * 3"), else weekly."""
-    return os.environ.get(f"OSA_PLAN_CRON_{convention.name.upper()}", DEFAULT_PLAN_CRON)
+    return Settings.from_env().plan_cron.get(convention.name, DEFAULT_PLAN_CRON)
 
 
 def last_successful_plan_start(instance: dg.DagsterInstance, job_name: str) -> datetime | None:
@@ -64,9 +62,7 @@ def convention_automation(
 
     @dg.sensor(
         name=f"{convention.name}_upstream_changes",
-        minimum_interval_seconds=int(
-            os.environ.get("OSA_WATCH_INTERVAL_S", DEFAULT_WATCH_INTERVAL_S)
-        ),
+        minimum_interval_seconds=Settings.from_env().watch_interval_s,
         default_status=dg.DefaultSensorStatus.STOPPED,
         description=(
             f"Watches the {convention.name} upstream and plans every new or changed record "
@@ -77,9 +73,7 @@ def convention_automation(
         context: dg.SensorEvaluationContext, artifact_store: ArtifactStoreResource
     ) -> dg.SensorResult:
         cursor = WatchCursor.model_validate_json(context.cursor) if context.cursor else None
-        overlap = timedelta(
-            hours=float(os.environ.get("OSA_WATCH_OVERLAP_H", DEFAULT_WATCH_OVERLAP_H))
-        )
+        overlap = timedelta(hours=Settings.from_env().watch_overlap_h)
         result, cursor = watch_upstream(
             convention, artifact_store.get(), cursor, now=datetime.now(UTC), overlap=overlap
         )

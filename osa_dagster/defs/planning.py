@@ -20,7 +20,7 @@ from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.assets import features_key, partitions_per_run
 from osa_dagster.defs.resources import ArtifactStoreResource
-from osa_dagster.settings import data_dir
+from osa_dagster.settings import Settings, data_dir
 
 SENSOR_INTERVAL_S = 15
 CONVENTION_TAG = "osa/convention"
@@ -59,12 +59,10 @@ def ingest_executor() -> dg.ExecutorDefinition:
     """In-process by default: hooks already run in their own processes or containers, and a
     process per step costs seconds per partition. OSA_EXECUTOR=multiprocess isolates steps
     in processes, OSA_EXECUTOR=docker in containers (see docker_step_executor)."""
-    choice = os.environ.get("OSA_EXECUTOR", "in_process")
+    choice = Settings.from_env().executor
     if choice == "docker":
         return docker_step_executor()
     executors = {"in_process": dg.in_process_executor, "multiprocess": dg.multiprocess_executor}
-    if choice not in executors:
-        raise ValueError(f"OSA_EXECUTOR={choice!r}: choose one of {sorted([*executors, 'docker'])}")
     return executors[choice]
 
 
@@ -85,7 +83,7 @@ def docker_step_executor() -> dg.ExecutorDefinition:
     volumes = {path: {"bind": path, "mode": "rw"} for path in mounts if path}
     return docker_executor.configured(
         {
-            "image": os.environ.get("OSA_STEP_IMAGE", f"osa-dagster-step:{__version__}"),
+            "image": Settings.from_env().step_image or f"osa-dagster-step:{__version__}",
             "network": "host",
             "env_vars": [name for name in STEP_ENV_VARS if name in os.environ],
             "container_kwargs": {"volumes": volumes},

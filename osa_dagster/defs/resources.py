@@ -6,7 +6,6 @@ embedded default and a production deployment.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -15,6 +14,7 @@ import dagster as dg
 from osa_dagster.engine import LocalRunner, Runner
 from osa_dagster.engine.runners.docker import DockerRunner
 from osa_dagster.records import RecordsDatabase, database_url_from_env, open_database
+from osa_dagster.settings import Settings
 from osa_dagster.storage import ArtifactStore, FileSystemStore, store_from_env
 from osa_dagster.storage.store import deposits_store_from_env
 
@@ -55,7 +55,7 @@ class RecordsDatabaseResource(dg.ConfigurableResource):
         return open_database(self.url or database_url_from_env())
 
     def srn_domain(self) -> str:
-        return self.domain or os.environ.get("OSA_DOMAIN", "localhost")
+        return self.domain or Settings.from_env().domain
 
 
 RunnerKind = Literal["local", "docker", "kubernetes"]
@@ -72,7 +72,8 @@ class HookRunnerResource(dg.ConfigurableResource):
     kind: str = ""
 
     def get(self) -> Runner:
-        kind = self.kind or os.environ.get("OSA_HOOK_RUNNER", "local")
+        settings = Settings.from_env()
+        kind = self.kind or settings.hook_runner
         if kind == "local":
             return LocalRunner()
         if kind == "docker":
@@ -90,11 +91,11 @@ class HookRunnerResource(dg.ConfigurableResource):
                 StoreStaging(
                     store_from_env(),
                     "staging",
-                    pod_endpoint_url=os.environ.get("OSA_K8S_S3_ENDPOINT_URL"),
+                    pod_endpoint_url=settings.k8s_s3_endpoint_url,
                 ),
                 KubernetesRunnerConfig(
-                    namespace=os.environ.get("OSA_K8S_NAMESPACE", "default"),
-                    staging_secret=os.environ.get("OSA_K8S_STAGING_SECRET"),
+                    namespace=settings.k8s_namespace,
+                    staging_secret=settings.k8s_staging_secret,
                 ),
             )
         raise ValueError(f"unknown hook runner {kind!r}: choose one of {get_args(RunnerKind)}")

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from functools import cache, cached_property
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from osa_dagster.records.schema import upgrade
-from osa_dagster.settings import data_dir
+from osa_dagster.settings import Settings, data_dir
 
 
 def database_url_from_env() -> str:
     """OSA_DATABASE_URL, else a SQLite file in the data folder."""
-    url = os.environ.get("OSA_DATABASE_URL")
+    url = Settings.from_env().database_url
     if url:
         return url
     folder = data_dir()

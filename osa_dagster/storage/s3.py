@@ -19,7 +19,7 @@ import random
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request accepts
-ENV_RETRY_ATTEMPTS = "OSA_S3_RETRY_ATTEMPTS"
-ENV_RETRY_MAX_WAIT_S = "OSA_S3_RETRY_MAX_WAIT_S"
 
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 TRANSIENT_CODES = frozenset(
@@ -95,7 +93,7 @@ class RetryPolicy:
     predictable. The defaults wait 15.75 s to 31.5 s in all before giving up: longer than an
     S3-compatible server takes to restart (SeaweedFS here: 3 to 8 s), a load balancer to fail
     over or a throttling burst to pass, and short next to the hook work a failed step would
-    put off. `from_env` reads OSA_S3_RETRY_ATTEMPTS and OSA_S3_RETRY_MAX_WAIT_S.
+    put off. OSA_S3_RETRY_ATTEMPTS and OSA_S3_RETRY_MAX_WAIT_S set them (osa_dagster.settings).
     """
 
     attempts: int = 8
@@ -109,26 +107,6 @@ class RetryPolicy:
             raise ValueError(
                 f"RetryPolicy.max_delay must be a positive number of seconds, not {self.max_delay}"
             )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> RetryPolicy:
-        """The defaults, with OSA_S3_RETRY_ATTEMPTS (attempts per call, the first included)
-        and OSA_S3_RETRY_MAX_WAIT_S (the longest single wait, in seconds) where set."""
-        policy = cls()
-        attempts = environ.get(ENV_RETRY_ATTEMPTS, "").strip()
-        max_wait = environ.get(ENV_RETRY_MAX_WAIT_S, "").strip()
-        try:
-            return cls(
-                attempts=int(attempts) if attempts else policy.attempts,
-                base_delay=policy.base_delay,
-                max_delay=float(max_wait) if max_wait else policy.max_delay,
-            )
-        except ValueError as error:
-            raise ValueError(
-                f"{ENV_RETRY_ATTEMPTS}={attempts!r} / {ENV_RETRY_MAX_WAIT_S}={max_wait!r}: "
-                f"expected a whole number of attempts >= 1 and a positive number of seconds "
-                f"({error})"
-            ) from error
 
     def delay(self, attempt: int) -> float:
         ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from osa_dagster.atomic_files import write_atomically
-from osa_dagster.settings import data_dir
+from osa_dagster.settings import Settings
 
 
 class StoreKeyError(ValueError):
@@ -100,18 +100,17 @@ class FileSystemStore:
 
 def store_from_env() -> ArtifactStore:
     """The store named by OSA_STORAGE (see `store_at`); default <data dir>/artifacts."""
-    return store_at(os.environ.get("OSA_STORAGE", ""), default=data_dir() / "artifacts")
+    return store_at(Settings.from_env().artifacts_location)
 
 
 def deposits_store_from_env() -> ArtifactStore:
     """Where people deposit single records to validate: OSA_DEPOSITS (a folder or an S3
     prefix, as `store_at` reads it); default <data dir>/deposits, a drop folder."""
-    return store_at(os.environ.get("OSA_DEPOSITS", ""), default=data_dir() / "deposits")
+    return store_at(Settings.from_env().deposits_location)
 
 
-def store_at(location: str, *, default: Path) -> ArtifactStore:
-    """The store at `location`: a folder (optionally file://...), s3://bucket[/prefix], or
-    `default` when empty.
+def store_at(location: str) -> ArtifactStore:
+    """The store at `location`: a folder (optionally file://...) or s3://bucket[/prefix].
 
     For S3: OSA_S3_ENDPOINT_URL points at an S3-compatible server (path-style addressing
     then), the region is AWS_REGION or AWS_DEFAULT_REGION (default us-east-1), and
@@ -124,10 +123,11 @@ def store_at(location: str, *, default: Path) -> ArtifactStore:
         from osa_dagster.storage.s3 import RetryPolicy, S3Store, make_s3_client, parse_s3_url
 
         bucket, prefix = parse_s3_url(location)
+        settings = Settings.from_env()
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        client = make_s3_client(
-            endpoint_url=os.environ.get("OSA_S3_ENDPOINT_URL") or None,
-            region=region or "us-east-1",
+        client = make_s3_client(endpoint_url=settings.s3_endpoint_url, region=region or "us-east-1")
+        retry = RetryPolicy(
+            attempts=settings.s3_retry_attempts, max_delay=settings.s3_retry_max_wait_s
         )
-        return S3Store(bucket, prefix, client, retry=RetryPolicy.from_env())
-    return FileSystemStore(Path(location.removeprefix("file://")) if location else default)
+        return S3Store(bucket, prefix, client, retry=retry)
+    return FileSystemStore(Path(location.removeprefix("file://")))

@@ -253,7 +253,7 @@ def test_a_retry_budget_that_cannot_work_is_refused_by_name(
     monkeypatch.setenv("OSA_STORAGE", "s3://bucket/p")
     monkeypatch.setenv("OSA_S3_RETRY_ATTEMPTS", attempts)
     monkeypatch.setenv("OSA_S3_RETRY_MAX_WAIT_S", max_wait)
-    with pytest.raises(ValueError, match=r"OSA_S3_RETRY_ATTEMPTS=.*_MAX_WAIT_S=") as bad:
+    with pytest.raises(ValueError, match=r"OSA_S3_RETRY_(ATTEMPTS|MAX_WAIT_S)=") as bad:
         store_from_env()
     assert repr(attempts or max_wait) in str(bad.value)
 
