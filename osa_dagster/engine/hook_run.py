@@ -78,7 +78,13 @@ from osa_dagster.engine.checkpoint import (
 )
 from osa_dagster.engine.memory_history import MemoryHistoryIO, update_history
 from osa_dagster.engine.outputs import OutputReader, harvest
-from osa_dagster.engine.runners.base import AttemptExit, Invocation, Runner, read_tail
+from osa_dagster.engine.runners.base import (
+    AttemptExit,
+    Invocation,
+    Runner,
+    RunningAttempt,
+    read_tail,
+)
 from osa_dagster.engine.spec import HookSpec
 
 log = logging.getLogger(__name__)
@@ -229,6 +235,25 @@ class _HookRun:
         self.checkpoint = self._open_checkpoint()
 
     def _open_checkpoint(self) -> Checkpoint:
+        """This batch's checkpoint, reopened for what a new run must do again; or a new one."""
+        stored = self._stored_checkpoint()
+        if stored is None:
+            return Checkpoint(
+                hook=self.spec.name,
+                batch_digest=self.batch.digest(),
+                next_memory_mb=self.spec.memory.base_mb,
+                lanes=self._plan_lanes(),
+            )
+        raised = self._poison_below_the_cap(stored)
+        if stored.complete:
+            self._reopen_finished(stored, raised)
+        else:
+            for record_id in raised:
+                del stored.outcomes[record_id]
+        return stored
+
+    def _stored_checkpoint(self) -> Checkpoint | None:
+        """The stored checkpoint if it is this hook's over this very batch."""
         digest = self.batch.digest()
         stored = self.checkpoints.load()
         if stored is not None and (stored.hook, stored.batch_digest) != (self.spec.name, digest):
@@ -239,16 +264,12 @@ class _HookRun:
                 self.spec.name,
                 digest[:12],
             )
-            stored = None
-        if stored is None:
-            return Checkpoint(
-                hook=self.spec.name,
-                batch_digest=digest,
-                next_memory_mb=self.spec.memory.base_mb,
-                lanes=self._plan_lanes(),
-            )
+            return None
+        return stored
+
+    def _poison_below_the_cap(self, stored: Checkpoint) -> dict[str, RecordOutcome]:
+        """Poison records whose cap has since been raised: they get another chance."""
         policy = self.spec.memory
-        # Poison only at the top of the ladder of its day: a raised cap gives it another chance.
         raised = {
             record_id: outcome
             for record_id, outcome in stored.outcomes.items()
@@ -261,32 +282,28 @@ class _HookRun:
                 policy.cap_mb,
                 len(raised),
             )
-        if stored.complete:
-            # A new run of a finished batch: give the transient failures another chance,
-            # starting from the bottom of the ladder again.
-            retried = {
-                record_id
-                for record_id, outcome in stored.outcomes.items()
-                if outcome.status is OutcomeStatus.ERRORED and outcome.retryable
-            }
-            stored.outcomes = {
-                record_id: outcome
-                for record_id, outcome in stored.outcomes.items()
-                if record_id not in retried and record_id not in raised
-            }
-            # Reopened poison alone skips the rungs it is known to fail at.
-            stored.next_memory_mb = (
-                policy.base_mb
-                if retried or not raised
-                else min(
-                    policy.next_after(o.memory_limit_mb) or policy.cap_mb for o in raised.values()
-                )
-            )
-            stored.complete = False
-        else:
-            for record_id in raised:
-                del stored.outcomes[record_id]
-        return stored
+        return raised
+
+    def _reopen_finished(self, stored: Checkpoint, raised: dict[str, RecordOutcome]) -> None:
+        """A new run of a finished batch: transient failures get another chance from the
+        bottom of the ladder, and reopened poison alone skips the rungs it is known to fail."""
+        policy = self.spec.memory
+        retried = {
+            record_id
+            for record_id, outcome in stored.outcomes.items()
+            if outcome.status is OutcomeStatus.ERRORED and outcome.retryable
+        }
+        stored.outcomes = {
+            record_id: outcome
+            for record_id, outcome in stored.outcomes.items()
+            if record_id not in retried and record_id not in raised
+        }
+        stored.next_memory_mb = (
+            policy.base_mb
+            if retried or not raised
+            else min(policy.next_after(o.memory_limit_mb) or policy.cap_mb for o in raised.values())
+        )
+        stored.complete = False
 
     def _plan_lanes(self) -> dict[str, int]:
         """The records that the hook's history says to start above the base, and where."""
@@ -356,31 +373,7 @@ class _HookRun:
     def attempt(self, pending: list[HookRecord], memory: int, lane: str | None) -> AttemptExit:
         """One attempt over these records, checkpointing outcomes as they appear."""
         number = len(self.checkpoint.attempts) + 1
-        attempt_dir = self._attempt_dir(number)
-        # Left over from a discarded checkpoint, whose attempts were numbered from 1 too.
-        shutil.rmtree(attempt_dir, ignore_errors=True)
-        in_dir, out_dir = attempt_dir / "in", attempt_dir / "out"
-        in_dir.mkdir(parents=True)
-        out_dir.mkdir()
-        (in_dir / RECORDS_FILE).write_text("".join(r.model_dump_json() + "\n" for r in pending))
-        (in_dir / CONFIG_FILE).write_text(json.dumps(self.spec.config))
-        invocation = Invocation(
-            command=self.spec.command,
-            env={
-                ENV_IN: str(in_dir),
-                ENV_OUT: str(out_dir),
-                ENV_FILES: str(self.batch.files_root),
-                ENV_HOOK_NAME: self.spec.name,
-                ENV_MEMORY_LIMIT_MB: str(memory),
-            },
-            in_dir=in_dir,
-            out_dir=out_dir,
-            files_root=self.batch.files_root,
-            memory_limit_mb=memory,
-            timeout_s=self.spec.timeout_s,
-            log_path=attempt_dir / "hook.log",
-            image=self.spec.image,
-        )
+        invocation = self._prepare(number, pending, memory)
         log.info(
             "hook %s: attempt %d, %d records at %d MB%s",
             self.spec.name,
@@ -403,8 +396,48 @@ class _HookRun:
         self.checkpoint.running = flight
         # Saved before waiting: if we die now, the next run finds and kills the hook.
         self.checkpoints.save(self.checkpoint)
+        exit_ = self._watch(running, flight, OutputReader(invocation.out_dir, flight.offsets))
+        first_unfinished = next(
+            (r.id for r in pending if r.id not in self.checkpoint.outcomes), None
+        )
+        self._close_attempt(
+            flight, exit_, exit_.stderr_tail, first_unfinished, time.monotonic() - started
+        )
+        return exit_
+
+    def _prepare(self, number: int, pending: list[HookRecord], memory: int) -> Invocation:
+        """The attempt's folders, its input files and how the runner starts it."""
+        attempt_dir = self._attempt_dir(number)
+        # Left over from a discarded checkpoint, whose attempts were numbered from 1 too.
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+        in_dir, out_dir = attempt_dir / "in", attempt_dir / "out"
+        in_dir.mkdir(parents=True)
+        out_dir.mkdir()
+        (in_dir / RECORDS_FILE).write_text("".join(r.model_dump_json() + "\n" for r in pending))
+        (in_dir / CONFIG_FILE).write_text(json.dumps(self.spec.config))
+        return Invocation(
+            command=self.spec.command,
+            env={
+                ENV_IN: str(in_dir),
+                ENV_OUT: str(out_dir),
+                ENV_FILES: str(self.batch.files_root),
+                ENV_HOOK_NAME: self.spec.name,
+                ENV_MEMORY_LIMIT_MB: str(memory),
+            },
+            in_dir=in_dir,
+            out_dir=out_dir,
+            files_root=self.batch.files_root,
+            memory_limit_mb=memory,
+            timeout_s=self.spec.timeout_s,
+            log_path=attempt_dir / "hook.log",
+            image=self.spec.image,
+        )
+
+    def _watch(
+        self, running: RunningAttempt, flight: InFlightAttempt, reader: OutputReader
+    ) -> AttemptExit:
+        """Wait for the attempt's end, merging its outcomes and saving them on schedule."""
         saved_at, unsaved = time.monotonic(), 0
-        reader = OutputReader(out_dir, flight.offsets)
         try:
             while (exit_ := running.wait(self.poll_s)) is None:
                 unsaved += self._harvest(reader, flight)
@@ -420,12 +453,6 @@ class _HookRun:
             running.wait(self.poll_s)
             raise
         self._harvest(reader, flight)
-        first_unfinished = next(
-            (r.id for r in pending if r.id not in self.checkpoint.outcomes), None
-        )
-        self._close_attempt(
-            flight, exit_, exit_.stderr_tail, first_unfinished, time.monotonic() - started
-        )
         return exit_
 
     def _harvest(self, reader: OutputReader, flight: InFlightAttempt) -> int:
