@@ -27,6 +27,8 @@ class Anomaly(StrEnum):
     DUPLICATE_OUTCOMES = "duplicate_outcomes"
     ALREADY_SETTLED = "already_settled"  # an outcome for a record settled by an earlier attempt
     NO_OUTCOME = "no_outcome"
+    NON_FINITE_NUMBERS = "non_finite_numbers"  # NaN or an infinity in features: errored
+    REFUSED_OUTPUT = "refused_output"  # not a regular file, or over the size cap
 
 
 class RecordOutcome(BaseModel):

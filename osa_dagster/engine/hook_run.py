@@ -58,6 +58,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from osa_sdk.contract import (
+    BYTES_PER_MB,
     CONFIG_FILE,
     ENV_FILES,
     ENV_HOOK_NAME,
@@ -233,6 +234,7 @@ class _HookRun:
         self.save_every_records = save_every_records
         self.poll_s = min(POLL_S, save_every_s)
         self.checkpoint = self._open_checkpoint()
+        self.refused: str | None = None  # why the last attempt's output was refused
 
     def _open_checkpoint(self) -> Checkpoint:
         """This batch's checkpoint, reopened for what a new run must do again; or a new one."""
@@ -364,7 +366,7 @@ class _HookRun:
         self.runner.kill_leftovers(flight.marker)
         attempt_dir = self._attempt_dir(flight.number)
         if (attempt_dir / "out").is_dir():
-            self._harvest(OutputReader(attempt_dir / "out", flight.offsets), flight)
+            self._harvest(self._reader(attempt_dir / "out", flight.offsets), flight)
         self._close_attempt(
             flight, None, read_tail(attempt_dir / "hook.log"), first_unfinished=None
         )
@@ -396,7 +398,7 @@ class _HookRun:
         self.checkpoint.running = flight
         # Saved before waiting: if we die now, the next run finds and kills the hook.
         self.checkpoints.save(self.checkpoint)
-        exit_ = self._watch(running, flight, OutputReader(invocation.out_dir, flight.offsets))
+        exit_ = self._watch(running, flight, self._reader(invocation.out_dir, flight.offsets))
         first_unfinished = next(
             (r.id for r in pending if r.id not in self.checkpoint.outcomes), None
         )
@@ -441,6 +443,9 @@ class _HookRun:
         try:
             while (exit_ := running.wait(self.poll_s)) is None:
                 unsaved += self._harvest(reader, flight)
+                if reader.refused is not None:
+                    # The output cannot be trusted any further: nothing the hook does next counts.
+                    running.kill()
                 if unsaved and (
                     unsaved >= self.save_every_records
                     or time.monotonic() - saved_at >= self.save_every_s
@@ -453,7 +458,13 @@ class _HookRun:
             running.wait(self.poll_s)
             raise
         self._harvest(reader, flight)
+        self.refused = reader.refused
         return exit_
+
+    def _reader(self, out_dir: Path, offsets: dict[str, int]) -> OutputReader:
+        return OutputReader(
+            out_dir, offsets, max_output_bytes=int(self.spec.max_output_mb * BYTES_PER_MB)
+        )
 
     def _harvest(self, reader: OutputReader, flight: InFlightAttempt) -> int:
         """Merge the attempt's new output; returns how many records it settled."""
@@ -514,7 +525,10 @@ class _HookRun:
         left_ids = [r.id for r in left]
         attempt = self.checkpoint.attempts[-1]
         limit = attempt.memory_limit_mb
-        if exit_.out_of_memory and left:
+        if self.refused is not None:
+            self.checkpoint.note(Anomaly.REFUSED_OUTPUT)
+            self._error(left_ids, f"output refused: {self.refused}", retryable=False)
+        elif exit_.out_of_memory and left:
             next_memory = self.spec.memory.next_after(limit)
             if next_memory is not None:
                 log.warning(

@@ -1,14 +1,20 @@
 """Read what a hook wrote to $OSA_OUT and merge it into the checkpoint, line by line.
 
 Hooks are written by others and get killed mid-write, so nothing here trusts the output: bad
-lines are counted as anomalies, never raised, and only complete lines are read.
+lines are counted as anomalies, never raised, and only complete lines are read. The folder
+itself is the hook's to shape, so only regular files are opened, never through a link and
+never in a way that blocks: a FIFO, a symlink (to a sibling's checkpoint, to /etc/shadow), a
+device or a folder in place of an outcome file refuses the output, and so does output past
+the hook's size cap. The engine then stops the attempt and errors the records left.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,27 +67,68 @@ class OutputReader:
     started, and a line over `max_line_bytes` is skipped as it streams past (an OversizedLine
     in its place), so memory stays bounded whatever the hook writes. What was read of a
     partial line is kept for the next call rather than read again.
+
+    Once the folder holds something other than regular outcome files, or its outcome files
+    add up to more than `max_output_bytes`, `refused` says why and nothing more is read.
     """
 
     def __init__(
-        self, out_dir: Path, offsets: dict[str, int], max_line_bytes: int = MAX_LINE_BYTES
+        self,
+        out_dir: Path,
+        offsets: dict[str, int],
+        max_line_bytes: int = MAX_LINE_BYTES,
+        max_output_bytes: int | None = None,
     ) -> None:
         self.out_dir = out_dir
         # Shared with the checkpoint's in-flight attempt, so that saving the checkpoint also
         # saves how far its outcomes go.
         self.offsets = offsets
         self.max_line_bytes = max_line_bytes
+        self.max_output_bytes = max_output_bytes
+        self.refused: str | None = None
         self._partial: dict[str, bytes] = {}  # read after the offset, no newline yet
         self._skipping: dict[str, tuple[int, bytes]] = {}  # over-long line: scanned to, head
 
     def new_lines(self) -> Iterator[tuple[str, bytes | OversizedLine]]:
-        for name in OUTPUT_FILES:
-            try:
-                f = (self.out_dir / name).open("rb")
-            except FileNotFoundError:
-                continue
-            with f:
-                yield from self._read(name, f, os.fstat(f.fileno()).st_size)
+        if self.refused is not None:
+            return
+        files = self._open_all()
+        try:
+            if self.refused is None:
+                for name, (f, size) in files.items():
+                    yield from self._read(name, f, size)
+        finally:
+            for f, _ in files.values():
+                f.close()
+
+    def _open_all(self) -> dict[str, tuple[BinaryIO, int]]:
+        """Every outcome file present, opened safely, with its size; sets `refused` when the
+        folder breaks the rules (the files opened so far are returned for closing)."""
+        files: dict[str, tuple[BinaryIO, int]] = {}
+        try:
+            folder = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return files
+        except OSError as error:
+            self.refused = f"the output folder is not a plain folder ({error.strerror})"
+            return files
+        try:
+            for name in OUTPUT_FILES:
+                opened = _open_regular(folder, name)
+                if isinstance(opened, str):
+                    self.refused = f"{name} in the output folder is {opened}, not a regular file"
+                    return files
+                if opened is not None:
+                    files[name] = (opened, os.fstat(opened.fileno()).st_size)
+        finally:
+            os.close(folder)
+        total = sum(size for _, size in files.values())
+        if self.max_output_bytes is not None and total > self.max_output_bytes:
+            self.refused = (
+                f"the hook wrote {bytes_to_mb(total):.1f} MB of outcomes, over its cap of "
+                f"{bytes_to_mb(self.max_output_bytes):.1f} MB (HookSpec.max_output_mb)"
+            )
+        return files
 
     def _read(
         self, name: str, f: BinaryIO, end: int
@@ -120,6 +167,40 @@ class OutputReader:
             self._partial[name] = partial
 
 
+def _open_regular(folder: int, name: str) -> BinaryIO | str | None:
+    """`name` in the folder `folder` opened for reading if it is a regular file; None when it
+    does not exist; else what it is. Nothing but a regular file is ever opened for reading:
+    a path-only handle is checked first, so a FIFO cannot block and a device is never
+    opened, and no symlink is followed."""
+    try:
+        handle = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=folder)
+    except FileNotFoundError:
+        return None
+    try:
+        mode = os.fstat(handle).st_mode
+        if not stat.S_ISREG(mode):
+            return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        # Reopening the handle itself, not the name, reads the very file that was checked.
+        fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ENOENT:
+            return None
+        raise
+    finally:
+        os.close(handle)
+    return os.fdopen(fd, "rb")
+
+
+_KINDS = {
+    stat.S_IFLNK: "a symlink",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
+
+
 def harvest(
     checkpoint: Checkpoint,
     reader: OutputReader,
@@ -141,15 +222,19 @@ def harvest(
         if parsed is None:
             checkpoint.note(Anomaly.MALFORMED_LINES)
             continue
-        record_id, fields = parsed
+        record_id, fields, anomaly = parsed
+        if anomaly is not None:
+            checkpoint.note(anomaly)
         outcome = RecordOutcome(**fields, attempt=attempt, memory_limit_mb=memory_limit_mb)
         _merge(checkpoint, batch_ids, record_id, outcome)
     return consumed
 
 
-def _oversized(
-    file_name: str, line: OversizedLine, limit: int
-) -> tuple[str, dict[str, Any]] | None:
+# One output line as the record id, the outcome's fields, and the anomaly it counts as.
+_Parsed = tuple[str, dict[str, Any], Anomaly | None]
+
+
+def _oversized(file_name: str, line: OversizedLine, limit: int) -> _Parsed | None:
     """An over-long line errors the record it names; None when it names none."""
     record_id = line.record_id()
     if record_id is None:
@@ -158,24 +243,33 @@ def _oversized(
         f"the hook wrote a {file_name} line of {bytes_to_mb(line.size):.1f} MB for this record, "
         f"over the limit of {bytes_to_mb(limit):.1f} MB"
     )
-    return record_id, {"status": OutcomeStatus.ERRORED, "reason": reason, "retryable": False}
+    return record_id, {"status": OutcomeStatus.ERRORED, "reason": reason, "retryable": False}, None
 
 
-def _parse(file_name: str, raw: bytes) -> tuple[str, dict[str, Any]] | None:
-    """The record id and the outcome fields of one output line; None if it is malformed."""
+def _parse(file_name: str, raw: bytes) -> _Parsed | None:
+    """The record id, the outcome fields and any anomaly of one output line; None if it is
+    malformed."""
     try:
         if file_name == FEATURES_FILE:
             passed = FeaturesLine.model_validate_json(raw)
-            return passed.id, {"status": OutcomeStatus.PASSED, "features": passed.features}
+            if (non_finite := passed.non_finite()) is not None:
+                reason = f"the hook wrote {non_finite}, which JSON cannot hold"
+                errored = {"status": OutcomeStatus.ERRORED, "reason": reason}
+                return passed.id, errored, Anomaly.NON_FINITE_NUMBERS
+            return passed.id, {"status": OutcomeStatus.PASSED, "features": passed.features}, None
         if file_name == REJECTIONS_FILE:
             rejected = RejectionLine.model_validate_json(raw)
-            return rejected.id, {"status": OutcomeStatus.REJECTED, "reason": rejected.reason}
+            return rejected.id, {"status": OutcomeStatus.REJECTED, "reason": rejected.reason}, None
         errored = ErrorLine.model_validate_json(raw)
-        return errored.id, {
-            "status": OutcomeStatus.ERRORED,
-            "reason": errored.error,
-            "retryable": errored.retryable,
-        }
+        return (
+            errored.id,
+            {
+                "status": OutcomeStatus.ERRORED,
+                "reason": errored.error,
+                "retryable": errored.retryable,
+            },
+            None,
+        )
     except ValidationError:  # invalid UTF-8 and invalid JSON included
         return None
 

@@ -65,6 +65,11 @@ class HookSpec(BaseModel):
     timeout_s: float = Field(default=3600.0, gt=0)
     config: dict[str, Any] = Field(default_factory=dict)
     emits_features: bool = False
+    # What one attempt may write to its output folder, in decimal MB: past it the attempt is
+    # stopped and the records it left are errored.
+    max_output_mb: float = Field(default=512.0, gt=0)
+    # Sandboxed runners give an attempt no network unless its hook asks for it here.
+    network: bool = False
 
 
 def sdk_hook_command(target: str) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -479,11 +480,13 @@ class S3Store:
         present: set[str] = set()
         changed: dict[str, str] = {}
         for path in folder.rglob("*"):
-            if not path.is_file():
+            # Regular files only, never through a link: a hook's output folder is in here, and
+            # a symlink it left must not upload what it points to, nor a FIFO block the upload.
+            info = path.lstat()
+            if not stat.S_ISREG(info.st_mode):
                 continue
             relative = path.relative_to(folder).as_posix()
             present.add(relative)
-            info = path.stat()
             if staged.get(relative) != _Staged(info.st_size, info.st_mtime_ns):
                 changed[relative] = f"{base}/{relative}"
 

@@ -20,6 +20,7 @@ from osa_sdk.contract import (
     FEATURES_FILE,
     REJECTIONS_FILE,
 )
+from osa_sdk.types import HookRecord
 from sdk_sample_hooks import plain, scripted
 from sdk_test_support import Batch, ids, run_sdk
 
@@ -307,4 +308,26 @@ def test_a_rejection_reason_that_is_not_text_is_written_as_text(batch: Batch) ->
     assert batch.outcomes()[REJECTIONS_FILE] == [
         {"id": "a", "reason": "42"},
         {"id": "b", "reason": "42"},
+    ]
+
+
+def test_nan_and_infinities_error_their_record_instead_of_becoming_null(batch: Batch) -> None:
+    batch.write_records([{"id": "nan"}, {"id": "inf"}, {"id": "fine"}])
+    values = {"nan": float("nan"), "inf": [{"nested": [1.0, float("-inf")]}], "fine": 1.5}
+
+    def measure(record: HookRecord) -> dict:
+        return {"rmsd": values[record.id]}
+
+    summary = run_hook(measure, batch.in_dir, batch.out_dir, batch.files_root, "measure")
+
+    assert (summary.passed, summary.errored) == (1, 2)
+    assert batch.outcomes()[FEATURES_FILE] == [{"id": "fine", "features": [{"rmsd": 1.5}]}]
+    hint = "JSON has no NaN or Infinity; use None or a string"
+    assert batch.outcomes()[ERRORS_FILE] == [
+        {"id": "nan", "error": f"ValueError: features[0].rmsd is NaN: {hint}", "retryable": False},
+        {
+            "id": "inf",
+            "error": f"ValueError: features[0].rmsd[0].nested[1] is -Infinity: {hint}",
+            "retryable": False,
+        },
     ]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,21 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, tuple[OutcomeStatus, str | None
         {"a": (PASSED, None), "b": (ERRORED, "no outcome: the hook exited 0 without writing one")},
         {"no_outcome": 1},
     ),
+    "NaN and infinities": (
+        {
+            "*": {
+                "write": {
+                    "features.jsonl": '{"id": "a", "features": [{"rmsd": NaN}]}\n'
+                    + '{"id": "b", "features": [{"ok": 1}, {"x": [1, -Infinity]}]}\n'
+                }
+            }
+        },
+        {
+            "a": (ERRORED, "the hook wrote features[0].rmsd is NaN, which JSON cannot hold"),
+            "b": (ERRORED, "the hook wrote features[1].x[1] is -Infinity, which JSON cannot hold"),
+        },
+        {"non_finite_numbers": 2},
+    ),
     "non-zero exit": (
         {"*": {"write": {"features.jsonl": passed("a")}, "stderr": "Traceback: boom\n", "exit": 3}},
         {"a": (PASSED, None), "b": (ERRORED, "hook exited with code 3: Traceback: boom")},
@@ -132,3 +150,80 @@ def test_outcome_for_a_record_settled_by_an_earlier_attempt_is_ignored(harness: 
     assert checkpoint.outcomes["a"].features == [{"n": 1}]
     assert checkpoint.outcomes["b"].features == [{"n": 2}]
     assert checkpoint.anomalies == {"already_settled": 1}
+
+
+NOT_REGULAR: dict[str, tuple[Callable[[Path], None], str]] = {
+    "fifo": (os.mkfifo, "a FIFO"),
+    "symlink": (lambda path: path.symlink_to("/etc/passwd"), "a symlink"),
+    "character device": (
+        lambda path: os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3)),
+        "a character device",
+    ),
+    "folder": (Path.mkdir, "a folder"),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_REGULAR)
+def test_reader_opens_only_regular_files(tmp_path: Path, kind: str) -> None:
+    make, described = NOT_REGULAR[kind]
+    (tmp_path / "features.jsonl").write_text(passed("a"))
+    make(tmp_path / "errors.jsonl")
+    reader = OutputReader(tmp_path, {})
+
+    # A FIFO opened for reading would block here until a writer came: none ever comes.
+    assert list(reader.new_lines()) == []
+    assert reader.refused == f"errors.jsonl in the output folder is {described}, not a regular file"
+    assert list(reader.new_lines()) == []  # refused for good
+
+
+def test_reader_refuses_output_over_the_cap(tmp_path: Path) -> None:
+    reader = OutputReader(tmp_path, {}, max_output_bytes=100)
+    (tmp_path / "features.jsonl").write_text(passed("a"))
+    assert [name for name, _ in reader.new_lines()] == ["features.jsonl"]
+    (tmp_path / "rejections.jsonl").write_text("x" * 100)
+
+    assert list(reader.new_lines()) == []
+    assert reader.refused == (
+        "the hook wrote 0.0 MB of outcomes, over its cap of 0.0 MB (HookSpec.max_output_mb)"
+    )
+
+
+REFUSED: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    "a FIFO, then the hook hangs": (
+        {"fifo": ["features.jsonl"], "sleep_s": 600},
+        {},
+        "features.jsonl in the output folder is a FIFO, not a regular file",
+    ),
+    "a symlink to outcomes written elsewhere": (
+        {"symlink": {"features.jsonl": "{forged}"}},
+        {},
+        "features.jsonl in the output folder is a symlink, not a regular file",
+    ),
+    "output over the cap": (
+        {"write": {"errors.jsonl": "x" * 2_000_000, "features.jsonl": passed("a") + passed("b")}},
+        {"max_output_mb": 1},
+        "the hook wrote 2.0 MB of outcomes, over its cap of 1.0 MB (HookSpec.max_output_mb)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_refused_output_errors_the_records_and_stops_the_hook(
+    harness: Harness, case: str
+) -> None:
+    scenario, spec_fields, reason = REFUSED[case]
+    forged = harness.root / "forged.jsonl"
+    forged.write_text(passed("a") + passed("b"))
+    scenario = json.loads(json.dumps(scenario).replace("{forged}", str(forged)))
+    spec = harness.spec(RAW_OUTPUT, timeout_s=600, **{"*": scenario}).model_copy(update=spec_fields)
+
+    checkpoint = harness.run(spec, [record("a", 1), record("b", 2)])
+
+    expected = (ERRORED, f"output refused: {reason}")
+    assert {rid: (o.status, o.reason) for rid, o in checkpoint.outcomes.items()} == {
+        "a": expected,
+        "b": expected,
+    }
+    assert checkpoint.anomalies == {"refused_output": 1}
+    [attempt] = checkpoint.attempts
+    assert not attempt.timed_out  # stopped at once, not after the hook's timeout

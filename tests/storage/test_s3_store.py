@@ -4,6 +4,7 @@ fails. Run on moto and on a real SeaweedFS server; faults come from a proxy in f
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,20 @@ def test_read_only_staging_uploads_nothing_and_cleans_up(s3_store: S3Store):
     assert not folder.exists()
     assert list(s3_store.list_keys("in")) == ["in/a.txt"]
     assert s3_store.read_bytes("in/a.txt") == b"a"
+
+
+def test_only_regular_files_are_uploaded_never_through_a_link(moto: S3Endpoint, unique_prefix: str):
+    # A hook's output folder is staged like this: what it leaves there must neither upload
+    # what a symlink points to nor block the upload (a FIFO).
+    store = moto.store(unique_prefix)
+    secret = Path(__file__)
+    with store.local_dir("work", writable=True) as folder:
+        (folder / "out").mkdir()
+        (folder / "out" / "features.jsonl").write_bytes(b"kept\n")
+        (folder / "out" / "stolen").symlink_to(secret)
+        (folder / "linked-folder").symlink_to(secret.parent, target_is_directory=True)
+        os.mkfifo(folder / "out" / "errors.jsonl")
+    assert list(store.list_keys("work")) == ["work/out/features.jsonl"]
 
 
 def test_an_error_in_the_body_uploads_nothing(s3_store: S3Store):

@@ -147,6 +147,8 @@ def _run_one(
     try:
         result = hook(record, config=config) if hook.accepts_config else hook(record)
         line = FeaturesLine(id=record.id, features=_feature_rows(result))
+        if (non_finite := line.non_finite()) is not None:
+            raise ValueError(f"{non_finite}: JSON has no NaN or Infinity; use None or a string")
         return OutcomeStatus.PASSED, _serialise(line)
     except Reject as rejection:
         reason = RejectionLine(id=record.id, reason=str(rejection.reason))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -114,6 +115,25 @@ class HookRecord(BaseModel):
 class FeaturesLine(BaseModel):
     id: HookRecordId
     features: list[dict[str, Any]]
+
+    def non_finite(self) -> str | None:
+        """Where the features hold NaN or an infinity, e.g. "features[0].rmsd is NaN"; None
+        when they hold none. JSON has no such numbers: stored, they would become a silent null.
+        """
+        return _non_finite(self.features, "features")
+
+
+def _non_finite(value: Any, where: str) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        word = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return f"{where} is {word}"
+    if isinstance(value, dict):
+        items = ((f"{where}.{key}", item) for key, item in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{where}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    return next((found for path, item in items if (found := _non_finite(item, path))), None)
 
 
 class RejectionLine(BaseModel):
