@@ -46,6 +46,7 @@ from osa_dagster.engine import (
     MemoryPolicy,
     advance_hook,
 )
+from osa_dagster.engine.runners.base import image_command
 from osa_dagster.engine.runners.kubernetes import (
     DEADLINE_EXCEEDED,
     EVICTED,
@@ -57,7 +58,6 @@ from osa_dagster.engine.runners.kubernetes import (
     Verdict,
     attempt_name,
     classify,
-    image_command,
 )
 from osa_dagster.storage.staging import StoreStaging
 from osa_dagster.storage.store import FileSystemStore
