@@ -43,10 +43,6 @@ os.environ.pop("OSA_STORAGE", None)
 os.environ.pop("OSA_DATABASE_URL", None)
 
 import dagster as dg  # noqa: E402
-from dagster._core.storage.tags import (  # noqa: E402
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 from sqlalchemy import func, select  # noqa: E402
 
 from osa_dagster.batch.audit import audit_batch  # noqa: E402
@@ -56,6 +52,7 @@ from osa_dagster.batch.plan import plan_ingest  # noqa: E402
 from osa_dagster.batch.publish import publish_batch, store_batch_features  # noqa: E402
 from osa_dagster.conventions.base import Convention  # noqa: E402
 from osa_dagster.defs.checks import CHECKS  # noqa: E402
+from osa_dagster.defs.dagster_private import partition_range_tags  # noqa: E402
 from osa_dagster.defs.planning import contiguous_chunks  # noqa: E402
 from osa_dagster.engine import LocalRunner, memory_limit_mode  # noqa: E402
 from osa_dagster.records import (  # noqa: E402
@@ -100,10 +97,7 @@ def run_dagster(defs: dg.Definitions, home: Path, per_run: int | None) -> float:
         for chunk in contiguous_chunks(keys, set(), per_run or len(keys)):
             result = job.execute_in_process(
                 instance=instance,
-                tags={
-                    ASSET_PARTITION_RANGE_START_TAG: chunk[0],
-                    ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
-                },
+                tags=partition_range_tags(chunk[0], chunk[-1]),
             )
             assert result.success
         elapsed = time.perf_counter() - started

@@ -52,13 +52,10 @@ def child(kind: str, partitions: int, batch_size: int, big_records: int, big_mb:
     import warnings
 
     import dagster as dg
-    from dagster._core.storage.tags import (
-        ASSET_PARTITION_RANGE_END_TAG,
-        ASSET_PARTITION_RANGE_START_TAG,
-    )
 
     from osa_dagster.definitions import build_definitions
     from osa_dagster.defs.assets import partitions_per_run
+    from osa_dagster.defs.dagster_private import partition_range_tags
     from osa_dagster.defs.planning import contiguous_chunks
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -76,10 +73,7 @@ def child(kind: str, partitions: int, batch_size: int, big_records: int, big_mb:
             # As the new-batches sensor and `osa materialize` run them: adjacent partitions
             # together, OSA_PARTITIONS_PER_RUN (20) per run.
             for chunk in contiguous_chunks(keys, set(), partitions_per_run()):
-                run_range = {
-                    ASSET_PARTITION_RANGE_START_TAG: chunk[0],
-                    ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
-                }
+                run_range = partition_range_tags(chunk[0], chunk[-1])
                 assert job.execute_in_process(tags=run_range, instance=instance).success
             seconds = time.perf_counter() - started
             data_mb = (

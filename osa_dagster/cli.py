@@ -73,13 +73,9 @@ def _partitions(convention_name: str) -> list[str]:
 def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
     """Run the ingest job over the partitions, adjacent ones together (OSA_PARTITIONS_PER_RUN
     per run at most); return the partitions of the runs that failed."""
-    from dagster._core.storage.tags import (
-        ASSET_PARTITION_RANGE_END_TAG,
-        ASSET_PARTITION_RANGE_START_TAG,
-    )
-
     from osa_dagster.definitions import defs
     from osa_dagster.defs.assets import partitions_per_run
+    from osa_dagster.defs.dagster_private import partition_range_tags
     from osa_dagster.defs.planning import contiguous_chunks, ingest_job_name
 
     convention = _convention(convention_name)
@@ -93,10 +89,7 @@ def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
     chunks = contiguous_chunks(known, set(known) - set(partitions), partitions_per_run())
     done = 0
     for chunk in chunks:
-        run_range = {
-            ASSET_PARTITION_RANGE_START_TAG: chunk[0],
-            ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
-        }
+        run_range = partition_range_tags(chunk[0], chunk[-1])
         started = time.monotonic()
         result = job.execute_in_process(
             run_config=QUIET_RUN,

@@ -43,7 +43,7 @@ def watch(small_mirror: Path):
     convention = load_conventions()["pdb"].model_copy(
         update={"ingester_config": {"mirror": str(small_mirror)}}
     )
-    _, (sensor,) = convention_automation(convention, batch_partitions(convention))
+    (sensor,) = convention_automation(convention, batch_partitions(convention)).sensors or []
     return sensor
 
 

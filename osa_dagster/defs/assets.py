@@ -6,7 +6,8 @@ pipeline steps below (osa_dagster.batch) and giving every partition its own
 materialisation metadata.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import dagster as dg
 
@@ -57,6 +58,16 @@ def batch_partitions(convention: Convention) -> dg.DynamicPartitionsDefinition:
     return dg.DynamicPartitionsDefinition(name=f"{convention.name}_batches")
 
 
+def materialize_each_partition(
+    context: dg.AssetExecutionContext, step: Callable[[str], Mapping[str, Any]]
+) -> dg.MaterializeResult:
+    """Run `step` for every partition of the run, in order, each partition getting the
+    metadata it returns: a run over a range materialises each batch with its own."""
+    for partition in context.partition_keys:
+        context.add_asset_metadata(dict(step(partition)), partition_key=partition)
+    return dg.MaterializeResult()
+
+
 def raw_batch_key(convention: Convention) -> dg.AssetKey:
     return dg.AssetKey([convention.name, "raw_batch"])
 
@@ -89,10 +100,10 @@ def _raw_batch_asset(
         context: dg.AssetExecutionContext, artifact_store: ArtifactStoreResource
     ) -> dg.MaterializeResult:
         store = artifact_store.get()
-        for partition in context.partition_keys:
-            summary = fetch_raw_batch(convention, store, partition)
-            context.add_asset_metadata(raw_batch_metadata(summary), partition_key=partition)
-        return dg.MaterializeResult()
+        return materialize_each_partition(
+            context,
+            lambda partition: raw_batch_metadata(fetch_raw_batch(convention, store, partition)),
+        )
 
     return raw_batch
 
@@ -173,13 +184,14 @@ def _published_asset(
         records_db: RecordsDatabaseResource,
     ) -> dg.MaterializeResult:
         db, store = records_db.get(), artifact_store.get()
-        for partition in context.partition_keys:
+
+        def publish(partition: str) -> dict[str, Any]:
             summary = publish_batch(
                 convention, store, db, partition, domain=records_db.srn_domain()
             )
-            total = count_published(db, convention.name)
-            context.add_asset_metadata(publish_metadata(summary, total), partition_key=partition)
-        return dg.MaterializeResult()
+            return publish_metadata(summary, count_published(db, convention.name))
+
+        return materialize_each_partition(context, publish)
 
     return published_records
 
@@ -202,20 +214,24 @@ def _features_asset(
         records_db: RecordsDatabaseResource,
     ) -> dg.MaterializeResult:
         store, db = artifact_store.get(), records_db.get()
-        for partition in context.partition_keys:
-            summary = store_batch_features(convention, store, db, partition)
-            context.add_asset_metadata(features_metadata(summary), partition_key=partition)
-        return dg.MaterializeResult()
+        return materialize_each_partition(
+            context,
+            lambda partition: features_metadata(
+                store_batch_features(convention, store, db, partition)
+            ),
+        )
 
     return features
 
 
 def convention_assets(
     convention: Convention, partitions: dg.DynamicPartitionsDefinition
-) -> list[dg.AssetsDefinition]:
-    return [
-        _raw_batch_asset(convention, partitions),
-        *(_hook_asset(convention, hook, partitions) for hook in convention.hooks),
-        _published_asset(convention, partitions),
-        _features_asset(convention, partitions),
-    ]
+) -> dg.Definitions:
+    return dg.Definitions(
+        assets=[
+            _raw_batch_asset(convention, partitions),
+            *(_hook_asset(convention, hook, partitions) for hook in convention.hooks),
+            _published_asset(convention, partitions),
+            _features_asset(convention, partitions),
+        ]
+    )

@@ -38,7 +38,7 @@ def last_successful_plan_start(instance: dg.DagsterInstance, job_name: str) -> d
 
 def convention_automation(
     convention: Convention, partitions: dg.DynamicPartitionsDefinition
-) -> tuple[list[dg.ScheduleDefinition], list[dg.SensorDefinition]]:
+) -> dg.Definitions:
     plan_job = plan_job_name(convention)
 
     @dg.schedule(
@@ -87,4 +87,4 @@ def convention_automation(
             cursor=cursor.model_dump_json(),
         )
 
-    return [weekly_plan], [upstream_changes]
+    return dg.Definitions(schedules=[weekly_plan], sensors=[upstream_changes])

@@ -86,7 +86,7 @@ CHECKS = (
 
 def convention_checks(
     convention: Convention, partitions: dg.PartitionsDefinition
-) -> list[dg.AssetChecksDefinition]:
+) -> dg.Definitions:
     """One check per invariant, each on the asset it guards, every one for every partition.
 
     Each check audits the batch on its own (a few indexed queries): Dagster's multi-checks
@@ -136,4 +136,4 @@ def convention_checks(
 
         return check
 
-    return [build(name, assets[asset]) for name, asset in CHECKS]
+    return dg.Definitions(asset_checks=[build(name, assets[asset]) for name, asset in CHECKS])

@@ -11,7 +11,6 @@ from osa_dagster.batch.deposits import (
 )
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.metadata import deposit_metadata
-from osa_dagster.defs.planning import AnyJob
 from osa_dagster.defs.resources import DepositsResource, HookRunnerResource
 
 DEPOSIT_SENSOR_INTERVAL_S = 15
@@ -23,7 +22,7 @@ def deposit_key(convention: Convention) -> dg.AssetKey:
 
 def convention_deposits(
     convention: Convention,
-) -> tuple[dg.AssetsDefinition, AnyJob, dg.SensorDefinition]:
+) -> dg.Definitions:
     partitions = dg.DynamicPartitionsDefinition(name=f"{convention.name}_deposits")
 
     @dg.asset(
@@ -73,4 +72,4 @@ def convention_deposits(
             dynamic_partitions_requests=[partitions.build_add_request(new)] if new else [],
         )
 
-    return deposit_validation, job, new_deposits
+    return dg.Definitions(assets=[deposit_validation], jobs=[job], sensors=[new_deposits])

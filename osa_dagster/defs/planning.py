@@ -6,27 +6,18 @@ from collections.abc import Sequence, Set
 from datetime import datetime
 
 import dagster as dg
-from dagster._core.definitions.unresolved_asset_job_definition import (
-    UnresolvedAssetJobDefinition,
-)
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 from pydantic import Field
 
 from osa_dagster import __version__
 from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.assets import features_key, partitions_per_run
+from osa_dagster.defs.dagster_private import partition_range_tags
 from osa_dagster.defs.resources import ArtifactStoreResource
 from osa_dagster.settings import Settings, data_dir
 
 SENSOR_INTERVAL_S = 15
 CONVENTION_TAG = "osa/convention"
-
-# define_asset_job returns a job that Definitions resolves later; both kinds are jobs to us.
-AnyJob = dg.JobDefinition | UnresolvedAssetJobDefinition
 
 
 class PlanConfig(dg.Config):
@@ -113,7 +104,7 @@ def partition_range_request(chunk: Sequence[str]) -> dg.RunRequest:
     first, last = chunk[0], chunk[-1]
     return dg.RunRequest(
         run_key=f"{first}...{last}",
-        tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
+        tags=partition_range_tags(first, last),
     )
 
 
@@ -125,9 +116,11 @@ def ingest_job_name(convention: Convention) -> str:
     return f"{convention.name}_ingest"
 
 
-def convention_jobs_and_sensors(
+def convention_jobs(
     convention: Convention, partitions: dg.DynamicPartitionsDefinition
-) -> tuple[list[AnyJob], list[dg.SensorDefinition]]:
+) -> dg.Definitions:
+    """The plan job, the ingest job and the sensor that runs newly planned batches."""
+
     @dg.op(name=f"{convention.name}_plan_batches")
     def plan_batches(
         context: dg.OpExecutionContext, config: PlanConfig, artifact_store: ArtifactStoreResource
@@ -193,4 +186,4 @@ def convention_jobs_and_sensors(
         ]
         return dg.SensorResult(run_requests=requests, cursor=str(len(keys)))
 
-    return [plan_job, ingest_job], [new_batches]
+    return dg.Definitions(jobs=[plan_job, ingest_job], sensors=[new_batches])

@@ -109,7 +109,7 @@ def metadata_value(page: Page, label: str) -> Locator:
 def batch_asset_names() -> list[str]:
     """What the graph labels the pdb convention's batch assets with: the last part of the key."""
     convention = load_conventions()["pdb"]
-    assets = convention_assets(convention, batch_partitions(convention))
+    assets = list(convention_assets(convention, batch_partitions(convention)).assets or [])
     return [key.path[-1] for asset in assets for key in asset.keys]
 
 

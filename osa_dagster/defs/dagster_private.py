@@ -1,0 +1,19 @@
+"""The few private Dagster names the project relies on, imported in this one module: a
+Dagster upgrade that moves them breaks here, and nowhere else."""
+
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
+
+
+def partition_range_tags(first: str, last: str) -> dict[str, str]:
+    """The tags that make one run cover the partitions from `first` to `last`."""
+    return {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+
+
+__all__ = [
+    "ASSET_PARTITION_RANGE_END_TAG",
+    "ASSET_PARTITION_RANGE_START_TAG",
+    "partition_range_tags",
+]
