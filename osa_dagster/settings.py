@@ -60,6 +60,12 @@ class Settings(BaseModel):
         "in_process", alias="OSA_EXECUTOR"
     )
     hook_runner: Literal["local", "docker", "kubernetes"] = Field("local", alias="OSA_HOOK_RUNNER")
+    hook_sandbox: Literal["auto", "on", "off"] = Field("auto", alias="OSA_HOOK_SANDBOX")
+    """Local hooks sandboxed: auto where possible (else one warning), on or refuse, off."""
+    hook_sandbox_user: str = Field(
+        "65534:65534", pattern=r"^[1-9][0-9]*:[0-9]+$", alias="OSA_HOOK_SANDBOX_USER"
+    )
+    """uid:gid that sandboxed hooks run as: numeric, never root."""
     step_image: str | None = Field(None, alias="OSA_STEP_IMAGE")
     k8s_namespace: str = Field("default", min_length=1, alias="OSA_K8S_NAMESPACE")
     k8s_staging_secret: str | None = Field(None, alias="OSA_K8S_STAGING_SECRET")
@@ -102,6 +108,25 @@ class Settings(BaseModel):
     @property
     def deposits_location(self) -> str:
         return self.deposits or str(self.data_dir / "deposits")
+
+    @property
+    def local_data_folders(self) -> tuple[Path, ...]:
+        """Every folder of this machine that holds the archive's data: the data folder, and
+        the artifact store, the deposits and a SQLite records database wherever they are set
+        to be. A sandboxed hook sees none of them."""
+        folders = [self.data_dir]
+        for location in (self.artifacts_location, self.deposits_location):
+            if not location.startswith("s3://"):
+                folders.append(Path(location).resolve())
+        if self.database_url and self.database_url.startswith("sqlite:///"):
+            database = self.database_url.removeprefix("sqlite:///").partition("?")[0]
+            folders.append(Path(database).resolve().parent)
+        return tuple(dict.fromkeys(folders))
+
+    @property
+    def hook_sandbox_ids(self) -> tuple[int, int]:
+        uid, _, gid = self.hook_sandbox_user.partition(":")
+        return int(uid), int(gid)
 
     def memory_override(self, convention: str, hook: str) -> MemoryOverride | None:
         return self.hook_memory.get(f"{convention}.{hook}")

@@ -14,11 +14,14 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Self
 
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+PIDS_ROOT = Path("/sys/fs/cgroup/pids")
 # Every cgroup we create is named so; kill_leftovers refuses to touch any other one, since a
 # checkpoint (maybe read from S3) must never be able to make us kill arbitrary processes.
 NAME_PREFIX = "osa-"
@@ -28,15 +31,19 @@ _EMPTY_TIMEOUT_S = 5.0
 
 def own_memory_cgroup() -> Path | None:
     """The v1 memory cgroup this process is in, or None when there is none."""
+    return _own_cgroup("memory", CGROUP_ROOT, "memory.limit_in_bytes")
+
+
+def _own_cgroup(controller: str, root: Path, control_file: str) -> Path | None:
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
         return None
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            candidate = CGROUP_ROOT / path.lstrip("/")
-            return candidate if (candidate / "memory.limit_in_bytes").is_file() else None
+        if controller in controllers.split(","):
+            candidate = root / path.lstrip("/")
+            return candidate if (candidate / control_file).is_file() else None
     return None
 
 
@@ -63,23 +70,34 @@ def usable_parent() -> Path | None:
     return parent
 
 
-class MemoryCgroup:
+@functools.cache
+def usable_pids_parent() -> Path | None:
+    """The cgroup under which attempts' pids cgroups can be made (the cgroup v1 pids
+    controller), probed once per process by making one; None when there is none."""
+    parent = _own_cgroup("pids", PIDS_ROOT, "cgroup.procs")  # the root has no pids.max
+    if parent is None:
+        return None
+    try:
+        PidsCgroup.create(parent, f"{NAME_PREFIX}probe-{os.getpid()}", 1).remove()
+    except OSError:
+        return None
+    return parent
+
+
+class Cgroup:
+    """One cgroup v1 folder of ours: its processes, killing them, removing it."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
 
     @classmethod
-    def create(cls, parent: Path, name: str, limit_mb: int) -> MemoryCgroup:
-        group = cls(parent / name)
+    def _made(cls, path: Path, settings: Iterable[tuple[str, str]]) -> Self:
+        """A new cgroup at `path`, with each control file written in order; none on error."""
+        group = cls(path)
         group.path.mkdir()
         try:
-            limit = str(limit_mb * _MB)
-            (group.path / "memory.limit_in_bytes").write_text(limit)
-            # With swap accounting, memory+swap must be capped too, or the kernel swaps the
-            # hook out instead of OOM-killing it. It must be written after the plain limit
-            # (the kernel rejects memsw < limit).
-            memsw = group.path / "memory.memsw.limit_in_bytes"
-            if memsw.exists():
-                memsw.write_text(limit)
+            for file_name, value in settings:
+                (group.path / file_name).write_text(value)
         except OSError:
             group.remove()
             raise
@@ -88,18 +106,6 @@ class MemoryCgroup:
     @property
     def procs_file(self) -> Path:
         return self.path / "cgroup.procs"
-
-    def oom_kills(self) -> int:
-        """How many processes of this cgroup the kernel OOM killer has killed."""
-        for line in (self.path / "memory.oom_control").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-        raise ValueError(f"{self.path}/memory.oom_control has no oom_kill counter (kernel < 4.13)")
-
-    def peak_mb(self) -> float:
-        """Peak usage; it counts page cache (files read and written), not only heap."""
-        return int((self.path / "memory.max_usage_in_bytes").read_text()) / _MB
 
     def pids(self) -> list[int]:
         try:
@@ -135,3 +141,36 @@ class MemoryCgroup:
                     log.warning("could not remove cgroup %s: %s", self.path, error)
                     return
                 time.sleep(0.01)
+
+
+class MemoryCgroup(Cgroup):
+    @classmethod
+    def create(cls, parent: Path, name: str, limit_mb: int) -> MemoryCgroup:
+        limit = str(limit_mb * _MB)
+        settings = [("memory.limit_in_bytes", limit)]
+        # With swap accounting, memory+swap must be capped too, or the kernel swaps the hook
+        # out instead of OOM-killing it. It must be written after the plain limit (the kernel
+        # rejects memsw < limit).
+        if (parent / "memory.memsw.limit_in_bytes").exists():
+            settings.append(("memory.memsw.limit_in_bytes", limit))
+        return cls._made(parent / name, settings)
+
+    def oom_kills(self) -> int:
+        """How many processes of this cgroup the kernel OOM killer has killed."""
+        for line in (self.path / "memory.oom_control").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        raise ValueError(f"{self.path}/memory.oom_control has no oom_kill counter (kernel < 4.13)")
+
+    def peak_mb(self) -> float:
+        """Peak usage; it counts page cache (files read and written), not only heap."""
+        return int((self.path / "memory.max_usage_in_bytes").read_text()) / _MB
+
+
+class PidsCgroup(Cgroup):
+    """A cap on how many processes an attempt may have at once: fork fails past it."""
+
+    @classmethod
+    def create(cls, parent: Path, name: str, max_pids: int) -> PidsCgroup:
+        return cls._made(parent / name, [("pids.max", str(max_pids))])

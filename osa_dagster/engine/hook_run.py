@@ -433,6 +433,7 @@ class _HookRun:
             timeout_s=self.spec.timeout_s,
             log_path=attempt_dir / "hook.log",
             image=self.spec.image,
+            network=self.spec.network,
         )
 
     def _watch(

@@ -13,6 +13,13 @@ from .helpers import Harness
 
 
 @pytest.fixture(autouse=True)
+def unsandboxed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests watch hooks from outside (pid files, ledgers in the test's folder), which a
+    sandboxed hook cannot write: they test the engine, and test_sandbox.py the sandbox."""
+    monkeypatch.setenv("OSA_HOOK_SANDBOX", "off")
+
+
+@pytest.fixture(autouse=True)
 def no_cgroup_left() -> Iterator[None]:
     """Every test must remove the cgroups it made (named after this process)."""
     yield

@@ -42,7 +42,8 @@ HOOK = "ledger"
 
 
 def ledger_convention(ledger: Path, records: int, sleep_s: float) -> Convention:
-    """One batch of `records` toy records and one slow hook that counts its runs in `ledger`."""
+    """One batch of `records` toy records and one slow hook that counts its runs in `ledger`
+    (run unsandboxed: a sandboxed hook could not write the test's ledger)."""
     return Convention(
         name="toy_ledger",
         ingester=ToyIngester,
@@ -88,7 +89,7 @@ if args["fetch"]:
 else:
     partition = args["partition"]
 run_batch_hook(
-    convention, HOOK, store, partition, LocalRunner(),
+    convention, HOOK, store, partition, LocalRunner(sandbox="off"),
     checkpoint_every_records=2, checkpoint_every_s=0.5,
 )
 """
@@ -342,7 +343,7 @@ def test_the_hook_step_rides_out_a_restart_of_the_s3_server(
     monkeypatch.setattr(store, "write_bytes", timed_write)
     restarter = Restarter(own_seaweedfs, ledger, after=2)
     with caplog.at_level(logging.WARNING, logger="osa_dagster.storage.s3"):
-        progress = run_batch_hook(convention, HOOK, store, partition, LocalRunner())
+        progress = run_batch_hook(convention, HOOK, store, partition, LocalRunner(sandbox="off"))
     restarter.join()
 
     assert progress.done and progress.checkpoint.complete

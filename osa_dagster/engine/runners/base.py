@@ -23,6 +23,12 @@ from pydantic import BaseModel, ConfigDict
 # or the container platform (Docker, Kubernetes), which puts the container in a cgroup.
 LimitMode = Literal["cgroup", "rlimit", "container"]
 
+# Where the contract's folders appear to a hook that runs isolated: in a container, a pod or
+# the local sandbox.
+ISOLATED_IN = "/osa/in"
+ISOLATED_OUT = "/osa/out"
+ISOLATED_FILES = "/osa/files"
+
 TAIL_BYTES = 4096
 BYTES_PER_MIB = 1024 * 1024
 # Container runtimes report a process killed by signal N as exit code 128 + N.
@@ -42,6 +48,7 @@ class Invocation:
     timeout_s: float
     log_path: Path  # the hook's stdout and stderr
     image: str | None = None  # the hook's container image, for container runners
+    network: bool = False  # the hook's spec opts in to the network (sandboxed runners)
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class AttemptMarker(BaseModel):
     start_ticks: int | None = None
     boot_id: str | None = None
     cgroup: str | None = None
+    pids_cgroup: str | None = None
     # Container attempts: the container's or job's name, unique per attempt.
     container: str | None = None
 

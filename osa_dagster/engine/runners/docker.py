@@ -31,6 +31,9 @@ from osa_sdk.contract import ENV_FILES, ENV_IN, ENV_OUT
 
 from osa_dagster.engine.runners.base import (
     BYTES_PER_MIB,
+    ISOLATED_FILES,
+    ISOLATED_IN,
+    ISOLATED_OUT,
     AttemptExit,
     AttemptMarker,
     Invocation,
@@ -41,11 +44,6 @@ from osa_dagster.engine.runners.base import (
 )
 
 log = logging.getLogger(__name__)
-
-# Where the contract's folders appear inside a hook container.
-CONTAINER_IN = "/osa/in"
-CONTAINER_OUT = "/osa/out"
-CONTAINER_FILES = "/osa/files"
 
 # Labels that find our containers again: every hook container carries RUNNER_LABEL, and
 # ORCHESTRATOR_LABEL says which process started it, so a sweep can tell an orphan of a
@@ -97,9 +95,9 @@ class DockerRunner:
         name = f"osa-hook-{secrets.token_hex(8)}"
         env = {
             **inv.env,
-            ENV_IN: CONTAINER_IN,
-            ENV_OUT: CONTAINER_OUT,
-            ENV_FILES: CONTAINER_FILES,
+            ENV_IN: ISOLATED_IN,
+            ENV_OUT: ISOLATED_OUT,
+            ENV_FILES: ISOLATED_FILES,
             "HOME": "/tmp",
         }
         container = self.client.containers.create(
@@ -108,13 +106,14 @@ class DockerRunner:
             name=name,
             environment=env,
             volumes={
-                str(inv.in_dir): {"bind": CONTAINER_IN, "mode": "ro"},
-                str(inv.out_dir): {"bind": CONTAINER_OUT, "mode": "rw"},
-                str(inv.files_root): {"bind": CONTAINER_FILES, "mode": "ro"},
+                str(inv.in_dir): {"bind": ISOLATED_IN, "mode": "ro"},
+                str(inv.out_dir): {"bind": ISOLATED_OUT, "mode": "rw"},
+                str(inv.files_root): {"bind": ISOLATED_FILES, "mode": "ro"},
             },
             working_dir="/tmp",
             user=self.user,
-            network_mode="none",
+            # A hook that opts in shares the host's network, never Docker's default bridge.
+            network_mode="host" if inv.network else "none",
             read_only=True,
             tmpfs={"/tmp": f"rw,nosuid,nodev,size={self.tmp_size_mb}m"},
             cap_drop=["ALL"],
@@ -194,8 +193,10 @@ class DockerAttempt:
         return self._finish(state)
 
     def kill(self) -> None:
+        # Killed, not removed: the next wait() collects its end and its logs, then removes it.
         if self._exit is None:
-            _remove(self._container)
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                self._container.kill()
 
     def _state(self) -> dict[str, Any]:
         return self._client.api.inspect_container(self._container.id)["State"]

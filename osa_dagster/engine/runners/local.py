@@ -1,5 +1,6 @@
 """The local runner: a hook as a local process in its own session, under a real memory
-limit (a cgroup v1 memory controller of our own, or RLIMIT_AS where there is none)."""
+limit (a cgroup v1 memory controller of our own, or RLIMIT_AS where there is none), and
+sandboxed (runners/sandbox.py) wherever that can run."""
 
 from __future__ import annotations
 
@@ -21,7 +22,16 @@ from typing import Literal
 
 from osa_sdk.contract import ENV_OUT
 
-from osa_dagster.engine.cgroup import CGROUP_ROOT, NAME_PREFIX, MemoryCgroup, usable_parent
+from osa_dagster.engine.cgroup import (
+    CGROUP_ROOT,
+    NAME_PREFIX,
+    PIDS_ROOT,
+    Cgroup,
+    MemoryCgroup,
+    PidsCgroup,
+    usable_parent,
+    usable_pids_parent,
+)
 from osa_dagster.engine.runners.base import (
     BYTES_PER_MIB,
     AttemptExit,
@@ -31,7 +41,16 @@ from osa_dagster.engine.runners.base import (
     boot_id,
     process_start_ticks,
     read_tail,
+    returncode_from_exit_code,
 )
+from osa_dagster.engine.runners.sandbox import (
+    Sandbox,
+    SandboxMode,
+    SandboxPolicy,
+    SandboxUnavailable,
+    find_sandbox,
+)
+from osa_dagster.settings import settings
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +76,36 @@ def _warn_limits_approximate() -> None:
     )
 
 
+@functools.cache
+def _warn_unsandboxed(reason: str) -> None:
+    log.warning(
+        "Hooks run UNSANDBOXED and must be trusted: they run as this user, see the whole "
+        "machine and reach the network (%s; OSA_HOOK_SANDBOX=on refuses to run this way).",
+        reason,
+    )
+
+
+def choose_sandbox(mode: SandboxMode, policy: SandboxPolicy) -> Sandbox | None:
+    """The sandbox for `mode`: "off" none; "on" one, or SandboxUnavailable; "auto" one where
+    possible, else none and a warning, once per process."""
+    if mode == "off":
+        return None
+    try:
+        return find_sandbox(policy)
+    except SandboxUnavailable as unavailable:
+        if mode == "on":
+            raise
+        _warn_unsandboxed(str(unavailable))
+        return None
+
+
 class LocalRunner:
     """Runs a hook as a local process in its own session, under a real memory limit.
 
     `mode="auto"` uses a cgroup when it can and otherwise falls back to RLIMIT_AS, with a
-    warning (once per process); "cgroup" and "rlimit" force a mode. Start attempts from a
+    warning (once per process); "cgroup" and "rlimit" force a mode. `sandbox` ("auto", "on"
+    or "off"; None: OSA_HOOK_SANDBOX, else "auto") runs each attempt sandboxed under
+    `sandbox_policy` (None: its defaults, with OSA_HOOK_SANDBOX_USER). Start attempts from a
     thread that lives as long as they do: PR_SET_PDEATHSIG fires when the *thread* that
     forked the hook exits.
     """
@@ -70,6 +114,8 @@ class LocalRunner:
         self,
         mode: Literal["auto", "cgroup", "rlimit"] = "auto",
         inherit_env: Sequence[str] = INHERITED_ENV,
+        sandbox: SandboxMode | None = None,
+        sandbox_policy: SandboxPolicy | None = None,
     ) -> None:
         if mode == "auto":
             mode = memory_limit_mode()
@@ -82,22 +128,49 @@ class LocalRunner:
         self.limit_mode: LimitMode = mode
         self.inherit_env = tuple(inherit_env)
         self._cgroup_parent = usable_parent() if mode == "cgroup" else None
+        if sandbox is None or sandbox_policy is None:
+            configured = settings()
+            uid, gid = configured.hook_sandbox_ids
+            sandbox = sandbox or configured.hook_sandbox
+            sandbox_policy = sandbox_policy or SandboxPolicy(
+                uid=uid, gid=gid, private=configured.local_data_folders
+            )
+        self.sandbox = choose_sandbox(sandbox, sandbox_policy)
+        self._pids_parent = usable_pids_parent() if self.sandbox is not None else None
 
     def start(self, inv: Invocation) -> LocalAttempt:
-        cgroup = None
-        if self._cgroup_parent is not None:
-            name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-            cgroup = MemoryCgroup.create(self._cgroup_parent, name, inv.memory_limit_mb)
+        name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        cgroup = pids = None
+        command = list(inv.command)
         env = {k: os.environ[k] for k in self.inherit_env if k in os.environ} | dict(inv.env)
-        setup = _child_setup(
-            cgroup_procs=cgroup.procs_file if cgroup else None,
-            address_space=None if cgroup else inv.memory_limit_mb * BYTES_PER_MIB,
-            orchestrator=os.getpid(),
-        )
+        max_processes = None
         try:
+            if self._cgroup_parent is not None:
+                cgroup = MemoryCgroup.create(self._cgroup_parent, name, inv.memory_limit_mb)
+            if self.sandbox is not None:
+                policy = self.sandbox.policy
+                if self._pids_parent is not None:
+                    pids = PidsCgroup.create(self._pids_parent, name, policy.max_processes)
+                else:
+                    max_processes = policy.max_processes
+                self.sandbox.prepare_output(inv.out_dir)
+                command = self.sandbox.wrap(
+                    inv.command,
+                    in_dir=inv.in_dir,
+                    out_dir=inv.out_dir,
+                    files_root=inv.files_root,
+                    network=inv.network,
+                )
+                env = self.sandbox.environment(inv.env)
+            setup = _child_setup(
+                cgroup_procs=[group.procs_file for group in (cgroup, pids) if group is not None],
+                address_space=None if cgroup else inv.memory_limit_mb * BYTES_PER_MIB,
+                max_processes=max_processes,
+                orchestrator=os.getpid(),
+            )
             with inv.log_path.open("wb") as log_file:
                 process = subprocess.Popen(
-                    list(inv.command),
+                    command,
                     env=env,
                     cwd=inv.log_path.parent,
                     stdin=subprocess.DEVNULL,
@@ -107,10 +180,11 @@ class LocalRunner:
                     preexec_fn=setup,
                 )
         except BaseException:
-            if cgroup is not None:
-                cgroup.remove()
+            for group in (cgroup, pids):
+                if group is not None:
+                    group.remove()
             raise
-        return LocalAttempt(process, inv, cgroup, self.limit_mode)
+        return LocalAttempt(process, inv, cgroup, pids, self.limit_mode, self.sandbox is not None)
 
     def kill_leftovers(self, marker: AttemptMarker) -> None:
         kill_leftovers(marker)
@@ -122,12 +196,16 @@ class LocalAttempt:
         process: subprocess.Popen[bytes],
         inv: Invocation,
         cgroup: MemoryCgroup | None,
+        pids: PidsCgroup | None,
         mode: LimitMode,
+        sandboxed: bool,
     ) -> None:
         self._process = process
         self._inv = inv
         self._cgroup = cgroup
+        self._pids = pids
         self._mode: LimitMode = mode
+        self._sandboxed = sandboxed
         self._deadline = time.monotonic() + inv.timeout_s
         self._timed_out = False
         self._exit: AttemptExit | None = None
@@ -139,6 +217,7 @@ class LocalAttempt:
             start_ticks=process_start_ticks(process.pid),
             boot_id=boot_id(),
             cgroup=str(cgroup.path) if cgroup else None,
+            pids_cgroup=str(pids.path) if pids else None,
         )
 
     def wait(self, timeout: float) -> AttemptExit | None:
@@ -158,8 +237,9 @@ class LocalAttempt:
         if self._exit is not None:
             return
         _killpg(self._process.pid)
-        if self._cgroup is not None:
-            self._cgroup.kill_all()
+        for group in (self._cgroup, self._pids):
+            if group is not None:
+                group.kill_all()
 
     def _exited(self, timeout: float | None) -> bool:
         """Whether the hook has exited; it stays a zombie, so its pid and pgid stay ours."""
@@ -176,11 +256,17 @@ class LocalAttempt:
     def _reap(self) -> AttemptExit:
         # Kill what the hook left running in its group while the zombie still holds the pgid.
         _killpg(self._process.pid)
-        if self._cgroup is None:
+        if self._cgroup is None and not self._sandboxed:
             # Without a cgroup, a child that left the group (setsid) is found by its environment.
+            # A sandboxed one needs no search: its pid namespace ended with bubblewrap.
             _kill_marked(f"{ENV_OUT}={self._inv.out_dir}".encode())
+        if self._pids is not None:
+            self._pids.remove()
         _, status = os.waitpid(self._process.pid, 0)
         returncode = os.waitstatus_to_exitcode(status)
+        if self._sandboxed:
+            # bubblewrap reports a hook killed by signal N as exit code 128 + N.
+            returncode = returncode_from_exit_code(returncode)
         self._process.returncode = returncode  # we reaped it: keep Popen from waiting again
         if self._pidfd is not None:
             os.close(self._pidfd)
@@ -211,27 +297,37 @@ def kill_leftovers(marker: AttemptMarker) -> None:
     # does once our whole group is gone; a vanished leader leaves the pgid to our group.
     if process_start_ticks(marker.pid) in (None, marker.start_ticks):
         _killpg(marker.pgid)
-    if marker.cgroup is not None:
-        path = Path(os.path.normpath(marker.cgroup))
-        if path.parent.is_relative_to(CGROUP_ROOT) and path.name.startswith(NAME_PREFIX):
-            MemoryCgroup(path).remove()
+    for recorded, root in ((marker.cgroup, CGROUP_ROOT), (marker.pids_cgroup, PIDS_ROOT)):
+        if recorded is None:
+            continue
+        path = Path(os.path.normpath(recorded))
+        if path.parent.is_relative_to(root) and path.name.startswith(NAME_PREFIX):
+            Cgroup(path).remove()
         else:
             log.warning("not touching %s: not a cgroup this runner creates", path)
 
 
 def _child_setup(
-    *, cgroup_procs: Path | None, address_space: int | None, orchestrator: int
+    *,
+    cgroup_procs: Sequence[Path],
+    address_space: int | None,
+    max_processes: int | None,
+    orchestrator: int,
 ) -> Callable[[], None]:
-    """What the forked child does before exec: nothing it allocates may escape the limit."""
+    """What the forked child does before exec: nothing it allocates may escape the limits."""
     prctl = _prctl()
 
     def setup() -> None:
-        if cgroup_procs is not None:
-            fd = os.open(cgroup_procs, os.O_WRONLY)
+        for procs in cgroup_procs:
+            fd = os.open(procs, os.O_WRONLY)
             os.write(fd, str(os.getpid()).encode())
             os.close(fd)
         if address_space is not None:
             resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+        if max_processes is not None:
+            # Root ignores it; it binds the hook once the sandbox has dropped to its user.
+            # It counts every process of that user on the machine, not this attempt's only.
+            resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
         if prctl is not None:
             prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
             # The orchestrator may have died before the prctl above took effect.

@@ -14,6 +14,8 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from pydantic import BaseModel, ConfigDict, Field
 
+from osa_dagster.engine.runners.base import ISOLATED_FILES, ISOLATED_IN, ISOLATED_OUT
+
 RUNNER_NAME = "kubernetes"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "osa-dagster"
@@ -25,7 +27,7 @@ LABEL_HOOK = "osa.archive/hook"
 HOOK_CONTAINER = "hook"
 STAGE_IN_CONTAINER = "stage-in"
 STAGE_OUT_CONTAINER = "stage-out"
-POD_IN, POD_FILES, POD_OUT, POD_TMP = "/osa/in", "/osa/files", "/osa/out", "/tmp"
+POD_IN, POD_FILES, POD_OUT, POD_TMP = ISOLATED_IN, ISOLATED_FILES, ISOLATED_OUT, "/tmp"
 STAGE_OUT_DONE = "stage-out.done"
 
 _NAME_PART = re.compile(r"[^a-z0-9-]+")

@@ -1,0 +1,281 @@
+"""The local runner's sandbox: each hook attempt in its own namespaces, as an unprivileged user.
+
+Hooks are other people's code running on the archive's machine. Wrapped by `Sandbox.wrap`,
+an attempt runs under bubblewrap (`bwrap`) and util-linux `setpriv`:
+
+- as uid:gid 65534 (nobody) by default, with no supplementary groups and no way to gain
+  privileges, even when the orchestrator is root. bwrap's own user namespace would map back
+  to root outside, so the uid drop by setpriv is what keeps the hook from root's files;
+- in new pid, ipc, mount and network namespaces: it sees only its own processes in /proc
+  and has no network (only the loopback device) unless its HookSpec opts in;
+- on a root made of only what running code needs, read-only: the system folders (/usr,
+  /etc and the top-level links into /usr), the Python installation and the import path of
+  the orchestrator, and the files its command names. Nothing else of the machine exists
+  there: no /home, /root, /run (the Docker socket), /var, /sys, and not the orchestrator's
+  data folders even when they sit inside a visible code folder (`private` paths are covered
+  by empty, read-only folders);
+- with its inputs read-only at /osa/in and /osa/files and its output folder, /osa/out, the
+  only place it can write besides a private, size-capped /tmp;
+- with a minimal environment (never the orchestrator's credentials);
+- with at most `max_processes` processes: a pids cgroup of its own where the cgroup v1
+  pids controller is usable, else RLIMIT_NPROC, which counts every process of the uid.
+
+The memory cgroup is the runner's: the hook cannot write it (root's files, and /sys is not
+even mounted), so neither its limit nor its membership can change.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from osa_sdk.contract import ENV_FILES, ENV_IN, ENV_OUT
+
+from osa_dagster.engine.runners.base import ISOLATED_FILES, ISOLATED_IN, ISOLATED_OUT
+
+log = logging.getLogger(__name__)
+
+SandboxMode = Literal["auto", "on", "off"]
+
+SANDBOX_TMP = "/tmp"
+
+# Top-level folders of the machine that running code needs; links among them (/bin -> usr/bin
+# on a merged-/usr system) are recreated as links.
+SYSTEM_FOLDERS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
+# What a sandboxed hook's environment holds besides the contract's variables.
+SANDBOX_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
+_MB = 1024 * 1024
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot run on this machine; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class SandboxPolicy:
+    """What every sandboxed attempt gets."""
+
+    uid: int = 65534
+    gid: int = 65534
+    tmp_size_mb: int = 64
+    max_processes: int = 256
+    # Folders the hook must never see although they may lie inside a visible code folder:
+    # the artifact store, the records database, the deposits.
+    private: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """Turns a hook command into the command that runs it sandboxed."""
+
+    bwrap: str
+    setpriv: str
+    policy: SandboxPolicy = field(default_factory=SandboxPolicy)
+
+    def wrap(
+        self,
+        command: Sequence[str],
+        *,
+        in_dir: Path,
+        out_dir: Path,
+        files_root: Path,
+        network: bool,
+    ) -> list[str]:
+        """The full command line: bwrap's mounts and namespaces, setpriv, then the hook."""
+        policy = self.policy
+        args = [
+            self.bwrap,
+            "--die-with-parent",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--hostname",
+            "osa-hook",
+        ]
+        if not network:
+            args.append("--unshare-net")
+        args += _system_mounts(Path("/"))
+        code = _code_paths(command)
+        # The folders above them, made here, must let the hook's user through (bwrap would
+        # make them root's alone).
+        for folder in sorted({a for path in code for a in path.parents if a != Path("/")}):
+            args += ["--perms", "0755", "--dir", str(folder)]
+        for path in code:
+            args += ["--ro-bind", str(path), str(path)]
+        for path in _visible(policy.private, code):
+            # An empty read-only folder over it: the hook sees that it exists, nothing more.
+            args += ["--perms", "0555", "--tmpfs", str(path), "--remount-ro", str(path)]
+        args += [
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+            "--size",
+            str(policy.tmp_size_mb * _MB),
+            "--perms",
+            "1777",
+            "--tmpfs",
+            SANDBOX_TMP,
+            "--size",
+            str(policy.tmp_size_mb * _MB),
+            "--tmpfs",
+            "/dev/shm",
+            "--perms",
+            "0555",
+            "--dir",
+            str(Path(ISOLATED_IN).parent),
+            "--ro-bind",
+            str(in_dir),
+            ISOLATED_IN,
+            "--ro-bind",
+            str(files_root),
+            ISOLATED_FILES,
+            "--bind",
+            str(out_dir),
+            ISOLATED_OUT,
+            "--chdir",
+            SANDBOX_TMP,
+            "--",
+            self.setpriv,
+            f"--reuid={policy.uid}",
+            f"--regid={policy.gid}",
+            "--clear-groups",
+            "--no-new-privs",
+            "--",
+            *command,
+        ]
+        return args
+
+    def environment(self, contract_env: Mapping[str, str]) -> dict[str, str]:
+        """The hook's whole environment: a few harmless variables and the contract's, with
+        its folders as the hook sees them."""
+        env = {name: os.environ[name] for name in SANDBOX_ENV if name in os.environ}
+        return env | {
+            **contract_env,
+            ENV_IN: ISOLATED_IN,
+            ENV_OUT: ISOLATED_OUT,
+            ENV_FILES: ISOLATED_FILES,
+            "HOME": SANDBOX_TMP,
+            "TMPDIR": SANDBOX_TMP,
+        }
+
+    def prepare_output(self, out_dir: Path) -> None:
+        """Let the sandbox's user write the attempt's output folder, and nobody else's."""
+        os.chown(out_dir, self.policy.uid, self.policy.gid)
+        out_dir.chmod(0o700)
+
+
+def find_sandbox(policy: SandboxPolicy) -> Sandbox:
+    """A sandbox that was seen to work here, or SandboxUnavailable saying why not."""
+    reason = _unavailable_reason(policy.uid, policy.gid)
+    if reason is not None:
+        raise SandboxUnavailable(reason)
+    bwrap, setpriv = shutil.which("bwrap"), shutil.which("setpriv")
+    assert bwrap is not None and setpriv is not None  # checked by _unavailable_reason
+    return Sandbox(bwrap, setpriv, policy)
+
+
+@functools.cache
+def _unavailable_reason(uid: int, gid: int) -> str | None:
+    """Why hooks cannot be sandboxed on this machine, or None; probed once per process."""
+    if not sys.platform.startswith("linux"):
+        return f"hook sandboxing needs Linux namespaces, and this is {sys.platform}"
+    if os.geteuid() != 0:
+        return (
+            "hook sandboxing runs each hook as another user (uid "
+            f"{uid}), which needs the orchestrator to run as root"
+        )
+    missing = [name for name in ("bwrap", "setpriv") if shutil.which(name) is None]
+    if missing:
+        return (
+            f"{' and '.join(missing)} not found: install the Debian packages bubblewrap and "
+            "util-linux"
+        )
+    probe = Sandbox(
+        shutil.which("bwrap") or "", shutil.which("setpriv") or "", SandboxPolicy(uid=uid, gid=gid)
+    )
+    with tempfile.TemporaryDirectory(prefix="osa-sandbox-probe-") as tmp:
+        folders = {name: Path(tmp, name) for name in ("in", "out", "files")}
+        for folder in folders.values():
+            folder.mkdir()
+        probe.prepare_output(folders["out"])
+        command = probe.wrap(
+            ["sh", "-c", f"touch {ISOLATED_OUT}/probe"],
+            in_dir=folders["in"],
+            out_dir=folders["out"],
+            files_root=folders["files"],
+            network=False,
+        )
+        try:
+            result = subprocess.run(command, capture_output=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"a trial run of bubblewrap failed: {error}"
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip().splitlines()
+        return f"a trial run of bubblewrap failed: {detail[-1] if detail else result.returncode}"
+    return None
+
+
+def _system_mounts(root: Path) -> list[str]:
+    """Read-only binds of the system folders that exist, and their top-level links."""
+    args: list[str] = []
+    for name in SYSTEM_FOLDERS:
+        path = root / name
+        if path.is_symlink():
+            args += ["--symlink", str(path.readlink()), f"/{name}"]
+        elif path.is_dir():
+            args += ["--ro-bind", str(path), f"/{name}"]
+    return args
+
+
+def _code_paths(command: Sequence[str]) -> list[Path]:
+    """What the hook's code may need to read: the Python installation and import path of
+    this interpreter (hooks run with it or its like), PYTHONPATH, the folders of this
+    project's packages (an editable install maps them from outside the import path) and every
+    existing absolute path the command names (a script, another interpreter). Nested paths are
+    left to the outermost one."""
+    import osa_sdk
+
+    import osa_dagster
+
+    candidates: list[str] = [
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        sys.base_exec_prefix,
+        *sys.path,
+        *os.environ.get("PYTHONPATH", "").split(os.pathsep),
+        str(Path(osa_sdk.__file__).parent),
+        str(Path(osa_dagster.__file__).parent),
+        *command,
+    ]
+    paths = {
+        Path(candidate).resolve()
+        for candidate in candidates
+        if Path(candidate).is_absolute() and Path(candidate).exists()
+    }
+    paths = {path for path in paths if not _is_system(path) and path != Path("/")}
+    return sorted(p for p in paths if not any(p != o and p.is_relative_to(o) for o in paths))
+
+
+def _is_system(path: Path) -> bool:
+    return len(path.parts) > 1 and path.parts[1] in SYSTEM_FOLDERS
+
+
+def _visible(private: Iterable[Path], code: Sequence[Path]) -> list[Path]:
+    """The private folders that would be visible: those inside a code folder."""
+    resolved = {path.resolve() for path in private}
+    return sorted(
+        path
+        for path in resolved
+        if path.is_dir() and any(path.is_relative_to(folder) for folder in code)
+    )
