@@ -15,6 +15,7 @@ escalation as a batch. A malformed deposit gets a result that says what is wrong
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -22,17 +23,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from osa_sdk.contract import bytes_to_mb, file_name_error, files_dir_for
+from osa_sdk.contract import BYTES_PER_MB, bytes_to_mb, file_name_error, files_dir_for
 from osa_sdk.types import HookRecord, HookRecordId, OutcomeStatus
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import FileCheckpointIO, HookBatch, Runner, run_hook
+from osa_dagster.regular_files import open_folder, open_regular
 from osa_dagster.storage.store import ArtifactStore
 
 DEPOSIT_FILE = "deposit.json"
 RESULT_FILE = "result.json"
 FILES_DIR = "files"
+# deposit.json holds an id and metadata: anything larger is refused unread.
+MAX_REQUEST_BYTES = 4 * BYTES_PER_MB
 # Deposit names become Dagster partition keys and store keys: plain names only.
 DEPOSIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -78,15 +82,48 @@ def deposit_prefix(convention: str, deposit: str) -> str:
 
 def pending_deposits(store: ArtifactStore, convention: str) -> list[str]:
     """Complete deposits (deposit.json written) without a result yet, by name."""
+    return [
+        name for name in _complete_without_result(store, convention) if DEPOSIT_NAME.fullmatch(name)
+    ]
+
+
+def _complete_without_result(store: ArtifactStore, convention: str) -> list[str]:
+    """The folders of the convention holding deposit.json and no result.json."""
     complete, done = set(), set()
     for key in store.list_keys(convention):
         parts = key.split("/")
-        if len(parts) == 3 and DEPOSIT_NAME.fullmatch(parts[1]):
+        if len(parts) == 3:
             if parts[2] == DEPOSIT_FILE:
                 complete.add(parts[1])
             elif parts[2] == RESULT_FILE:
                 done.add(parts[1])
     return sorted(complete - done)
+
+
+def refuse_misnamed_deposits(store: ArtifactStore, convention: str) -> list[str]:
+    """Write a result.json, saying why, into each complete deposit whose folder name cannot
+    be a deposit's (spaces, other alphabets, a leading dot...): no deposit is ignored in
+    silence. The names refused."""
+    refused = []
+    for folder in _complete_without_result(store, convention):
+        if DEPOSIT_NAME.fullmatch(folder):
+            continue
+        result = DepositResult(
+            deposit=folder,
+            convention=convention,
+            source_id=None,
+            status=OutcomeStatus.REJECTED,
+            reason=(
+                f"malformed deposit: the folder name {folder!r} cannot name a deposit: use up "
+                "to 100 ASCII letters, digits, '.', '_' and '-', starting with a letter or digit, "
+                "and deposit again under that name"
+            ),
+            validated_at=datetime.now(UTC),
+        )
+        key = f"{deposit_prefix(convention, folder)}/{RESULT_FILE}"
+        store.write_bytes(key, result.model_dump_json(indent=1).encode())
+        refused.append(folder)
+    return refused
 
 
 def read_result(store: ArtifactStore, convention: str, deposit: str) -> DepositResult:
@@ -125,27 +162,24 @@ def _validate(
             validated_at=datetime.now(UTC),
         )
 
-    try:
-        request = DepositRequest.model_validate_json(store.read_bytes(f"{prefix}/{DEPOSIT_FILE}"))
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'the file'}: {e['msg']}" for e in error.errors()
-        )
-        return malformed(f"{DEPOSIT_FILE} is not valid ({problems})")
-    source_id = request.source_id or deposit
-
-    files_root = work / "files"
-    record_dir = files_root / files_dir_for(source_id)
-    record_dir.mkdir(parents=True)
-    size = 0
-    with store.local_dir(f"{prefix}/{FILES_DIR}", writable=False) as deposited:
-        for path in sorted(deposited.iterdir()) if deposited.is_dir() else []:
-            if not path.is_file():
-                return malformed(f"{FILES_DIR}/{path.name} is a folder: put files only", source_id)
-            if problem := file_name_error(path.name):
-                return malformed(f"file name {path.name!r} {problem}", source_id)
-            shutil.copyfile(path, record_dir / path.name)
-            size += path.stat().st_size
+    with store.local_dir(prefix, writable=False) as folder:
+        opened = _open_deposit(folder)
+        if isinstance(opened, str):
+            return malformed(opened)
+        try:
+            request = _read_request(opened)
+            if isinstance(request, str):
+                return malformed(request)
+            source_id = request.source_id or deposit
+            files_root = work / "files"
+            record_dir = files_root / files_dir_for(source_id)
+            record_dir.mkdir(parents=True)
+            copied = _copy_files(opened, record_dir)
+        finally:
+            os.close(opened)
+    if isinstance(copied, str):
+        return malformed(copied, source_id)
+    size = copied
     if size == 0:
         return malformed(f"no files (or only empty ones) under {FILES_DIR}/", source_id)
 
@@ -193,6 +227,67 @@ def _validate(
         hooks=verdicts,
         validated_at=datetime.now(UTC),
     )
+
+
+def _open_deposit(folder: Path) -> int | str:
+    """The deposit's folder, opened; or why it cannot be read."""
+    opened = open_folder(folder)
+    if opened is None:
+        return "the deposit's folder is gone"
+    if isinstance(opened, str):
+        return f"the deposit's folder is {opened}: deposit a folder, not a link to one"
+    return opened
+
+
+def _read_request(folder: int) -> DepositRequest | str:
+    """deposit.json, read only if it is a regular file no larger than the cap; or why not."""
+    request = open_regular(folder, DEPOSIT_FILE)
+    if request is None:
+        return f"{DEPOSIT_FILE} is gone"
+    if isinstance(request, str):
+        return f"{DEPOSIT_FILE} is {request}, not a regular file"
+    with request:
+        size = os.fstat(request.fileno()).st_size
+        if size > MAX_REQUEST_BYTES:
+            return (
+                f"{DEPOSIT_FILE} is {bytes_to_mb(size):.1f} MB, over the "
+                f"{bytes_to_mb(MAX_REQUEST_BYTES):.0f} MB it may be: put data in {FILES_DIR}/"
+            )
+        text = request.read(MAX_REQUEST_BYTES + 1)
+    try:
+        return DepositRequest.model_validate_json(text)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'the file'}: {e['msg']}" for e in error.errors()
+        )
+        return f"{DEPOSIT_FILE} is not valid ({problems})"
+
+
+def _copy_files(folder: int, record_dir: Path) -> int | str:
+    """Copy the regular files of `files/` into `record_dir`; their total size, or why the
+    deposit is refused. Nothing is followed or opened that is not a regular file in files/
+    itself: a symlink (to /etc/shadow, ~/.aws), a FIFO, a device, a linked files/."""
+    files = open_folder(FILES_DIR, dir_fd=folder)
+    if files is None:
+        return 0
+    if isinstance(files, str):
+        return f"{FILES_DIR}/ is {files}: deposit the files themselves"
+    size = 0
+    try:
+        for name in sorted(os.listdir(files)):  # noqa: PTH208 (a descriptor, not a path)
+            if problem := file_name_error(name):
+                return f"file name {name!r} {problem}"
+            source = open_regular(files, name)
+            if isinstance(source, str):
+                return f"{FILES_DIR}/{name} is {source}: deposit regular files only"
+            if source is None:
+                continue  # removed while we read
+            with source, (record_dir / name).open("wb") as target:
+                shutil.copyfileobj(source, target)
+                size += target.tell()
+    finally:
+        os.close(files)
+    return size
 
 
 def write_deposit(

@@ -7,6 +7,7 @@ from osa_dagster.batch.deposits import (
     RESULT_FILE,
     deposit_prefix,
     pending_deposits,
+    refuse_misnamed_deposits,
     validate_deposit,
 )
 from osa_dagster.conventions.base import Convention
@@ -64,7 +65,10 @@ def convention_deposits(
     def new_deposits(
         context: dg.SensorEvaluationContext, deposits: DepositsResource
     ) -> dg.SensorResult:
-        pending = pending_deposits(deposits.get(), convention.name)
+        store = deposits.get()
+        for refused in refuse_misnamed_deposits(store, convention.name):
+            context.log.warning(f"deposit folder {refused!r} refused: not a deposit name")
+        pending = pending_deposits(store, convention.name)
         known = set(context.instance.get_dynamic_partitions(partitions.name))
         new = [name for name in pending if name not in known]
         return dg.SensorResult(

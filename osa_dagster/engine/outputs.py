@@ -10,11 +10,9 @@ the hook's size cap. The engine then stops the attempt and errors the records le
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
-import stat
 from collections.abc import Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from osa_sdk.types import ErrorLine, FeaturesLine, OutcomeStatus, RejectionLine
 from pydantic import ValidationError
 
 from osa_dagster.engine.checkpoint import Anomaly, Checkpoint, RecordOutcome
+from osa_dagster.regular_files import open_folder, open_regular
 
 CONFLICT_PREFIX = "conflicting outcomes: "
 
@@ -105,16 +104,15 @@ class OutputReader:
         """Every outcome file present, opened safely, with its size; sets `refused` when the
         folder breaks the rules (the files opened so far are returned for closing)."""
         files: dict[str, tuple[BinaryIO, int]] = {}
-        try:
-            folder = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except FileNotFoundError:
+        folder = open_folder(self.out_dir)
+        if folder is None:
             return files
-        except OSError as error:
-            self.refused = f"the output folder is not a plain folder ({error.strerror})"
+        if isinstance(folder, str):
+            self.refused = f"the output folder is {folder}, not a folder"
             return files
         try:
             for name in OUTPUT_FILES:
-                opened = _open_regular(folder, name)
+                opened = open_regular(folder, name)
                 if isinstance(opened, str):
                     self.refused = f"{name} in the output folder is {opened}, not a regular file"
                     return files
@@ -165,40 +163,6 @@ class OutputReader:
             self._skipping[name] = (scanned, head)
         elif partial:
             self._partial[name] = partial
-
-
-def _open_regular(folder: int, name: str) -> BinaryIO | str | None:
-    """`name` in the folder `folder` opened for reading if it is a regular file; None when it
-    does not exist; else what it is. Nothing but a regular file is ever opened for reading:
-    a path-only handle is checked first, so a FIFO cannot block and a device is never
-    opened, and no symlink is followed."""
-    try:
-        handle = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=folder)
-    except FileNotFoundError:
-        return None
-    try:
-        mode = os.fstat(handle).st_mode
-        if not stat.S_ISREG(mode):
-            return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
-        # Reopening the handle itself, not the name, reads the very file that was checked.
-        fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as error:
-        if error.errno == errno.ENOENT:
-            return None
-        raise
-    finally:
-        os.close(handle)
-    return os.fdopen(fd, "rb")
-
-
-_KINDS = {
-    stat.S_IFLNK: "a symlink",
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-    stat.S_IFDIR: "a folder",
-}
 
 
 def harvest(

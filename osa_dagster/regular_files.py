@@ -1,0 +1,60 @@
+"""Opening files that someone else controls: only regular files, never through a symlink,
+never blocking. A leaf module: the engine reads hooks' output folders with it, the deposits
+what people drop in.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import BinaryIO
+
+
+def open_regular(folder: int, name: str) -> BinaryIO | str | None:
+    """`name` in the folder `folder` opened for reading if it is a regular file; None when it
+    does not exist; else what it is. Nothing but a regular file is ever opened for reading:
+    a path-only handle is checked first, so a FIFO cannot block and a device is never
+    opened, and no symlink is followed."""
+    try:
+        handle = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=folder)
+    except FileNotFoundError:
+        return None
+    try:
+        mode = os.fstat(handle).st_mode
+        if not stat.S_ISREG(mode):
+            return KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        # Reopening the handle itself, not the name, reads the very file that was checked.
+        fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ENOENT:
+            return None
+        raise
+    finally:
+        os.close(handle)
+    return os.fdopen(fd, "rb")
+
+
+KINDS = {
+    stat.S_IFLNK: "a symlink",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def open_folder(path: str | os.PathLike[str], dir_fd: int | None = None) -> int | str | None:
+    """A descriptor of the folder at `path` (to close), opened without following a symlink;
+    None when nothing is there; else what is there instead ("a symlink", "a FIFO"...)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+    mode = os.stat(path, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    return KINDS.get(stat.S_IFMT(mode), "a file")
