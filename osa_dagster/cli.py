@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -154,6 +155,43 @@ def list_records(convention_name: str | None, limit: int, with_features: bool) -
             print(f"    {hook}[{index}]: {row}")
 
 
+def dead_letter_partitions(convention_name: str) -> list[str]:
+    """The batches holding the convention's dead letters, each once."""
+    from osa_dagster.records import database_url_from_env, list_dead_letters, open_database
+
+    letters = list_dead_letters(open_database(database_url_from_env()), convention_name)
+    return list(dict.fromkeys(letter.partition for letter in letters))
+
+
+def retry_overrides(convention, letters) -> str:  # noqa: ANN001 - Convention, DeadLetterRow
+    """OSA_HOOK_MEMORY for a retry of the dead letters: the overrides in force, with each
+    poison hook's cap raised to at least twice the limit its records failed at. The base in
+    force is kept, so the ladder the retry climbs is the one in force, up to the new cap."""
+    from osa_dagster.settings import Settings
+
+    overrides = {
+        target: (override.base_mb, override.cap_mb)
+        for target, override in Settings.from_env().hook_memory.items()
+    }
+    policies = {spec.name: spec.memory for spec in convention.hooks}
+    caps: dict[str, int] = {}
+    for letter in letters:
+        if letter.hook in policies:
+            cap = caps.get(letter.hook, policies[letter.hook].cap_mb)
+            caps[letter.hook] = max(cap, 2 * letter.limit_mb)
+    for hook, cap in caps.items():
+        overrides[f"{convention.name}.{hook}"] = (policies[hook].base_mb, cap)
+    return ",".join(
+        f"{target}={base}" + (f":{cap}" if cap else "") for target, (base, cap) in overrides.items()
+    )
+
+
+def _osa_command() -> str:
+    """How this `osa` was invoked, so that a printed command runs as printed."""
+    invoked = sys.argv[0] if sys.argv else ""
+    return shlex.quote(invoked) if Path(invoked).name == "osa" else "osa"
+
+
 def dead_letters(convention_name: str, partitions_only: bool) -> None:
     """List the convention's poison records, and how to run them again with a higher cap.
 
@@ -180,17 +218,11 @@ def dead_letters(convention_name: str, partitions_only: bool) -> None:
             f"{letter.source_id:32} {letter.hook:20} {size:>8} {letter.limit_mb:>8} "
             f"{peak:>8}  {letter.partition}"
         )
-    bases = {spec.name: spec.memory.base_mb for spec in convention.hooks}
-    caps: dict[str, int] = {}
-    for letter in letters:
-        caps[letter.hook] = max(caps.get(letter.hook, 0), 2 * letter.limit_mb)
-    overrides = ",".join(
-        f"{convention.name}.{hook}={bases.get(hook, cap)}:{cap}" for hook, cap in caps.items()
-    )
+    overrides = shlex.quote(retry_overrides(convention, letters))
     print(
         f"\n{len(letters)} poison records in {len(partitions)} batches. To run them again with"
-        f" a higher cap (only they run again):\n  OSA_HOOK_MEMORY={overrides} osa materialize"
-        f" {convention.name} $(osa dead-letters {convention.name} --partitions)"
+        f" a higher cap (only they run again):\n  OSA_HOOK_MEMORY={overrides}"
+        f" {_osa_command()} materialize {convention.name} --dead-letters"
     )
 
 
@@ -242,6 +274,7 @@ def _records_in_batches(convention_name: str):  # noqa: ANN202
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="osa", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show an error's traceback")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo_cmd = commands.add_parser("demo", help="ingest the bundled PDB mirror end to end")
@@ -256,6 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_cmd = commands.add_parser("materialize", help="run the ingest job for partitions")
     run_cmd.add_argument("convention")
     run_cmd.add_argument("partitions", nargs="*", help="partition keys (default: all planned)")
+    run_cmd.add_argument(
+        "--dead-letters",
+        action="store_true",
+        help="only the batches holding dead letters (none: nothing runs)",
+    )
 
     summary_cmd = commands.add_parser("summary", help="counts of a convention's ingest")
     summary_cmd.add_argument("convention")
@@ -281,6 +319,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_backfill_parser(commands)
 
     args = parser.parse_args(argv)
+    from osa_dagster.conventions.registry import ConventionError
+    from osa_dagster.settings import SettingsError
+
+    try:
+        return _run(parser, args)
+    except (ConventionError, SettingsError) as error:
+        # A setting or a convention module that cannot be used: one line says which.
+        if args.debug:
+            raise
+        print(f"osa: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from osa_dagster.backfill import run_backfill_command
+
     if args.command == "backfill":
         return run_backfill_command(args)
     if args.command == "db":
@@ -292,7 +346,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(keys))
         return 0
     if args.command == "materialize":
-        keys = args.partitions or _partitions(args.convention)
+        if args.dead_letters:
+            if args.partitions:
+                parser.error("give either partitions or --dead-letters, not both")
+            keys = dead_letter_partitions(_convention(args.convention).name)
+            if not keys:
+                print(f"{args.convention} has no dead letters: nothing to run")
+                return 0
+        else:
+            keys = args.partitions or _partitions(args.convention)
         return 1 if materialize(args.convention, keys) else 0
     if args.command == "summary":
         for name, value in sorted(summary(args.convention).items()):

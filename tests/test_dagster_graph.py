@@ -15,6 +15,8 @@ from osa_dagster.definitions import build_definitions
 from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
 from osa_dagster.storage import store_from_env
 from osa_dagster.storage.layout import memory_history_key
+from osa_dagster.defs.checks import CHECKS
+from tests.fixtures.check_status import all_check_statuses, check_statuses
 from tests.fixtures.toy_convention import TOY_IDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,6 +142,29 @@ def test_oom_is_retried_by_dagster_with_more_memory(defs, instance):
     assert learnt.fits
 
 
+@pytest.mark.slow
+def test_a_record_over_the_second_to_last_rung_passes_at_the_cap(defs, instance):
+    # The hook holds 700 MB on one record: killed at 64, 128, 256 and 512 MB, it passes at
+    # the cap, 1000 MB, after one Dagster retry per climb.
+    [key] = _plan(defs, instance, "toy_ladder")
+    result = _ingest(defs, instance, "toy_ladder", key)
+    assert result.success
+    observations = [
+        e.asset_observation_data.asset_observation.metadata
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION
+    ]
+    attempts = [(o["memory_limit_mb"].value, o["oom_killed"].value) for o in observations]
+    assert attempts == [(64, True), (128, True), (256, True), (512, True), (1000, False)]
+    retries = [
+        e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY
+    ]
+    assert len(retries) == 4
+    meta = _metadata(result, "toy_ladder", "hook_outcomes", "hungry")
+    assert (meta["passed"], meta["errored"]) == (4, 0)
+    assert _counts() == (4, 4)
+
+
 def test_a_hook_that_rejects_everything_publishes_nothing_without_failing(defs, instance):
     [key] = _plan(defs, instance, "toy_rejected")
     result = _ingest(defs, instance, "toy_rejected", key)
@@ -217,6 +242,7 @@ def test_asset_checks_pass_on_every_ingest(defs, instance):
         "failed_records_not_published": True,
         "counts_add_up": True,
         "published_records_have_features": True,
+        "no_dead_letters": True,
     }
 
 
@@ -238,6 +264,7 @@ def test_a_corrupted_records_table_fails_a_check_in_the_next_run(defs, instance)
         "failed_records_not_published": False,
         "counts_add_up": True,
         "published_records_have_features": True,
+        "no_dead_letters": True,
     }
 
 
@@ -295,6 +322,9 @@ def test_poison_records_are_dead_lettered_and_rerun_with_a_raised_cap(
     meta = _metadata(result, "toy_poison", "published_records")
     assert (meta["published"], meta["dead_letters"]) == (4, 2)
     assert "poison: OOM alone at 256 MB" in meta["dead_letter_records"]
+    assert check_statuses(instance, "toy_poison", "published_records", "no_dead_letters") == {
+        key: "FAILED"
+    }
     db = RecordsDatabase(database_url_from_env())
     letters = list_dead_letters(db, "toy_poison")
     assert {(d.source_id, d.hook, d.partition, d.limit_mb) for d in letters} == {
@@ -328,6 +358,9 @@ def test_poison_records_are_dead_lettered_and_rerun_with_a_raised_cap(
     assert (meta["published"], meta["duplicates_skipped"], meta["dead_letters"]) == (2, 4, 0)
     assert list_dead_letters(db, "toy_poison") == []
     assert _counts() == (6, 6)
+    assert check_statuses(instance, "toy_poison", "published_records", "no_dead_letters") == {
+        key: "SUCCEEDED"
+    }
 
 
 def test_only_hook_steps_take_a_slot_of_the_hook_pool(defs):
@@ -360,10 +393,62 @@ def test_one_run_over_a_partition_range_keeps_per_partition_metadata(defs, insta
     assert {m.metadata["published"].value for m in published} == {4}
     assert {m.metadata["records_in"].value for m in published} == {5}
     checks = result.get_asset_check_evaluations()
-    assert checks and all(c.passed for c in checks)
-    assert {c.metadata["partitions"].value for c in checks} == {3}
-    # And every partition has its own verdict for the UI.
-    check = dg.AssetCheckKey(dg.AssetKey(["toy", "published_records"]), "counts_add_up")
-    history = instance.event_log_storage.get_asset_check_execution_history(check, limit=20)
-    verdicts = {r.partition: r.status.value for r in history if r.run_id == ""}
-    assert verdicts == dict.fromkeys(keys, "SUCCEEDED")
+    assert all(c.passed for c in checks)
+    # One verdict per check and partition, each about its own partition.
+    assert sorted((c.check_name, c.partition) for c in checks) == sorted(
+        (spec.name, key) for spec in CHECKS for key in keys
+    )
+
+
+def _ingest_range(defs, instance, convention: str, keys: list[str]) -> dg.ExecuteInProcessResult:
+    job = defs.resolve_job_def(f"{convention}_ingest")
+    return job.execute_in_process(
+        instance=instance,
+        raise_on_error=False,
+        tags={
+            "dagster/asset_partition_range_start": keys[0],
+            "dagster/asset_partition_range_end": keys[-1],
+        },
+    )
+
+
+def test_range_runs_give_every_partition_its_check_verdict_run_after_run(defs, instance):
+    keys = _plan(defs, instance, "toy", limit=15, batch_size=5)
+    for run in range(3):
+        assert _ingest_range(defs, instance, "toy", keys).success, f"range run {run + 1}"
+        statuses = all_check_statuses(instance, "toy")
+        assert statuses == {check: dict.fromkeys(keys, "SUCCEEDED") for check in statuses}
+    # A run of one partition (as the sensor makes) in between changes nobody else's verdict.
+    assert _ingest(defs, instance, "toy", keys[1]).success
+    statuses = all_check_statuses(instance, "toy")
+    assert statuses == {check: dict.fromkeys(keys, "SUCCEEDED") for check in statuses}
+
+
+def test_a_corrupted_table_fails_only_its_partitions_check_in_a_range_run(defs, instance):
+    from sqlalchemy import update
+
+    keys = _plan(defs, instance, "toy", limit=15, batch_size=5)
+    assert _ingest_range(defs, instance, "toy", keys).success
+    db = RecordsDatabase(database_url_from_env())
+    with db.session() as session, session.begin():
+        # Record 5 of the first batch was rejected: make it look as if it had been published.
+        session.execute(
+            update(Record).where(Record.source_id == TOY_IDS[0]).values(source_id=TOY_IDS[4])
+        )
+    assert _ingest_range(defs, instance, "toy", keys).success  # checks flag, never block
+    statuses = all_check_statuses(instance, "toy")
+    corrupted = ("published_records", "failed_records_not_published")
+    assert statuses.pop(corrupted) == {keys[0]: "FAILED", keys[1]: "SUCCEEDED", keys[2]: "SUCCEEDED"}
+    assert statuses == {check: dict.fromkeys(keys, "SUCCEEDED") for check in statuses}
+
+
+def test_every_check_of_a_convention_says_what_it_guards(defs):
+    graph = defs.resolve_asset_graph()
+    checks = {
+        key.name: graph.get_check_spec(key)
+        for key in graph.asset_check_keys
+        if key.asset_key.path[0] == "toy"
+    }
+    assert set(checks) == {spec.name for spec in CHECKS}
+    assert all(spec.description for spec in checks.values())
+    assert checks["no_dead_letters"].asset_key == dg.AssetKey(["toy", "published_records"])

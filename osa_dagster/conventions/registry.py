@@ -12,7 +12,6 @@ import importlib
 from collections.abc import Iterable
 
 from osa_dagster.conventions.base import Convention
-from osa_dagster.engine.spec import MemoryPolicy
 from osa_dagster.settings import Settings
 
 BUNDLED_MODULES = (
@@ -46,14 +45,15 @@ def _with_memory_overrides(convention: Convention, settings: Settings) -> Conven
     for spec in convention.hooks:
         override = settings.memory_override(convention.name, spec.name)
         if override is not None:
-            # Built anew (not model_copy) so that a cap below the base is refused here.
-            memory = MemoryPolicy(
-                **{
-                    **spec.memory.model_dump(),
-                    "base_mb": override.base_mb,
-                    "cap_mb": override.cap_mb or spec.memory.cap_mb,
-                }
-            )
+            cap = override.cap_mb or spec.memory.cap_mb
+            if cap < override.base_mb:
+                # Settings refuse a cap below the base of the same entry; this is a base
+                # above the hook's own cap.
+                raise ConventionError(
+                    f"OSA_HOOK_MEMORY entry {convention.name}.{spec.name}={override.base_mb}: "
+                    f"the base is above the hook's cap ({cap} MB); give BASE_MB:CAP_MB"
+                )
+            memory = spec.memory.model_copy(update={"base_mb": override.base_mb, "cap_mb": cap})
             spec = spec.model_copy(update={"memory": memory})
         hooks.append(spec)
     return convention.model_copy(update={"hooks": tuple(hooks)})

@@ -42,6 +42,12 @@ STEP_CRASH_RETRIES = 2
 HOOK_POOL = "osa_hooks"
 
 
+def hook_step_retries(hook: HookSpec) -> int:
+    """Retries of a hook step: one per climb of its memory ladder, to the cap, plus those of
+    a crashed step (Dagster counts every earlier attempt of the step against the limit)."""
+    return hook.memory.climbs() + STEP_CRASH_RETRIES
+
+
 # Partitions a run covers when many are materialised at once (asset backfills, the
 # new-batches sensor, `osa materialize`). Dagster's cost is per run and per step, about
 # 1 s per one-partition run against 0.20 s per partition in runs of 20 (bench/RESULTS.md);
@@ -159,7 +165,7 @@ def _hook_asset(
             )
             # Only an OOM gets here: the next step attempt takes its memory from the
             # checkpoint, and the partitions already done return at once.
-            raise dg.RetryRequested(max_retries=len(ladder), seconds_to_wait=0)
+            raise dg.RetryRequested(max_retries=hook_step_retries(hook), seconds_to_wait=0)
         yield dg.MaterializeResult()
 
     return hook_outcomes

@@ -1,87 +1,179 @@
-"""Asset checks on every partition: the archive's invariants, visible in the UI."""
+"""Asset checks on every partition: the archive's invariants, visible in the UI.
 
-from collections.abc import Iterator
+Each check records one evaluation per partition of its run, whatever covered it (a sensor's
+run of one batch, a range run of `osa materialize` or an asset backfill, the UI). Dagster
+plans a partitioned check of a range run as one PLANNED row per partition (run id, partition)
+in its `asset_check_executions` table, but turns an `AssetCheckResult` of that step into a
+single evaluation without a partition: the per-partition rows stay PLANNED and read as
+"Skipped" once the run ends. So the checks yield Dagster's `AssetCheckEvaluation` themselves,
+one per partition, each naming its partition and the materialisation it checked: every
+PLANNED row gets its verdict, under the run's own id, and a later run's rows are its own
+(reporting them as runless events instead collides, from the second run on, on the table's
+unique index (asset_key, check_name, run_id '', partition)).
+"""
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import dagster as dg
 
 from osa_dagster.batch.audit import BatchAudit, audit_batch
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.assets import features_key, published_key
+from osa_dagster.defs.dagster_private import AssetCheckEvaluationTargetMaterializationData
 from osa_dagster.defs.resources import ArtifactStoreResource, RecordsDatabaseResource
+from osa_dagster.records import DeadLetterRow, RecordsDatabase, list_dead_letters
+from osa_dagster.storage.store import ArtifactStore
 
 PREVIEW = 20
 
 
-def _result(check: str, asset: dg.AssetKey, broken: list[str], what: str) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(
-        check_name=check,
-        asset_key=asset,
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    metadata: dict[str, Any]
+    description: str | None = None
+
+
+class BatchFacts:
+    """What a check of one partition looks at, read when first asked for."""
+
+    def __init__(
+        self, convention: Convention, store: ArtifactStore, db: RecordsDatabase, partition: str
+    ) -> None:
+        self.convention = convention
+        self.store = store
+        self.db = db
+        self.partition = partition
+
+    @cached_property
+    def audit(self) -> BatchAudit:
+        return audit_batch(self.convention, self.store, self.db, self.partition)
+
+    @cached_property
+    def dead_letters(self) -> list[DeadLetterRow]:
+        return list_dead_letters(self.db, self.convention.name, partition=self.partition)
+
+
+def _records(broken: list[str], what: str) -> Verdict:
+    return Verdict(
         passed=not broken,
-        severity=dg.AssetCheckSeverity.ERROR,
         metadata={"records": len(broken), "examples": ", ".join(broken[:PREVIEW]) or "-"},
         description=what if broken else None,
     )
 
 
-def audit_results(convention: Convention, audit: BatchAudit) -> Iterator[dg.AssetCheckResult]:
-    published, features = published_key(convention), features_key(convention)
-    yield _result(
-        "passed_records_published_once",
-        published,
-        audit.passed_not_published_once,
+def _passed_published_once(facts: BatchFacts) -> Verdict:
+    return _records(
+        facts.audit.passed_not_published_once,
         "records that passed every hook but are not in the archive exactly once",
     )
-    yield _result(
-        "failed_records_not_published",
-        published,
-        audit.published_but_failed,
+
+
+def _failed_not_published(facts: BatchFacts) -> Verdict:
+    return _records(
+        facts.audit.published_but_failed,
         "records this batch published although a hook rejected or errored them",
     )
-    yield dg.AssetCheckResult(
-        check_name="counts_add_up",
-        asset_key=published,
-        passed=audit.counts_add_up,
-        severity=dg.AssetCheckSeverity.ERROR,
-        metadata=dict(audit.counts),
+
+
+def _counts_add_up(facts: BatchFacts) -> Verdict:
+    return Verdict(
+        passed=facts.audit.counts_add_up,
+        metadata=dict(facts.audit.counts),
+        description=None
+        if facts.audit.counts_add_up
+        else "planned != passed + rejected + errored + skipped, or the ingester counted otherwise",
     )
+
+
+def _have_features(facts: BatchFacts) -> Verdict:
     missing = [
-        f"{record} ({hook})" for hook, ids in audit.missing_features.items() for record in ids
+        f"{record} ({hook})"
+        for hook, ids in facts.audit.missing_features.items()
+        for record in ids
     ]
-    yield _result(
-        "published_records_have_features",
-        features,
-        missing,
-        "published records without the rows of a hook that always emits features",
+    return _records(missing, "published records without the rows of a hook that always emits features")
+
+
+def _no_dead_letters(facts: BatchFacts) -> Verdict:
+    letters = [f"{d.source_id} ({d.hook}, {d.limit_mb} MB)" for d in facts.dead_letters]
+    return Verdict(
+        passed=not letters,
+        metadata={"records": len(letters), "examples": ", ".join(letters[:PREVIEW]) or "-"},
+        description=f"{len(letters)} records ran out of memory alone at their hook's cap: "
+        "raise it with OSA_HOOK_MEMORY and run `osa materialize CONVENTION --dead-letters`"
+        if letters
+        else None,
     )
 
 
-def merged_result(
-    check: str, asset: dg.AssetKey, results: dict[str, dg.AssetCheckResult]
-) -> dg.AssetCheckResult:
-    """One result for a run over many partitions (Dagster records one evaluation per
-    check step): passed only if every partition passed, naming those that did not."""
-    failed = [partition for partition, result in results.items() if not result.passed]
-    first_failure = next((results[p] for p in failed), None)
-    return dg.AssetCheckResult(
-        check_name=check,
-        asset_key=asset,
-        passed=not failed,
-        severity=dg.AssetCheckSeverity.ERROR,
-        metadata={
-            "partitions": len(results),
-            "failed_partitions": ", ".join(failed[:PREVIEW]) or "-",
-            **({"first_failure": first_failure.description or "-"} if first_failure else {}),
-        },
-        description=first_failure.description if first_failure else None,
-    )
+@dataclass(frozen=True)
+class CheckDef:
+    name: str
+    asset: str  # "published" or "features"
+    severity: dg.AssetCheckSeverity
+    description: str
+    verdict: Callable[[BatchFacts], Verdict]
 
 
 CHECKS = (
-    ("passed_records_published_once", "published"),
-    ("failed_records_not_published", "published"),
-    ("counts_add_up", "published"),
-    ("published_records_have_features", "features"),
+    CheckDef(
+        "passed_records_published_once",
+        "published",
+        dg.AssetCheckSeverity.ERROR,
+        "Every record of the batch that passed every hook is in the archive exactly once.",
+        _passed_published_once,
+    ),
+    CheckDef(
+        "failed_records_not_published",
+        "published",
+        dg.AssetCheckSeverity.ERROR,
+        "No record that a hook rejected or errored was published by this batch.",
+        _failed_not_published,
+    ),
+    CheckDef(
+        "counts_add_up",
+        "published",
+        dg.AssetCheckSeverity.ERROR,
+        "Planned = passed + rejected + errored + skipped, and the ingester fetched what the "
+        "hooks settled.",
+        _counts_add_up,
+    ),
+    CheckDef(
+        "published_records_have_features",
+        "features",
+        dg.AssetCheckSeverity.ERROR,
+        "Every published record has the feature rows of each hook that always emits them.",
+        _have_features,
+    ),
+    CheckDef(
+        "no_dead_letters",
+        "published",
+        dg.AssetCheckSeverity.WARN,
+        "No record of the batch ran out of memory alone at its hook's cap (a dead letter); a "
+        "warning names them: raise the cap and re-run the batch.",
+        _no_dead_letters,
+    ),
 )
+
+
+def _checked_materialization(
+    instance: dg.DagsterInstance, asset: dg.AssetKey, partition: str
+) -> AssetCheckEvaluationTargetMaterializationData | None:
+    """The partition's latest materialisation: a verdict about it is the partition's current
+    status in the UI (a verdict about an older one is not shown as current)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[partition]), limit=1
+    ).records
+    if not records:
+        return None
+    latest = records[0]
+    return AssetCheckEvaluationTargetMaterializationData(
+        run_id=latest.run_id, storage_id=latest.storage_id, timestamp=latest.timestamp
+    )
 
 
 def convention_checks(
@@ -94,46 +186,41 @@ def convention_checks(
     """
     assets = {"published": published_key(convention), "features": features_key(convention)}
 
-    def build(name: str, asset: dg.AssetKey) -> dg.AssetChecksDefinition:
+    def build(spec: CheckDef) -> dg.AssetChecksDefinition:
+        asset = assets[spec.asset]
+
         @dg.asset_check(
-            name=name,
+            name=spec.name,
             asset=asset,
             partitions_def=partitions,
-            additional_deps=[published_key(convention)]
-            if asset != published_key(convention)
-            else None,
+            additional_deps=[published_key(convention)] if spec.asset != "published" else None,
             blocking=False,
+            description=spec.description,
         )
         def check(
             context: dg.AssetCheckExecutionContext,
             artifact_store: ArtifactStoreResource,
             records_db: RecordsDatabaseResource,
-        ) -> dg.AssetCheckResult:
+        ) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
             store, db = artifact_store.get(), records_db.get()
-            results = {}
             for partition in context.partition_keys:
-                audit = audit_batch(convention, store, db, partition)
-                results[partition] = next(
-                    r for r in audit_results(convention, audit) if r.check_name == name
+                verdict = spec.verdict(BatchFacts(convention, store, db, partition))
+                yield dg.AssetCheckEvaluation(
+                    asset_key=asset,
+                    check_name=spec.name,
+                    passed=verdict.passed,
+                    metadata=verdict.metadata,
+                    severity=spec.severity,
+                    description=verdict.description,
+                    partition=partition,
+                    target_materialization_data=_checked_materialization(
+                        context.instance, asset, partition
+                    ),
+                    blocking=False,
                 )
-            if len(results) == 1:
-                return next(iter(results.values()))
-            # Dagster records one evaluation per check step, not per partition of a range:
-            # each partition's own verdict is reported beside it, so the UI shows it.
-            for partition, result in results.items():
-                context.instance.report_runless_asset_event(
-                    dg.AssetCheckEvaluation(
-                        asset_key=asset,
-                        check_name=name,
-                        passed=result.passed,
-                        metadata=result.metadata,
-                        severity=result.severity,
-                        description=result.description,
-                        partition=partition,
-                    )
-                )
-            return merged_result(name, asset, results)
+            # The step's own output, so that Dagster sees the check as having run.
+            yield dg.Output(None, output_name=context.op_execution_context.op_def.output_defs[0].name)
 
         return check
 
-    return dg.Definitions(asset_checks=[build(name, assets[asset]) for name, asset in CHECKS])
+    return dg.Definitions(asset_checks=[build(spec) for spec in CHECKS])

@@ -1,6 +1,9 @@
 """The few private Dagster names the project relies on, imported in this one module: a
 Dagster upgrade that moves them breaks here, and nowhere else."""
 
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -15,5 +18,6 @@ def partition_range_tags(first: str, last: str) -> dict[str, str]:
 __all__ = [
     "ASSET_PARTITION_RANGE_END_TAG",
     "ASSET_PARTITION_RANGE_START_TAG",
+    "AssetCheckEvaluationTargetMaterializationData",
     "partition_range_tags",
 ]

@@ -9,13 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class MemoryPolicy(BaseModel):
-    """The memory ladder of one hook: base, base*factor, base*factor^2, ... never above cap.
+    """The memory ladder of one hook: base, base*factor, base*factor^2, ..., and the cap last.
 
-    The ladder climbs only on a real OOM kill, at most `max_retries` times. An OOM at the cap
-    does not give up on the records left: with `isolate_poison`, the record the hook was on is
-    run alone at the cap, and is errored as poison only if it runs out of memory alone; the
-    others go on at the cap. `max_isolation_attempts` bounds those lone runs per limit, so a
-    batch of many too-big records cannot run for ever; past it, what is left is errored.
+    The ladder climbs only on a real OOM kill, one rung per OOM, and always ends at the cap:
+    a hook's cap is a limit its records really get. An OOM at the cap does not give up on the
+    records left: with `isolate_poison`, the record the hook was on is run alone at the cap,
+    and is errored as poison only if it runs out of memory alone; the others go on at the
+    cap. `max_isolation_attempts` bounds those lone runs per limit, so a batch of many
+    too-big records cannot run for ever; past it, what is left is errored.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -23,7 +24,6 @@ class MemoryPolicy(BaseModel):
     base_mb: int = Field(default=1024, gt=0)
     factor: float = Field(default=2.0, gt=1.0)
     cap_mb: int = Field(default=8192, gt=0)
-    max_retries: int = Field(default=3, ge=0)
     isolate_poison: bool = True
     max_isolation_attempts: int = Field(default=10, ge=0)
 
@@ -34,14 +34,18 @@ class MemoryPolicy(BaseModel):
         return self
 
     def ladder(self) -> list[int]:
-        """Every limit an attempt may get, in order: [1024, 2048, 4096, 8192] by default."""
+        """Every limit an attempt may get, in order: [1024, 2048, 4096, 8192] by default;
+        base 192 and cap 4096 give [192, 384, 768, 1536, 3072, 4096]."""
         limits = [self.base_mb]
-        while len(limits) <= self.max_retries:
-            nxt = min(int(limits[-1] * self.factor), self.cap_mb)
-            if nxt <= limits[-1]:
-                break
-            limits.append(nxt)
+        while limits[-1] < self.cap_mb:
+            # At least 1 MB up, so that a small base and a factor near 1 still climb.
+            climbed = max(int(limits[-1] * self.factor), limits[-1] + 1)
+            limits.append(min(climbed, self.cap_mb))
         return limits
+
+    def climbs(self) -> int:
+        """How many OOMs can raise the limit: each retry of a hook step is one of them."""
+        return len(self.ladder()) - 1
 
     def next_after(self, limit_mb: int) -> int | None:
         """The limit after an OOM at `limit_mb`, or None when the ladder is exhausted."""

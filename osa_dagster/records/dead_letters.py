@@ -89,13 +89,17 @@ def replace_dead_letters(
             session.execute(_upsert(session.get_bind().dialect.name), values)
 
 
-def list_dead_letters(db: RecordsDatabase, convention: str) -> list[DeadLetterRow]:
-    """The convention's dead letters, by batch, then record, then hook."""
+def list_dead_letters(
+    db: RecordsDatabase, convention: str, *, partition: str | None = None
+) -> list[DeadLetterRow]:
+    """The convention's dead letters (or one batch's), by batch, then record, then hook."""
     query = (
         select(DeadLetter)
         .where(DeadLetter.convention == convention)
         .order_by(DeadLetter.partition, DeadLetter.source_id, DeadLetter.hook)
     )
+    if partition is not None:
+        query = query.where(DeadLetter.partition == partition)
     with db.session() as session:
         return [
             DeadLetterRow(
