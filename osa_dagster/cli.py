@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     db_cmd = commands.add_parser("db", help="the records database's schema (migrations)")
     db_cmd.add_argument("action", choices=["upgrade", "current"])
 
-    from osa_dagster.backfill import add_backfill_parser, run_backfill_command
+    from osa_dagster.backfill import add_backfill_parser
 
     add_backfill_parser(commands)
 

@@ -12,10 +12,10 @@ from sqlalchemy import func, select
 
 from osa_dagster.batch.stores import StoreMemoryHistoryIO
 from osa_dagster.definitions import build_definitions
+from osa_dagster.defs.checks import CHECKS
 from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
 from osa_dagster.storage import store_from_env
 from osa_dagster.storage.layout import memory_history_key
-from osa_dagster.defs.checks import CHECKS
 from tests.fixtures.check_status import all_check_statuses, check_statuses
 from tests.fixtures.toy_convention import TOY_IDS
 
@@ -438,7 +438,11 @@ def test_a_corrupted_table_fails_only_its_partitions_check_in_a_range_run(defs, 
     assert _ingest_range(defs, instance, "toy", keys).success  # checks flag, never block
     statuses = all_check_statuses(instance, "toy")
     corrupted = ("published_records", "failed_records_not_published")
-    assert statuses.pop(corrupted) == {keys[0]: "FAILED", keys[1]: "SUCCEEDED", keys[2]: "SUCCEEDED"}
+    assert statuses.pop(corrupted) == {
+        keys[0]: "FAILED",
+        keys[1]: "SUCCEEDED",
+        keys[2]: "SUCCEEDED",
+    }
     assert statuses == {check: dict.fromkeys(keys, "SUCCEEDED") for check in statuses}
 
 

@@ -91,11 +91,11 @@ def _counts_add_up(facts: BatchFacts) -> Verdict:
 
 def _have_features(facts: BatchFacts) -> Verdict:
     missing = [
-        f"{record} ({hook})"
-        for hook, ids in facts.audit.missing_features.items()
-        for record in ids
+        f"{record} ({hook})" for hook, ids in facts.audit.missing_features.items() for record in ids
     ]
-    return _records(missing, "published records without the rows of a hook that always emits features")
+    return _records(
+        missing, "published records without the rows of a hook that always emits features"
+    )
 
 
 def _no_dead_letters(facts: BatchFacts) -> Verdict:
@@ -219,7 +219,8 @@ def convention_checks(
                     blocking=False,
                 )
             # The step's own output, so that Dagster sees the check as having run.
-            yield dg.Output(None, output_name=context.op_execution_context.op_def.output_defs[0].name)
+            [output] = context.op_execution_context.op_def.output_defs
+            yield dg.Output(None, output_name=output.name)
 
         return check
 
