@@ -47,13 +47,18 @@ def _convention(name: str):  # noqa: ANN202
 
 
 def plan(
-    convention_name: str, limit: int | None, since: str | None, batch_size: int | None
+    convention_name: str,
+    limit: int | None,
+    since: str | None,
+    batch_size: int | None,
+    *,
+    replan: bool = False,
 ) -> list[str]:
     from osa_dagster.definitions import defs
     from osa_dagster.defs.planning import plan_job_name
 
     convention = _convention(convention_name)
-    config = {"limit": limit, "since": since, "batch_size": batch_size}
+    config = {"limit": limit, "since": since, "batch_size": batch_size, "replan": replan}
     op_config = {k: v for k, v in config.items() if v is not None}
     job = defs.resolve_job_def(plan_job_name(convention))
     result = job.execute_in_process(
@@ -109,7 +114,8 @@ def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
 
 
 def summary(convention_name: str) -> dict[str, int]:
-    """Counts per record, not per hook: a record rejected by two hooks counts once."""
+    """Counts per record, not per hook or batch: a record rejected by two hooks, or planned in
+    two batches, counts once; a record that passed in any batch counts as passed."""
     from osa_dagster.batch import BatchInputError
     from osa_dagster.batch.fetch import read_ingest_report
     from osa_dagster.batch.plan import planned_partitions
@@ -118,9 +124,16 @@ def summary(convention_name: str) -> dict[str, int]:
     from osa_dagster.records.queries import count_feature_rows, count_published
     from osa_dagster.storage import BatchLayout, store_from_env
 
+    passed = "records passed every hook"
     convention = _convention(convention_name)
     store = store_from_env()
     totals: Counter[str] = Counter()
+    outcomes: dict[str, str] = {}  # record -> what became of it
+
+    def settle(record: str, outcome: str) -> None:
+        if outcomes.get(record) != passed:
+            outcomes[record] = outcome
+
     for partition in planned_partitions(store, convention.name):
         totals["batches planned"] += 1
         layout = BatchLayout(convention.name, partition)
@@ -130,14 +143,20 @@ def summary(convention_name: str) -> dict[str, int]:
         except (BatchInputError, FileNotFoundError):
             continue
         totals["batches done"] += 1
-        totals["records skipped (oversize)"] += len(report.skipped_oversize)
-        totals["records not fetched"] += len(report.failed) + len(report.missing)
-        totals["records passed every hook"] += len(verdicts.passed)
+        for skipped in report.skipped_oversize:
+            settle(skipped.source_id, "records skipped (oversize)")
+        for failed in [*report.failed, *report.missing]:
+            settle(failed.source_id, "records not fetched")
         for verdict in verdicts.failed:
-            totals[f"records {verdict.status}"] += 1
+            settle(verdict.source_id, f"records {verdict.status}")
+        for record in verdicts.passed:
+            settle(record.source_id, passed)
         totals["OOM retries"] += sum(
             len(checkpoint.oom_attempts()) for checkpoint in verdicts.checkpoints.values()
         )
+    totals.update(outcomes.values())
+    for always_shown in (passed, "records skipped (oversize)", "records not fetched"):
+        totals.setdefault(always_shown, 0)
     db = open_database(database_url_from_env())
     totals["records in the archive"] = count_published(db, convention.name)
     totals["feature rows"] = count_feature_rows(db, convention.name)
@@ -285,6 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan_cmd.add_argument("--limit", type=int)
     plan_cmd.add_argument("--since", help="ISO date, e.g. 2024-01-31")
     plan_cmd.add_argument("--batch-size", type=int)
+    plan_cmd.add_argument(
+        "--replan",
+        action="store_true",
+        help="batch again records already planned at the same version (left out otherwise)",
+    )
 
     run_cmd = commands.add_parser("materialize", help="run the ingest job for partitions")
     run_cmd.add_argument("convention")
@@ -342,7 +366,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "demo":
         return demo(fresh=not args.keep)
     if args.command == "plan":
-        keys = plan(args.convention, args.limit, args.since, args.batch_size)
+        keys = plan(args.convention, args.limit, args.since, args.batch_size, replan=args.replan)
         print("\n".join(keys))
         return 0
     if args.command == "materialize":

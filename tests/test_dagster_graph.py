@@ -14,7 +14,7 @@ from osa_dagster.batch.stores import StoreMemoryHistoryIO
 from osa_dagster.definitions import build_definitions
 from osa_dagster.defs.checks import CHECKS
 from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
-from osa_dagster.storage import store_from_env
+from osa_dagster.storage import BatchLayout, store_from_env
 from osa_dagster.storage.layout import memory_history_key
 from tests.fixtures.check_status import all_check_statuses, check_statuses
 from tests.fixtures.toy_convention import TOY_IDS
@@ -456,3 +456,73 @@ def test_every_check_of_a_convention_says_what_it_guards(defs):
     assert set(checks) == {spec.name for spec in CHECKS}
     assert all(spec.description for spec in checks.values())
     assert checks["no_dead_letters"].asset_key == dg.AssetKey(["toy", "published_records"])
+
+
+def _truncate(store, key: str) -> bytes:
+    intact = store.read_bytes(key)
+    store.write_bytes(key, intact[: len(intact) // 2])
+    return intact[: len(intact) // 2]
+
+
+def test_a_truncated_checkpoint_is_set_aside_and_its_hook_runs_the_batch_again(defs, instance):
+    [key] = _plan(defs, instance, "toy", limit=5, batch_size=5)
+    assert _ingest(defs, instance, "toy", key).success
+    store = store_from_env()
+    checkpoint = BatchLayout("toy", key).checkpoint("check_size")
+    truncated = _truncate(store, checkpoint)
+
+    result = _ingest(defs, instance, "toy", key)
+    assert result.success
+    meta = _metadata(result, "toy", "hook_outcomes", "check_size")
+    # Kept for inspection, and named with the batch, the file and the cause in one line.
+    assert store.read_bytes(meta["checkpoint_set_aside"]) == truncated
+    [why] = meta["checkpoint_set_aside_why"].splitlines()
+    assert key in why and store.describe(checkpoint) in why and "Invalid JSON: EOF" in why
+    # The hook ran every record of the batch again; the archive is exactly what passed.
+    attempts = [
+        e.asset_observation_data.asset_observation.metadata
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION
+        and "records_in" in e.asset_observation_data.asset_observation.metadata
+    ]
+    assert [a["records_in"].value for a in attempts] == [5]
+    assert (meta["passed"], meta["rejected"]) == (4, 1)
+    assert _counts() == (4, 4)
+    statuses = all_check_statuses(instance, "toy")
+    assert statuses == {check: {key: "SUCCEEDED"} for check in statuses}
+
+
+def test_publishing_over_a_truncated_checkpoint_names_it_and_what_to_do(defs, instance):
+    from osa_dagster.batch import BatchInputError
+    from osa_dagster.batch.publish import publish_batch
+    from osa_dagster.conventions.registry import load_conventions
+
+    [key] = _plan(defs, instance, "toy", limit=5, batch_size=5)
+    assert _ingest(defs, instance, "toy", key).success
+    store = store_from_env()
+    checkpoint = BatchLayout("toy", key).checkpoint("check_size")
+    _truncate(store, checkpoint)
+    db = RecordsDatabase(database_url_from_env())
+    with pytest.raises(BatchInputError) as error:
+        publish_batch(load_conventions()["toy"], store, db, key, domain="test")
+    [line] = str(error.value).splitlines()
+    assert key in line and store.describe(checkpoint) in line and "Invalid JSON: EOF" in line
+    assert "materialise its hook_outcomes again" in line
+
+
+def test_replanned_records_count_once_in_the_summary(defs, instance):
+    from osa_dagster.cli import summary
+
+    first = _plan(defs, instance, "toy", limit=10, batch_size=5)
+    # Without replan, another batch size plans nothing: every record is planned already.
+    assert _plan(defs, instance, "toy", limit=10, batch_size=4) == first
+    keys = _plan(defs, instance, "toy", limit=10, batch_size=4, replan=True)
+    assert len(keys) == 5  # 2 batches of 5 and 3 of at most 4, over the same 10 records
+    assert _ingest_range(defs, instance, "toy", keys).success
+    totals = summary("toy")
+    # Each record is counted once, though two batches hold it: passed in either, it is in
+    # the archive (the toy hook rejects the 5th record of a batch, so both sizes differ).
+    outcomes = {name: n for name, n in totals.items() if name.startswith("records ")}
+    assert sum(n for name, n in outcomes.items() if name != "records in the archive") == 10
+    assert totals["records passed every hook"] == totals["records in the archive"] == 10
+    assert totals["batches done"] == 5

@@ -1,11 +1,12 @@
 from datetime import UTC, datetime
 
 import pytest
+from osa_sdk.types import RecordRef
 
 from osa_dagster.batch import BatchInputError
 from osa_dagster.batch.fetch import fetch_raw_batch, read_raw_records
-from osa_dagster.batch.plan import load_manifest, plan_ingest, planned_partitions
-from osa_dagster.storage import BatchLayout, store_from_env
+from osa_dagster.batch.plan import load_manifest, plan_ingest, plan_refs, planned_partitions
+from osa_dagster.storage import BatchLayout, Manifest, store_from_env
 from tests.fixtures.toy_convention import CONVENTIONS, TOY_IDS
 
 TOY = CONVENTIONS[0]
@@ -30,20 +31,61 @@ def test_planning_twice_adds_nothing_and_keeps_manifests_frozen():
     first = plan_ingest(TOY, store, batch_size=5, since=datetime(2024, 1, 1, tzinfo=UTC))
     manifest_bytes = {k: store.read_bytes(BatchLayout("toy", k).manifest) for k in first.partitions}
     again = plan_ingest(TOY, store, batch_size=5)
-    assert again.partitions == first.partitions
-    assert again.new_partitions == []
+    assert (again.partitions, again.records, again.already_planned) == ([], 0, len(TOY_IDS))
     assert first.new_partitions == first.partitions
+    # Asked to, it batches them again: the same batches, their manifests untouched.
+    replanned = plan_ingest(TOY, store, batch_size=5, replan=True)
+    assert replanned.partitions == first.partitions
+    assert replanned.new_partitions == []
     assert {
         k: store.read_bytes(BatchLayout("toy", k).manifest) for k in first.partitions
     } == manifest_bytes
     assert sorted(planned_partitions(store, "toy")) == sorted(first.partitions)
 
 
-def test_other_batch_size_gives_other_partitions():
+def test_another_batch_size_plans_nothing_new_unless_asked_to_replan():
     store = store_from_env()
     a = plan_ingest(TOY, store, batch_size=5)
-    b = plan_ingest(TOY, store, batch_size=7)
-    assert not set(a.partitions) & set(b.partitions)
+    assert plan_ingest(TOY, store, batch_size=7).partitions == []
+    b = plan_ingest(TOY, store, batch_size=7, replan=True)
+    assert b.partitions and not set(a.partitions) & set(b.partitions)
+
+
+def test_only_records_new_or_at_a_new_version_are_planned():
+    store = store_from_env()
+    plan_refs(TOY, store, [RecordRef(source_id="a", version="1"), RecordRef(source_id="b")])
+    again = plan_refs(
+        TOY,
+        store,
+        [
+            RecordRef(source_id="a", version="2"),
+            RecordRef(source_id="b"),
+            RecordRef(source_id="c", version="1"),
+        ],
+    )
+    [key] = again.partitions
+    planned = load_manifest(store, BatchLayout("toy", key)).refs
+    assert [(r.source_id, r.version) for r in planned] == [("a", "2"), ("c", "1")]
+    assert again.already_planned == 1
+
+
+def test_a_truncated_manifest_fails_naming_it_and_planning_again_rewrites_it():
+    store = store_from_env()
+    [key] = plan_ingest(TOY, store, limit=5, batch_size=5).partitions
+    layout = BatchLayout("toy", key)
+    intact = store.read_bytes(layout.manifest)
+    store.write_bytes(layout.manifest, intact[: len(intact) // 2])
+
+    with pytest.raises(BatchInputError) as error:
+        fetch_raw_batch(TOY, store, key)
+    [line] = str(error.value).splitlines()
+    assert key in line and store.describe(layout.manifest) in line
+    assert "Invalid JSON: EOF" in line and "osa plan toy --replan" in line
+
+    # What the message says to do: the same records and batch size give the same partition.
+    assert plan_ingest(TOY, store, limit=5, batch_size=5, replan=True).partitions == [key]
+    assert load_manifest(store, layout).refs == Manifest.model_validate_json(intact).refs
+    assert len(fetch_raw_batch(TOY, store, key).records) == 5
 
 
 @pytest.mark.parametrize(

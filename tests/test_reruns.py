@@ -78,27 +78,30 @@ def _printed_retry(output: str) -> tuple[dict[str, str], list[str]]:
     return dict(entry.split("=") for entry in value.split(",")), command
 
 
-def test_the_retry_keeps_the_memory_settings_in_force(toy_conventions, monkeypatch, capsys):
-    # A run with a lowered base dead-lettered two records at the cap of the day, 256 MB.
-    monkeypatch.setenv("OSA_HOOK_MEMORY", "toy.check_size=300:600,toy_poison.hungry=64:256")
+@pytest.mark.parametrize(
+    ("in_force", "printed"),
+    [
+        # A run with a lowered base dead-lettered two records at the cap of the day, 256 MB:
+        # the base in force stays, the cap doubles, and the other hook's setting is kept.
+        (
+            "toy.check_size=300:600,toy_poison.hungry=64:256",
+            {"toy.check_size": "300:600", "toy_poison.hungry": "64:512"},
+        ),
+        # A cap raised already is not lowered by the retry.
+        ("toy_poison.hungry=128:2048", {"toy_poison.hungry": "128:2048"}),
+    ],
+)
+def test_the_retry_keeps_the_memory_settings_in_force(
+    toy_conventions, monkeypatch, capsys, in_force: str, printed: dict[str, str]
+):
+    monkeypatch.setenv("OSA_HOOK_MEMORY", in_force)
     db = RecordsDatabase(database_url_from_env())
     replace_dead_letters(db, convention="toy_poison", partition="p1", poison=_poison(256))
 
     assert main(["dead-letters", "toy_poison"]) == 0
     entries, command = _printed_retry(capsys.readouterr().out)
-    # The base in force stays, the cap doubles, and the other hook's setting is kept.
-    assert entries == {"toy.check_size": "300:600", "toy_poison.hungry": "64:512"}
+    assert entries == printed
     assert command[1:] == ["materialize", "toy_poison", "--dead-letters"]
-
-
-def test_a_cap_already_raised_is_not_lowered_by_the_retry(toy_conventions, monkeypatch, capsys):
-    monkeypatch.setenv("OSA_HOOK_MEMORY", "toy_poison.hungry=128:2048")
-    db = RecordsDatabase(database_url_from_env())
-    replace_dead_letters(db, convention="toy_poison", partition="p1", poison=_poison(256))
-
-    assert main(["dead-letters", "toy_poison"]) == 0
-    entries, _ = _printed_retry(capsys.readouterr().out)
-    assert entries == {"toy_poison.hungry": "128:2048"}
 
 
 @pytest.mark.parametrize(

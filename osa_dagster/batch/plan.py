@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -13,11 +14,13 @@ from osa_sdk.types import RecordRef
 from pydantic import BaseModel, ConfigDict, Field
 
 from osa_dagster.batch import BatchInputError
+from osa_dagster.batch.stores import UnreadableState, parse_stored
 from osa_dagster.conventions.base import Convention
 from osa_dagster.storage.layout import BatchLayout, Manifest, manifests_prefix
 from osa_dagster.storage.store import ArtifactStore
 
 _KEY_PART = 24
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,6 +30,8 @@ class PlanResult:
     new_partitions: list[str]
     records: int
     duplicate_refs: int = 0
+    already_planned: int = 0
+    """Records left out because a batch planned before holds them at the same version."""
 
 
 def partition_key(refs: Sequence[RecordRef]) -> str:
@@ -46,11 +51,14 @@ def plan_ingest(
     since: datetime | None = None,
     limit: int | None = None,
     batch_size: int | None = None,
+    replan: bool = False,
 ) -> PlanResult:
     """Discover records and freeze them into batches, one manifest per batch.
 
-    `limit` counts records, exactly. A batch planned before keeps its manifest (and so
-    its partition): planning the same thing twice adds nothing.
+    `limit` counts the records discovered, exactly. Records that a batch planned before
+    holds at the same version are left out, unless `replan`: planning the same thing twice
+    adds nothing, whatever the batch size. With `replan` every record discovered is
+    batched again; a batch of the same membership keeps its manifest (and partition).
     """
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be a positive number of records, not {limit}")
@@ -66,6 +74,7 @@ def plan_ingest(
         islice(discovered, limit) if limit else discovered,
         since=since,
         batch_size=size,
+        replan=replan,
     )
 
 
@@ -76,28 +85,40 @@ def plan_refs(
     *,
     since: datetime | None = None,
     batch_size: int | None = None,
+    replan: bool = False,
 ) -> PlanResult:
-    """Freeze `discovered` (repeats of a source id dropped) into batches of `batch_size`."""
+    """Freeze `discovered` (repeats of a source id dropped, and records already planned at
+    the same version unless `replan`) into batches of `batch_size`."""
     size = convention.batch_size if batch_size is None else batch_size
+    planned = {} if replan else planned_versions(store, convention.name)
     refs: list[RecordRef] = []
     seen: set[str] = set()
-    duplicates = 0
+    duplicates = already_planned = 0
     for ref in discovered:
         if ref.source_id in seen:
             duplicates += 1
             continue
         seen.add(ref.source_id)
+        if ref.version in planned.get(ref.source_id, ()):
+            already_planned += 1
+            continue
         refs.append(ref)
 
     result = PlanResult(
-        partitions=[], new_partitions=[], records=len(refs), duplicate_refs=duplicates
+        partitions=[],
+        new_partitions=[],
+        records=len(refs),
+        duplicate_refs=duplicates,
+        already_planned=already_planned,
     )
     for start in range(0, len(refs), size):
         batch = refs[start : start + size]
         key = partition_key(batch)
         layout = BatchLayout(convention.name, key)
         result.partitions.append(key)
-        if not store.exists(layout.manifest):
+        # An unreadable manifest of the same membership is written anew: same records,
+        # same partition.
+        if not store.exists(layout.manifest) or _unreadable(store, layout):
             manifest = Manifest(convention=convention.name, partition=key, refs=batch, since=since)
             store.write_bytes(layout.manifest, manifest.model_dump_json(indent=1).encode())
             result.new_partitions.append(key)
@@ -157,9 +178,42 @@ def planned_partitions(store: ArtifactStore, convention: str) -> list[str]:
 
 
 def load_manifest(store: ArtifactStore, layout: BatchLayout) -> Manifest:
+    where = f"batch {layout.partition!r} of convention {layout.convention!r}"
     if not store.exists(layout.manifest):
         raise BatchInputError(
-            f"batch {layout.partition!r} of convention {layout.convention!r} has no manifest "
-            f"at {store.describe(layout.manifest)}: plan an ingest that creates it first"
+            f"{where} has no manifest at {store.describe(layout.manifest)}: plan an ingest "
+            "that creates it first"
         )
-    return Manifest.model_validate_json(store.read_bytes(layout.manifest))
+    try:
+        return parse_stored(Manifest, store, layout.manifest)
+    except UnreadableState as error:
+        raise BatchInputError(
+            f"{where}: the manifest at {error.where} cannot be read ({error.cause}); plan its "
+            f"records again with `osa plan {layout.convention} --replan` and the batch size "
+            "it was planned with, which writes it anew under the same partition"
+        ) from None
+
+
+def _unreadable(store: ArtifactStore, layout: BatchLayout) -> bool:
+    try:
+        parse_stored(Manifest, store, layout.manifest)
+    except UnreadableState:
+        return True
+    return False
+
+
+def planned_versions(store: ArtifactStore, convention: str) -> dict[str, set[str | None]]:
+    """Source id -> every version a planned batch of the convention holds it at.
+
+    Reads every manifest; one that cannot be read is passed over with a warning (its
+    records are then planned again, and a batch of the same membership rewrites it)."""
+    versions: dict[str, set[str | None]] = {}
+    for partition in planned_partitions(store, convention):
+        try:
+            manifest = load_manifest(store, BatchLayout(convention, partition))
+        except BatchInputError as error:
+            log.warning("planning passes over a manifest: %s", error)
+            continue
+        for ref in manifest.refs:
+            versions.setdefault(ref.source_id, set()).add(ref.version)
+    return versions

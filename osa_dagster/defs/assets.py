@@ -12,7 +12,11 @@ from typing import Any
 import dagster as dg
 
 from osa_dagster.batch.fetch import fetch_raw_batch
-from osa_dagster.batch.hooks import load_memory_history, run_batch_hook
+from osa_dagster.batch.hooks import (
+    load_memory_history,
+    run_batch_hook,
+    set_aside_unreadable_checkpoint,
+)
 from osa_dagster.batch.publish import publish_batch, store_batch_features
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.metadata import (
@@ -23,6 +27,7 @@ from osa_dagster.defs.metadata import (
     memory_history_metadata,
     publish_metadata,
     raw_batch_metadata,
+    set_aside_metadata,
 )
 from osa_dagster.defs.resources import (
     ArtifactStoreResource,
@@ -140,6 +145,14 @@ def _hook_asset(
         runner = hook_runner.get()
         oom_killed: dict[str, int | None] = {}
         for partition in context.partition_keys:
+            set_aside = set_aside_unreadable_checkpoint(convention, store, partition, hook.name)
+            if set_aside is not None:
+                context.log.warning(set_aside.message)
+                yield dg.AssetObservation(
+                    asset_key=hook_key(convention, hook),
+                    partition=partition,
+                    metadata=set_aside_metadata(set_aside),
+                )
             progress = run_batch_hook(convention, hook.name, store, partition, runner)
             # Yielded, not logged: events logged through the context are dropped when the
             # step then raises, and the OOM attempt is the one a curator must see.
@@ -153,7 +166,11 @@ def _hook_asset(
             if progress.done:
                 history = load_memory_history(convention, store, hook.name)
                 context.add_asset_metadata(
-                    {**hook_metadata(progress.checkpoint), **memory_history_metadata(history)},
+                    {
+                        **hook_metadata(progress.checkpoint),
+                        **memory_history_metadata(history),
+                        **(set_aside_metadata(set_aside) if set_aside else {}),
+                    },
                     partition_key=partition,
                 )
             else:

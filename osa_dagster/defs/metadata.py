@@ -11,6 +11,7 @@ from osa_sdk.types import OutcomeStatus
 
 from osa_dagster.batch.deposits import DepositResult
 from osa_dagster.batch.fetch import RawBatchSummary
+from osa_dagster.batch.hooks import SetAside
 from osa_dagster.batch.publish import FeaturesSummary, PublishSummary
 from osa_dagster.engine import AttemptRecord, Checkpoint
 from osa_dagster.engine.memory_history import MemoryHistory
@@ -50,6 +51,11 @@ def describe_attempt(attempt: AttemptRecord) -> str:
     if attempt.oom_killed and attempt.first_unfinished:
         text += f" while on record {attempt.first_unfinished!r}"
     return text
+
+
+def set_aside_metadata(set_aside: SetAside) -> dict[str, Any]:
+    """A checkpoint that could not be read: the file kept for inspection, and why."""
+    return {"checkpoint_set_aside": set_aside.key, "checkpoint_set_aside_why": set_aside.message}
 
 
 def attempt_metadata(attempt: AttemptRecord) -> dict[str, Any]:

@@ -26,6 +26,10 @@ class PlanConfig(dg.Config):
     limit: int | None = Field(default=None, description="Exact number of records; all if unset.")
     since: str | None = Field(default=None, description="ISO date or datetime, e.g. 2024-01-31.")
     batch_size: int | None = Field(default=None, description="Records per batch (partition).")
+    replan: bool = Field(
+        default=False,
+        description="Batch again records already planned at the same version (left out otherwise).",
+    )
 
 
 # What a step container needs from the orchestrator's environment.
@@ -132,12 +136,14 @@ def convention_jobs(
             since=since,
             limit=config.limit,
             batch_size=config.batch_size,
+            replan=config.replan,
         )
         # Re-adding known keys is harmless: the instance ignores keys it already has.
         context.instance.add_dynamic_partitions(partitions.name, result.partitions)
         context.log.info(
             f"planned {result.records} records in {len(result.partitions)} batches, "
-            f"{len(result.new_partitions)} of them new"
+            f"{len(result.new_partitions)} of them new; {result.already_planned} records "
+            "left out, planned before at the same version"
         )
         context.add_output_metadata(
             {
@@ -145,6 +151,7 @@ def convention_jobs(
                 "batches": len(result.partitions),
                 "new_batches": len(result.new_partitions),
                 "duplicate_refs_dropped": result.duplicate_refs,
+                "already_planned": result.already_planned,
             }
         )
 
