@@ -14,7 +14,6 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +28,8 @@ import urllib3.exceptions
 from osa_sdk.authoring import FetchContext
 from osa_sdk.types import IngesterFileRef
 from requests.structures import CaseInsensitiveDict
+
+from osa_dagster.retrying import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -174,14 +175,10 @@ class HttpClient:
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-        if max_backoff_s < 0 or backoff_base_s < 0:
-            raise ValueError("max_backoff_s and backoff_base_s must be >= 0")
         self.timeout_s = timeout_s
-        self.max_attempts = max_attempts
-        self.max_backoff_s = max_backoff_s
-        self.backoff_base_s = backoff_base_s
+        self.retry = RetryPolicy(
+            attempts=max_attempts, base_delay=backoff_base_s, max_delay=max_backoff_s
+        )
         self.user_agent = user_agent
         self._rate_limit = _HostRateLimit(requests_per_second)
         # requests.Session is not documented as thread-safe: one per thread, all closed
@@ -280,7 +277,7 @@ class HttpClient:
 
     def _with_retries(self, full_url: str, attempt: Callable[[], _T]) -> _T:
         """`attempt()` until it succeeds, retrying what is transient, at most max_attempts."""
-        for number in range(1, self.max_attempts + 1):
+        for number in range(1, self.retry.attempts + 1):
             try:
                 return attempt()
             except _Retryable as failure:
@@ -333,26 +330,24 @@ class HttpClient:
 
     def _before_retry(self, url: str, attempt: int, failure: _Retryable) -> None:
         """Sleep before the next attempt, or raise UpstreamError if there is none."""
-        if attempt >= self.max_attempts:
+        if attempt >= self.retry.attempts:
             raise UpstreamError(url, f"{failure.problem} (gave up after {attempt} attempts)")
         if failure.retry_after_s is not None:
-            if failure.retry_after_s > self.max_backoff_s:
+            if failure.retry_after_s > self.retry.max_delay:
                 raise UpstreamError(
                     url,
                     f"{failure.problem}; the server asks to wait {failure.retry_after_s:.0f} s "
-                    f"(Retry-After), more than max_backoff_s={self.max_backoff_s:g}",
+                    f"(Retry-After), more than max_backoff_s={self.retry.max_delay:g}",
                 )
             delay = failure.retry_after_s
         else:
-            ceiling = min(self.max_backoff_s, self.backoff_base_s * 2 ** (attempt - 1))
-            # Jitter keeps parallel fetchers that failed together from retrying together.
-            delay = random.uniform(ceiling / 2, ceiling)
+            delay = self.retry.delay(attempt)
         log.warning(
             "%s: %s; attempt %d of %d, retrying in %.1f s",
             url,
             failure.problem,
             attempt,
-            self.max_attempts,
+            self.retry.attempts,
             delay,
         )
         time.sleep(delay)

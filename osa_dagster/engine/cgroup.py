@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Self
 
+from osa_sdk.contract import BYTES_PER_MB
+
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
@@ -25,7 +27,6 @@ PIDS_ROOT = Path("/sys/fs/cgroup/pids")
 # Every cgroup we create is named so; kill_leftovers refuses to touch any other one, since a
 # checkpoint (maybe read from S3) must never be able to make us kill arbitrary processes.
 NAME_PREFIX = "osa-"
-_MB = 1024 * 1024
 _EMPTY_TIMEOUT_S = 5.0
 
 
@@ -146,7 +147,7 @@ class Cgroup:
 class MemoryCgroup(Cgroup):
     @classmethod
     def create(cls, parent: Path, name: str, limit_mb: int) -> MemoryCgroup:
-        limit = str(limit_mb * _MB)
+        limit = str(limit_mb * BYTES_PER_MB)
         settings = [("memory.limit_in_bytes", limit)]
         # With swap accounting, memory+swap must be capped too, or the kernel swaps the hook
         # out instead of OOM-killing it. It must be written after the plain limit (the kernel
@@ -165,7 +166,7 @@ class MemoryCgroup(Cgroup):
 
     def peak_mb(self) -> float:
         """Peak usage; it counts page cache (files read and written), not only heap."""
-        return int((self.path / "memory.max_usage_in_bytes").read_text()) / _MB
+        return int((self.path / "memory.max_usage_in_bytes").read_text()) / BYTES_PER_MB
 
 
 class PidsCgroup(Cgroup):

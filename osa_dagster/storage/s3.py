@@ -13,9 +13,7 @@ missing key raises FileNotFoundError, as with the filesystem store.
 from __future__ import annotations
 
 import logging
-import math
 import os
-import random
 import re
 import stat
 import tempfile
@@ -41,6 +39,7 @@ from s3transfer.futures import TransferFuture
 from s3transfer.manager import TransferManager
 from s3transfer.subscribers import BaseSubscriber
 
+from osa_dagster.retrying import TRANSIENT_HTTP_STATUS, RetryPolicy
 from osa_dagster.storage.store import StoreKeyError, check_key
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,6 @@ T = TypeVar("T")
 
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request accepts
 
-TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 TRANSIENT_CODES = frozenset(
     {
         "InternalError",
@@ -83,35 +81,6 @@ class StoreError(RuntimeError):
         super().__init__(message)
         self.code = code
         self.url = url
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how patiently a transient failure is retried.
-
-    The wait before retry n is drawn from [d/2, d] with d = min(max_delay, base_delay * 2**(n-1)):
-    the jitter spreads retries of many workers, and the lower half-bound makes the whole wait
-    predictable. The defaults wait 15.75 s to 31.5 s in all before giving up: longer than an
-    S3-compatible server takes to restart (SeaweedFS here: 3 to 8 s), a load balancer to fail
-    over or a throttling burst to pass, and short next to the hook work a failed step would
-    put off. OSA_S3_RETRY_ATTEMPTS and OSA_S3_RETRY_MAX_WAIT_S set them (osa_dagster.settings).
-    """
-
-    attempts: int = 8
-    base_delay: float = 0.5
-    max_delay: float = 8.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"RetryPolicy.attempts must be at least 1, not {self.attempts}")
-        if not 0 < self.max_delay < math.inf:  # also refuses NaN, which sleep() would
-            raise ValueError(
-                f"RetryPolicy.max_delay must be a positive number of seconds, not {self.max_delay}"
-            )
-
-    def delay(self, attempt: int) -> float:
-        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-        return random.uniform(ceiling / 2, ceiling)
 
 
 class _Object(NamedTuple):
@@ -217,7 +186,7 @@ def _error_code(error: BaseException) -> str:
 def _is_transient(error: BaseException) -> bool:
     if isinstance(error, ClientError):
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return status in TRANSIENT_STATUS or _error_code(error) in TRANSIENT_CODES
+        return status in TRANSIENT_HTTP_STATUS or _error_code(error) in TRANSIENT_CODES
     if isinstance(error, SSLError):  # a certificate problem does not heal by waiting
         return False
     return isinstance(error, BotoConnectionError | HTTPClientError | IncompleteReadError)

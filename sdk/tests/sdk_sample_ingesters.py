@@ -8,7 +8,7 @@ from datetime import datetime
 from osa_sdk import FetchContext, Ingester, IngesterRecord, RecordRef, ingester
 
 
-@ingester(name="scripted", max_file_mb=0.001)
+@ingester(name="scripted", max_file_mb=1 / 1024)  # 1024 bytes
 class ScriptedIngester(Ingester):
     """Fetches what each ref's `extra` describes; files over 1000 bytes are too big.
 

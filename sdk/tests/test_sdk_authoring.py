@@ -21,6 +21,7 @@ from osa_sdk import (
     hook,
     ingester,
 )
+from osa_sdk.contract import BYTES_PER_MB
 
 ID = "pdb:1ABC"
 
@@ -34,11 +35,11 @@ def folder(ctx: FetchContext, source_id: str = ID) -> Path:
     return ctx.files_root / files_dir_for(source_id)
 
 
-def test_add_file_copies_into_the_record_folder_and_measures_decimal_mb(
+def test_add_file_copies_into_the_record_folder_and_measures_its_mb(
     ctx: FetchContext, tmp_path: Path
 ) -> None:
     src = tmp_path / "download.cif"
-    src.write_bytes(b"a" * 2_500_000)
+    src.write_bytes(b"a" * (5 * BYTES_PER_MB // 2))
 
     default_name = ctx.add_file(ID, src)
     renamed = ctx.add_file(ID, src, name="1abc.cif")
@@ -54,7 +55,7 @@ def test_add_bytes_writes_the_bytes(ctx: FetchContext) -> None:
     ref = ctx.add_bytes(ID, "meta.json", b"{}")
 
     assert (folder(ctx) / "meta.json").read_bytes() == b"{}"
-    assert ref.size_mb == 2 / 1_000_000
+    assert ref.size_mb == 2 / BYTES_PER_MB
 
 
 def test_open_file_streams_and_gives_the_ref_after_the_block(ctx: FetchContext) -> None:
@@ -66,7 +67,9 @@ def test_open_file_streams_and_gives_the_ref_after_the_block(ctx: FetchContext) 
             _ = pending.ref
         assert not (folder(ctx) / "big.cif").exists()
 
-    assert pending.ref == IngesterFileRef(name="big.cif", path="big.cif", size_mb=0.003)
+    assert pending.ref == IngesterFileRef(
+        name="big.cif", path="big.cif", size_mb=3000 / BYTES_PER_MB
+    )
     assert (folder(ctx) / "big.cif").read_bytes() == b"z" * 3000
 
 
@@ -76,7 +79,7 @@ def test_an_interrupted_stream_leaves_nothing_and_frees_the_name(ctx: FetchConte
         raise ConnectionError("connection reset")
 
     assert list(folder(ctx).iterdir()) == []
-    assert ctx.add_bytes(ID, "big.cif", b"whole").size_mb == 5 / 1_000_000
+    assert ctx.add_bytes(ID, "big.cif", b"whole").size_mb == 5 / BYTES_PER_MB
 
 
 def test_add_file_of_a_missing_source_leaves_nothing(ctx: FetchContext, tmp_path: Path) -> None:

@@ -123,9 +123,10 @@ def test_an_empty_id_is_refused() -> None:
         files_dir_for("")
 
 
-def test_sizes_are_decimal_megabytes() -> None:
-    assert bytes_to_mb(1_000_000) == 1.0
-    assert bytes_to_mb(1_048_576) == 1.048576
+def test_sizes_are_in_the_unit_of_memory_limits() -> None:
+    # MB is 2^20 bytes for file sizes as for memory limits, so that they compare directly.
+    assert bytes_to_mb(1024 * 1024) == 1.0
+    assert bytes_to_mb(1_000_000) == 1_000_000 / 1_048_576
 
 
 @pytest.mark.parametrize("name", ["1abc.cif", "a b.txt", ".hidden", "é.json", "x" * 255])

@@ -25,7 +25,7 @@ from osa_sdk import (
     ingester,
     run_ingest,
 )
-from osa_sdk.contract import FILES_DIR, INGEST_REPORT_FILE, RECORDS_FILE
+from osa_sdk.contract import BYTES_PER_MB, FILES_DIR, INGEST_REPORT_FILE, RECORDS_FILE
 from sdk_sample_ingesters import ScriptedIngester
 from sdk_test_support import run_sdk, sdk_env
 
@@ -58,7 +58,7 @@ class _Fixed(Ingester):
         return self.make(ctx)
 
 
-@ingester("limited", max_file_mb=0.001)
+@ingester("limited", max_file_mb=1 / 1024)  # 1024 bytes
 class _Limited(_Fixed):
     pass
 
@@ -76,10 +76,10 @@ def test_records_and_files_land_in_the_folder_of_their_id(tmp_path: Path) -> Non
         on_disk = tmp_path / FILES_DIR / files_dir_for(record.source_id) / "entry.cif"
         assert on_disk.read_bytes() == b"x" * (10 + n)
         assert record.files == [
-            IngesterFileRef(name="entry.cif", path="entry.cif", size_mb=(10 + n) / 1_000_000)
+            IngesterFileRef(name="entry.cif", path="entry.cif", size_mb=(10 + n) / BYTES_PER_MB)
         ]
         assert record.metadata == {"title": "t"}
-    assert report == IngestReport(records=len(awkward), max_file_mb=0.001)
+    assert report == IngestReport(records=len(awkward), max_file_mb=1 / 1024)
     saved = IngestReport.model_validate_json((tmp_path / INGEST_REPORT_FILE).read_text())
     assert saved == report
 
@@ -88,14 +88,14 @@ def test_a_record_with_any_file_over_the_limit_is_skipped_counted_and_removed(
     tmp_path: Path,
 ) -> None:
     refs = [
-        ref("too_big", files={"small.txt": 10, "big.cif": 1001}),
-        ref("at_limit", files={"exact.cif": 1000}),
+        ref("too_big", files={"small.txt": 10, "big.cif": 1025}),
+        ref("at_limit", files={"exact.cif": 1024}),
     ]
 
     report = run_ingest(ScriptedIngester(), refs, tmp_path)
 
     assert report.skipped_oversize == [
-        SkippedRecord(source_id="too_big", file_name="big.cif", size_mb=0.001001)
+        SkippedRecord(source_id="too_big", file_name="big.cif", size_mb=1025 / BYTES_PER_MB)
     ]
     assert report.records == 1
     assert [r.source_id for r in written_records(tmp_path)] == ["at_limit"]
@@ -112,7 +112,7 @@ def test_sizes_are_measured_on_disk_not_taken_from_the_record(tmp_path: Path) ->
     report = run_ingest(_Limited(make), [ref("liar")], tmp_path)
 
     assert report.skipped_oversize == [
-        SkippedRecord(source_id="liar", file_name="big.cif", size_mb=0.005)
+        SkippedRecord(source_id="liar", file_name="big.cif", size_mb=5000 / BYTES_PER_MB)
     ]
     assert record_folders(tmp_path) == set()
 

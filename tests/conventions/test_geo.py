@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from osa_sdk.contract import files_dir_for
+from osa_sdk.contract import BYTES_PER_MB, files_dir_for
 from osa_sdk.runtime import run_ingest
 from osa_sdk.types import HookRecord, IngesterRecord, RecordRef, Reject
 
@@ -106,7 +106,7 @@ def test_discover_lists_every_record_by_accession() -> None:
     refs = list(GeoFolderIngester().discover(None, None))
     assert [r.source_id for r in refs] == ["GDS507", "GSE781", "GSM11805"]
     assert [r.extra["path"] for r in refs] == [FILES[r.source_id].name for r in refs]
-    assert refs[1].size_hint_mb == pytest.approx(FILES["GSE781"].stat().st_size / 1e6)
+    assert refs[1].size_hint_mb == pytest.approx(FILES["GSE781"].stat().st_size / BYTES_PER_MB)
     assert [r.source_id for r in GeoFolderIngester().discover(None, 2)] == ["GDS507", "GSE781"]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from osa_sdk.authoring import FetchContext
+from osa_sdk.contract import BYTES_PER_MB
 
 from osa_dagster.conventions.http import HttpClient, NotFound, UpstreamError
 from tests.conventions.fake_upstream import FakeUpstream, Reply
@@ -263,7 +264,7 @@ def test_download_writes_the_file_and_measures_it(fake_upstream, client, tmp_pat
     ctx = fetch_context(tmp_path, "id:1/x")
     ref = client.download(fake_upstream.url("/f.bin"), ctx, "id:1/x", "f.bin")
     assert (ctx.record_dir("id:1/x") / "f.bin").read_bytes() == data
-    assert ref.size_mb == len(data) / 1e6
+    assert ref.size_mb == len(data) / BYTES_PER_MB
 
 
 def test_truncated_download_is_retried_and_leaves_no_partial_file(fake_upstream, client, tmp_path):
@@ -334,6 +335,7 @@ import sys
 from pathlib import Path
 from osa_sdk.authoring import FetchContext
 from osa_dagster.conventions.http import HttpClient
+from osa_sdk.contract import BYTES_PER_MB
 
 def peak_kb():
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -347,7 +349,7 @@ if mode == "download":
     ref = client.download(url, FetchContext(Path(folder)), "big", "big.bin")
     size_mb = ref.size_mb
 else:
-    size_mb = len(client.get(url).body) / 1e6
+    size_mb = len(client.get(url).body) / BYTES_PER_MB
 after = peak_kb()
 print(size_mb, (after - before) / 1024)
 """
@@ -371,19 +373,19 @@ def test_a_200_mb_download_never_sits_in_memory(fake_upstream, tmp_path):
     chunk = bytes(range(256)) * 4096  # 1 MiB
 
     def body():
-        for _ in range(BIG_MB * 1_000_000 // len(chunk)):
+        for _ in range(BIG_MB * BYTES_PER_MB // len(chunk)):
             yield chunk
 
-    length = BIG_MB * 1_000_000 // len(chunk) * len(chunk)
+    length = BIG_MB * BYTES_PER_MB // len(chunk) * len(chunk)
     fake_upstream.route("/big.bin", Reply(stream=body, stream_length=length))
 
     size_mb, download_growth = _peak_growth_mb(fake_upstream.url("/big.bin"), "download", tmp_path)
-    assert size_mb == length / 1e6
+    assert size_mb == length / BYTES_PER_MB
     assert (tmp_path / "big" / "big.bin").stat().st_size == length
     _, buffered_growth = _peak_growth_mb(fake_upstream.url("/big.bin"), "get", tmp_path)
     print(f"peak RSS growth: download {download_growth:.1f} MB, get {buffered_growth:.1f} MB")
     assert download_growth < 30
-    assert buffered_growth > length / 1e6 * 0.9
+    assert buffered_growth > length / BYTES_PER_MB * 0.9
 
 
 def test_an_api_key_never_appears_in_an_error(fake_upstream):

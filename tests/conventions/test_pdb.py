@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gemmi
 import pytest
-from osa_sdk.contract import files_dir_for
+from osa_sdk.contract import BYTES_PER_MB, files_dir_for
 from osa_sdk.runtime import run_ingest
 from osa_sdk.types import HookRecord, IngesterRecord, RecordRef, Reject
 
@@ -66,7 +66,7 @@ def test_mirror_is_real_sized_and_in_the_divided_layout() -> None:
         pdb_id = path.name.removesuffix(".cif.gz")
         assert len(pdb_id) == 4 and path.parent.name == pdb_id[1:3]
     readable = [p for p in MIRROR_FILES if p.name != "1osm.cif.gz"]
-    sizes = [len(gzip.decompress(p.read_bytes())) / 1e6 for p in readable]
+    sizes = [len(gzip.decompress(p.read_bytes())) / BYTES_PER_MB for p in readable]
     assert sum(size > 1 for size in sizes) >= 3
     assert sum(size < 0.05 for size in sizes) >= 3
     assert sum(p.stat().st_size for p in MIRROR_FILES) < 15e6
@@ -81,7 +81,7 @@ def test_mirror_is_real_sized_and_in_the_divided_layout() -> None:
 def test_discover_lists_every_entry_in_id_order_with_its_size() -> None:
     refs = list(PdbMirrorIngester().discover(since=None, limit=None))
     assert [r.source_id for r in refs] == ALL_IDS
-    sizes = {p.name[:4].upper(): p.stat().st_size / 1e6 for p in MIRROR_FILES}
+    sizes = {p.name[:4].upper(): p.stat().st_size / BYTES_PER_MB for p in MIRROR_FILES}
     assert all(r.size_hint_mb == pytest.approx(sizes[r.source_id]) for r in refs)
 
 
@@ -171,7 +171,7 @@ def test_fetch_copies_each_entry_and_records_its_header(tmp_path: Path) -> None:
         (file_ref,) = record.files
         copy = files_root / record.files_dir / file_ref.path
         assert copy.read_bytes() == source.read_bytes()
-        assert file_ref.size_mb == pytest.approx(source.stat().st_size / 1e6)
+        assert file_ref.size_mb == pytest.approx(source.stat().st_size / BYTES_PER_MB)
 
         metadata = PdbEntryMetadata.model_validate(record.metadata)
         assert CONVENTIONS[0].record_schema is PdbEntryMetadata

@@ -13,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 import gemmi
 import pytest
+from osa_sdk.contract import BYTES_PER_MB
 from osa_sdk.runtime import run_ingest
 from osa_sdk.types import IngesterRecord, RecordRef
 from sqlalchemy import select
@@ -213,7 +214,7 @@ def test_fetch_stores_real_files_and_their_header_and_a_404_fails_only_its_recor
         [file] = record.files
         stored = tmp_path / "batch" / "files" / record.files_dir / file.path
         assert stored.read_bytes() == mirror_file.read_bytes()  # gzip kept as sent
-        assert file.size_mb == mirror_file.stat().st_size / 1e6
+        assert file.size_mb == mirror_file.stat().st_size / BYTES_PER_MB
 
         metadata = PdbEntryMetadata.model_validate(record.metadata)
         assert metadata.pdb_id == pdb_id

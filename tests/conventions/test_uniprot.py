@@ -16,7 +16,7 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from osa_sdk.contract import files_dir_for
+from osa_sdk.contract import BYTES_PER_MB, files_dir_for
 from osa_sdk.runtime import run_ingest
 from osa_sdk.types import HookRecord, IngesterRecord, IngestReport, RecordRef, Reject
 
@@ -161,7 +161,7 @@ def test_discover_streams_every_entry_in_file_order() -> None:
     refs = list(UniProtFlatFileIngester().discover(None, None))
     assert [r.source_id for r in refs] == [e.accession for e in ENTRIES]
     for ref, entry in zip(refs, ENTRIES, strict=True):
-        assert ref.size_hint_mb == pytest.approx(len(entry.text) / 1e6)
+        assert ref.size_hint_mb == pytest.approx(len(entry.text) / BYTES_PER_MB)
 
 
 def test_discover_reads_plain_and_gzipped_files_alike(tmp_path: Path) -> None:

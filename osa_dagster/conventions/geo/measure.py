@@ -20,7 +20,15 @@ import time
 from pathlib import Path
 
 from osa_sdk.authoring import Hook
-from osa_sdk.contract import ENV_FILES, ENV_HOOK_NAME, ENV_IN, ENV_OUT, RECORDS_FILE, files_dir_for
+from osa_sdk.contract import (
+    BYTES_PER_MB,
+    ENV_FILES,
+    ENV_HOOK_NAME,
+    ENV_IN,
+    ENV_OUT,
+    RECORDS_FILE,
+    files_dir_for,
+)
 from osa_sdk.types import HookRecord, Reject
 
 from osa_dagster.conventions.geo import hooks
@@ -91,7 +99,7 @@ def main() -> None:
         for accession, path in records:
             seconds, outcome = seconds_per_record(hook, accession, path, args.repeat)
             rss = peak_rss_mb(name, accession, path)
-            size = path.stat().st_size / 1e6
+            size = path.stat().st_size / BYTES_PER_MB
             print(
                 f"| {name} | {accession} | {size:.2f} | {outcome} | {rss:.0f} | "
                 f"{seconds:.3f} | {1 / seconds:.1f} |"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from osa_sdk.contract import (
+    BYTES_PER_MB,
     ENV_FILES,
     ENV_HOOK_NAME,
     ENV_IN,
@@ -68,7 +69,7 @@ def uncompressed_mb(path: Path) -> float | None:
                 size += len(chunk)
     except (EOFError, OSError, zlib.error):
         return None
-    return size / 1e6
+    return size / BYTES_PER_MB
 
 
 def run_once(

@@ -30,7 +30,6 @@ ISOLATED_OUT = "/osa/out"
 ISOLATED_FILES = "/osa/files"
 
 TAIL_BYTES = 4096
-BYTES_PER_MIB = 1024 * 1024
 # Container runtimes report a process killed by signal N as exit code 128 + N.
 _SIGNAL_EXIT_BASE = 128
 

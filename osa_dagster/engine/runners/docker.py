@@ -27,10 +27,9 @@ import docker
 import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
-from osa_sdk.contract import ENV_FILES, ENV_IN, ENV_OUT
+from osa_sdk.contract import BYTES_PER_MB, ENV_FILES, ENV_IN, ENV_OUT
 
 from osa_dagster.engine.runners.base import (
-    BYTES_PER_MIB,
     ISOLATED_FILES,
     ISOLATED_IN,
     ISOLATED_OUT,
@@ -119,8 +118,8 @@ class DockerRunner:
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             pids_limit=self.pids_limit,
-            mem_limit=inv.memory_limit_mb * BYTES_PER_MIB,
-            memswap_limit=inv.memory_limit_mb * BYTES_PER_MIB,
+            mem_limit=inv.memory_limit_mb * BYTES_PER_MB,
+            memswap_limit=inv.memory_limit_mb * BYTES_PER_MB,
             labels={
                 RUNNER_LABEL: "docker",
                 ORCHESTRATOR_LABEL: self._orchestrator,
@@ -208,7 +207,7 @@ class DockerAttempt:
             stats = self._client.api.stats(self._container.id, stream=False, one_shot=True)
             peak = stats.get("memory_stats", {}).get("max_usage")
             if peak:
-                self._peak_mb = max(self._peak_mb or 0.0, peak / BYTES_PER_MIB)
+                self._peak_mb = max(self._peak_mb or 0.0, peak / BYTES_PER_MB)
 
     def _finish(self, state: Mapping[str, Any]) -> AttemptExit:
         oom_killed = bool(state.get("OOMKilled"))

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
-from osa_sdk.contract import ENV_OUT
+from osa_sdk.contract import BYTES_PER_MB, ENV_OUT
 
 from osa_dagster.engine.cgroup import (
     CGROUP_ROOT,
@@ -33,7 +33,6 @@ from osa_dagster.engine.cgroup import (
     usable_pids_parent,
 )
 from osa_dagster.engine.runners.base import (
-    BYTES_PER_MIB,
     AttemptExit,
     AttemptMarker,
     Invocation,
@@ -164,7 +163,7 @@ class LocalRunner:
                 env = self.sandbox.environment(inv.env)
             setup = _child_setup(
                 cgroup_procs=[group.procs_file for group in (cgroup, pids) if group is not None],
-                address_space=None if cgroup else inv.memory_limit_mb * BYTES_PER_MIB,
+                address_space=None if cgroup else inv.memory_limit_mb * BYTES_PER_MB,
                 max_processes=max_processes,
                 orchestrator=os.getpid(),
             )

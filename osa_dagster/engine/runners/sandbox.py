@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from osa_sdk.contract import ENV_FILES, ENV_IN, ENV_OUT
+from osa_sdk.contract import BYTES_PER_MB, ENV_FILES, ENV_IN, ENV_OUT
 
 from osa_dagster.engine.runners.base import ISOLATED_FILES, ISOLATED_IN, ISOLATED_OUT
 
@@ -53,7 +53,6 @@ SANDBOX_TMP = "/tmp"
 SYSTEM_FOLDERS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
 # What a sandboxed hook's environment holds besides the contract's variables.
 SANDBOX_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
-_MB = 1024 * 1024
 
 
 class SandboxUnavailable(RuntimeError):
@@ -120,13 +119,13 @@ class Sandbox:
             "--proc",
             "/proc",
             "--size",
-            str(policy.tmp_size_mb * _MB),
+            str(policy.tmp_size_mb * BYTES_PER_MB),
             "--perms",
             "1777",
             "--tmpfs",
             SANDBOX_TMP,
             "--size",
-            str(policy.tmp_size_mb * _MB),
+            str(policy.tmp_size_mb * BYTES_PER_MB),
             "--tmpfs",
             "/dev/shm",
             "--perms",

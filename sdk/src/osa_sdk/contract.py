@@ -32,12 +32,15 @@ OUTPUT_FILES = (FEATURES_FILE, REJECTIONS_FILE, ERRORS_FILE)
 FILES_DIR = "files"
 INGEST_REPORT_FILE = "ingest_report.json"
 
-# File sizes are decimal megabytes (10^6 bytes) everywhere: size_mb, max_file_mb, size_hint_mb.
-BYTES_PER_MB = 1_000_000
+# One unit of size for files and memory alike, so that a record's size and the memory limits
+# it runs under compare directly: MB means 2^20 bytes (a mebibyte, as cgroups, Docker and
+# Kubernetes' "Mi" count memory) in every *_mb name: size_mb, max_file_mb, size_hint_mb,
+# memory_limit_mb, peak_memory_mb.
+BYTES_PER_MB = 1024 * 1024
 
 
 def bytes_to_mb(num_bytes: int) -> float:
-    """The size in decimal megabytes of `num_bytes` bytes, unrounded."""
+    """The size in MB (2^20 bytes) of `num_bytes` bytes, unrounded."""
     return num_bytes / BYTES_PER_MB
 
 

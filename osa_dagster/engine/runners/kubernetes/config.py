@@ -104,7 +104,7 @@ def kube_api_client(kubeconfig: str | None = None, context: str | None = None) -
 
 
 def memory_quantity(mb: int) -> str:
-    """The engine's MB (MiB, as the local runners count them) as a Kubernetes quantity."""
+    """MB (2^20 bytes, osa_sdk.contract.BYTES_PER_MB) as a Kubernetes quantity."""
     return f"{mb}Mi"
 
 

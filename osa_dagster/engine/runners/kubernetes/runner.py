@@ -11,6 +11,7 @@ import urllib3
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from osa_sdk.contract import (
+    BYTES_PER_MB,
     ENV_HOOK_NAME,
     OUTPUT_FILES,
     RECORDS_FILE,
@@ -47,17 +48,17 @@ from osa_dagster.engine.runners.kubernetes.manifest import (
     job_manifest,
     manifest_memory,
 )
+from osa_dagster.retrying import TRANSIENT_HTTP_STATUS
 
 log = logging.getLogger(__name__)
 
-TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 REQUEST_TIMEOUT = (5.0, 30.0)  # connect, read; no API call may hang an attempt
-LOG_LIMIT_BYTES = 16 * 1024 * 1024
+LOG_LIMIT_BYTES = 16 * BYTES_PER_MB
 
 
 def _transient(error: Exception) -> bool:
     if isinstance(error, ApiException):
-        return error.status in TRANSIENT_STATUS or not error.status
+        return error.status in TRANSIENT_HTTP_STATUS or not error.status
     return isinstance(error, urllib3.exceptions.HTTPError)
 
 
