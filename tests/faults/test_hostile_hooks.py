@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from tests.engine.helpers import require_cgroups
 from tests.fixtures import hostile_hooks
 from tests.fixtures.hostile_hooks import ATTACKS, HONEST, OUTPUT_ATTACKS, REJECTED_BY_VALIDATOR
 from tests.fixtures.services import unavailable
@@ -141,6 +142,16 @@ def docker_socket() -> str:
     return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock").removeprefix("unix://")
 
 
+def require_sandbox() -> None:
+    """The sandbox's tools and rights are here; else the test fails on CI, skips elsewhere."""
+    from osa_dagster.engine.runners.sandbox import SandboxPolicy, SandboxUnavailable, find_sandbox
+
+    try:
+        find_sandbox(SandboxPolicy())
+    except SandboxUnavailable as reason:
+        unavailable(str(reason))
+
+
 def features_of(report: dict, record_id: str) -> dict[str, Any]:
     [row] = report["hostile"]["outcomes"][record_id]["features"]
     return row
@@ -192,6 +203,8 @@ def test_every_attack_fails_and_only_what_honest_hooks_passed_is_published(
     runner: str,
 ) -> None:
     image = request.getfixturevalue("hostile_image") if runner == "docker" else ""
+    if runner == "sandboxed":
+        require_sandbox()
     report = run_driver(tmp_path, runner, listener, marker, image)
     hostile = report["hostile"]
 
@@ -236,6 +249,7 @@ def test_without_the_sandbox_a_hostile_hook_can_do_all_of_it(
     tmp_path: Path, listener: Listener, marker: str
 ) -> None:
     """OSA_HOOK_SANDBOX=off: what the README says a hook can then do, shown for real."""
+    require_cgroups()  # raising its own limit is shown on a cgroup of its own
     report = run_driver(tmp_path, "unsandboxed", listener, marker, "")
     hostile = report["hostile"]
 

@@ -431,6 +431,8 @@ def test_1_gb_of_output_lines_is_read_in_bounded_memory(flood_root: Path):
 
 
 # --- 4. children that outlive their hook --------------------------------------------
+# Unsandboxed: the child reports its pid in a file of the test's, which a sandboxed hook
+# could not write. Sandboxed, the pid namespace ends them all (test_hostile_hooks.py).
 
 
 def daemon_pid(pid_file: Path) -> int:
@@ -443,7 +445,7 @@ def test_a_child_that_outlives_its_hook_is_killed_and_does_not_hold_the_attempt(
     tmp_path: Path, mode: str
 ):
     require_cgroups()
-    harness = Harness(tmp_path, LocalRunner(mode="cgroup"))
+    harness = Harness(tmp_path, LocalRunner(mode="cgroup", sandbox="off"))
     pid_file = tmp_path / "daemon.pid"
     spec = harness.spec(DAEMON, timeout_s=30, mode=mode, pid_file=str(pid_file))
     ids = ["hostile:1", "hostile:2"]
@@ -465,7 +467,7 @@ def test_a_child_that_outlives_its_hook_is_killed_and_does_not_hold_the_attempt(
 
 
 def test_without_cgroups_a_daemonised_child_is_killed_too(tmp_path: Path):
-    harness = Harness(tmp_path, LocalRunner(mode="rlimit"))
+    harness = Harness(tmp_path, LocalRunner(mode="rlimit", sandbox="off"))
     pid_file = tmp_path / "daemon.pid"
     spec = harness.spec(DAEMON, timeout_s=30, mode="setsid", pid_file=str(pid_file))
 

@@ -103,6 +103,9 @@ class Sandbox:
         if not network:
             args.append("--unshare-net")
         args += _system_mounts(Path("/"))
+        # Scratch space before the code: code (a test's, a user's) may live under /tmp.
+        args += ["--dev", "/dev", "--proc", "/proc"]
+        args += _scratch(SANDBOX_TMP, policy.tmp_size_mb) + _scratch("/dev/shm", policy.tmp_size_mb)
         code = _code_paths(command)
         # The folders above them, made here, must let the hook's user through (bwrap would
         # make them root's alone).
@@ -114,20 +117,6 @@ class Sandbox:
             # An empty read-only folder over it: the hook sees that it exists, nothing more.
             args += ["--perms", "0555", "--tmpfs", str(path), "--remount-ro", str(path)]
         args += [
-            "--dev",
-            "/dev",
-            "--proc",
-            "/proc",
-            "--size",
-            str(policy.tmp_size_mb * BYTES_PER_MB),
-            "--perms",
-            "1777",
-            "--tmpfs",
-            SANDBOX_TMP,
-            "--size",
-            str(policy.tmp_size_mb * BYTES_PER_MB),
-            "--tmpfs",
-            "/dev/shm",
             "--perms",
             "0555",
             "--dir",
@@ -135,8 +124,8 @@ class Sandbox:
             "--ro-bind",
             str(in_dir),
             ISOLATED_IN,
-            "--ro-bind",
-            str(files_root),
+            # A batch whose records have no files may have no files folder: an empty one.
+            *(["--ro-bind", str(files_root)] if files_root.is_dir() else ["--dir"]),
             ISOLATED_FILES,
             "--bind",
             str(out_dir),
@@ -222,6 +211,11 @@ def _unavailable_reason(uid: int, gid: int) -> str | None:
         detail = result.stderr.decode(errors="replace").strip().splitlines()
         return f"a trial run of bubblewrap failed: {detail[-1] if detail else result.returncode}"
     return None
+
+
+def _scratch(path: str, size_mb: int) -> list[str]:
+    """A private tmpfs at `path`, of at most `size_mb`, that anyone may write (sticky)."""
+    return ["--size", str(size_mb * BYTES_PER_MB), "--perms", "1777", "--tmpfs", path]
 
 
 def _system_mounts(root: Path) -> list[str]:
