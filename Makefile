@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)
 
-.PHONY: demo demo-s3 test lint images k8s-check ui bench clean
+.PHONY: demo demo-s3 test lint images k8s-check ui bench clean sandbox-tools
 
 $(STAMP): pyproject.toml sdk/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +14,22 @@ $(STAMP): pyproject.toml sdk/pyproject.toml
 	$(BIN)/pip install --quiet -e ./sdk -e '.[dev]'
 	touch $@
 
-demo: $(STAMP)
+# The hook sandbox's tools: Debian's bubblewrap, and util-linux's setpriv. Installed where
+# missing if this runs as root with apt-get; without them hooks run unsandboxed, and say so.
+sandbox-tools:
+	@command -v bwrap >/dev/null && command -v setpriv >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	  apt-get install -y -qq --no-install-recommends bubblewrap util-linux >/dev/null; } || \
+	echo "bubblewrap not installed: hooks run unsandboxed (OSA_HOOK_SANDBOX in the README)"
+
+demo: $(STAMP) sandbox-tools
 	$(BIN)/osa demo
 
 # The same demo with every artifact in a local S3 server (SeaweedFS, started and stopped here).
-demo-s3: $(STAMP)
+demo-s3: $(STAMP) sandbox-tools
 	$(BIN)/python -m osa_dagster.storage.local_s3 -- $(BIN)/osa demo
 
-test: $(STAMP)
+test: $(STAMP) sandbox-tools
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
