@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/runner_overhead.py [--runs 30] [--command python|true] [--no-docker]
 
-The same command also runs in a sandboxed container of the pdb hook image (DockerRunner)
-when a Docker engine answers and the image is built (`make images`); --no-docker skips it.
+The local runner is timed unsandboxed and, where the sandbox can run (root, bubblewrap),
+sandboxed: the sandbox's own cost per attempt is the difference. The same command also runs
+in a sandboxed container of the pdb hook image (DockerRunner) when a Docker engine answers
+and the image is built (`make images`); --no-docker skips it.
 
 Runs the same command with each launcher in turn, round after round (so that drift of the
 machine hits all of them alike), and prints the median, the range and the ratio to the bare run.
@@ -23,6 +25,7 @@ from pathlib import Path
 from osa_dagster.conventions.pdb import HOOK_IMAGE
 from osa_dagster.engine import Invocation, LocalRunner, Runner, memory_limit_mode
 from osa_dagster.engine.runners.docker import DockerRunner
+from osa_dagster.engine.runners.sandbox import SandboxUnavailable
 
 COMMANDS = {"python": [sys.executable, "-c", "pass"], "true": ["true"]}
 
@@ -37,12 +40,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        for folder in ("in", "out", "files"):
+            (root / folder).mkdir()
         invocation = Invocation(
             command=command,
             env={},
-            in_dir=root,
-            out_dir=root,
-            files_root=root,
+            in_dir=root / "in",
+            out_dir=root / "out",
+            files_root=root / "files",
             memory_limit_mb=512,
             timeout_s=60,
             log_path=root / "hook.log",
@@ -53,7 +58,14 @@ def main() -> None:
         }
         modes = ["cgroup", "rlimit"] if memory_limit_mode() == "cgroup" else ["rlimit"]
         for mode in modes:
-            launchers[f"LocalRunner({mode})"] = _runner_launcher(LocalRunner(mode), invocation)
+            runner = LocalRunner(mode, sandbox="off")
+            launchers[f"LocalRunner({mode})"] = _runner_launcher(runner, invocation)
+        try:
+            sandboxed = LocalRunner(modes[0], sandbox="on")
+        except SandboxUnavailable as reason:
+            print(f"sandboxed LocalRunner not timed: {reason}")
+        else:
+            launchers[f"LocalRunner({modes[0]}, sandbox)"] = _runner_launcher(sandboxed, invocation)
         if not args.no_docker and _docker_image_ready():
             launchers["DockerRunner"] = _runner_launcher(DockerRunner(), invocation)
 
@@ -68,11 +80,11 @@ def main() -> None:
 
     bare = statistics.median(times["subprocess.run"])
     print(f"{args.command!r} command, {args.runs} runs each")
-    print(f"{'launcher':<22} {'median ms':>10} {'min-max ms':>16} {'ratio':>6}")
+    print(f"{'launcher':<30} {'median ms':>10} {'min-max ms':>16} {'ratio':>6}")
     for name, samples in times.items():
         median = statistics.median(samples)
         spread = f"{min(samples) * 1e3:.2f}-{max(samples) * 1e3:.2f}"
-        print(f"{name:<22} {median * 1e3:>10.2f} {spread:>16} {median / bare:>6.2f}")
+        print(f"{name:<30} {median * 1e3:>10.2f} {spread:>16} {median / bare:>6.2f}")
 
 
 def _docker_image_ready() -> bool:
