@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from osa_sdk.contract import BYTES_PER_MB
 from osa_sdk.types import OutcomeStatus
 
 from osa_dagster.engine import OutputReader
@@ -200,7 +201,12 @@ REFUSED: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
         "features.jsonl in the output folder is a symlink, not a regular file",
     ),
     "output over the cap": (
-        {"write": {"errors.jsonl": "x" * 2_000_000, "features.jsonl": passed("a") + passed("b")}},
+        {
+            "write": {
+                "errors.jsonl": "x" * 2 * BYTES_PER_MB,
+                "features.jsonl": passed("a") + passed("b"),
+            }
+        },
         {"max_output_mb": 1},
         "the hook wrote 2.0 MB of outcomes, over its cap of 1.0 MB (HookSpec.max_output_mb)",
     ),

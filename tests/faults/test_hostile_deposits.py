@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from osa_sdk.contract import BYTES_PER_MB
 from osa_sdk.types import OutcomeStatus
 
 from osa_dagster.batch.deposits import (
@@ -37,7 +38,6 @@ from tests.fixtures.toy_convention import ToyIngester
 from .conftest import REPO
 
 CONVENTION = "deposited"
-MB = 1_000_000
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ def test_a_linked_deposit_json_is_refused(store: FileSystemStore, tmp_path: Path
 
 def test_a_huge_deposit_json_is_refused_unread(store: FileSystemStore) -> None:
     write_deposit(store, CONVENTION, "huge", {"good.txt": b"deposited"})
-    os.truncate(folder(store, "huge") / "deposit.json", 400 * MB)  # sparse: no disk used
+    os.truncate(folder(store, "huge") / "deposit.json", 400 * BYTES_PER_MB)  # sparse: no disk used
 
     with PeakGrowth() as growth:
         result = validate_deposit(convention(), store, "huge", LocalRunner())
