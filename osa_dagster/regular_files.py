@@ -58,3 +58,36 @@ def open_folder(path: str | os.PathLike[str], dir_fd: int | None = None) -> int 
             raise
     mode = os.stat(path, dir_fd=dir_fd, follow_symlinks=False).st_mode
     return KINDS.get(stat.S_IFMT(mode), "a file")
+
+
+class TooManyEntries(Exception):
+    """A folder tree holds more entries than its reader agreed to look at."""
+
+
+def tree_bytes(folder: int, max_entries: int) -> int:
+    """What the folder tree under the descriptor `folder` takes: for each regular file the
+    larger of its size and its allocated blocks, so that neither a sparse file nor a dense
+    one hides; links are not followed. Raises TooManyEntries past `max_entries`."""
+    total, seen, pending = 0, 0, [os.dup(folder)]
+    try:
+        while pending:
+            current = pending.pop()
+            try:
+                with os.scandir(current) as entries:
+                    for entry in entries:
+                        seen += 1
+                        if seen > max_entries:
+                            raise TooManyEntries(f"more than {max_entries} entries")
+                        info = entry.stat(follow_symlinks=False)
+                        if stat.S_ISREG(info.st_mode):
+                            total += max(info.st_size, info.st_blocks * 512)
+                        elif stat.S_ISDIR(info.st_mode):
+                            child = open_folder(entry.name, dir_fd=current)
+                            if isinstance(child, int):
+                                pending.append(child)
+            finally:
+                os.close(current)
+    finally:
+        for descriptor in pending:
+            os.close(descriptor)
+    return total

@@ -23,7 +23,7 @@ from osa_sdk.types import ErrorLine, FeaturesLine, OutcomeStatus, RejectionLine
 from pydantic import ValidationError
 
 from osa_dagster.engine.checkpoint import Anomaly, Checkpoint, RecordOutcome
-from osa_dagster.regular_files import open_folder, open_regular
+from osa_dagster.regular_files import TooManyEntries, open_folder, open_regular, tree_bytes
 
 CONFLICT_PREFIX = "conflicting outcomes: "
 
@@ -31,6 +31,8 @@ CONFLICT_PREFIX = "conflicting outcomes: "
 # An outcome line longer than this is not read: its record is errored instead. Far above the
 # features of any real record, far below what would strain the orchestrator.
 MAX_LINE_BYTES = 64 * BYTES_PER_MB
+# An output folder needs three files: past this many entries it is not read at all.
+MAX_OUTPUT_ENTRIES = 10_000
 # How much of an output file is read at once: the orchestrator holds at most this plus one
 # line, whatever the hook writes and however fast.
 READ_CHUNK_BYTES = 8 * BYTES_PER_MB
@@ -118,15 +120,26 @@ class OutputReader:
                     return files
                 if opened is not None:
                     files[name] = (opened, os.fstat(opened.fileno()).st_size)
+            if self.max_output_bytes is not None:
+                self.refused = self._over_cap(folder, self.max_output_bytes)
         finally:
             os.close(folder)
-        total = sum(size for _, size in files.values())
-        if self.max_output_bytes is not None and total > self.max_output_bytes:
-            self.refused = (
-                f"the hook wrote {bytes_to_mb(total):.1f} MB of outcomes, over its cap of "
-                f"{bytes_to_mb(self.max_output_bytes):.1f} MB (HookSpec.max_output_mb)"
-            )
         return files
+
+    @staticmethod
+    def _over_cap(folder: int, cap: int) -> str | None:
+        """Why the output folder is over the cap, or None. Everything in it counts, outcome
+        files or not: the cap is what keeps a hook from filling the disk."""
+        try:
+            total = tree_bytes(folder, MAX_OUTPUT_ENTRIES)
+        except TooManyEntries as too_many:
+            return f"the output folder holds {too_many}"
+        if total <= cap:
+            return None
+        return (
+            f"the hook wrote {bytes_to_mb(total):.1f} MB into its output folder, over its cap "
+            f"of {bytes_to_mb(cap):.1f} MB (HookSpec.max_output_mb)"
+        )
 
     def _read(
         self, name: str, f: BinaryIO, end: int

@@ -14,6 +14,7 @@ from osa_sdk.contract import BYTES_PER_MB
 from osa_sdk.types import OutcomeStatus
 
 from osa_dagster.engine import OutputReader
+from osa_dagster.engine.outputs import MAX_OUTPUT_ENTRIES
 
 from .helpers import RAW_OUTPUT, Harness, record
 
@@ -177,16 +178,28 @@ def test_reader_opens_only_regular_files(tmp_path: Path, kind: str) -> None:
     assert list(reader.new_lines()) == []  # refused for good
 
 
-def test_reader_refuses_output_over_the_cap(tmp_path: Path) -> None:
-    reader = OutputReader(tmp_path, {}, max_output_bytes=100)
+def test_reader_refuses_output_over_the_cap_whatever_files_hold_it(tmp_path: Path) -> None:
+    reader = OutputReader(tmp_path, {}, max_output_bytes=BYTES_PER_MB)
     (tmp_path / "features.jsonl").write_text(passed("a"))
     assert [name for name, _ in reader.new_lines()] == ["features.jsonl"]
-    (tmp_path / "rejections.jsonl").write_text("x" * 100)
+    # Not an outcome file, and in a subfolder: it still fills the disk, so it counts.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "junk.bin").write_bytes(b"x" * BYTES_PER_MB)
 
     assert list(reader.new_lines()) == []
     assert reader.refused == (
-        "the hook wrote 0.0 MB of outcomes, over its cap of 0.0 MB (HookSpec.max_output_mb)"
+        "the hook wrote 1.0 MB into its output folder, over its cap of 1.0 MB "
+        "(HookSpec.max_output_mb)"
     )
+
+
+def test_reader_refuses_a_folder_of_too_many_entries(tmp_path: Path) -> None:
+    for n in range(MAX_OUTPUT_ENTRIES + 1):
+        (tmp_path / str(n)).touch()
+    reader = OutputReader(tmp_path, {}, max_output_bytes=BYTES_PER_MB)
+
+    assert list(reader.new_lines()) == []
+    assert reader.refused == f"the output folder holds more than {MAX_OUTPUT_ENTRIES} entries"
 
 
 REFUSED: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
@@ -203,12 +216,13 @@ REFUSED: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "output over the cap": (
         {
             "write": {
-                "errors.jsonl": "x" * 2 * BYTES_PER_MB,
+                "junk.bin": "x" * 2 * BYTES_PER_MB,
                 "features.jsonl": passed("a") + passed("b"),
             }
         },
         {"max_output_mb": 1},
-        "the hook wrote 2.0 MB of outcomes, over its cap of 1.0 MB (HookSpec.max_output_mb)",
+        "the hook wrote 2.0 MB into its output folder, over its cap of 1.0 MB "
+        "(HookSpec.max_output_mb)",
     ),
 }
 
