@@ -6,18 +6,21 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from osa_dagster.engine import Invocation, LocalRunner
+from osa_dagster.engine import AttemptMarker, Invocation, LocalRunner, kill_leftovers
 from osa_dagster.engine.runners import local as local_module
 from osa_dagster.engine.runners import sandbox as sandbox_module
 from osa_dagster.engine.runners.sandbox import SandboxPolicy, SandboxUnavailable, find_sandbox
 from osa_dagster.settings import Settings, SettingsError
 from tests.fixtures.services import unavailable
+
+from .helpers import require_cgroups
 
 # What a sandboxed hook reports about itself, as JSON on stdout.
 INTROSPECT = """
@@ -164,3 +167,39 @@ def test_a_bad_sandbox_setting_is_one_error_naming_it(variable: str, value: str)
 def test_the_sandbox_user_is_configurable() -> None:
     settings = Settings.from_env({"OSA_HOOK_SANDBOX_USER": "1000:1000", "OSA_HOOK_SANDBOX": "on"})
     assert (settings.hook_sandbox, settings.hook_sandbox_ids) == ("on", (1000, 1000))
+
+
+ORCHESTRATOR = """
+import json, sys, time
+from pathlib import Path
+from osa_dagster.engine import Invocation, LocalRunner
+root = Path(sys.argv[1])
+attempt = LocalRunner("cgroup", sandbox="on").start(Invocation(
+    command=("sleep", "600"), env={}, in_dir=root / "in", out_dir=root / "out",
+    files_root=root / "files", memory_limit_mb=128, timeout_s=600, log_path=root / "hook.log",
+))
+print(attempt.marker.model_dump_json(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_dead_orchestrators_sandboxed_attempt_leaves_no_cgroup_behind(
+    sandboxed: None, tmp_path: Path
+) -> None:
+    require_cgroups()
+    for name in ("in", "out", "files"):
+        (tmp_path / name).mkdir()
+    orchestrator = subprocess.Popen(
+        [sys.executable, "-c", ORCHESTRATOR, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert orchestrator.stdout is not None
+    marker = AttemptMarker.model_validate_json(orchestrator.stdout.readline())
+    assert marker.cgroup is not None and marker.pids_cgroup is not None
+    assert Path(marker.pids_cgroup, "cgroup.procs").read_text().split()  # the hook is in it
+    orchestrator.kill()
+    orchestrator.wait()
+
+    kill_leftovers(marker)  # what the next run does with the checkpoint's marker
+
+    assert not Path(marker.cgroup).exists()
+    assert not Path(marker.pids_cgroup).exists()
