@@ -1,11 +1,17 @@
 """When the checkpoint is saved while a hook runs: after N new outcomes, or T seconds after
-the last save once some outcome is new, and always when an attempt starts and ends."""
+the last save once some outcome is new, and always when an attempt starts and ends.
+
+The hook does not race the engine's polling: a record that must come after a save waits
+for it (`wait_for` a file that each save of n outcomes creates), so what each save holds
+does not depend on how busy the machine is.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +32,7 @@ class RecordingCheckpointIO:
     """A CheckpointIO that records every save before passing it on."""
 
     inner: CheckpointIO
+    signals: Path
     saves: list[Save] = field(default_factory=list)
 
     def load(self) -> Checkpoint | None:
@@ -36,6 +43,7 @@ class RecordingCheckpointIO:
             Save(time.monotonic(), len(checkpoint.outcomes), checkpoint.running is not None)
         )
         self.inner.save(checkpoint)
+        saved(self.signals, len(checkpoint.outcomes)).touch()
 
     def while_running(self) -> list[Save]:
         """The saves during the attempt, after the one made as it started (no outcomes)."""
@@ -44,11 +52,28 @@ class RecordingCheckpointIO:
         return in_flight[1:]
 
 
-def run(harness: Harness, records: int, sleep_s: float, **schedule: float) -> RecordingCheckpointIO:
-    recording = RecordingCheckpointIO(harness.checkpoints)
+def saved(signals: Path, outcomes: int) -> Path:
+    """The file that a save holding `outcomes` outcomes creates."""
+    return signals / f"saved-{outcomes}"
+
+
+def after_a_save_of(harness: Harness, *outcomes: int) -> dict[str, list[str]]:
+    """Record metadata: hold the record back until a save held one of these many outcomes."""
+    return {"wait_for": [str(saved(harness.root, n)) for n in outcomes]}
+
+
+def run(
+    harness: Harness,
+    records: int,
+    sleep_s: float,
+    waits: dict[int, dict[str, list[str]]] | None = None,
+    **schedule: float,
+) -> RecordingCheckpointIO:
+    recording = RecordingCheckpointIO(harness.checkpoints, harness.root)
+    waits = waits or {}
     checkpoint = run_hook(
         harness.spec(sleep_s=sleep_s),
-        harness.batch([record(f"r{i}", size_mb=i) for i in range(records)]),
+        harness.batch([record(f"r{i}", size_mb=i, **waits.get(i, {})) for i in range(records)]),
         harness.runner,
         recording,
         harness.workdir,
@@ -61,39 +86,60 @@ def run(harness: Harness, records: int, sleep_s: float, **schedule: float) -> Re
 
 
 def test_by_default_every_new_outcome_is_saved_at_once(harness: Harness) -> None:
-    # An outcome every 0.3 s, read every 0.1 s: each one is seen, and saved, on its own.
-    recording = run(harness, records=4, sleep_s=0.3)
+    # Each record waits for the save of the one before: saved one by one, or never done.
+    waits = {i: after_a_save_of(harness, i) for i in range(1, 4)}
+    recording = run(harness, records=4, sleep_s=0.0, waits=waits)
 
     assert [s.outcomes for s in recording.while_running()][:3] == [1, 2, 3]
 
 
 def test_count_trigger_saves_after_every_n_new_outcomes(harness: Harness) -> None:
     # The time trigger is out of reach: only the count can cause a save while the hook runs.
+    # Records 4 and 7 wait for the saves of 3 and 6 outcomes.
+    waits = {3: after_a_save_of(harness, 3), 6: after_a_save_of(harness, 6)}
     recording = run(
-        harness, records=9, sleep_s=0.25, checkpoint_every_records=3, checkpoint_every_s=60
+        harness,
+        records=9,
+        sleep_s=0.0,
+        waits=waits,
+        checkpoint_every_records=3,
+        checkpoint_every_s=60,
     )
 
     counts = [0] + [s.outcomes for s in recording.while_running()]
-    assert len(counts) >= 3, counts  # saved at least twice mid-batch (3 and 6 outcomes)
+    assert counts[:3] == [0, 3, 6], counts
     assert all(later - earlier >= 3 for earlier, later in pairwise(counts)), counts
 
 
 def test_time_trigger_saves_new_outcomes_at_most_every_t_seconds(harness: Harness) -> None:
-    # An outcome every 0.2 s and the count trigger out of reach: saves come from the clock.
+    # The count trigger out of reach: saves come from the clock. Record 5 waits for a save
+    # of the first four outcomes at most, record 8 for one of the next three at most.
+    waits = {4: after_a_save_of(harness, 1, 2, 3, 4), 7: after_a_save_of(harness, 5, 6, 7)}
     recording = run(
-        harness, records=8, sleep_s=0.2, checkpoint_every_records=100, checkpoint_every_s=0.5
+        harness,
+        records=8,
+        sleep_s=0.1,
+        waits=waits,
+        checkpoint_every_records=100,
+        checkpoint_every_s=0.5,
     )
 
     running = recording.while_running()
-    assert len(running) >= 2, running  # 1.6 s of outcomes, a save every 0.5 s
+    assert len(running) >= 2, running
     starts = [s.at for s in recording.saves if s.in_flight]
     assert all(later - earlier >= 0.5 for earlier, later in pairwise(starts)), starts
-    assert all(0 < s.outcomes < 8 for s in running)
+    assert all(0 < s.outcomes < 8 for s in running[:2])
 
 
 def test_time_trigger_does_not_save_without_a_new_outcome(harness: Harness) -> None:
-    recording = RecordingCheckpointIO(harness.checkpoints)
-    records = [record("a", 1), record("slow", 2, sleep_s=1.2), record("b", 3, sleep_s=0.3)]
+    recording = RecordingCheckpointIO(harness.checkpoints, harness.root)
+    # "slow" starts once "a" is saved and then gives the clock 12 chances to fire while
+    # nothing new arrives; "b" starts once "slow" is saved.
+    records = [
+        record("a", 1),
+        record("slow", 2, sleep_s=1.2, **after_a_save_of(harness, 1)),
+        record("b", 3, **after_a_save_of(harness, 2)),
+    ]
 
     run_hook(
         harness.spec(),
@@ -105,8 +151,10 @@ def test_time_trigger_does_not_save_without_a_new_outcome(harness: Harness) -> N
         checkpoint_every_s=0.1,
     )
 
-    # "slow" gives the clock 12 chances to fire while nothing new arrives.
-    assert [s.outcomes for s in recording.while_running()] == [1, 2]
+    # Every save while the hook ran held a new outcome: 1, 2, and 3 if the poll saw "b"
+    # before the hook's exit (either is right, depending on the machine's load).
+    counts = [s.outcomes for s in recording.while_running()]
+    assert counts in ([1, 2], [1, 2, 3]), counts
     assert recording.saves[-1].outcomes == 3
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,11 +83,10 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path, runner: LocalRunn
     attempt = runner.start(invocation(tmp_path, "sh", "-c", script, timeout_s=0.5))
     child = read_pid(tmp_path / "child.pid")
 
-    started = time.monotonic()
     while (exit_ := attempt.wait(0.1)) is None:
         pass
 
-    assert time.monotonic() - started < 2
+    # Killed at its timeout, not ended by the 30 s sleep: SIGKILL and timed_out say so.
     assert (exit_.returncode, exit_.timed_out, exit_.oom_killed) == (-9, True, False)
     assert eventually(lambda: not alive(child))
 

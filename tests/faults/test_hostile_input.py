@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 from osa_sdk.authoring import FetchContext
 from osa_sdk.contract import (
-    FEATURES_FILE,
     FILES_DIR,
     MAX_FILE_NAME_BYTES,
     MAX_FOLDER_NAME,
@@ -450,20 +449,15 @@ def test_a_child_that_outlives_its_hook_is_killed_and_does_not_hold_the_attempt(
     spec = harness.spec(DAEMON, timeout_s=30, mode=mode, pid_file=str(pid_file))
     ids = ["hostile:1", "hostile:2"]
 
-    started = time.monotonic()
     checkpoint = harness.run(spec, [record(i) for i in ids])
-    took = time.monotonic() - started
 
-    pid = daemon_pid(pid_file)
-    assert not alive(pid)
-    assert took < 10, took
+    # The child, which writes to the output for 10 minutes, is dead; the attempt ended with
+    # the hook, not at its 30 s timeout.
+    assert not alive(daemon_pid(pid_file))
+    assert not checkpoint.attempts[0].timed_out
     assert {i: o.status.value for i, o in checkpoint.outcomes.items()} == dict.fromkeys(
         ids, "passed"
     )
-    features = harness.workdir / "attempt-1" / "out" / FEATURES_FILE
-    size = features.stat().st_size
-    time.sleep(0.2)
-    assert features.stat().st_size == size  # nobody writes there any more
 
 
 def test_without_cgroups_a_daemonised_child_is_killed_too(tmp_path: Path):

@@ -4,6 +4,8 @@ Each record's metadata says what to do with it:
   outcome    "passed" (default), "rejected" or "errored"
   alloc_mb   allocate and touch this many MB first
   keep_mb    allocate and touch this many MB and keep them to the end (a leak)
+  wait_for   a list of paths: wait until one of them exists first (at most 30 s), so that a
+             test can hold a record back until the engine has done something
   sleep_s    sleep this long first (also a config default)
   file       read this file of the record and report its size as a feature
   sigkill    SIGKILL itself, once: only while config["once_file"] does not exist yet
@@ -31,6 +33,7 @@ def main():
     kept = []
     for record in records:
         meta = record["metadata"]
+        wait_for_any(meta.get("wait_for", ()))
         time.sleep(meta.get("sleep_s", config.get("sleep_s", 0)))
         if meta.get("sigkill") and not os.path.exists(config["once_file"]):
             open(config["once_file"], "w").close()
@@ -50,6 +53,13 @@ def main():
         write_outcome(out_dir, record["id"], meta.get("outcome", "passed"), features)
         with open(config["ledger"], "a") as ledger:
             ledger.write(record["id"] + "\n")
+
+
+def wait_for_any(paths, limit_s=30.0):
+    """Bounded, so that a test whose engine never does what it waits for fails, not hangs."""
+    deadline = time.monotonic() + limit_s
+    while paths and not any(os.path.exists(p) for p in paths) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def write_outcome(out_dir, record_id, outcome, features):
