@@ -4,6 +4,7 @@ worker."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import ClassVar, Generic, TypeVar
 
@@ -15,6 +16,7 @@ from osa_dagster.engine.memory_history import MemoryHistory
 from osa_dagster.storage.store import ArtifactStore
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 
 class UnreadableState(BatchInputError):
@@ -69,6 +71,21 @@ class StoreCheckpointIO(StoreModel[Checkpoint]):
 
 
 class StoreMemoryHistoryIO(StoreModel[MemoryHistory]):
-    """The engine's MemoryHistoryIO over any artifact store (key: `memory_history_key`)."""
+    """The engine's MemoryHistoryIO over any artifact store (key: `memory_history_key`).
+
+    A history only predicts where large records start, so one that cannot be read is set
+    aside with a warning and learnt again, rather than stopping every batch of its hook."""
 
     model = MemoryHistory
+
+    def load(self) -> MemoryHistory | None:
+        try:
+            return super().load()
+        except UnreadableState as error:
+            aside = self.set_aside()
+            log.warning(
+                "%s; set aside as %s, the hook's memory history starts again",
+                error,
+                self.store.describe(aside),
+            )
+            return None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from osa_dagster.batch.stores import StoreCheckpointIO
+from osa_dagster.batch.stores import StoreCheckpointIO, StoreMemoryHistoryIO, UnreadableState
 from osa_dagster.engine import Checkpoint
 from osa_dagster.storage import ArtifactStore
 from osa_dagster.storage.store import StoreKeyError
@@ -168,3 +168,32 @@ def test_checkpoints_round_trip(store: ArtifactStore):
     checkpoint.anomalies["at"] = int(datetime.now(UTC).timestamp())
     io.save(checkpoint)
     assert io.load() == checkpoint
+
+
+def test_an_unreadable_checkpoint_names_its_file_and_is_set_aside_intact(store: ArtifactStore):
+    io = StoreCheckpointIO(store, "batches/p1/hooks/h/checkpoint.json")
+    io.save(Checkpoint(hook="h", batch_digest="d" * 8, next_memory_mb=512))
+    truncated = store.read_bytes(io.key)[:20]
+    store.write_bytes(io.key, truncated)
+
+    with pytest.raises(UnreadableState) as error:
+        io.load()
+    [line] = str(error.value).splitlines()
+    assert store.describe(io.key) in line and "Invalid JSON: EOF" in line
+
+    aside = io.set_aside()
+    assert store.read_bytes(aside) == truncated  # kept as it was, for inspection
+    assert list(store.list_keys("batches/p1/hooks/h")) == [aside]
+    assert io.load() is None
+
+
+def test_an_unreadable_memory_history_is_set_aside_and_learnt_again(
+    store: ArtifactStore, caplog: pytest.LogCaptureFixture
+):
+    io = StoreMemoryHistoryIO(store, "history/c/h.json")
+    store.write_bytes(io.key, b'{"hook": "h", "fits": [')
+
+    assert io.load() is None
+    [aside] = store.list_keys("history/c")
+    assert aside.startswith(f"{io.key}.unreadable-")
+    assert store.describe(aside) in caplog.text and "Invalid JSON" in caplog.text

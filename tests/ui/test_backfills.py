@@ -22,6 +22,7 @@ from osa_dagster.backfill import (
 )
 from osa_dagster.conventions.pdb.ingester import mirror_entries
 from osa_dagster.records import Record, RecordsDatabase, database_url_from_env
+from tests.fixtures.check_status import all_check_statuses
 from tests.test_pdb_end_to_end import MIRROR, expected_publishable
 from tests.ui.conftest import CODE_LOCATION, DagsterSite, dagster_server, make_site
 
@@ -132,6 +133,10 @@ def test_job_backfill_then_asset_backfill_of_the_rest(
         assert backfill_runs[0].tags["osa/convention"] == "pdb"
         features = dg.AssetKey(["pdb", "features"])
         assert instance.get_materialized_partitions(features) == set(running_dagster.partitions)
+        # Job runs and the asset backfill's range run alike: every partition has its verdict.
+        statuses = all_check_statuses(instance, "pdb")
+    every_passed = dict.fromkeys(running_dagster.partitions, "SUCCEEDED")
+    assert statuses == dict.fromkeys(statuses, every_passed)
 
     planned_entries = mirror_entries(MIRROR)[:PLANNED_RECORDS]
     expected = {pdb_id for pdb_id, path in planned_entries if expected_publishable(path)}
