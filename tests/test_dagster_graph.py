@@ -526,3 +526,19 @@ def test_replanned_records_count_once_in_the_summary(defs, instance):
     assert sum(n for name, n in outcomes.items() if name != "records in the archive") == 10
     assert totals["records passed every hook"] == totals["records in the archive"] == 10
     assert totals["batches done"] == 5
+
+
+def test_a_truncated_manifest_fails_its_run_in_one_line_naming_it(defs, instance):
+    [key] = _plan(defs, instance, "toy", limit=5, batch_size=5)
+    store = store_from_env()
+    manifest = BatchLayout("toy", key).manifest
+    _truncate(store, manifest)
+
+    result = _ingest(defs, instance, "toy", key)
+    assert not result.success
+    error = result.failure_data_for_node("toy__raw_batch").error.cause  # under Dagster's own
+    assert error.cls_name == "BatchInputError"
+    [line] = error.message.strip().splitlines()
+    assert key in line and store.describe(manifest) in line and "Invalid JSON: EOF" in line
+    assert "osa plan toy --replan" in line
+    assert _counts() == (0, 0)
