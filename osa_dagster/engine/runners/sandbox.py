@@ -265,10 +265,17 @@ def _is_system(path: Path) -> bool:
 
 
 def _visible(private: Iterable[Path], code: Sequence[Path]) -> list[Path]:
-    """The private folders that would be visible: those inside a code folder."""
+    """The private folders that would be visible: those inside a code folder. One inside
+    another is covered with it (and bwrap could not make its mount point in the empty,
+    read-only folder over the outer one: the default .data/artifacts in a code folder)."""
     resolved = {path.resolve() for path in private}
-    return sorted(
+    visible = [
         path
         for path in resolved
         if path.is_dir() and any(path.is_relative_to(folder) for folder in code)
+    ]
+    return sorted(
+        path
+        for path in visible
+        if not any(path != outer and path.is_relative_to(outer) for outer in visible)
     )
