@@ -293,6 +293,7 @@ def launch_convention_backfill(
 
 def add_backfill_parser(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    parents: Sequence[argparse.ArgumentParser] = (),
 ) -> argparse.ArgumentParser:
     """The `backfill` subcommand, for a CLI's subparsers (`osa backfill ...`)."""
     parser = commands.add_parser(
@@ -300,6 +301,7 @@ def add_backfill_parser(
         help="launch an asset backfill of batches through the Dagster webserver",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=list(parents),
     )
     add_backfill_arguments(parser)
     return parser

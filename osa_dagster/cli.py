@@ -1,26 +1,42 @@
 """`osa`: plan and run ingests through Dagster from a shell, and look at what was published.
 
 Every run goes through the Dagster instance in $DAGSTER_HOME (the repo's dagster.yaml by
-default), so what the CLI does is visible in the UI afterwards.
+default), so what the CLI does is visible in the UI afterwards. The reading commands
+(summary, records, rejections, dead-letters) only read: they work on a read-only data
+folder and create nothing. A bad argument or setting ends with one line that names it;
+--debug shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
 import sys
 import time
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
+
+from osa_sdk.types import OutcomeStatus
+from pydantic import BaseModel
 
 # Small batches so that the demo shows several partitions; the pdb convention's own
 # memory ladder already makes the bundled ribosome (6ZU5) OOM at the base and pass above.
 DEMO_BATCH_SIZE = 10
 # In a shell, Dagster's step events are noise; the attempts and OOM retries log at INFO.
 QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+DEFAULT_RECORDS_LIMIT = 50
+# Exit statuses: 1 the work failed, 2 the command could not start (argparse's own for usage).
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class CommandError(Exception):
+    """Something the person running the command can fix; the message says what, in one line."""
 
 
 def _instance():  # noqa: ANN202 - dagster's type, imported lazily to keep --help fast
@@ -28,7 +44,7 @@ def _instance():  # noqa: ANN202 - dagster's type, imported lazily to keep --hel
 
     if not os.environ.get("DAGSTER_HOME"):
         if not Path("dagster.yaml").is_file():
-            sys.exit("DAGSTER_HOME is not set and there is no dagster.yaml here")
+            raise CommandError("DAGSTER_HOME is not set and there is no dagster.yaml here")
         os.environ["DAGSTER_HOME"] = str(Path.cwd())
     return dg.DagsterInstance.get()
 
@@ -42,8 +58,13 @@ def _conventions():  # noqa: ANN202
 def _convention(name: str):  # noqa: ANN202
     conventions = _conventions()
     if name not in conventions:
-        sys.exit(f"no convention {name!r}; known: {', '.join(sorted(conventions))}")
+        raise CommandError(f"no convention {name!r}; known: {', '.join(sorted(conventions))}")
     return conventions[name]
+
+
+class PlannedBatch(BaseModel):
+    partition: str
+    new: bool
 
 
 def plan(
@@ -53,21 +74,37 @@ def plan(
     batch_size: int | None,
     *,
     replan: bool = False,
-) -> list[str]:
+) -> list[PlannedBatch]:
+    """Run the convention's plan job; the batches this plan froze, in order, marked new or not.
+
+    The arguments are checked before anything is launched: a bad one records no run.
+    """
+    import dagster as dg
+
     from osa_dagster.definitions import defs
-    from osa_dagster.defs.planning import plan_job_name
+    from osa_dagster.defs.planning import PLANNED_BATCHES_METADATA, PlanConfig, plan_job_name
 
     convention = _convention(convention_name)
     config = {"limit": limit, "since": since, "batch_size": batch_size, "replan": replan}
     op_config = {k: v for k, v in config.items() if v is not None}
+    PlanConfig(**op_config)
     job = defs.resolve_job_def(plan_job_name(convention))
+    op_name = f"{convention.name}_plan_batches"
     result = job.execute_in_process(
-        run_config={**QUIET_RUN, "ops": {f"{convention.name}_plan_batches": {"config": op_config}}},
+        run_config={**QUIET_RUN, "ops": {op_name: {"config": op_config}}},
         instance=_instance(),
+        raise_on_error=False,
     )
     if not result.success:
-        sys.exit("planning failed; see the run in the UI")
-    return _partitions(convention_name)
+        error = result.failure_data_for_node(op_name)
+        why = error.error.message.strip() if error and error.error else "see the run in the UI"
+        raise CommandError(f"planning {convention.name} failed (run {result.run_id}): {why}")
+    [output] = [e for e in result.events_for_node(op_name) if e.is_successful_output]
+    metadata = output.step_output_data.metadata[PLANNED_BATCHES_METADATA]
+    assert isinstance(metadata, dg.JsonMetadataValue)
+    planned = metadata.data
+    new = set(planned["new"])
+    return [PlannedBatch(partition=key, new=key in new) for key in planned["batches"]]
 
 
 def _partitions(convention_name: str) -> list[str]:
@@ -88,7 +125,9 @@ def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
     known = _partitions(convention_name)
     unknown = sorted(set(partitions) - set(known))
     if unknown:
-        sys.exit(f"{convention_name} has no partition {', '.join(unknown)}: plan it first")
+        raise CommandError(
+            f"{convention_name} has no partition {', '.join(unknown)}: plan it first"
+        )
     job = defs.resolve_job_def(ingest_job_name(convention))
     instance = _instance()
     failed: list[str] = []
@@ -113,73 +152,202 @@ def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
     return failed
 
 
-def summary(convention_name: str) -> dict[str, int]:
-    """Counts per record, not per hook or batch: a record rejected by two hooks, or planned in
-    two batches, counts once; a record that passed in any batch counts as passed."""
+# --- reading commands: they open the store and the database read-only ---------------
+
+
+def _check_data_dir() -> None:
+    """The data folder must exist when a reading command looks in it: made by reading, an
+    empty folder would look like an archive with nothing in it."""
+    from osa_dagster.settings import settings
+
+    current = settings()
+    uses_data_dir = not (current.storage and current.database_url)
+    if uses_data_dir and not current.data_dir.is_dir():
+        raise CommandError(
+            f"OSA_DATA_DIR: {current.data_dir} is not a folder (nothing was ingested there; "
+            "`osa plan` and `osa materialize` make it)"
+        )
+
+
+def _reading_database():  # noqa: ANN202
+    """The records database opened for reading, or None if there is none yet."""
+    from osa_dagster.records import DatabaseNotReadable, RecordsDatabase, database_url_from_env
+
+    _check_data_dir()
+    db = RecordsDatabase(database_url_from_env(), read_only=True)
+    try:
+        db.engine  # noqa: B018 - opening it here reports a missing or old database at once
+    except DatabaseNotReadable as error:
+        if not str(error).startswith("no records database"):
+            raise CommandError(f"OSA_DATABASE_URL: {error}") from error
+        return None
+    return db
+
+
+class BatchOutcome(BaseModel):
+    """A record of a finished batch that did not pass every hook, and why."""
+
+    partition: str
+    source_id: str
+    hook: str
+    """The first hook that did not pass it."""
+    status: OutcomeStatus
+    reason: str
+
+
+class ConventionSummary(BaseModel):
+    """Counts per record, not per hook: a record rejected by two hooks counts once."""
+
+    convention: str
+    batches_planned: int = 0
+    batches_done: int = 0
+    records_skipped_oversize: int = 0
+    records_not_fetched: int = 0
+    records_passed: int = 0
+    records_rejected: int = 0
+    records_errored: int = 0
+    oom_retries: int = 0
+    records_in_archive: int = 0
+    feature_rows: int = 0
+
+
+SUMMARY_LABELS = {
+    "batches_planned": "batches planned",
+    "batches_done": "batches done",
+    "records_skipped_oversize": "records skipped (oversize)",
+    "records_not_fetched": "records not fetched",
+    "records_passed": "records passed every hook",
+    "records_rejected": "records rejected",
+    "records_errored": "records errored",
+    "oom_retries": "OOM retries",
+    "records_in_archive": "records in the archive",
+    "feature_rows": "feature rows",
+}
+
+
+def _finished_batches(convention_name: str, partitions: Sequence[str] = ()) -> Iterator[Any]:
+    """(partition, verdicts, ingest report) of every batch whose hooks all finished, in
+    planning order; `partitions` narrows them (an unknown one is an error)."""
     from osa_dagster.batch import BatchInputError
     from osa_dagster.batch.fetch import read_ingest_report
     from osa_dagster.batch.plan import planned_partitions
     from osa_dagster.batch.publish import batch_verdicts
-    from osa_dagster.records import database_url_from_env, open_database
-    from osa_dagster.records.queries import count_feature_rows, count_published
     from osa_dagster.storage import BatchLayout, store_from_env
 
-    passed = "records passed every hook"
     convention = _convention(convention_name)
+    _check_data_dir()
     store = store_from_env()
-    totals: Counter[str] = Counter()
-    outcomes: dict[str, str] = {}  # record -> what became of it
-
-    def settle(record: str, outcome: str) -> None:
-        if outcomes.get(record) != passed:
-            outcomes[record] = outcome
-
-    for partition in planned_partitions(store, convention.name):
-        totals["batches planned"] += 1
-        layout = BatchLayout(convention.name, partition)
+    planned = planned_partitions(store, convention.name)
+    unknown = sorted(set(partitions) - set(planned))
+    if unknown:
+        raise CommandError(f"{convention.name} has no planned batch {', '.join(unknown)}")
+    for partition in planned:
+        if partitions and partition not in partitions:
+            continue
         try:
             verdicts = batch_verdicts(convention, store, partition)
-            report = read_ingest_report(store, layout)
+            report = read_ingest_report(store, BatchLayout(convention.name, partition))
         except (BatchInputError, FileNotFoundError):
+            yield partition, None, None
             continue
-        totals["batches done"] += 1
+        yield partition, verdicts, report
+
+
+def summary(convention_name: str) -> ConventionSummary:
+    """Counts per record, not per hook or batch: a record rejected by two hooks, or planned in
+    two batches, counts once; a record that passed in any batch counts as passed."""
+    from osa_dagster.records.queries import count_feature_rows, count_published
+
+    totals = ConventionSummary(convention=convention_name)
+    outcomes: dict[str, str] = {}  # record -> the ConventionSummary field it counts in
+
+    def settle(record: str, outcome: str) -> None:
+        if outcomes.get(record) != "records_passed":
+            outcomes[record] = outcome
+
+    for _, verdicts, report in _finished_batches(convention_name):
+        totals.batches_planned += 1
+        if verdicts is None:
+            continue
+        totals.batches_done += 1
         for skipped in report.skipped_oversize:
-            settle(skipped.source_id, "records skipped (oversize)")
+            settle(skipped.source_id, "records_skipped_oversize")
         for failed in [*report.failed, *report.missing]:
-            settle(failed.source_id, "records not fetched")
+            settle(failed.source_id, "records_not_fetched")
         for verdict in verdicts.failed:
-            settle(verdict.source_id, f"records {verdict.status}")
+            rejected = verdict.status is OutcomeStatus.REJECTED
+            settle(verdict.source_id, "records_rejected" if rejected else "records_errored")
         for record in verdicts.passed:
-            settle(record.source_id, passed)
-        totals["OOM retries"] += sum(
+            settle(record.source_id, "records_passed")
+        totals.oom_retries += sum(
             len(checkpoint.oom_attempts()) for checkpoint in verdicts.checkpoints.values()
         )
-    totals.update(outcomes.values())
-    for always_shown in (passed, "records skipped (oversize)", "records not fetched"):
-        totals.setdefault(always_shown, 0)
-    db = open_database(database_url_from_env())
-    totals["records in the archive"] = count_published(db, convention.name)
-    totals["feature rows"] = count_feature_rows(db, convention.name)
-    return dict(totals)
+    for field in outcomes.values():
+        setattr(totals, field, getattr(totals, field) + 1)
+    db = _reading_database()
+    if db is not None:
+        totals.records_in_archive = count_published(db, convention_name)
+        totals.feature_rows = count_feature_rows(db, convention_name)
+    return totals
 
 
-def list_records(convention_name: str | None, limit: int, with_features: bool) -> None:
-    from osa_dagster.records import database_url_from_env, open_database
-    from osa_dagster.records.queries import published_records
-
-    db = open_database(database_url_from_env())
-    for record in published_records(db, convention_name, limit, with_features=with_features):
-        print(f"{record.srn}  {record.convention}  {record.source_id}  {record.partition}")
-        for hook, index, row in record.features:
-            print(f"    {hook}[{index}]: {row}")
+def print_summary(totals: ConventionSummary) -> None:
+    for field, label in SUMMARY_LABELS.items():
+        print(f"{label:32} {getattr(totals, field)}")
 
 
-def dead_letter_partitions(convention_name: str) -> list[str]:
-    """The batches holding the convention's dead letters, each once."""
-    from osa_dagster.records import database_url_from_env, list_dead_letters, open_database
+def not_passed(convention_name: str, partitions: Sequence[str]) -> list[BatchOutcome]:
+    """The records of finished batches that were rejected or errored, with their reasons."""
+    outcomes = []
+    for partition, verdicts, _ in _finished_batches(convention_name, partitions):
+        outcomes += [
+            BatchOutcome(partition=partition, **asdict(verdict))
+            for verdict in (verdicts.failed if verdicts else [])
+        ]
+    return outcomes
 
-    letters = list_dead_letters(open_database(database_url_from_env()), convention_name)
-    return list(dict.fromkeys(letter.partition for letter in letters))
+
+def list_records(
+    convention_name: str | None, limit: int, with_features: bool, as_json: bool
+) -> None:
+    from osa_dagster.records.queries import count_published, published_records
+
+    if convention_name is not None:
+        _convention(convention_name)
+    db = _reading_database()
+    records = (
+        []
+        if db is None
+        else list(published_records(db, convention_name, limit + 1, with_features=with_features))
+    )
+    truncated = len(records) > limit
+    records = records[:limit]
+    if as_json:
+        listed = [
+            {
+                **asdict(record),
+                "features": [
+                    {"hook": hook, "row": index, "values": values}
+                    for hook, index, values in record.features
+                ],
+            }
+            for record in records
+        ]
+        _print_json({"records": listed, "truncated": truncated})
+    else:
+        for record in records:
+            print(f"{record.srn}  {record.convention}  {record.source_id}  {record.partition}")
+            for hook, index, row in record.features:
+                print(f"    {hook}[{index}]: {json.dumps(row, sort_keys=True)}")
+    if truncated:
+        total = (
+            "" if convention_name is None or db is None else count_published(db, convention_name)
+        )
+        of_total = f" of {total}" if total else ""
+        print(
+            f"osa records: showing the first {limit}{of_total} records; --limit N shows more",
+            file=sys.stderr,
+        )
 
 
 def retry_overrides(convention, letters) -> str:  # noqa: ANN001 - Convention, DeadLetterRow
@@ -211,18 +379,22 @@ def _osa_command() -> str:
     return shlex.quote(invoked) if Path(invoked).name == "osa" else "osa"
 
 
-def dead_letters(convention_name: str, partitions_only: bool) -> None:
+def dead_letters(convention_name: str, partitions_only: bool, as_json: bool) -> None:
     """List the convention's poison records, and how to run them again with a higher cap.
 
     A poison outcome is reopened by the next run of its batch whose memory ladder goes above
     the limit it failed at, starting at that rung: raise the hook's cap with OSA_HOOK_MEMORY
     and re-materialise the batches listed. Everything else in those batches is kept.
     """
-    from osa_dagster.records import database_url_from_env, list_dead_letters, open_database
+    from osa_dagster.records import list_dead_letters
 
     convention = _convention(convention_name)
-    letters = list_dead_letters(open_database(database_url_from_env()), convention.name)
+    db = _reading_database()
+    letters = [] if db is None else list_dead_letters(db, convention.name)
     partitions = list(dict.fromkeys(letter.partition for letter in letters))
+    if as_json:
+        _print_json([asdict(letter) for letter in letters])
+        return
     if partitions_only:
         print("\n".join(partitions))
         return
@@ -245,6 +417,19 @@ def dead_letters(convention_name: str, partitions_only: bool) -> None:
     )
 
 
+def dead_letter_partitions(convention_name: str) -> list[str]:
+    """The batches holding the convention's dead letters, each once."""
+    from osa_dagster.records import list_dead_letters
+
+    db = _reading_database()
+    letters = [] if db is None else list_dead_letters(db, convention_name)
+    return list(dict.fromkeys(letter.partition for letter in letters))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=1, default=str))
+
+
 def database_schema(action: str) -> int:
     """Upgrade the records database to the newest revision, or tell where it is."""
     from osa_dagster.records import RecordsDatabase, database_url_from_env
@@ -255,7 +440,7 @@ def database_schema(action: str) -> int:
         upgrade(engine)
     revision = current_revision(engine)
     print(f"records database at revision {revision} (newest: {head_revision()})")
-    return 0 if revision == head_revision() else 1
+    return 0 if revision == head_revision() else EXIT_FAILED
 
 
 def demo(fresh: bool) -> int:
@@ -264,14 +449,14 @@ def demo(fresh: bool) -> int:
 
         shutil.rmtree(data_dir(), ignore_errors=True)
     started = time.monotonic()
-    partitions = plan("pdb", limit=None, since=None, batch_size=DEMO_BATCH_SIZE)
-    print(f"planned {len(partitions)} batches of the bundled PDB mirror")
-    failed = materialize("pdb", partitions)
+    batches = plan("pdb", limit=None, since=None, batch_size=DEMO_BATCH_SIZE)
+    print(f"planned {len(batches)} batches of the bundled PDB mirror")
+    failed = materialize("pdb", [batch.partition for batch in batches])
     elapsed = time.monotonic() - started
     totals = summary("pdb")
     print("\nsummary of the pdb convention")
-    for name, value in sorted(totals.items()):
-        print(f"  {name:32} {value}")
+    for field, label in SUMMARY_LABELS.items():
+        print(f"  {label:32} {getattr(totals, field)}")
     records_in = sum(1 for _ in _records_in_batches("pdb"))
     print(f"  {'wall time (s)':32} {elapsed:.1f}")
     print(f"  {'records per second':32} {records_in / elapsed:.2f}")
@@ -279,7 +464,7 @@ def demo(fresh: bool) -> int:
         "\nSee the runs, partitions and metadata in the UI:  make ui"
         "  (dagster dev -w workspace.yaml, http://127.0.0.1:3000)"
     )
-    return 1 if failed else 0
+    return EXIT_FAILED if failed else 0
 
 
 def _records_in_batches(convention_name: str):  # noqa: ANN202
@@ -291,26 +476,41 @@ def _records_in_batches(convention_name: str):  # noqa: ANN202
         yield from load_manifest(store, BatchLayout(convention_name, partition)).refs
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osa", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show an error's traceback")
+    # On every subcommand too, so that `osa plan ... --debug` works; SUPPRESS keeps a flag
+    # given before the subcommand from being reset by the subcommand's default.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of an error instead of one line",
+    )
+    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo_cmd = commands.add_parser("demo", help="ingest the bundled PDB mirror end to end")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text, parents=[debug])
+
+    demo_cmd = command("demo", "ingest the bundled PDB mirror end to end")
     demo_cmd.add_argument("--keep", action="store_true", help="keep data of earlier runs")
 
-    plan_cmd = commands.add_parser("plan", help="freeze an ingest into batches (partitions)")
+    plan_cmd = command("plan", "freeze an ingest into batches (partitions); prints them")
     plan_cmd.add_argument("convention")
-    plan_cmd.add_argument("--limit", type=int)
-    plan_cmd.add_argument("--since", help="ISO date, e.g. 2024-01-31")
-    plan_cmd.add_argument("--batch-size", type=int)
+    plan_cmd.add_argument("--limit", type=int, help="exactly this many records (default: all)")
+    plan_cmd.add_argument("--since", help="only records changed since, ISO date: 2024-01-31")
+    plan_cmd.add_argument(
+        "--batch-size", type=int, help="records per batch (default: the convention's)"
+    )
     plan_cmd.add_argument(
         "--replan",
         action="store_true",
         help="batch again records already planned at the same version (left out otherwise)",
     )
+    plan_cmd.add_argument("--json", action="store_true", help="print the batches as JSON")
 
-    run_cmd = commands.add_parser("materialize", help="run the ingest job for partitions")
+    run_cmd = command("materialize", "run the ingest job for partitions")
     run_cmd.add_argument("convention")
     run_cmd.add_argument("partitions", nargs="*", help="partition keys (default: all planned)")
     run_cmd.add_argument(
@@ -319,76 +519,153 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only the batches holding dead letters (none: nothing runs)",
     )
 
-    summary_cmd = commands.add_parser("summary", help="counts of a convention's ingest")
+    summary_cmd = command("summary", "counts of a convention's ingest")
     summary_cmd.add_argument("convention")
+    summary_cmd.add_argument("--json", action="store_true", help="print the counts as JSON")
 
-    records_cmd = commands.add_parser("records", help="list published records")
+    records_cmd = command("records", "list published records")
     records_cmd.add_argument("--convention")
-    records_cmd.add_argument("--limit", type=int, default=50)
+    records_cmd.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_RECORDS_LIMIT,
+        help="list at most this many, saying so when there are more (default: %(default)s)",
+    )
     records_cmd.add_argument("--features", action="store_true", help="show feature rows too")
+    records_cmd.add_argument("--json", action="store_true", help="print the records as JSON")
 
-    dead_cmd = commands.add_parser(
-        "dead-letters", help="list poison records: out of memory alone at their hook's cap"
+    rejected_cmd = command(
+        "rejections", "list the records that were rejected or errored, with their reasons"
+    )
+    rejected_cmd.add_argument("convention")
+    rejected_cmd.add_argument(
+        "partitions", nargs="*", help="only these batches (default: every finished batch)"
+    )
+    rejected_cmd.add_argument("--json", action="store_true", help="print them as JSON")
+
+    dead_cmd = command(
+        "dead-letters", "list poison records: out of memory alone at their hook's cap"
     )
     dead_cmd.add_argument("convention")
     dead_cmd.add_argument(
         "--partitions", action="store_true", help="print only the batches to re-materialise"
     )
+    dead_cmd.add_argument("--json", action="store_true", help="print them as JSON")
 
-    db_cmd = commands.add_parser("db", help="the records database's schema (migrations)")
+    db_cmd = command("db", "the records database's schema (migrations)")
     db_cmd.add_argument("action", choices=["upgrade", "current"])
 
     from osa_dagster.backfill import add_backfill_parser
 
-    add_backfill_parser(commands)
-
-    args = parser.parse_args(argv)
-    from osa_dagster.conventions.registry import ConventionError
-    from osa_dagster.settings import SettingsError
-
-    try:
-        return _run(parser, args)
-    except (ConventionError, SettingsError) as error:
-        # A setting or a convention module that cannot be used: one line says which.
-        if args.debug:
-            raise
-        print(f"osa: {error}", file=sys.stderr)
-        return 2
+    add_backfill_parser(commands, parents=[debug])
+    return parser
 
 
-def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from osa_dagster.backfill import run_backfill_command
+def run_command(args: argparse.Namespace) -> int:
+    from osa_dagster.settings import settings
 
+    # Every variable is checked before any work: a malformed one anywhere is named at once.
+    settings()
     if args.command == "backfill":
+        from osa_dagster.backfill import run_backfill_command
+
         return run_backfill_command(args)
     if args.command == "db":
         return database_schema(args.action)
     if args.command == "demo":
         return demo(fresh=not args.keep)
     if args.command == "plan":
-        keys = plan(args.convention, args.limit, args.since, args.batch_size, replan=args.replan)
-        print("\n".join(keys))
+        batches = plan(args.convention, args.limit, args.since, args.batch_size, replan=args.replan)
+        if args.json:
+            _print_json([batch.model_dump() for batch in batches])
+        else:
+            for batch in batches:
+                print(f"{batch.partition}{'  new' if batch.new else ''}")
+            new = sum(batch.new for batch in batches)
+            print(f"{len(batches)} batches, {new} of them new", file=sys.stderr)
         return 0
     if args.command == "materialize":
         if args.dead_letters:
             if args.partitions:
-                parser.error("give either partitions or --dead-letters, not both")
+                raise CommandError("give either partitions or --dead-letters, not both")
             keys = dead_letter_partitions(_convention(args.convention).name)
             if not keys:
                 print(f"{args.convention} has no dead letters: nothing to run")
                 return 0
         else:
             keys = args.partitions or _partitions(args.convention)
-        return 1 if materialize(args.convention, keys) else 0
+        return EXIT_FAILED if materialize(args.convention, keys) else 0
     if args.command == "summary":
-        for name, value in sorted(summary(args.convention).items()):
-            print(f"{name:32} {value}")
+        totals = summary(args.convention)
+        if args.json:
+            _print_json(totals.model_dump())
+        else:
+            print_summary(totals)
+        return 0
+    if args.command == "rejections":
+        outcomes = not_passed(args.convention, args.partitions)
+        if args.json:
+            _print_json([outcome.model_dump() for outcome in outcomes])
+        for outcome in [] if args.json else outcomes:
+            print(
+                f"{outcome.partition}  {outcome.source_id}  {outcome.hook}  "
+                f"{outcome.status}: {outcome.reason}"
+            )
         return 0
     if args.command == "dead-letters":
-        dead_letters(args.convention, args.partitions)
+        dead_letters(args.convention, args.partitions, args.json)
         return 0
-    list_records(args.convention, args.limit, args.features)
+    list_records(args.convention, args.limit, args.features, args.json)
     return 0
+
+
+# Options of `osa plan` by the PlanConfig field they set, for naming them in errors.
+PLAN_OPTIONS = {"limit": "--limit", "since": "--since", "batch_size": "--batch-size"}
+
+
+def one_line(error: BaseException) -> str | None:
+    """The one line that tells a person what to fix, or None for an error that is a bug."""
+    from pydantic import ValidationError
+    from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
+    from osa_dagster.backfill import BackfillError
+    from osa_dagster.conventions.registry import ConventionError
+    from osa_dagster.settings import SettingsError
+    from osa_dagster.storage.s3 import StoreError
+
+    if isinstance(error, CommandError | BackfillError | ConventionError | SettingsError):
+        return str(error)
+    if isinstance(error, ValidationError) and error.title == "PlanConfig":
+        problems = []
+        for problem in error.errors():
+            option = PLAN_OPTIONS.get(str(problem["loc"][0]), str(problem["loc"][0]))
+            message = problem["msg"].removeprefix("Value error, ")
+            problems.append(f"{option}: {message}")
+        return "; ".join(problems)
+    # Only the settings say where the database and the store are, so a failure to reach
+    # them is the setting's problem.
+    database = "OSA_DATABASE_URL" if os.environ.get("OSA_DATABASE_URL") else "OSA_DATA_DIR"
+    if isinstance(error, ArgumentError | NoSuchModuleError):
+        return f"{database}: not a database URL this installation can open ({error})"
+    if isinstance(error, DBAPIError):
+        reason = str(error.orig).strip().splitlines()[0] if error.orig else type(error).__name__
+        return f"{database}: the records database cannot be used: {reason}"
+    if isinstance(error, StoreError):
+        store = "OSA_S3_ENDPOINT_URL" if os.environ.get("OSA_S3_ENDPOINT_URL") else "OSA_STORAGE"
+        return f"{store}: {error}"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except Exception as error:
+        message = one_line(error)
+        if message is None or args.debug:
+            raise
+        print(f"osa {args.command}: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from osa_dagster.conventions.base import Convention
 from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.defs.assets import batch_partitions, convention_assets
 from osa_dagster.defs.automation import convention_automation
+from osa_dagster.defs.beta_features import known_beta_features_quiet
 from osa_dagster.defs.checks import convention_checks
 from osa_dagster.defs.deposits import convention_deposits
 from osa_dagster.defs.planning import convention_jobs, ingest_executor
@@ -29,15 +30,16 @@ def convention_definitions(convention: Convention) -> dg.Definitions:
 
 
 def build_definitions() -> dg.Definitions:
-    return dg.Definitions.merge(
-        *(convention_definitions(c) for c in load_conventions().values()),
-        dg.Definitions(
-            resources=default_resources(),
-            # Also for the implicit asset job that asset backfills and UI materialisations
-            # run: otherwise Dagster's default gives every step its own process.
-            executor=ingest_executor(),
-        ),
-    )
+    with known_beta_features_quiet():
+        return dg.Definitions.merge(
+            *(convention_definitions(c) for c in load_conventions().values()),
+            dg.Definitions(
+                resources=default_resources(),
+                # Also for the implicit asset job that asset backfills and UI materialisations
+                # run: otherwise Dagster's default gives every step its own process.
+                executor=ingest_executor(),
+            ),
+        )
 
 
 defs = build_definitions()

@@ -2,11 +2,12 @@
 sensor that requests a run for every new partition."""
 
 import os
+import sys
 from collections.abc import Sequence, Set
 from datetime import datetime
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from osa_dagster import __version__
 from osa_dagster.batch.plan import plan_ingest
@@ -18,10 +19,15 @@ from osa_dagster.settings import Settings, data_dir
 
 SENSOR_INTERVAL_S = 15
 CONVENTION_TAG = "osa/convention"
+PLANNED_BATCHES_METADATA = "planned_batches"
 
 
 class PlanConfig(dg.Config):
-    """What to ingest: records changed since a date (ISO 8601), at most `limit` of them."""
+    """What to ingest: records changed since a date (ISO 8601), at most `limit` of them.
+
+    Validated here, so a bad value fails the same way in the launchpad and in `osa plan`
+    (which builds this before it launches anything).
+    """
 
     limit: int | None = Field(default=None, description="Exact number of records; all if unset.")
     since: str | None = Field(default=None, description="ISO date or datetime, e.g. 2024-01-31.")
@@ -30,6 +36,32 @@ class PlanConfig(dg.Config):
         default=False,
         description="Batch again records already planned at the same version (left out otherwise).",
     )
+
+    @field_validator("limit", "batch_size")
+    @classmethod
+    def _a_countable_number(cls, value: int | None) -> int | None:
+        if value is None:
+            return None
+        if value <= 0:
+            raise ValueError(f"must be a positive number of records, not {value}")
+        # Larger than any list can hold here: the discovery would fail after minutes.
+        if value > sys.maxsize:
+            raise ValueError(
+                f"{value} is more records than this machine can count (at most {sys.maxsize})"
+            )
+        return value
+
+    @field_validator("since")
+    @classmethod
+    def _an_iso_date(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not an ISO date or datetime (e.g. 2024-01-31)"
+                ) from None
+        return value
 
 
 # What a step container needs from the orchestrator's environment.
@@ -152,6 +184,11 @@ def convention_jobs(
                 "new_batches": len(result.new_partitions),
                 "duplicate_refs_dropped": result.duplicate_refs,
                 "already_planned": result.already_planned,
+                # Which batches, in planning order, and which of them are new: `osa plan`
+                # prints them from here, and the run's page shows them.
+                PLANNED_BATCHES_METADATA: dg.MetadataValue.json(
+                    {"batches": result.partitions, "new": result.new_partitions}
+                ),
             }
         )
 

@@ -1,6 +1,11 @@
 """The records database: published records and their features, keyed by SRN."""
 
-from osa_dagster.records.database import RecordsDatabase, database_url_from_env, open_database
+from osa_dagster.records.database import (
+    DatabaseNotReadable,
+    RecordsDatabase,
+    database_url_from_env,
+    open_database,
+)
 from osa_dagster.records.dead_letters import (
     DeadLetterRow,
     PoisonRecord,
@@ -20,6 +25,7 @@ from osa_dagster.records.publish import (
 
 __all__ = [
     "Base",
+    "DatabaseNotReadable",
     "DeadLetter",
     "DeadLetterRow",
     "Feature",

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from functools import cache, cached_property
+from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from osa_dagster.records.schema import upgrade
+from osa_dagster.records.schema import current_revision, head_revision, upgrade
 from osa_dagster.settings import Settings, data_dir
+
+
+class DatabaseNotReadable(RuntimeError):
+    """A reading command cannot use the records database as it is; the message says why."""
 
 
 def database_url_from_env() -> str:
@@ -16,17 +23,32 @@ def database_url_from_env() -> str:
     url = Settings.from_env().database_url
     if url:
         return url
-    folder = data_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'records.db'}"
+    return f"sqlite:///{data_dir() / 'records.db'}"
+
+
+def _sqlite_file(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
 
 
 class RecordsDatabase:
-    def __init__(self, url: str) -> None:
+    """The database as the steps use it: created and migrated to the newest revision on
+    first use. `read_only` is for commands that only look: they migrate nothing, take no
+    lock and create no file (see `engine`)."""
+
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.url = url
+        self.read_only = read_only
 
     @cached_property
     def engine(self) -> Engine:
+        if self.read_only:
+            return self._reading_engine()
+        sqlite_file = _sqlite_file(self.url)
+        if sqlite_file is not None:
+            sqlite_file.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(self.url)
         if engine.dialect.name == "sqlite":
             # Several runs may publish at once: wait for the writer lock instead of failing.
@@ -39,6 +61,27 @@ class RecordsDatabase:
                 cursor.close()
 
         upgrade(engine)
+        return engine
+
+    def _reading_engine(self) -> Engine:
+        sqlite_file = _sqlite_file(self.url)
+        url = self.url
+        if sqlite_file is not None:
+            if not sqlite_file.is_file():
+                raise DatabaseNotReadable(f"no records database at {sqlite_file}")
+            # A WAL database opened read-only needs its -shm file, which SQLite cannot make
+            # in a folder it may not write to: there, read the file as it is (immutable),
+            # which is right for a folder nobody can write to.
+            writable = os.access(sqlite_file.parent, os.W_OK)
+            mode = "" if writable else "?mode=ro&immutable=1"
+            url = f"sqlite:///file:{sqlite_file}{mode}{'&' if mode else '?'}uri=true"
+        engine = create_engine(url)
+        revision, newest = current_revision(engine), head_revision()
+        if revision != newest:
+            raise DatabaseNotReadable(
+                f"the records database {engine.url.render_as_string()} is at schema revision "
+                f"{revision}, this version reads {newest}: run `osa db upgrade`"
+            )
         return engine
 
     def session(self) -> Session:

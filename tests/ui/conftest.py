@@ -4,6 +4,7 @@ so that every process they start is stopped with them, whatever the test's outco
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -68,6 +69,11 @@ class DagsterSite:
 
     def osa(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.run(sys.executable, "-m", "osa_dagster.cli", *args)
+
+    def plan(self, *args: str) -> list[str]:
+        """`osa plan ARGS`: the partition keys of the batches it planned, in order."""
+        planned = json.loads(self.osa("plan", *args, "--json").stdout)
+        return [batch["partition"] for batch in planned]
 
     def dagster(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.run(sys.executable, "-m", "dagster", *args)

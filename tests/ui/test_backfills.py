@@ -55,9 +55,8 @@ def running_dagster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
     # The sensor would request a run for each new batch itself; stopped, every run that
     # follows was launched by a backfill.
     site.dagster("sensor", "stop", "-m", CODE_LOCATION, "pdb_new_batches")
-    planned = site.osa("plan", "pdb", "--limit", str(PLANNED_RECORDS), "--batch-size", "4")
-    partitions = planned.stdout.split()
-    assert len(partitions) == PLANNED_RECORDS // BATCH_SIZE, planned.stdout
+    partitions = site.plan("pdb", "--limit", str(PLANNED_RECORDS), "--batch-size", "4")
+    assert len(partitions) == PLANNED_RECORDS // BATCH_SIZE, partitions
     with dagster_server(site, [sys.executable, "-m", "dagster", "dev"], "dagster-dev") as url:
         yield RunningDagster(site=site, url=url, partitions=partitions)
 

@@ -61,7 +61,7 @@ class IngestedSite:
 def ingested(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngestedSite]:
     """The bundled mirror planned in batches of 10, two of them ingested, and the webserver."""
     site = make_site(tmp_path_factory.mktemp("browser"))
-    partitions = site.osa("plan", "pdb", "--batch-size", str(BATCH_SIZE)).stdout.split()
+    partitions = site.plan("pdb", "--batch-size", str(BATCH_SIZE))
     materialised = [partitions[REJECTING_BATCH], partitions[OOM_BATCH]]
     site.osa("materialize", "pdb", *materialised)
     command = [sys.executable, "-m", "dagster_webserver"]
