@@ -106,12 +106,16 @@ def test_plan_marks_new_batches_and_reading_commands_work_read_only(site, isolat
     assert first.returncode == 0, first.stderr
     [batch] = json.loads(first.stdout)
     assert batch["new"] is True
-    again = osa("plan", "toy", "--limit", "10", "--batch-size", "5", env=env, cwd=root)
+    more = osa("plan", "toy", "--limit", "10", "--batch-size", "5", env=env, cwd=root)
+    assert more.returncode == 0, more.stderr
+    # Only the five records not planned yet are planned, in a new batch.
+    [second_key, marker] = more.stdout.split()
+    assert (marker, more.stderr.splitlines()[-1]) == ("new", "1 batches, 1 of them new")
+    # Planned again, both batches are the same frozen batches as before: none is new.
+    again = osa("plan", "toy", "--limit", "10", "--batch-size", "5", "--replan", env=env, cwd=root)
     assert again.returncode == 0, again.stderr
-    # The first batch is the same frozen batch as before; the second one is new.
-    second_key = again.stdout.split()[1]
-    assert again.stdout == f"{batch['partition']}\n{second_key}  new\n"
-    assert "2 batches, 1 of them new" in again.stderr
+    assert again.stdout == f"{batch['partition']}\n{second_key}\n"
+    assert again.stderr.splitlines()[-1] == "2 batches, 0 of them new"
     ingested = osa("materialize", "toy", batch["partition"], env=env, cwd=root)
     assert ingested.returncode == 0, ingested.stderr
 
