@@ -4,7 +4,7 @@ import pytest
 from osa_sdk.types import RecordRef
 
 from osa_dagster.batch import BatchInputError
-from osa_dagster.batch.fetch import fetch_raw_batch, read_raw_records
+from osa_dagster.batch.fetch import fetch_raw_batch, read_ingest_report, read_raw_records
 from osa_dagster.batch.plan import load_manifest, plan_ingest, plan_refs, planned_partitions
 from osa_dagster.storage import BatchLayout, Manifest, store_from_env
 from tests.fixtures.toy_convention import CONVENTIONS, TOY_IDS
@@ -131,3 +131,17 @@ def test_malformed_raw_records_name_the_batch_and_line(bad_line, message):
     with pytest.raises(BatchInputError, match=message) as error:
         read_raw_records(store, layout)
     assert key in str(error.value)
+
+
+def test_a_truncated_ingest_report_names_the_batch_the_file_and_what_to_do():
+    store = store_from_env()
+    [key] = plan_ingest(TOY, store, limit=3, batch_size=3).partitions
+    fetch_raw_batch(TOY, store, key)
+    layout = BatchLayout("toy", key)
+    store.write_bytes(layout.ingest_report, store.read_bytes(layout.ingest_report)[:10])
+
+    with pytest.raises(BatchInputError) as error:
+        read_ingest_report(store, layout)
+    [line] = str(error.value).splitlines()
+    assert key in line and store.describe(layout.ingest_report) in line
+    assert "Invalid JSON" in line and "materialise its raw_batch again" in line

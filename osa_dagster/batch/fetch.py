@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from osa_dagster.batch import BatchInputError
 from osa_dagster.batch.plan import load_manifest
+from osa_dagster.batch.stores import UnreadableState, parse_stored
 from osa_dagster.conventions.base import Convention
 from osa_dagster.records.models import Record
 from osa_dagster.storage.layout import BatchLayout
@@ -93,4 +94,10 @@ def fetch_raw_batch(
 
 
 def read_ingest_report(store: ArtifactStore, layout: BatchLayout) -> IngestReport:
-    return IngestReport.model_validate_json(store.read_bytes(layout.ingest_report))
+    try:
+        return parse_stored(IngestReport, store, layout.ingest_report)
+    except UnreadableState as error:
+        raise BatchInputError(
+            f"batch {layout.partition!r} of convention {layout.convention!r}: the ingest report "
+            f"at {error.where} cannot be read ({error.cause}); materialise its raw_batch again"
+        ) from None
