@@ -4,6 +4,7 @@ Pure Python without Dagster, so that the engine can be tested, benchmarked and r
 own; the Dagster layer (osa_dagster.defs) calls `advance_hook` from a step.
 """
 
+from osa_dagster.engine.capacity import Admission, Cancelled, HookCapacity
 from osa_dagster.engine.checkpoint import (
     Anomaly,
     AttemptRecord,
@@ -42,15 +43,18 @@ from osa_dagster.engine.spec import HookSpec, MemoryPolicy
 
 __all__ = [
     "LARGE_LANE",
+    "Admission",
     "Anomaly",
     "AttemptExit",
     "AttemptMarker",
     "AttemptRecord",
+    "Cancelled",
     "Checkpoint",
     "CheckpointIO",
     "FileCheckpointIO",
     "FileMemoryHistoryIO",
     "HookBatch",
+    "HookCapacity",
     "HookProgress",
     "HookSpec",
     "InFlightAttempt",

@@ -74,6 +74,9 @@ class AttemptRecord(BaseModel):
     # "large": records started above the main ladder's limit, at the level a memory history
     # predicted for their size (see hook_run); None: the main ladder.
     lane: str | None = None
+    # Seconds the attempt waited for a slot and room in the machine's memory budget before it
+    # started (engine/capacity.py); None when it ran without one.
+    queued_s: float | None = None
     # What a memory history learns from (engine/memory_history.py): the largest record the
     # hook settled, and the size of the record it was on when OOM-killed.
     max_size_mb_done: float | None = None
@@ -90,6 +93,7 @@ class InFlightAttempt(BaseModel):
     marker: AttemptMarker
     isolation: bool = False
     lane: str | None = None
+    queued_s: float | None = None
     # Bytes of each output file already merged into the outcomes, so that after a crash the
     # rest of the output is merged exactly once.
     offsets: dict[str, int] = Field(default_factory=dict)

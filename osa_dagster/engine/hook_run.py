@@ -52,6 +52,7 @@ import json
 import logging
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -69,6 +70,7 @@ from osa_sdk.contract import (
 )
 from osa_sdk.types import HookRecord, OutcomeStatus
 
+from osa_dagster.engine.capacity import Cancelled, HookCapacity
 from osa_dagster.engine.checkpoint import (
     Anomaly,
     AttemptRecord,
@@ -134,6 +136,8 @@ def run_hook(
     checkpoint_every_s: float = 1.0,
     checkpoint_every_records: int = 1,
     history: MemoryHistoryIO | None = None,
+    capacity: HookCapacity | None = None,
+    cancel: threading.Event | None = None,
 ) -> Checkpoint:
     """Run the hook until every record of the batch has an outcome."""
     while not (
@@ -146,6 +150,8 @@ def run_hook(
             checkpoint_every_s=checkpoint_every_s,
             checkpoint_every_records=checkpoint_every_records,
             history=history,
+            capacity=capacity,
+            cancel=cancel,
         )
     ).done:
         log.info("hook %s: continuing at %s MB", spec.name, progress.next_memory_mb)
@@ -163,12 +169,18 @@ def advance_hook(
     checkpoint_every_records: int = 1,
     stop_after_oom: bool = True,
     history: MemoryHistoryIO | None = None,
+    capacity: HookCapacity | None = None,
+    cancel: threading.Event | None = None,
 ) -> HookProgress:
     """Run attempts of the hook until the batch is done, or until an OOM if `stop_after_oom`.
 
     Not done means: the last attempt ran out of memory, and the next call runs the records
     left with `next_memory_mb`. The checkpoint settings are explained in the module doc, and
     so is `history`: starting large records at the memory their size is known to need.
+    With `capacity`, each attempt first waits for a slot and room for its memory limit in
+    the machine's budget (engine/capacity.py) and holds them until its hook has exited.
+    Setting `cancel` (from another thread) kills the running hook and raises `Cancelled`;
+    the checkpoint keeps what was done.
     """
     if checkpoint_every_records < 1 or checkpoint_every_s <= 0:
         raise ValueError(
@@ -184,6 +196,8 @@ def advance_hook(
         checkpoint_every_s,
         checkpoint_every_records,
         history,
+        capacity,
+        cancel,
     )
     known_attempts = len(run.checkpoint.attempts)
 
@@ -222,8 +236,12 @@ class _HookRun:
         save_every_s: float,
         save_every_records: int,
         history: MemoryHistoryIO | None = None,
+        capacity: HookCapacity | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.spec = spec
+        self.capacity = capacity
+        self.cancel = cancel
         self.batch = batch
         self.history = history
         self.sizes = {r.id: r.size_mb for r in batch.records}
@@ -373,7 +391,17 @@ class _HookRun:
         self.checkpoints.save(self.checkpoint)
 
     def attempt(self, pending: list[HookRecord], memory: int, lane: str | None) -> AttemptExit:
-        """One attempt over these records, checkpointing outcomes as they appear."""
+        """One attempt over these records, checkpointing outcomes as they appear; with a
+        capacity, once a slot and its memory are free."""
+        if self.capacity is None:
+            return self._attempt(pending, memory, lane, queued_s=None)
+        label = f"hook {self.spec.name} attempt {len(self.checkpoint.attempts) + 1}"
+        with self.capacity.admit(memory, label, self.cancel) as admission:
+            return self._attempt(pending, memory, lane, queued_s=admission.queued_s)
+
+    def _attempt(
+        self, pending: list[HookRecord], memory: int, lane: str | None, queued_s: float | None
+    ) -> AttemptExit:
         number = len(self.checkpoint.attempts) + 1
         invocation = self._prepare(number, pending, memory)
         log.info(
@@ -394,6 +422,7 @@ class _HookRun:
             marker=running.marker,
             isolation=self.checkpoint.suspect is not None,
             lane=lane,
+            queued_s=queued_s,
         )
         self.checkpoint.running = flight
         # Saved before waiting: if we die now, the next run finds and kills the hook.
@@ -443,6 +472,8 @@ class _HookRun:
         saved_at, unsaved = time.monotonic(), 0
         try:
             while (exit_ := running.wait(self.poll_s)) is None:
+                if self.cancel is not None and self.cancel.is_set():
+                    raise Cancelled(f"hook {self.spec.name}: attempt {flight.number} was cancelled")
                 unsaved += self._harvest(reader, flight)
                 if reader.refused is not None:
                     # The output cannot be trusted any further: nothing the hook does next counts.
@@ -508,6 +539,7 @@ class _HookRun:
                 limit_mode=flight.marker.limit_mode,
                 isolation=flight.isolation,
                 lane=flight.lane,
+                queued_s=flight.queued_s,
                 max_size_mb_done=max((self.sizes[rid] for rid in settled), default=None),
                 first_unfinished_size_mb=(
                     self.sizes.get(first_unfinished) if oom and first_unfinished else None

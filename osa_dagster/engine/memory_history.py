@@ -24,6 +24,7 @@ twice changes nothing: a caller may learn from a whole checkpoint after every st
 from __future__ import annotations
 
 import math
+import threading
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +33,9 @@ from osa_dagster.atomic_files import JsonModelFile
 from osa_dagster.engine.checkpoint import AttemptRecord, Checkpoint
 from osa_dagster.engine.spec import MemoryPolicy
 
+# Threads of one process (a step running many batches of a hook at once) learn one at a
+# time, so that none loses another's evidence; separate processes can still race (below).
+_LEARNING = threading.Lock()
 # The frontiers are bounded by the distinct limits and peaks seen; this bounds them for good.
 MAX_ENTRIES = 256
 
@@ -136,6 +140,7 @@ def update_history(io: MemoryHistoryIO, hook: str, attempts: list[AttemptRecord]
     """Load, learn, save when changed. Two batches of a hook learning at the same moment may
     lose one's evidence (the last save wins); learning is idempotent, so the next step of
     that batch, which learns from its whole checkpoint, puts it back."""
-    history = io.load() or MemoryHistory(hook=hook)
-    if history.learn(attempts):
-        io.save(history)
+    with _LEARNING:
+        history = io.load() or MemoryHistory(hook=hook)
+        if history.learn(attempts):
+            io.save(history)

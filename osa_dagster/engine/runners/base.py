@@ -135,13 +135,28 @@ def image_command(command: Iterable[str]) -> list[str]:
     return parts
 
 
-def process_start_ticks(pid: int) -> int | None:
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (the state) on, or None when there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # Field 22 is the start time; the command name (field 2) may contain spaces and ")".
-    return int(stat.rpartition(")")[2].split()[19])
+    # The command name (field 2) may contain spaces and ")": split after its last ")".
+    return stat.rpartition(")")[2].split()
+
+
+def process_start_ticks(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])  # field 22: the start time
+
+
+def still_running(pid: int, start_ticks: int | None, boot: str | None) -> bool:
+    """Whether the process that had this pid, kernel start time and boot still runs (a
+    zombie, killed and not yet reaped, does not; a later process with its pid is another)."""
+    if start_ticks is None or boot != boot_id():
+        return False
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z" and int(fields[19]) == start_ticks
 
 
 def boot_id() -> str | None:

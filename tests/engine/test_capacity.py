@@ -1,0 +1,253 @@
+"""The machine's capacity for hook attempts (engine/capacity.py): one memory budget and a
+number of slots that every attempt on the machine draws from, whatever run it belongs to."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from osa_sdk.types import OutcomeStatus
+
+from osa_dagster.engine import Cancelled, Checkpoint, FileCheckpointIO, LocalRunner, run_hook
+from osa_dagster.engine.capacity import HookCapacity
+
+from .helpers import BEHAVE, HOOKS, Harness, alive, eventually, record, require_cgroups
+
+_MB = 1024 * 1024
+JOURNALED = (sys.executable, str(HOOKS / "journaled.py"))
+
+
+class Held:
+    """An admission held by a thread of this test until `release()`."""
+
+    def __init__(self, capacity: HookCapacity, limit_mb: int, label: str) -> None:
+        self.admitted = threading.Event()
+        self._release = threading.Event()
+        self.label = label
+        self._thread = threading.Thread(target=self._hold, args=(capacity, limit_mb))
+        self._thread.start()
+
+    def _hold(self, capacity: HookCapacity, limit_mb: int) -> None:
+        with capacity.admit(limit_mb, self.label):
+            self.admitted.set()
+            self._release.wait()
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive()
+
+
+def _labels(capacity: HookCapacity, *, running: bool) -> set[str]:
+    return {e.label for e in capacity.read().entries if e.running == running}
+
+
+def test_an_attempt_waits_for_room_and_one_larger_than_the_budget_runs_alone(tmp_path: Path):
+    capacity = HookCapacity(tmp_path / "ledger.json", slots=4, budget_mb=100)
+    small = Held(capacity, 60, "small")
+    assert small.admitted.wait(30)
+    # 60 + 50 > 100: waits, and says so in the ledger.
+    middle = Held(capacity, 50, "middle")
+    assert eventually(lambda: _labels(capacity, running=False) == {"middle"})
+    small.release()
+    assert middle.admitted.wait(30)
+
+    # Larger than the whole budget: it waits for an empty machine, then nothing joins it.
+    huge = Held(capacity, 500, "huge")
+    assert eventually(lambda: "huge" in _labels(capacity, running=False))
+    middle.release()
+    assert huge.admitted.wait(30)
+    tiny = Held(capacity, 1, "tiny")
+    assert eventually(lambda: _labels(capacity, running=False) == {"tiny"})
+    assert _labels(capacity, running=True) == {"huge"}
+    huge.release()
+    assert tiny.admitted.wait(30)
+    tiny.release()
+    assert capacity.read().entries == []
+
+
+def test_slots_bound_the_attempts_running_at_once(tmp_path: Path):
+    capacity = HookCapacity(tmp_path / "ledger.json", slots=2, budget_mb=10_000)
+    first, second = Held(capacity, 1, "first"), Held(capacity, 1, "second")
+    assert first.admitted.wait(30) and second.admitted.wait(30)
+    third = Held(capacity, 1, "third")
+    assert eventually(lambda: _labels(capacity, running=False) == {"third"})
+    second.release()
+    assert third.admitted.wait(30)
+    first.release()
+    third.release()
+
+
+RUN = """
+import json, sys
+from pathlib import Path
+from osa_sdk.types import HookRecord
+from osa_dagster.engine import FileCheckpointIO, HookBatch, HookSpec, LocalRunner, run_hook
+from osa_dagster.engine.capacity import HookCapacity
+args = json.loads(sys.argv[1])
+run_hook(
+    HookSpec.model_validate(args["spec"]),
+    HookBatch([HookRecord.model_validate(r) for r in args["records"]], Path(args["files_root"])),
+    LocalRunner(),
+    FileCheckpointIO(Path(args["checkpoint"])),
+    Path(args["workdir"]),
+    capacity=HookCapacity(Path(args["ledger"]), slots=2, budget_mb=args["budget_mb"]),
+)
+"""
+
+
+@pytest.mark.slow
+def test_a_sigkilled_runs_share_of_the_budget_is_returned(harness: Harness, tmp_path: Path):
+    ledger = tmp_path / "capacity.json"
+    capacity = HookCapacity(ledger, slots=2, budget_mb=512)
+    spec = harness.spec(base_mb=512, cap_mb=512, sleep_s=600)
+    args = {
+        "spec": spec.model_dump(mode="json"),
+        "records": [record("slow").model_dump(mode="json")],
+        "files_root": str(harness.files_root),
+        "checkpoint": str(harness.checkpoints.path),
+        "workdir": str(harness.workdir),
+        "ledger": str(ledger),
+        "budget_mb": 512,
+    }
+    run = subprocess.Popen([sys.executable, "-c", RUN, json.dumps(args)])
+    try:
+        assert eventually(
+            lambda: (
+                [(e.holder.pid, e.charge_mb) for e in capacity.read().running()] == [(run.pid, 512)]
+            ),
+            timeout_s=30,
+        )
+        run.kill()
+        # Not reaped yet: a zombie holds nothing either.
+        assert eventually(lambda: capacity.read().entries == [])
+    finally:
+        run.kill()
+        run.wait()
+    whole = Held(capacity, 512, "after the kill")
+    assert whole.admitted.wait(30)
+    whole.release()
+
+
+BATCHES = 8
+BUDGET_MB = 384
+# Record kind -> (MB it allocates, its outcome) under the ladder 64 -> 128 -> 256 MB; the
+# hook and its journaling parent take ~20 MB besides.
+KINDS = {
+    "small": (16, "passed at 64"),
+    "medium": (80, "passed at 128"),
+    "large": (180, "passed at 256"),
+    "poison": (400, "poison at 256"),
+}
+
+
+def _journal_peak(journal: Path) -> tuple[int, int]:
+    """The largest sum of the kernel limits of attempts running at one moment, and the most
+    attempts running at one moment, from the hooks' own journal."""
+    events: list[tuple[int, int, int]] = []  # (time, 0 for an end, 1 for a start, limit)
+    limits: dict[str, int] = {}
+    for line in journal.read_text().splitlines():
+        kind, ns, *rest = line.split()
+        if kind == "start":
+            limit, pid = rest
+            limits[pid] = int(limit)
+            events.append((int(ns), 1, int(limit)))
+        else:
+            [pid] = rest
+            events.append((int(ns), 0, -limits.pop(pid)))
+    assert limits == {}, f"attempts without an end in the journal: {limits}"
+    total = running = peak = most = 0
+    for _, _, change in sorted(events):  # an end before a start at the same instant
+        total += change
+        running += 1 if change > 0 else -1
+        peak, most = max(peak, total), max(most, running)
+    return peak, most
+
+
+def _outcome(checkpoint: Checkpoint, record_id: str) -> str:
+    outcome = checkpoint.outcomes[record_id]
+    if outcome.poison:
+        return f"poison at {outcome.memory_limit_mb}"
+    assert outcome.status is OutcomeStatus.PASSED, outcome
+    return f"passed at {outcome.features[0]['memory_limit_mb']}"
+
+
+@pytest.mark.slow
+def test_a_burst_of_climbing_attempts_never_holds_more_than_the_budget(tmp_path: Path):
+    require_cgroups()
+    capacity = HookCapacity(tmp_path / "capacity.json", slots=BATCHES, budget_mb=BUDGET_MB)
+    journal = tmp_path / "journal.txt"
+    runner = LocalRunner()
+    harnesses = [Harness(tmp_path / f"batch-{n}", runner) for n in range(BATCHES)]
+
+    def run(harness: Harness) -> Checkpoint:
+        spec = harness.spec((*JOURNALED, str(journal), *BEHAVE), base_mb=64, cap_mb=256)
+        records = [
+            record(kind, size_mb=size, alloc_mb=alloc_mb, sleep_s=0.2)
+            for size, (kind, (alloc_mb, _)) in enumerate(KINDS.items(), start=1)
+        ]
+        return run_hook(
+            spec,
+            harness.batch(records),
+            runner,
+            FileCheckpointIO(harness.root / "checkpoint.json"),
+            harness.workdir,
+            capacity=capacity,
+        )
+
+    with ThreadPoolExecutor(BATCHES) as pool:
+        checkpoints = list(pool.map(run, harnesses))
+
+    # Every record ends with what its size really needs, whatever ran beside it.
+    for checkpoint in checkpoints:
+        assert {kind: _outcome(checkpoint, kind) for kind in KINDS} == {
+            kind: outcome for kind, (_, outcome) in KINDS.items()
+        }
+    peak, most = _journal_peak(journal)
+    assert peak <= BUDGET_MB * _MB
+    assert most >= 2  # the attempts did run side by side
+    # 8 first attempts at 64 MB do not fit in 384 MB together: some waited, and said so.
+    attempts = [a for c in checkpoints for a in c.attempts]
+    assert any(a.queued_s for a in attempts)
+    assert capacity.read().entries == []
+
+
+def test_cancelling_a_run_kills_its_hook_and_keeps_what_it_did(harness: Harness):
+    capacity = HookCapacity(harness.root / "capacity.json", slots=1, budget_mb=1024)
+    cancel = threading.Event()
+    records = [record(f"r{n}", size_mb=n, sleep_s=0.1 if n == 0 else 600) for n in range(3)]
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_hook(
+                harness.spec(),
+                harness.batch(records),
+                harness.runner,
+                harness.checkpoints,
+                harness.workdir,
+                checkpoint_every_s=0.05,
+                capacity=capacity,
+                cancel=cancel,
+            )
+        except BaseException as error:  # what the thread ended with
+            outcome.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert eventually(lambda: harness.ledger_counts() == {"r0": 1}, timeout_s=30)
+    cancel.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert [type(e) for e in outcome] == [Cancelled]
+    stored = harness.checkpoints.load()
+    assert stored is not None and stored.running is not None
+    hook_pid = stored.running.marker.pid
+    assert hook_pid is not None and eventually(lambda: not alive(hook_pid))
+    # Its slot is free again; the checkpoint names the attempt, for the next run to harvest.
+    assert capacity.read().entries == []
