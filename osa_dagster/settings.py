@@ -66,6 +66,14 @@ class Settings(BaseModel):
         "65534:65534", pattern=r"^[1-9][0-9]*:[0-9]+$", alias="OSA_HOOK_SANDBOX_USER"
     )
     """uid:gid that sandboxed hooks run as: numeric, never root."""
+    hook_slots: int | None = Field(None, ge=1, alias="OSA_HOOK_SLOTS")
+    """Hook attempts running at once on this machine; None: the CPUs this process may use."""
+    hook_memory_budget_mb: int | None = Field(None, ge=1, alias="OSA_HOOK_MEMORY_BUDGET")
+    """MB that the memory limits of every hook attempt running on this machine may add up
+    to; None: 80 % of the memory of the orchestrator's cgroup, or of the host."""
+    hook_ledger: Path | None = Field(None, alias="OSA_HOOK_LEDGER")
+    """The ledger of the slots and budget (engine/capacity.py), shared by every process
+    that names the same file; None: hook-capacity.json in the data folder."""
     step_image: str | None = Field(None, alias="OSA_STEP_IMAGE")
     k8s_namespace: str = Field("default", min_length=1, alias="OSA_K8S_NAMESPACE")
     k8s_staging_secret: str | None = Field(None, alias="OSA_K8S_STAGING_SECRET")
@@ -104,6 +112,10 @@ class Settings(BaseModel):
     def artifacts_location(self) -> str:
         """OSA_STORAGE, or the default folder in the data folder."""
         return self.storage or str(self.data_dir / "artifacts")
+
+    @property
+    def hook_ledger_path(self) -> Path:
+        return self.hook_ledger or self.data_dir / "hook-capacity.json"
 
     @property
     def deposits_location(self) -> str:

@@ -11,12 +11,21 @@ import pytest
 from tests.fixtures.pg_cluster import PgCluster, pg_binary, throwaway_postgres
 from tests.fixtures.services import unavailable
 
+# Each test's hook attempts share the slots and budget of its own data folder.
+HOOK_CAPACITY = ("OSA_HOOK_SLOTS", "OSA_HOOK_MEMORY_BUDGET", "OSA_HOOK_LEDGER")
+
 
 @pytest.fixture(autouse=True)
 def isolated_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     data = tmp_path / "data"
     monkeypatch.setenv("OSA_DATA_DIR", str(data))
-    for name in ("OSA_STORAGE", "OSA_DATABASE_URL", "OSA_HOOK_MEMORY", "OSA_CONVENTIONS"):
+    for name in (
+        "OSA_STORAGE",
+        "OSA_DATABASE_URL",
+        "OSA_HOOK_MEMORY",
+        "OSA_CONVENTIONS",
+        *HOOK_CAPACITY,
+    ):
         monkeypatch.delenv(name, raising=False)
     return data
 

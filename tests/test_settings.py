@@ -28,6 +28,8 @@ def test_values_are_parsed_into_their_types() -> None:
             "OSA_SOURCES": "pdb=rcsb,geo=ncbi",
             "OSA_PLAN_CRON_PDB": "0 4 * * 2",
             "OSA_WATCH_OVERLAP_H": "12.5",
+            "OSA_HOOK_SLOTS": "6",
+            "OSA_HOOK_MEMORY_BUDGET": "16000",
         }
     )
     assert settings.data_dir == Path("/srv/osa")
@@ -40,6 +42,8 @@ def test_values_are_parsed_into_their_types() -> None:
     assert settings.sources == {"pdb": "rcsb", "geo": "ncbi"}
     assert settings.plan_cron == {"pdb": "0 4 * * 2"}
     assert settings.watch_overlap_h == 12.5
+    assert (settings.hook_slots, settings.hook_memory_budget_mb) == (6, 16000)
+    assert settings.hook_ledger_path == Path("/srv/osa/hook-capacity.json")
 
 
 @pytest.mark.parametrize(
@@ -55,6 +59,8 @@ def test_values_are_parsed_into_their_types() -> None:
         ("OSA_SOURCES", "pdb", "CONVENTION=SOURCE"),
         ("OSA_S3_RETRY_MAX_WAIT_S", "nan", "finite number"),
         ("OSA_WATCH_INTERVAL_S", "hourly", "valid integer"),
+        ("OSA_HOOK_SLOTS", "0", "greater than or equal to 1"),
+        ("OSA_HOOK_MEMORY_BUDGET", "8g", "valid integer"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_its_variable(

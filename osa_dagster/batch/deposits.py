@@ -28,7 +28,7 @@ from osa_sdk.types import HookRecord, HookRecordId, OutcomeStatus
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from osa_dagster.conventions.base import Convention
-from osa_dagster.engine import FileCheckpointIO, HookBatch, Runner, run_hook
+from osa_dagster.engine import FileCheckpointIO, HookBatch, HookCapacity, Runner, run_hook
 from osa_dagster.regular_files import open_folder, open_regular
 from osa_dagster.storage.store import ArtifactStore
 
@@ -132,14 +132,19 @@ def read_result(store: ArtifactStore, convention: str, deposit: str) -> DepositR
 
 
 def validate_deposit(
-    convention: Convention, store: ArtifactStore, deposit: str, runner: Runner
+    convention: Convention,
+    store: ArtifactStore,
+    deposit: str,
+    runner: Runner,
+    capacity: HookCapacity | None = None,
 ) -> DepositResult:
-    """Run the deposit through the convention's hooks and write its result.json."""
+    """Run the deposit through the convention's hooks and write its result.json; each
+    attempt within `capacity` (the machine's slots and memory budget) when given."""
     if not DEPOSIT_NAME.fullmatch(deposit):
         raise ValueError(f"{deposit!r} is not a deposit name (letters, digits, '.', '_', '-')")
     prefix = deposit_prefix(convention.name, deposit)
     with tempfile.TemporaryDirectory(prefix="osa-deposit-") as tmp:
-        result = _validate(convention, store, prefix, deposit, runner, Path(tmp))
+        result = _validate(convention, store, prefix, deposit, runner, capacity, Path(tmp))
     store.write_bytes(f"{prefix}/{RESULT_FILE}", result.model_dump_json(indent=1).encode())
     return result
 
@@ -150,6 +155,7 @@ def _validate(
     prefix: str,
     deposit: str,
     runner: Runner,
+    capacity: HookCapacity | None,
     work: Path,
 ) -> DepositResult:
     def malformed(reason: str, source_id: str | None = None) -> DepositResult:
@@ -197,6 +203,7 @@ def _validate(
             runner,
             FileCheckpointIO(work / f"{spec.name}.checkpoint.json"),
             work / spec.name,
+            capacity=capacity,
         )
         outcome = checkpoint.outcomes[source_id]
         verdicts.append(

@@ -1,8 +1,12 @@
-"""Running hooks: each hook over a batch through the engine, resuming from the store."""
+"""Running hooks: each hook over a batch through the engine, resuming from the store, and
+many of them at once within the machine's capacity."""
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from osa_sdk.types import HookRecord
@@ -11,8 +15,17 @@ from osa_dagster.batch import BatchInputError
 from osa_dagster.batch.fetch import read_raw_records
 from osa_dagster.batch.stores import StoreCheckpointIO, StoreMemoryHistoryIO, UnreadableState
 from osa_dagster.conventions.base import Convention
-from osa_dagster.engine import Checkpoint, HookBatch, HookProgress, Runner, advance_hook
+from osa_dagster.engine import (
+    Checkpoint,
+    HookBatch,
+    HookCapacity,
+    HookProgress,
+    Runner,
+    advance_hook,
+)
+from osa_dagster.engine.capacity import default_budget_mb, default_slots
 from osa_dagster.engine.memory_history import MemoryHistory
+from osa_dagster.settings import Settings
 from osa_dagster.storage.layout import BatchLayout, memory_history_key
 from osa_dagster.storage.store import ArtifactStore
 
@@ -62,6 +75,8 @@ def run_batch_hook(
     checkpoint_every_s: float = 1.0,
     checkpoint_every_records: int = 1,
     predict_memory: bool = True,
+    capacity: HookCapacity | None = None,
+    cancel: threading.Event | None = None,
 ) -> HookProgress:
     """Advance one hook over the batch, resuming from its checkpoint in the store (a
     checkpoint that cannot be read is set aside: see `set_aside_unreadable_checkpoint`).
@@ -71,6 +86,7 @@ def run_batch_hook(
     `predict_memory`, the hook's memory history in the store (`memory_history_key`) starts
     a new batch's large records at the memory their size needed before, and learns from
     this batch's attempts; without it, the ladder starts every record at the base.
+    `capacity` and `cancel` are the engine's (osa_dagster.engine.hook_run.advance_hook).
     """
     spec = convention.hook(hook_name)
     layout = BatchLayout(convention.name, partition)
@@ -93,6 +109,8 @@ def run_batch_hook(
             history=StoreMemoryHistoryIO(store, memory_history_key(convention.name, hook_name))
             if predict_memory
             else None,
+            capacity=capacity,
+            cancel=cancel,
         )
 
 
@@ -125,3 +143,94 @@ def load_memory_history(
 ) -> MemoryHistory | None:
     """The memory-vs-size history that predicts where a hook's large records start."""
     return StoreMemoryHistoryIO(store, memory_history_key(convention.name, hook_name)).load()
+
+
+def machine_capacity(settings: Settings) -> HookCapacity:
+    """The slots and memory budget that every hook attempt on this machine shares."""
+    return HookCapacity(
+        settings.hook_ledger_path,
+        slots=settings.hook_slots or default_slots(),
+        budget_mb=settings.hook_memory_budget_mb or default_budget_mb(),
+    )
+
+
+def hook_workers(capacity: HookCapacity | None, jobs: int) -> int:
+    """Threads for `jobs` hook jobs: one more than the machine's slots, so that a job
+    prepares its next attempt while the others run; without a capacity (a cluster packs
+    the attempts), one per job."""
+    return min(jobs, capacity.slots + 1) if capacity is not None else jobs
+
+
+@dataclass(frozen=True)
+class HookJob:
+    """One hook over one batch: the unit that runs concurrently with others."""
+
+    partition: str
+    hook: str
+
+
+@dataclass(frozen=True)
+class HookJobResult:
+    job: HookJob
+    progress: HookProgress | None
+    error: Exception | None  # what the job raised instead of ending
+    set_aside: SetAside | None = None  # the unreadable checkpoint it set aside first
+
+
+def _run_job(
+    convention: Convention,
+    store: ArtifactStore,
+    runner: Runner,
+    job: HookJob,
+    capacity: HookCapacity | None,
+    cancel: threading.Event,
+) -> HookJobResult:
+    set_aside = set_aside_unreadable_checkpoint(convention, store, job.partition, job.hook)
+    try:
+        progress = run_batch_hook(
+            convention,
+            job.hook,
+            store,
+            job.partition,
+            runner,
+            stop_after_oom=False,
+            capacity=capacity,
+            cancel=cancel,
+        )
+    except Exception as error:  # the job's end, reported beside the others'
+        return HookJobResult(job, None, error, set_aside)
+    return HookJobResult(job, progress, None, set_aside)
+
+
+def run_hook_jobs(
+    convention: Convention,
+    store: ArtifactStore,
+    runner: Runner,
+    jobs: Iterable[HookJob],
+    *,
+    workers: int,
+    capacity: HookCapacity | None,
+) -> Iterator[HookJobResult]:
+    """Run every job to its end (the whole memory ladder) in `workers` threads, yielding
+    each result as it ends. The hooks of a batch depend only on its raw records, and the
+    batches of a range on nothing of each other, so any order is right; attempts start
+    when `capacity` has room (without one, as the workers allow: a cluster packs them).
+
+    Threads suffice: each waits on a hook process or container. Each job keeps its own
+    checkpoint and attempt log, so what it leaves is the same whatever ran beside it. A
+    job that fails does not stop the others. A checkpoint that cannot be read is set aside
+    first (`set_aside_unreadable_checkpoint`), as a lone run of the hook does. Closing the
+    iterator early (the run was terminated) cancels the jobs: running hooks are killed,
+    their checkpoints keep what they did, and it returns when every thread has stopped.
+    """
+    cancel = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="osa-hooks")
+    try:
+        futures = [
+            pool.submit(_run_job, convention, store, runner, job, capacity, cancel) for job in jobs
+        ]
+        for future in as_completed(futures):
+            yield future.result()  # a job's exception is in its result; others end the step
+    finally:
+        cancel.set()
+        pool.shutdown(wait=True, cancel_futures=True)

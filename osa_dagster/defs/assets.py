@@ -13,9 +13,11 @@ import dagster as dg
 
 from osa_dagster.batch.fetch import fetch_raw_batch
 from osa_dagster.batch.hooks import (
+    HookJob,
+    HookJobResult,
+    hook_workers,
     load_memory_history,
-    run_batch_hook,
-    set_aside_unreadable_checkpoint,
+    run_hook_jobs,
 )
 from osa_dagster.batch.publish import publish_batch, store_batch_features
 from osa_dagster.conventions.base import Convention
@@ -41,16 +43,11 @@ from osa_dagster.settings import Settings
 # A step whose process the kernel killed (the run worker, not the hook) is retried;
 # it resumes from the hook's checkpoint.
 STEP_CRASH_RETRIES = 2
-# Every hook step of every run holds a slot of this pool while its hook runs, so an
-# operator caps concurrent hook processes (or containers) across all runs with
-# `dagster instance concurrency set osa_hooks N`. Without a limit set, it costs nothing.
+# The hook step of every run holds a slot of this pool while its hooks run, so an operator
+# caps the runs running hooks at once with `dagster instance concurrency set osa_hooks N`.
+# Without a limit set, it costs nothing. The hook attempts themselves share the machine's
+# slots and memory budget (OSA_HOOK_SLOTS, OSA_HOOK_MEMORY_BUDGET), whatever run they are in.
 HOOK_POOL = "osa_hooks"
-
-
-def hook_step_retries(hook: HookSpec) -> int:
-    """Retries of a hook step: one per climb of its memory ladder, to the cap, plus those of
-    a crashed step (Dagster counts every earlier attempt of the step against the limit)."""
-    return hook.memory.climbs() + STEP_CRASH_RETRIES
 
 
 # Partitions a run covers when many are materialised at once (asset backfills, the
@@ -119,71 +116,91 @@ def _raw_batch_asset(
     return raw_batch
 
 
-def _hook_asset(
-    convention: Convention, hook: HookSpec, partitions: dg.PartitionsDefinition
+def _hooks_asset(
+    convention: Convention, partitions: dg.PartitionsDefinition
 ) -> dg.AssetsDefinition:
-    ladder = hook.memory.ladder()
+    """Every hook of the convention in one step, each still its own asset.
 
-    @dg.asset(
-        key=hook_key(convention, hook),
-        deps=[raw_batch_key(convention)],
+    Steps of one run execute one after another, so a step per hook would run the hooks of
+    a range one batch and one hook at a time. This step runs every (batch, hook) of its
+    range at once, as far as the machine's slots and memory budget allow (run_hook_jobs),
+    and gives each hook's asset its own materialisation and metadata per partition. Each
+    job climbs its whole memory ladder in the step, so an OOM holds back no other job. A
+    selection of some hooks (the UI, a backfill of one hook) runs only those.
+    """
+    specs = [
+        dg.AssetSpec(
+            key=hook_key(convention, hook),
+            deps=[raw_batch_key(convention)],
+            group_name=convention.name,
+            kinds={"python"},
+            skippable=True,
+            description=f"Outcomes of hook {hook.name!r} over the batch (memory ladder "
+            f"{' -> '.join(f'{mb} MB' for mb in hook.memory.ladder())}, escalated on OOM only).",
+        )
+        for hook in convention.hooks
+    ]
+
+    @dg.multi_asset(
+        name=f"{convention.name}__hook_outcomes",
+        specs=specs,
         partitions_def=partitions,
         backfill_policy=backfill_policy(),
-        group_name=convention.name,
-        kinds={"python"},
         retry_policy=dg.RetryPolicy(max_retries=STEP_CRASH_RETRIES),
         pool=HOOK_POOL,
-        description=f"Outcomes of hook {hook.name!r} over the batch (memory ladder "
-        f"{' -> '.join(f'{mb} MB' for mb in ladder)}, escalated on OOM only).",
+        can_subset=True,
     )
     def hook_outcomes(
         context: dg.AssetExecutionContext,
         artifact_store: ArtifactStoreResource,
         hook_runner: HookRunnerResource,
     ) -> Iterator[dg.AssetObservation | dg.MaterializeResult]:
-        store = artifact_store.get()
-        runner = hook_runner.get()
-        oom_killed: dict[str, int | None] = {}
-        for partition in context.partition_keys:
-            set_aside = set_aside_unreadable_checkpoint(convention, store, partition, hook.name)
-            if set_aside is not None:
-                context.log.warning(set_aside.message)
+        store, runner, capacity = artifact_store.get(), hook_runner.get(), hook_runner.capacity()
+        hooks = [
+            h for h in convention.hooks if hook_key(convention, h) in context.selected_asset_keys
+        ]
+        jobs = [HookJob(p, h.name) for p in context.partition_keys for h in hooks]
+        failed: list[HookJobResult] = []
+        for result in run_hook_jobs(
+            convention,
+            store,
+            runner,
+            jobs,
+            workers=hook_workers(capacity, len(jobs)),
+            capacity=capacity,
+        ):
+            job, key = result.job, hook_key(convention, convention.hook(result.job.hook))
+            set_aside = set_aside_metadata(result.set_aside) if result.set_aside else {}
+            if result.set_aside is not None:
+                context.log.warning(result.set_aside.message)
                 yield dg.AssetObservation(
-                    asset_key=hook_key(convention, hook),
-                    partition=partition,
-                    metadata=set_aside_metadata(set_aside),
+                    asset_key=key, partition=job.partition, metadata=set_aside
                 )
-            progress = run_batch_hook(convention, hook.name, store, partition, runner)
-            # Yielded, not logged: events logged through the context are dropped when the
-            # step then raises, and the OOM attempt is the one a curator must see.
-            for attempt in progress.attempts_this_call:
-                context.log.info(f"hook {hook.name} on {partition}: {describe_attempt(attempt)}")
+            if result.progress is None:
+                context.log.error(f"hook {job.hook} on {job.partition} failed: {result.error}")
+                failed.append(result)
+                continue
+            # Yielded, not only logged: events logged through the context are dropped when
+            # the step then raises, and an OOM attempt is one a curator must see.
+            for attempt in result.progress.attempts_this_call:
+                context.log.info(f"hook {job.hook} on {job.partition}: {describe_attempt(attempt)}")
                 yield dg.AssetObservation(
-                    asset_key=hook_key(convention, hook),
-                    partition=partition,
-                    metadata=attempt_metadata(attempt),
+                    asset_key=key, partition=job.partition, metadata=attempt_metadata(attempt)
                 )
-            if progress.done:
-                history = load_memory_history(convention, store, hook.name)
-                context.add_asset_metadata(
-                    {
-                        **hook_metadata(progress.checkpoint),
-                        **memory_history_metadata(history),
-                        **(set_aside_metadata(set_aside) if set_aside else {}),
-                    },
-                    partition_key=partition,
-                )
-            else:
-                oom_killed[partition] = progress.next_memory_mb
-        if oom_killed:
-            context.log.warning(
-                f"hook {hook.name} was OOM-killed in {', '.join(oom_killed)}; their records "
-                f"not yet done run again with more memory ({oom_killed})"
+            history = load_memory_history(convention, store, job.hook)
+            context.add_asset_metadata(
+                {
+                    **hook_metadata(result.progress.checkpoint),
+                    **memory_history_metadata(history),
+                    **set_aside,
+                },
+                asset_key=key,
+                partition_key=job.partition,
             )
-            # Only an OOM gets here: the next step attempt takes its memory from the
-            # checkpoint, and the partitions already done return at once.
-            raise dg.RetryRequested(max_retries=hook_step_retries(hook), seconds_to_wait=0)
-        yield dg.MaterializeResult()
+        if failed:
+            raise failed[0].error  # type: ignore[misc]  # a failed job has its error
+        for hook in hooks:
+            yield dg.MaterializeResult(asset_key=hook_key(convention, hook))
 
     return hook_outcomes
 
@@ -253,7 +270,7 @@ def convention_assets(
     return dg.Definitions(
         assets=[
             _raw_batch_asset(convention, partitions),
-            *(_hook_asset(convention, hook, partitions) for hook in convention.hooks),
+            _hooks_asset(convention, partitions),
             _published_asset(convention, partitions),
             _features_asset(convention, partitions),
         ]

@@ -42,7 +42,9 @@ def convention_deposits(
         hook_runner: HookRunnerResource,
     ) -> dg.MaterializeResult:
         store = deposits.get()
-        result = validate_deposit(convention, store, context.partition_key, hook_runner.get())
+        result = validate_deposit(
+            convention, store, context.partition_key, hook_runner.get(), hook_runner.capacity()
+        )
         prefix = deposit_prefix(convention.name, result.deposit)
         location = store.describe(f"{prefix}/{RESULT_FILE}")
         context.log.info(f"deposit {result.deposit}: {result.status.value} {result.reason or ''}")

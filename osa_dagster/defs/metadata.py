@@ -48,6 +48,9 @@ def describe_attempt(attempt: AttemptRecord) -> str:
         f"{_mb(attempt.peak_memory_mb)} MB, {attempt.records_done}/{attempt.records_in} "
         f"records done, {_ending(attempt)}"
     )
+    if attempt.queued_s:
+        text += f", after {attempt.queued_s:.1f} s waiting for a slot and memory"
+
     if attempt.oom_killed and attempt.first_unfinished:
         text += f" while on record {attempt.first_unfinished!r}"
     return text
@@ -70,6 +73,7 @@ def attempt_metadata(attempt: AttemptRecord) -> dict[str, Any]:
         "record_in_progress": attempt.first_unfinished or "-",
         "isolation": attempt.isolation,
         "lane": attempt.lane or "main",
+        "queued_s": round(attempt.queued_s or 0.0, 2),
     }
 
 
@@ -82,6 +86,7 @@ def attempt_row(attempt: AttemptRecord) -> list[Any]:
         _ending(attempt),
         f"{attempt.records_done}/{attempt.records_in}",
         "-" if attempt.duration_s is None else f"{attempt.duration_s:.1f}",
+        "-" if attempt.queued_s is None else f"{attempt.queued_s:.1f}",
         attempt.first_unfinished or "",
     ]
 
@@ -94,6 +99,7 @@ ATTEMPT_HEADER = (
     "ending",
     "records done",
     "seconds",
+    "queued s",
     "record in progress",
 )
 

@@ -11,7 +11,8 @@ from typing import Literal, get_args
 
 import dagster as dg
 
-from osa_dagster.engine import LocalRunner, Runner
+from osa_dagster.batch.hooks import machine_capacity
+from osa_dagster.engine import HookCapacity, LocalRunner, Runner
 from osa_dagster.engine.runners.docker import DockerRunner
 from osa_dagster.records import RecordsDatabase, database_url_from_env, open_database
 from osa_dagster.settings import Settings
@@ -99,6 +100,14 @@ class HookRunnerResource(dg.ConfigurableResource):
                 ),
             )
         raise ValueError(f"unknown hook runner {kind!r}: choose one of {get_args(RunnerKind)}")
+
+    def capacity(self) -> HookCapacity | None:
+        """The slots and memory budget that local and Docker attempts share machine-wide;
+        None for Kubernetes, whose scheduler packs pods by their memory requests."""
+        settings = Settings.from_env()
+        if (self.kind or settings.hook_runner) == "kubernetes":
+            return None
+        return machine_capacity(settings)
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:

@@ -53,8 +53,8 @@ def test_disk_full_fails_the_hook_step_cleanly_then_rerun_completes(
 
     assert not result.success
     failures = failed_steps(result)
-    assert list(failures) == ["faults_bulky__hook_outcomes__bulky"], failures
-    assert "No space left on device" in failures["faults_bulky__hook_outcomes__bulky"]
+    assert list(failures) == ["faults_bulky__hook_outcomes"], failures
+    assert "No space left on device" in failures["faults_bulky__hook_outcomes"]
     assert published("faults_bulky") == {}
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)

@@ -60,11 +60,18 @@ def test_graph_runs_with_every_artifact_in_s3(on_seaweedfs, tmp_path, isolated_d
     assert not (isolated_data_dir / "artifacts").exists()
 
 
-def test_oom_retry_resumes_from_a_checkpoint_in_s3(on_seaweedfs, tmp_path):
+def test_an_oom_climb_resumes_from_a_checkpoint_in_s3(on_seaweedfs, tmp_path):
     (tmp_path / "dagster").mkdir()
     [result] = _run_all("toy_oom", tmp_path)
     assert result.success
-    assert any(e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY for e in result.all_events)
+    limits = [
+        (o.metadata["memory_limit_mb"].value, o.metadata["records_in"].value)
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION
+        and (o := e.asset_observation_data.asset_observation)
+    ]
+    # The second attempt, one rung up, ran only what the checkpoint in S3 did not hold.
+    assert [mb for mb, _ in limits] == [128, 256] and limits[1][1] < limits[0][1]
     with RecordsDatabase(database_url_from_env()).session() as session:
         assert session.scalar(select(func.count()).select_from(Record)) == 6
 

@@ -1,0 +1,89 @@
+"""The hook jobs of a range (every hook over every batch) run at once, each on its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from osa_dagster.batch import BatchInputError
+from osa_dagster.batch.fetch import fetch_raw_batch
+from osa_dagster.batch.hooks import HookJob, machine_capacity, run_hook_jobs
+from osa_dagster.batch.plan import plan_ingest
+from osa_dagster.batch.stores import StoreCheckpointIO
+from osa_dagster.conventions.base import Convention
+from osa_dagster.conventions.registry import load_conventions
+from osa_dagster.engine import HookCapacity, LocalRunner
+from osa_dagster.settings import Settings
+from osa_dagster.storage import BatchLayout, store_from_env
+from tests.engine.helpers import alive, eventually
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def slow_hook(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The fault conventions, whose `ledger` hook sleeps OSA_FAULTS_SLEEP_S on each record;
+    a test sets that, then loads them."""
+    monkeypatch.setenv("OSA_CONVENTIONS", "tests.fixtures.fault_convention")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("OSA_FAULTS_RECORDS", "4")
+    monkeypatch.setenv("OSA_FAULTS_LEDGER", str(tmp_path / "ledger.txt"))
+
+
+def _two_batches_one_fetched(convention: Convention) -> list[str]:
+    """Two batches of two records; only the first is fetched, so the second's job fails."""
+    keys = plan_ingest(convention, store_from_env(), batch_size=2).partitions
+    fetch_raw_batch(convention, store_from_env(), keys[0])
+    return keys
+
+
+@pytest.mark.usefixtures("slow_hook")
+def test_a_failed_job_stops_no_other(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OSA_FAULTS_SLEEP_S", "0")
+    convention = load_conventions()["faults_ledger"]
+    fetched, unfetched = _two_batches_one_fetched(convention)
+    capacity = machine_capacity(Settings.from_env())
+    jobs = [HookJob(unfetched, "ledger"), HookJob(fetched, "ledger")]
+    results = {
+        r.job.partition: r
+        for r in run_hook_jobs(
+            convention, store_from_env(), LocalRunner(), jobs, workers=2, capacity=capacity
+        )
+    }
+    done = results[fetched].progress
+    assert done is not None and done.done and done.checkpoint.counts()["passed"] == 2
+    assert isinstance(results[unfetched].error, BatchInputError)
+    assert "no records.jsonl" in str(results[unfetched].error)
+    assert capacity.read().entries == []
+
+
+@pytest.mark.usefixtures("slow_hook")
+def test_closing_the_jobs_early_kills_their_hooks(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OSA_FAULTS_SLEEP_S", "600")
+    convention = load_conventions()["faults_ledger"]
+    fetched, unfetched = _two_batches_one_fetched(convention)
+    store = store_from_env()
+    capacity = HookCapacity(Settings.from_env().hook_ledger_path, slots=2, budget_mb=4096)
+    jobs = run_hook_jobs(
+        convention,
+        store,
+        LocalRunner(),
+        [HookJob(unfetched, "ledger"), HookJob(fetched, "ledger")],
+        workers=2,
+        capacity=capacity,
+    )
+    first = next(jobs)  # the unfetched batch fails at once; the other's hook sleeps
+    assert first.job.partition == unfetched and first.error is not None
+    assert eventually(lambda: len(capacity.read().running()) == 1, timeout_s=60)
+    checkpoints = StoreCheckpointIO(
+        store, BatchLayout(convention.name, fetched).checkpoint("ledger")
+    )
+    assert eventually(lambda: (c := checkpoints.load()) is not None and c.running is not None)
+    running = checkpoints.load().running
+    assert running is not None and running.marker.pid is not None
+
+    jobs.close()  # as when the run is terminated: returns once every thread has stopped
+
+    assert not alive(running.marker.pid)
+    assert capacity.read().entries == []
