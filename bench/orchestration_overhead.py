@@ -11,12 +11,12 @@ with their features.
 
   dagster      the convention's `<conv>_ingest` asset job (in-process executor, as deployed),
                one execute_in_process run per partition (OSA_PARTITIONS_PER_RUN=1),
-               including the 4 asset checks
+               including the asset checks
   runs of 20   the same job, one run per range of 20 adjacent partitions: the default
                (OSA_PARTITIONS_PER_RUN), as the new-batches sensor and `osa materialize` run it
   single run   the same job, one run over every partition (BackfillPolicy.single_run())
-  bare steps   plan_ingest, then per batch fetch_raw_batch, run_batch_hook, publish_batch,
-               store_batch_features: the floor
+  bare steps   plan_ingest, then over every batch fetch_raw_batch, the hooks (run_hook_jobs,
+               as the Dagster step runs them), publish_batch, store_batch_features: the floor
   bare same    the bare steps plus what the Dagster assets and checks compute besides them
                (count_published once and every check's verdict per batch): the fair floor
 
@@ -46,7 +46,12 @@ import dagster as dg  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from osa_dagster.batch.fetch import fetch_raw_batch  # noqa: E402
-from osa_dagster.batch.hooks import run_batch_hook  # noqa: E402
+from osa_dagster.batch.hooks import (  # noqa: E402
+    HookJob,
+    hook_workers,
+    machine_capacity,
+    run_hook_jobs,
+)
 from osa_dagster.batch.plan import plan_ingest  # noqa: E402
 from osa_dagster.batch.publish import publish_batch, store_batch_features  # noqa: E402
 from osa_dagster.conventions.base import Convention  # noqa: E402
@@ -61,6 +66,7 @@ from osa_dagster.records import (  # noqa: E402
     open_database,
 )
 from osa_dagster.records.queries import count_published  # noqa: E402
+from osa_dagster.settings import Settings  # noqa: E402
 from osa_dagster.storage import store_from_env  # noqa: E402
 
 CONVENTION = "bench_overhead"
@@ -119,17 +125,26 @@ def _extra_work(convention: Convention, store, db, key: str) -> None:
 
 
 def run_bare(same_work: bool) -> float:
+    """The steps over every partition in the order one range run takes them, the hooks run
+    as the Dagster step runs them (run_hook_jobs, within the same machine capacity)."""
     convention = _convention()
     store = store_from_env()
     db = open_database(database_url_from_env())
     keys = plan_ingest(convention, store).partitions
     runner = LocalRunner()
+    capacity = machine_capacity(Settings.from_env())
     started = time.perf_counter()
     for key in keys:
         fetch_raw_batch(convention, store, key)
-        for spec in convention.hooks:
-            assert run_batch_hook(convention, spec.name, store, key, runner).done
+    jobs = [HookJob(key, spec.name) for key in keys for spec in convention.hooks]
+    workers = hook_workers(capacity, len(jobs))
+    for result in run_hook_jobs(
+        convention, store, runner, jobs, workers=workers, capacity=capacity
+    ):
+        assert result.progress is not None and result.progress.done, result.error
+    for key in keys:
         publish_batch(convention, store, db, key, domain="bench")
+    for key in keys:
         store_batch_features(convention, store, db, key)
         if same_work:
             _extra_work(convention, store, db, key)

@@ -25,6 +25,11 @@ REPO = BENCH.parent
 # (script, arguments, arguments with --quick)
 SCRIPTS = [
     ("orchestration_overhead.py", ["--runs", "3"], ["--runs", "1", "--records", "400"]),
+    (
+        "parallel_hooks.py",
+        ["--runs", "3"],
+        ["--runs", "1", "--cpu-ms", "1", "--no-overhead"],
+    ),
     ("publish_throughput.py", ["--runs", "3"], ["--runs", "1", "--records", "10000"]),
     ("runner_overhead.py", ["--runs", "30"], ["--runs", "5"]),
     ("store_transfer.py", ["--runs", "5"], ["--runs", "1"]),

@@ -1,0 +1,257 @@
+"""Hook attempts in parallel: wall time and CPU use with every slot against one slot, and
+Dagster's cost per batch in range runs.
+
+    .venv/bin/python bench/parallel_hooks.py [--runs 3] [--cpu-ms 10] [--no-overhead]
+
+Side by side in one invocation, each case from an empty store, records database, capacity
+ledger and Dagster instance (SQLite), hooks under the local runner:
+
+  pdb/10, pdb/100  the bundled PDB mirror (44 real entries, two hooks, one OOM climb) planned
+                   in batches of 10 and of 100 and ingested through `pdb_ingest` in range runs
+                   (OSA_PARTITIONS_PER_RUN, as `make demo` and `osa materialize` run it):
+                   wall time of the whole graph (plan to features), and the CPU used while
+                   the hook step ran
+  cpu              2,000 synthetic records in 20 batches, on each of which the `burn` hook
+                   spends --cpu-ms of CPU time: the same two figures
+  overhead         the range run of bench/orchestration_overhead.py against its bare loops
+                   (same hooks, same parallelism): Dagster's own cost per batch
+
+Each case runs with the default slots (the CPUs this process may use) and with
+OSA_HOOK_SLOTS=1, alternating within a round so that drift of the machine hits both alike.
+CPU use = CPU time of this process and of its hooks (RUSAGE_SELF + RUSAGE_CHILDREN: the local
+runner reaps every hook within the step) while the hook step ran, over that time and the
+CPUs; other load on the machine lowers it, so the load average is printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from bisect import bisect_left
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import dagster as dg  # noqa: E402
+
+# Puts the repository on the path and names the bench conventions, before osa_dagster loads.
+import orchestration_overhead as overhead  # noqa: E402
+from dagster._core.storage.tags import (  # noqa: E402
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
+
+from osa_dagster.defs.planning import contiguous_chunks  # noqa: E402
+from osa_dagster.engine.capacity import default_slots  # noqa: E402
+from osa_dagster.settings import Settings  # noqa: E402
+
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+SAMPLE_S = 0.05
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (every thread) and of the children it has reaped."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class CpuSampler:
+    """CPU time sampled against the wall clock, so that any interval can be read back."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.cpu: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _sample(self) -> None:
+        self.times.append(time.time())
+        self.cpu.append(cpu_seconds())
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            self._sample()
+
+    def at(self, moment: float) -> float:
+        """CPU seconds at `moment`, interpolated between the samples around it."""
+        i = min(max(bisect_left(self.times, moment), 1), len(self.times) - 1)
+        t0, t1, c0, c1 = self.times[i - 1], self.times[i], self.cpu[i - 1], self.cpu[i]
+        return c0 if t1 == t0 else c0 + (c1 - c0) * (moment - t0) / (t1 - t0)
+
+
+@dataclass
+class Measurement:
+    wall_s: float
+    hook_step_s: float
+    hook_cpu_s: float
+    partitions: int
+
+    @property
+    def cpu_share(self) -> float:
+        """CPU used while the hook step ran, as a share of every CPU the process may use."""
+        return self.hook_cpu_s / self.hook_step_s / default_slots()
+
+
+def _hook_step_spans(instance: dg.DagsterInstance, run_id: str, step: str) -> list[float]:
+    """[start, end] of the hook step in a run, from its event log."""
+    spans = [
+        entry.timestamp
+        for entry in instance.all_logs(run_id)
+        if entry.dagster_event is not None
+        and entry.dagster_event.step_key == step
+        and entry.dagster_event.event_type
+        in (dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS)
+    ]
+    assert len(spans) == 2, f"the hook step {step} did not run once and succeed: {spans}"
+    return spans
+
+
+def ingest(convention: str, batch_size: int, slots: int | None, scratch: Path) -> Measurement:
+    """Plan and ingest every batch of a convention through Dagster, from nothing."""
+    from osa_dagster.definitions import build_definitions
+
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        os.environ["OSA_DATA_DIR"] = str(Path(tmp) / "data")
+        if slots is None:
+            os.environ.pop("OSA_HOOK_SLOTS", None)
+        else:
+            os.environ["OSA_HOOK_SLOTS"] = str(slots)
+        (Path(tmp) / "dagster").mkdir()
+        defs = build_definitions()
+        plan = defs.resolve_job_def(f"{convention}_plan")
+        job = defs.resolve_job_def(f"{convention}_ingest")
+        step_s = step_cpu = 0.0
+        with (
+            dg.instance_for_test(temp_dir=str(Path(tmp) / "dagster")) as instance,
+            CpuSampler() as cpu,
+        ):
+            started = time.perf_counter()
+            config = {"ops": {f"{convention}_plan_batches": {"config": {"batch_size": batch_size}}}}
+            assert plan.execute_in_process(
+                run_config={**QUIET_RUN, **config}, instance=instance
+            ).success
+            keys = instance.get_dynamic_partitions(f"{convention}_batches")
+            per_run = Settings.from_env().partitions_per_run
+            for chunk in contiguous_chunks(keys, set(), per_run):
+                result = job.execute_in_process(
+                    run_config=QUIET_RUN,
+                    instance=instance,
+                    tags={
+                        ASSET_PARTITION_RANGE_START_TAG: chunk[0],
+                        ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
+                    },
+                )
+                assert result.success
+                start, end = _hook_step_spans(
+                    instance, result.run_id, f"{convention}__hook_outcomes"
+                )
+                step_s += end - start
+                step_cpu += cpu.at(end) - cpu.at(start)
+            wall = time.perf_counter() - started
+            done = instance.get_materialized_partitions(dg.AssetKey([convention, "features"]))
+            assert done == set(keys), "not every partition was ingested"
+        return Measurement(wall, step_s, step_cpu, len(keys))
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--cpu-ms", type=float, default=10.0)
+    parser.add_argument("--no-overhead", action="store_true", help="skip the overhead case")
+    args = parser.parse_args()
+    os.environ["OSA_BENCH_RECORDS"] = "2000"
+    os.environ["OSA_BENCH_BATCH_SIZE"] = "100"
+    os.environ["OSA_BENCH_CPU_MS"] = str(args.cpu_ms)
+    os.environ.pop("OSA_HOOK_MEMORY_BUDGET", None)
+    os.environ.pop("OSA_HOOK_LEDGER", None)  # each case's own, in its data folder
+
+    cases = {"pdb/10": ("pdb", 10), "pdb/100": ("pdb", 100), "cpu": ("bench_cpu", 100)}
+    slot_choices = {"default": None, "one": 1}
+    measured: dict[tuple[str, str], list[Measurement]] = {}
+    loads: list[str] = []
+    overheads: dict[str, list[float]] = {"runs of 20": [], "bare same": [], "bare steps": []}
+    from osa_dagster.definitions import build_definitions
+
+    os.environ.pop("OSA_HOOK_SLOTS", None)
+    overhead_defs = build_definitions()
+    variants = {
+        "runs of 20": lambda home: overhead.run_dagster(overhead_defs, home, 20),
+        "bare same": lambda home: overhead.run_bare(same_work=True),
+        "bare steps": lambda home: overhead.run_bare(same_work=False),
+    }
+    with tempfile.TemporaryDirectory(prefix="osa-bench-") as tmp:
+        scratch = Path(tmp)
+        for _ in range(args.runs):
+            loads.append(_load())
+            for case, (convention, batch_size) in cases.items():
+                for choice, slots in slot_choices.items():
+                    run = ingest(convention, batch_size, slots, scratch)
+                    measured.setdefault((case, choice), []).append(run)
+            if not args.no_overhead:
+                os.environ.pop("OSA_HOOK_SLOTS", None)
+                for name, seconds in overhead.one_round(variants, scratch, 2000).items():
+                    overheads[name].append(seconds)
+        loads.append(_load())
+
+    print(
+        f"{default_slots()} CPUs, local runner ({overhead.memory_limit_mode()}), SQLite; "
+        f"median of {args.runs} runs; load average (1, 5, 15 min) at each round and at the "
+        f"end: {' | '.join(loads)}"
+    )
+    print(
+        f"{'case':<9}{'slots':>8}{'batches':>9}{'wall s':>9}{'hook step s':>13}"
+        f"{'CPU in hook step':>18}"
+    )
+    medians: dict[tuple[str, str], tuple[float, float]] = {}
+    for (case, choice), runs in measured.items():
+        wall = statistics.median(r.wall_s for r in runs)
+        step = statistics.median(r.hook_step_s for r in runs)
+        share = statistics.median(r.cpu_share for r in runs)
+        medians[case, choice] = (wall, step)
+        slots = default_slots() if choice == "default" else 1
+        print(f"{case:<9}{slots:>8}{runs[0].partitions:>9}{wall:>9.2f}{step:>13.2f}{share:>17.0%}")
+    print("default slots against one slot (wall time ratio; hook step speedup):")
+    for case in cases:
+        (wall, step), (wall_one, step_one) = medians[case, "default"], medians[case, "one"]
+        print(f"  {case:<8} wall x{wall / wall_one:.2f}   hook step speedup x{step_one / step:.2f}")
+    if not args.no_overhead:
+        median = {name: statistics.median(times) for name, times in overheads.items()}
+        partitions = 20
+        print(
+            "Dagster's cost per batch, range runs of 20 over 2,000 records (trivial hook): "
+            f"{(median['runs of 20'] - median['bare same']) / partitions:.3f} s against the "
+            f"bare loop doing the same work ({median['runs of 20']:.2f} s vs "
+            f"{median['bare same']:.2f} s, x{median['runs of 20'] / median['bare same']:.2f}); "
+            f"{(median['runs of 20'] - median['bare steps']) / partitions:.3f} s against the "
+            f"bare steps ({median['bare steps']:.2f} s)"
+        )
+
+
+if __name__ == "__main__":
+    main()
