@@ -29,6 +29,8 @@ def slow_hook(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.setenv("OSA_FAULTS_RECORDS", "4")
     monkeypatch.setenv("OSA_FAULTS_LEDGER", str(tmp_path / "ledger.txt"))
+    # The hook writes to the test's ledger, which no sandboxed hook may.
+    monkeypatch.setenv("OSA_HOOK_SANDBOX", "off")
 
 
 def _two_batches_one_fetched(convention: Convention) -> list[str]:
