@@ -17,6 +17,8 @@ from osa_dagster.engine import AttemptRecord, Checkpoint
 from osa_dagster.engine.memory_history import MemoryHistory
 
 PREVIEW_ROWS = 20
+# A wait for a slot and memory this long is told in an attempt's log line.
+NOTED_WAIT_S = 0.1
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> dg.MetadataValue:
@@ -48,7 +50,7 @@ def describe_attempt(attempt: AttemptRecord) -> str:
         f"{_mb(attempt.peak_memory_mb)} MB, {attempt.records_done}/{attempt.records_in} "
         f"records done, {_ending(attempt)}"
     )
-    if attempt.queued_s:
+    if attempt.queued_s is not None and attempt.queued_s >= NOTED_WAIT_S:
         text += f", after {attempt.queued_s:.1f} s waiting for a slot and memory"
 
     if attempt.oom_killed and attempt.first_unfinished:
