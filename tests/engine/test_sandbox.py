@@ -203,3 +203,27 @@ def test_a_dead_orchestrators_sandboxed_attempt_leaves_no_cgroup_behind(
 
     assert not Path(marker.cgroup).exists()
     assert not Path(marker.pids_cgroup).exists()
+
+
+def test_inputs_staged_in_a_private_folder_are_readable_by_the_hook(
+    sandboxed: None, tmp_path: Path
+) -> None:
+    # The S3 store stages a batch's files in a folder only its owner may enter (0700).
+    for name in ("in", "out", "files"):
+        (tmp_path / name).mkdir(mode=0o700)
+    (tmp_path / "files" / "data.txt").write_text("staged\n")
+    attempt = LocalRunner(sandbox="on").start(
+        Invocation(
+            command=("cat", "/osa/files/data.txt"),
+            env={},
+            in_dir=tmp_path / "in",
+            out_dir=tmp_path / "out",
+            files_root=tmp_path / "files",
+            memory_limit_mb=128,
+            timeout_s=60,
+            log_path=tmp_path / "hook.log",
+        )
+    )
+    exit_ = attempt.wait(60)
+    assert exit_ is not None and exit_.returncode == 0, (tmp_path / "hook.log").read_text()
+    assert (tmp_path / "hook.log").read_text() == "staged\n"

@@ -39,6 +39,7 @@ from osa_dagster.engine.runners.base import (
     image_command,
     process_start_ticks,
     read_tail,
+    readable_by_hooks,
     returncode_from_exit_code,
 )
 
@@ -91,6 +92,7 @@ class DockerRunner:
                 "to run it with the Docker runner"
             )
         _writable_by(inv.out_dir, self.user)
+        readable_by_hooks(inv.in_dir, inv.files_root)
         name = f"osa-hook-{secrets.token_hex(8)}"
         env = {
             **inv.env,

@@ -40,6 +40,7 @@ from osa_dagster.engine.runners.base import (
     boot_id,
     process_start_ticks,
     read_tail,
+    readable_by_hooks,
     returncode_from_exit_code,
 )
 from osa_dagster.engine.runners.sandbox import (
@@ -153,6 +154,7 @@ class LocalRunner:
                 else:
                     max_processes = policy.max_processes
                 self.sandbox.prepare_output(inv.out_dir)
+                readable_by_hooks(inv.in_dir, inv.files_root)
                 command = self.sandbox.wrap(
                     inv.command,
                     in_dir=inv.in_dir,

@@ -4,10 +4,11 @@ Hooks are other people's code running on the archive's machine. Wrapped by `Sand
 an attempt runs under bubblewrap (`bwrap`) and util-linux `setpriv`:
 
 - as uid:gid 65534 (nobody) by default, with no supplementary groups and no way to gain
-  privileges, even when the orchestrator is root. bwrap's own user namespace would map back
-  to root outside, so the uid drop by setpriv is what keeps the hook from root's files;
-- in new pid, ipc, mount and network namespaces: it sees only its own processes in /proc
-  and has no network (only the loopback device) unless its HookSpec opts in;
+  privileges, even when the orchestrator is root. A user namespace alone (bwrap
+  --unshare-user) maps back to root outside, so the uid drop by setpriv is what keeps the
+  hook from root's files;
+- in new pid, ipc, uts, mount and network namespaces: it sees only its own processes in
+  /proc and has no network (only a loopback device of its own) unless its HookSpec opts in;
 - on a root made of only what running code needs, read-only: the system folders (/usr,
   /etc and the top-level links into /usr), the Python installation and the import path of
   the orchestrator, and the files its command names. Nothing else of the machine exists
