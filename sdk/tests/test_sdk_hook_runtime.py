@@ -331,3 +331,26 @@ def test_nan_and_infinities_error_their_record_instead_of_becoming_null(batch: B
             "retryable": False,
         },
     ]
+
+
+def test_reasons_name_a_records_files_without_the_folder_they_were_found_in(
+    batch: Batch,
+) -> None:
+    batch.write_records([{"id": "pdb:1abc"}, {"id": "pdb:2xyz"}])
+
+    def parse(record: HookRecord) -> None:
+        path = record.file("structure.cif.gz")
+        if record.id == "pdb:1abc":
+            raise Reject(f"{path.name} cannot be read as mmCIF (failed to read {path}: line 3)")
+        raise OSError(f"[Errno 2] No such file: '{path}' in {record.files_path}")
+
+    run_hook(parse, batch.in_dir, batch.out_dir, batch.files_root, "h")
+
+    outcomes = batch.outcomes()
+    [rejection] = outcomes[REJECTIONS_FILE]
+    assert rejection["reason"] == (
+        "structure.cif.gz cannot be read as mmCIF (failed to read structure.cif.gz: line 3)"
+    )
+    [error] = outcomes[ERRORS_FILE]
+    assert error["error"] == "OSError: [Errno 2] No such file: 'structure.cif.gz' in ."
+    assert str(batch.files_root) not in rejection["reason"] + error["error"]

@@ -151,17 +151,26 @@ def _run_one(
             raise ValueError(f"{non_finite}: JSON has no NaN or Infinity; use None or a string")
         return OutcomeStatus.PASSED, _serialise(line)
     except Reject as rejection:
-        reason = RejectionLine(id=record.id, reason=str(rejection.reason))
+        reason = RejectionLine(id=record.id, reason=_as_curators_read(rejection.reason, record))
         return OutcomeStatus.REJECTED, _serialise(reason)
     except MemoryError:
         pass
     except Exception as exc:
         log.warning("hook %s: record %r errored", hook.name, record.id, exc_info=True)
-        error = ErrorLine(id=record.id, error=f"{type(exc).__name__}: {exc}", retryable=False)
+        text = _as_curators_read(f"{type(exc).__name__}: {exc}", record)
+        error = ErrorLine(id=record.id, error=text, retryable=False)
         return OutcomeStatus.ERRORED, _serialise(error)
     # Only a MemoryError gets here. Returning outside its except block drops the traceback,
     # and with it the frames that hold the hook's memory, before anything else runs.
     return None
+
+
+def _as_curators_read(reason: object, record: HookRecord) -> str:
+    """A reason with the record's files named as the record names them: a parser's message
+    often holds the path where this attempt found the file, which says nothing to a curator
+    and tells where the archive keeps its data."""
+    folder = str(record.files_path)
+    return str(reason).replace(folder + os.sep, "").replace(folder, ".")
 
 
 def _feature_rows(result: HookResult) -> list[dict[str, Any]]:
