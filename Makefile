@@ -4,7 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-export DAGSTER_HOME := $(CURDIR)
+# The repository's instance unless the shell names another, so that `make ui` shows what
+# the `osa` and `dagster` commands of the same shell see.
+export DAGSTER_HOME ?= $(CURDIR)
+# `make ui PORT=3001` when 3000 is taken.
+PORT ?= 3000
 
 .PHONY: demo demo-s3 test lint images k8s-check ui bench clean sandbox-tools
 
@@ -46,7 +50,7 @@ k8s-check: $(STAMP)
 	$(BIN)/python scripts/k8s_runner_check.py $(ARGS)
 
 ui: $(STAMP)
-	$(BIN)/dagster dev -w workspace.yaml
+	$(BIN)/dagster dev -w workspace.yaml -p $(PORT)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
