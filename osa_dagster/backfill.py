@@ -15,9 +15,10 @@ no access to the instance: an operator can run it from any machine that reaches 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, model_validator
@@ -31,6 +32,10 @@ FINISHED_STATUSES = frozenset(
     {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
 )
 SUCCESSFUL_STATUSES = frozenset({"COMPLETED", "COMPLETED_SUCCESS"})
+# Dagster's run tags naming the batches a run covers (dagster._core.storage.tags).
+PARTITION_TAG = "dagster/partition"
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 GROUP_ASSETS_QUERY = """
 query OsaGroupAssets {
@@ -70,11 +75,32 @@ STATUS_QUERY = """
 query OsaBackfillStatus($backfillId: String!) {
   partitionBackfillOrError(backfillId: $backfillId) {
     __typename
-    ... on PartitionBackfill { status }
+    ... on PartitionBackfill { status runs { runId status } }
     ... on Error { message }
   }
 }
 """
+
+# The runs that may cover a convention's batches: those tagged with it (its ingest job, `osa
+# backfill`) and those of the implicit asset job (the UI's materialisations and backfills).
+RUNS_QUERY = """
+query OsaConventionRuns($filter: RunsFilter!, $limit: Int!) {
+  runsOrError(filter: $filter, limit: $limit) {
+    __typename
+    ... on Runs { results { runId status creationTime tags { key value } } }
+    ... on Error { message }
+  }
+}
+"""
+ASSET_JOB_NAME = "__ASSET_JOB"
+# Enough runs to cover every batch's latest one: 2,000 batches in runs of 20 is 100 runs.
+RUNS_LOOKED_AT = 5000
+FAILED_RUN_STATUSES = frozenset({"FAILURE", "CANCELED"})
+UNFINISHED_RUN_STATUSES = frozenset(
+    {"QUEUED", "NOT_STARTED", "MANAGED", "STARTING", "STARTED", "CANCELING"}
+)
+# Dagster refuses longer backfill titles.
+MAX_TITLE_CHARS = 100
 
 
 class BackfillError(RuntimeError):
@@ -119,8 +145,89 @@ class ConventionPartitions(BaseModel):
     asset_keys: list[list[str]]
     # In the order the batches were planned: dynamic partitions keep the order they were added.
     partition_keys: list[str]
-    # Batches where at least one asset's latest materialisation failed or never happened.
+    # Batches where at least one asset's latest materialisation failed or never happened, or
+    # whose latest run failed (a run can fail after its assets materialised: in a check).
     failed_or_missing: list[str] = []
+
+
+class RunState(BaseModel):
+    """A run as the webserver reports it: enough to tell which batches it covered."""
+
+    run_id: str
+    status: str
+    created: float
+    tags: dict[str, str]
+
+    def partitions(self, in_order: Sequence[str]) -> list[str]:
+        """The batches it covered: one, or a range of adjacent ones in planning order."""
+        if PARTITION_TAG in self.tags:
+            # Another convention's batch when not among these (the asset job is shared).
+            return [self.tags[PARTITION_TAG]] if self.tags[PARTITION_TAG] in in_order else []
+        first, last = self.tags.get(RANGE_START_TAG), self.tags.get(RANGE_END_TAG)
+        if first not in in_order or last not in in_order:
+            return []
+        return list(in_order[in_order.index(first) : in_order.index(last) + 1])
+
+
+def batches_whose_last_run_failed(runs: Sequence[RunState], in_order: Sequence[str]) -> set[str]:
+    """The batches whose most recent run failed or was canceled."""
+    latest: dict[str, RunState] = {}
+    for run in sorted(runs, key=lambda r: r.created):
+        for partition in run.partitions(in_order):
+            latest[partition] = run
+    return {key for key, run in latest.items() if run.status in FAILED_RUN_STATUSES}
+
+
+class BackfillState(BaseModel):
+    """Where a backfill is: its status and the status of each of its runs."""
+
+    backfill_id: str
+    status: str
+    run_statuses: dict[str, str]
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+    @property
+    def failed_runs(self) -> list[str]:
+        return [run for run, status in self.run_statuses.items() if status != "SUCCESS"]
+
+    @property
+    def succeeded(self) -> bool:
+        """Dagster's own status says success even when every run failed (a run may fail
+        after its assets materialised, in a check): every run must have succeeded too."""
+        return (
+            self.status in SUCCESSFUL_STATUSES and bool(self.run_statuses) and not self.failed_runs
+        )
+
+    def progress(self) -> str:
+        counts = {"succeeded": 0, "failed": 0, "running or queued": 0}
+        for status in self.run_statuses.values():
+            if status == "SUCCESS":
+                counts["succeeded"] += 1
+            elif status in UNFINISHED_RUN_STATUSES:
+                counts["running or queued"] += 1
+            else:
+                counts["failed"] += 1
+        runs = ", ".join(f"{n} {what}" for what, n in counts.items())
+        return f"backfill {self.backfill_id}: {self.status}; runs: {runs}"
+
+
+def backfill_title(
+    convention: str, partitions: Sequence[str], selection: PartitionSelection
+) -> str:
+    """A title Dagster accepts (at most 100 characters, no %, * or "), naming the range's
+    ends when they fit."""
+    short = f"osa backfill {convention}: {len(partitions)} batches"
+    if selection.failed_or_missing:
+        long = f"{short} (failed or missing)"
+    elif selection.keys:
+        long = f"{short} (selected)"
+    else:
+        long = f"{short} ({partitions[0]} to {partitions[-1]})"
+    title = long if len(long) <= MAX_TITLE_CHARS else short
+    return re.sub(r'[%*"]', "_", title)[:MAX_TITLE_CHARS]
 
 
 def select_partitions(state: ConventionPartitions, selection: PartitionSelection) -> list[str]:
@@ -216,12 +323,41 @@ class DagsterWebserver:
             not_done |= (
                 set(statuses["failedPartitions"]) | set(statuses["unmaterializedPartitions"])
             ) - running
+        if with_statuses:
+            not_done |= batches_whose_last_run_failed(
+                self.convention_runs(convention), partition_keys
+            )
         return ConventionPartitions(
             convention=convention,
             asset_keys=asset_keys,
             partition_keys=partition_keys,
             failed_or_missing=[key for key in partition_keys if key in not_done],
         )
+
+    def convention_runs(self, convention: str) -> list[RunState]:
+        """The runs tagged with the convention and those of the implicit asset job."""
+        from osa_dagster.defs.planning import CONVENTION_TAG
+
+        filters = [
+            {"tags": [{"key": CONVENTION_TAG, "value": convention}]},
+            {"pipelineName": ASSET_JOB_NAME},
+        ]
+        runs: dict[str, RunState] = {}
+        for runs_filter in filters:
+            answer = self._call(RUNS_QUERY, {"filter": runs_filter, "limit": RUNS_LOOKED_AT})
+            result = answer["runsOrError"]
+            if result["__typename"] != "Runs":
+                raise BackfillError(
+                    f"listing runs: {result['__typename']}: {result.get('message')}"
+                )
+            for run in result["results"]:
+                runs[run["runId"]] = RunState(
+                    run_id=run["runId"],
+                    status=run["status"],
+                    created=run["creationTime"],
+                    tags={tag["key"]: tag["value"] for tag in run["tags"]},
+                )
+        return list(runs.values())
 
     def launch_asset_backfill(
         self,
@@ -242,25 +378,39 @@ class DagsterWebserver:
             return result["backfillId"]
         raise BackfillError(f"launchPartitionBackfill failed with {kind}: {result.get('message')}")
 
-    def backfill_status(self, backfill_id: str) -> str:
+    def backfill_state(self, backfill_id: str) -> BackfillState:
         result = self._call(STATUS_QUERY, {"backfillId": backfill_id})["partitionBackfillOrError"]
         if result["__typename"] != "PartitionBackfill":
             raise BackfillError(
                 f"backfill {backfill_id}: {result['__typename']}: {result.get('message')}"
             )
-        return result["status"]
+        return BackfillState(
+            backfill_id=backfill_id,
+            status=result["status"],
+            run_statuses={run["runId"]: run["status"] for run in result["runs"]},
+        )
 
-    def wait_for_backfill(self, backfill_id: str, timeout_s: float) -> str:
-        """Poll until the backfill is finished; its last status. Needs the daemon running."""
+    def backfill_status(self, backfill_id: str) -> str:
+        return self.backfill_state(backfill_id).status
+
+    def wait_for_backfill(
+        self, backfill_id: str, timeout_s: float, report: Callable[[str], None] = print
+    ) -> BackfillState:
+        """Poll until the backfill is finished, reporting its progress each time it changes;
+        its last state. Needs the daemon running."""
         deadline = time.monotonic() + timeout_s
+        reported = ""
         while True:
-            status = self.backfill_status(backfill_id)
-            if status in FINISHED_STATUSES:
-                return status
+            state = self.backfill_state(backfill_id)
+            if state.progress() != reported:
+                reported = state.progress()
+                report(reported)
+            if state.finished:
+                return state
             if time.monotonic() > deadline:
                 raise BackfillError(
-                    f"backfill {backfill_id} is still {status} after {timeout_s:.0f} s; is the "
-                    "Dagster daemon running (`dagster dev` or `dagster-daemon run`)?"
+                    f"backfill {backfill_id} is still {state.status} after {timeout_s:.0f} s; "
+                    "is the Dagster daemon running (`dagster dev` or `dagster-daemon run`)?"
                 )
             time.sleep(WAIT_POLL_S)
 
@@ -282,7 +432,7 @@ def launch_convention_backfill(
     partitions = select_partitions(state, selection)
     if not partitions:
         return None, []
-    title = f"osa backfill {convention}: {len(partitions)} batches ({selection.describe()})"
+    title = backfill_title(convention, partitions, selection)
     # The convention tag puts these runs under the same per-convention run limits as the
     # ingest job's runs.
     backfill_id = webserver.launch_asset_backfill(
@@ -348,12 +498,20 @@ def run_backfill_command(args: argparse.Namespace) -> int:
         print(f"follow it at {webserver.backfill_page(backfill_id)}")
         if args.wait is None:
             return 0
-        status = webserver.wait_for_backfill(backfill_id, args.wait)
+        state = webserver.wait_for_backfill(backfill_id, args.wait)
     except BackfillError as error:
         print(f"osa backfill: {error}", file=sys.stderr)
         return 1
-    print(f"backfill {backfill_id}: {status}")
-    return 0 if status in SUCCESSFUL_STATUSES else 1
+    if state.succeeded:
+        print(f"backfill {backfill_id} succeeded: all {len(state.run_statuses)} runs succeeded")
+        return 0
+    print(
+        f"backfill {backfill_id} did not succeed ({state.status}): "
+        f"{len(state.failed_runs)} of its {len(state.run_statuses)} runs did not succeed"
+        + (f": {', '.join(state.failed_runs)}" if state.failed_runs else ""),
+        file=sys.stderr,
+    )
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

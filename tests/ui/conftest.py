@@ -115,15 +115,28 @@ def _tail(path: Path, chars: int = 4000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
 
+def make_ui(port: int) -> list[str]:
+    """`make ui PORT=...` in the repository: `dagster dev -w workspace.yaml`, as people start it."""
+    return ["make", "--no-print-directory", "-C", str(REPO), "ui", f"PORT={port}"]
+
+
 @contextmanager
-def dagster_server(site: DagsterSite, command: list[str], name: str) -> Iterator[str]:
-    """Start a Dagster webserver command (`dagster dev` or `dagster-webserver`) on a free
-    port of 127.0.0.1; yield its URL once it answers; stop its whole process group."""
+def dagster_server(
+    site: DagsterSite, command: list[str] | None, name: str, *, make_target: bool = False
+) -> Iterator[str]:
+    """Start a Dagster webserver command (`dagster dev` or `dagster-webserver` on the code
+    location, or `make ui` if `make_target`) on a free port of 127.0.0.1; yield its URL once
+    it answers; stop its whole process group."""
     port = free_port()
     log = site.logs / f"{name}.log"
+    if make_target:
+        argv = make_ui(port)
+    else:
+        assert command is not None
+        argv = [*command, "-m", CODE_LOCATION, "-h", "127.0.0.1", "-p", str(port)]
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [*command, "-m", CODE_LOCATION, "-h", "127.0.0.1", "-p", str(port)],
+            argv,
             env=site.env,
             cwd=site.home,
             stdout=out,

@@ -14,10 +14,17 @@ import pytest
 from sqlalchemy import select
 
 from osa_dagster.backfill import (
+    PARTITION_TAG,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
     BackfillError,
+    BackfillState,
     ConventionPartitions,
     DagsterWebserver,
     PartitionSelection,
+    RunState,
+    backfill_title,
+    batches_whose_last_run_failed,
     select_partitions,
 )
 from osa_dagster.conventions.pdb.ingester import mirror_entries
@@ -57,7 +64,9 @@ def running_dagster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
     site.dagster("sensor", "stop", "-m", CODE_LOCATION, "pdb_new_batches")
     partitions = site.plan("pdb", "--limit", str(PLANNED_RECORDS), "--batch-size", "4")
     assert len(partitions) == PLANNED_RECORDS // BATCH_SIZE, partitions
-    with dagster_server(site, [sys.executable, "-m", "dagster", "dev"], "dagster-dev") as url:
+    # Started as people start it, so the job backfill below (launched with -m, as the README
+    # writes it) must find its code location under the name the workspace gives it.
+    with dagster_server(site, None, "make-ui", make_target=True) as url:
         yield RunningDagster(site=site, url=url, partitions=partitions)
 
 
@@ -123,7 +132,9 @@ def test_job_backfill_then_asset_backfill_of_the_rest(
     assert match, launched.stdout
     backfill_id, selected = match.groups()
     assert [selected] == rest
-    assert f"backfill {backfill_id}: COMPLETED_SUCCESS" in launched.stdout
+    # It said how the runs were going while it waited, then that every run succeeded.
+    assert f"backfill {backfill_id}: REQUESTED; runs: " in launched.stdout
+    assert f"backfill {backfill_id} succeeded: all 1 runs succeeded" in launched.stdout
 
     with running_dagster.instance() as instance:
         backfill_runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
@@ -205,3 +216,51 @@ def test_bad_selections_are_refused_with_what_is_wrong():
         PartitionSelection(keys=["K-a"], failed_or_missing=True)
     with pytest.raises(ValueError, match="select partitions one way"):
         PartitionSelection()
+
+
+def test_titles_fit_dagster_whatever_the_key_length():
+    long_keys = [f"{'X' * 60}-{n}" for n in range(200)]
+    for selection in (
+        PartitionSelection(first=long_keys[0], last=long_keys[-1]),
+        PartitionSelection(keys=long_keys),
+        PartitionSelection(failed_or_missing=True),
+    ):
+        title = backfill_title("pdb", long_keys, selection)
+        assert len(title) <= 100
+        assert title.startswith("osa backfill pdb: 200 batches")
+    short = backfill_title("pdb", ["K-a", "K-b"], PartitionSelection(first="K-a", last="K-b"))
+    assert short == "osa backfill pdb: 2 batches (K-a to K-b)"
+    assert len(backfill_title("x" * 150, long_keys, PartitionSelection(keys=["k"]))) == 100
+
+
+def run(run_id: str, status: str, created: float, **tags: str) -> RunState:
+    return RunState(run_id=run_id, status=status, created=created, tags=tags)
+
+
+def test_a_batch_whose_last_run_failed_is_selected_even_if_its_assets_materialised():
+    order = ["K-a", "K-b", "K-c", "K-d"]
+    runs = [
+        run("old-range", "SUCCESS", 1.0, **{RANGE_START_TAG: "K-a", RANGE_END_TAG: "K-c"}),
+        run("b-again", "FAILURE", 2.0, **{PARTITION_TAG: "K-b"}),
+        run("c-failed", "FAILURE", 3.0, **{PARTITION_TAG: "K-c"}),
+        run("c-rerun", "SUCCESS", 4.0, **{PARTITION_TAG: "K-c"}),
+        run("d-canceled", "CANCELED", 5.0, **{PARTITION_TAG: "K-d"}),
+        run("other-convention", "FAILURE", 6.0, **{PARTITION_TAG: "Z-z"}),
+    ]
+    assert batches_whose_last_run_failed(runs, order) == {"K-b", "K-d"}
+
+
+def test_a_backfill_succeeds_only_if_every_run_did():
+    def state(status: str, **runs: str) -> BackfillState:
+        return BackfillState(backfill_id="b1", status=status, run_statuses=runs)
+
+    assert state("COMPLETED_SUCCESS", r1="SUCCESS", r2="SUCCESS").succeeded
+    # What Dagster reported for runs that failed in an asset check after materialising.
+    all_failed = state("COMPLETED_SUCCESS", r1="FAILURE", r2="FAILURE")
+    assert not all_failed.succeeded
+    assert all_failed.failed_runs == ["r1", "r2"]
+    assert not state("COMPLETED_SUCCESS").succeeded  # no run at all did nothing
+    assert not state("COMPLETED_FAILED", r1="SUCCESS").succeeded
+    assert state("REQUESTED", r1="SUCCESS", r2="STARTED", r3="FAILURE").progress() == (
+        "backfill b1: REQUESTED; runs: 1 succeeded, 1 failed, 1 running or queued"
+    )
