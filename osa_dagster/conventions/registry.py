@@ -3,7 +3,14 @@
 A module offers conventions through a module-level ``CONVENTIONS`` list. Memory
 ladders can be changed per hook without code through OSA_HOOK_MEMORY, e.g.
 ``OSA_HOOK_MEMORY="pdb.extract_features=128:1024"`` (base MB, optional cap MB), and the
-source a convention reads through OSA_SOURCES, e.g. ``OSA_SOURCES="pdb=rcsb,geo=ncbi"``.
+source a convention reads through OSA_SOURCES: a source's name, a location (a folder or
+file, or a URL for a source that takes one) or both as NAME:LOCATION, e.g.
+``OSA_SOURCES="pdb=/data/pdb,uniprot=rest,geo=ncbi"``.
+
+One variable for every convention rather than one per convention: it is the form the
+named sources already had, one place lists where everything comes from, and it is passed
+to step containers and pods as a whole. Its one limit is that a location cannot contain a
+comma.
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ def load_conventions(extra_modules: Iterable[str] | None = None) -> dict[str, Co
                 )
             if convention.name in sources:
                 try:
-                    convention = convention.with_source(sources[convention.name])
+                    convention = convention.choose_source(sources[convention.name])
                 except ValueError as error:
                     raise ConventionError(f"OSA_SOURCES: {error}") from error
             conventions[convention.name] = _with_memory_overrides(convention, settings)

@@ -127,11 +127,26 @@ def test_discover_since_compares_file_times_and_skips_what_is_not_soft(tmp_path:
     assert list(ingester.discover(now + timedelta(days=1), None)) == []
 
 
-def test_discover_refuses_two_files_of_one_accession(tmp_path: Path) -> None:
+def test_discover_skips_a_second_file_of_one_accession_and_what_is_not_a_record(
+    tmp_path: Path,
+) -> None:
     shutil.copy(FILES["GSM11805"], tmp_path / "GSM11805.txt.gz")
-    (tmp_path / "copy.soft").write_bytes(gzip.decompress(FILES["GSM11805"].read_bytes()))
-    with pytest.raises(ValueError, match="GSM11805 is in two files"):
-        list(GeoFolderIngester(tmp_path).discover(None, None))
+    shutil.copy(FILES["GDS507"], tmp_path / "GDS507.soft.gz")
+    (tmp_path / "more").mkdir()
+    copy = tmp_path / "more" / "copy.soft"
+    copy.write_bytes(gzip.decompress(FILES["GSM11805"].read_bytes()))
+    (tmp_path / "cut.soft.gz").write_bytes(FILES["GDS507"].read_bytes()[:10])
+    ingester = GeoFolderIngester(tmp_path)
+    refs = list(ingester.discover(None, None))
+    # Path order decides which file of the accession is kept, the same at every plan.
+    assert [(r.source_id, r.extra["path"]) for r in refs] == [
+        ("GDS507", "GDS507.soft.gz"),
+        ("GSM11805", "GSM11805.txt.gz"),
+    ]
+    skipped = {s.where: s.reason for s in ingester.skipped}
+    assert skipped.keys() == {"more/copy.soft", "cut.soft.gz"}
+    assert skipped["more/copy.soft"] == "GSM11805 is in GSM11805.txt.gz already, which is kept"
+    assert skipped["cut.soft.gz"].startswith("not a readable GEO SOFT record")
 
 
 def test_fetch_copies_files_as_they_are_with_header_metadata(tmp_path: Path) -> None:
@@ -487,7 +502,10 @@ def test_osa_sources_switches_geo_to_ncbi_with_the_same_hooks(monkeypatch) -> No
     assert (geo.ingester, geo.source) == (GeoEutilsIngester, "ncbi")
     assert geo.hooks == CONVENTIONS[0].hooks
     monkeypatch.setenv("OSA_SOURCES", "geo=ftp")
-    with pytest.raises(ConventionError, match=r"no source 'ftp': one of \['folder', 'ncbi'\]"):
+    with pytest.raises(
+        ConventionError,
+        match=r"geo: 'ftp' is not one of its sources \['folder', 'ncbi'\], nor a folder or file",
+    ):
         load_conventions()
     monkeypatch.setenv("OSA_SOURCES", "nosuch=ncbi")
     with pytest.raises(ConventionError, match="conventions that do not exist"):

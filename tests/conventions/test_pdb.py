@@ -142,9 +142,53 @@ def test_discover_skips_files_that_are_not_entries(
     assert [r.source_id for r in refs] == sorted(modified)
 
 
-def test_discover_says_when_a_folder_is_not_a_mirror(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="divided"):
-        list(PdbMirrorIngester(mirror=tmp_path).discover(since=None, limit=None))
+def test_a_mirror_that_is_not_a_folder_is_refused_naming_both_layouts(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"nowhere is not a folder.*divided layout.*flat folder"):
+        PdbMirrorIngester(mirror=tmp_path / "nowhere")
+
+
+def flat_folder(tmp_path: Path) -> Path:
+    """Real entries under names that are not their ids, one decompressed; a second copy of
+    an entry; a damaged gzip; a CIF file of something that is not a PDB entry."""
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    shutil.copy(mirror_file("1UBI"), folder / "ubiquitin.cif.gz")
+    shutil.copy(mirror_file("5PTI"), folder / "z-copy-of-bpti.cif.gz")
+    (folder / "bpti.cif").write_bytes(gzip.decompress(mirror_file("5PTI").read_bytes()))
+    (folder / "broken.cif.gz").write_bytes(mirror_file("1A28").read_bytes()[:20])
+    (folder / "ligand.cif").write_text("data_ATP\n_chem_comp.id ATP\n")
+    (folder / "notes.txt").write_text("not a structure")
+    return folder
+
+
+def test_a_flat_folder_names_entries_by_their_data_lines_and_skips_with_reasons(
+    tmp_path: Path,
+) -> None:
+    folder = flat_folder(tmp_path)
+    ingester = PdbMirrorIngester(mirror=folder)
+    refs = list(ingester.discover(since=None, limit=None))
+    assert [(r.source_id, r.extra["path"]) for r in refs] == [
+        ("5PTI", "bpti.cif"),
+        ("1UBI", "ubiquitin.cif.gz"),
+    ]
+    skipped = {s.where: s.reason for s in ingester.skipped}
+    assert set(skipped) == {"broken.cif.gz", "ligand.cif", "z-copy-of-bpti.cif.gz"}
+    assert skipped["broken.cif.gz"].startswith("cannot be read as mmCIF")
+    assert skipped["ligand.cif"] == "its data_ line names 'ATP', which is not a PDB id"
+    assert skipped["z-copy-of-bpti.cif.gz"] == "entry 5PTI repeats bpti.cif, kept instead"
+
+    out = tmp_path / "raw"
+    report = run_ingest(PdbMirrorIngester(mirror=folder), refs, out)
+    assert report.records == 2 and not report.failed and not report.missing
+    records = [IngesterRecord.model_validate_json(line) for line in (out / "records.jsonl").open()]
+    by_id = {r.source_id: r for r in records}
+    assert [f.name for f in by_id["5PTI"].files] == ["bpti.cif"]
+    metadata = PdbEntryMetadata.model_validate(by_id["5PTI"].metadata)
+    expected = cif_block(mirror_file("5PTI"))
+    assert metadata.title == cif_values(expected, "_struct.title")[0]
+    assert metadata.source_path == "bpti.cif"
+    # The hooks read a plain .cif as they read a gzipped one.
+    validate_structure(HookRecord.from_ingested(by_id["5PTI"]).bind_files_root(out / "files"))
 
 
 # --- fetch --------------------------------------------------------------------------------

@@ -294,14 +294,48 @@ def test_damaged_entries_are_skipped_only_when_they_cannot_be_named(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path, ids = damaged_file(tmp_path)
+    ingester = UniProtFlatFileIngester(path)
     with caplog.at_level(logging.WARNING):
-        refs = list(UniProtFlatFileIngester(path).discover(None, None))
+        refs = list(ingester.discover(None, None))
     assert [r.source_id for r in refs] == [ids["good"], ids["altered"], ids["cut"]]
-    log = caplog.text
     broken_at = ENTRIES[0].text.count("\n") + 1
-    assert f"line {broken_at}: skipping an entry whose header cannot be read" in log
+    [skipped] = ingester.skipped
+    assert skipped.where == f"damaged.dat.gz line {broken_at}"
+    assert skipped.reason.startswith("the entry's header cannot be read")
+    log = caplog.text
     assert "skipping a line outside any entry" in log
     assert "the file ends inside an entry" in log
+
+
+def test_a_folder_of_flat_files_is_read_in_name_order_skipping_repeats_and_damage(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "uniprot"
+    folder.mkdir()
+    first = "".join(e.text for e in ENTRIES[:60])
+    second = "".join(e.text for e in ENTRIES[55:])  # repeats five entries of the first
+    write_flat_file(folder / "a_sprot.dat.gz", first)
+    write_flat_file(folder / "b_more.dat", second)
+    (folder / "c_cut.dat.gz").write_bytes(gzip.compress(first.encode())[:200])
+    (folder / "README").write_text("not a flat file")
+    ingester = UniProtFlatFileIngester(folder)
+    refs = list(ingester.discover(None, None))
+    assert [r.source_id for r in refs] == [e.accession for e in ENTRIES]
+    assert {r.extra["file"] for r in refs} == {"a_sprot.dat.gz", "b_more.dat"}
+    skipped = {s.where: s.reason for s in ingester.skipped}
+    repeats = {w: r for w, r in skipped.items() if w.startswith("b_more.dat")}
+    assert sorted(repeats.values()) == sorted(
+        f"entry {e.accession} repeats a_sprot.dat.gz line {first.count(chr(10), 0, first.index(e.text)) + 1}"
+        for e in ENTRIES[55:60]
+    )
+    # What the cut file holds before its damage repeats the first file; then it is skipped.
+    assert skipped["c_cut.dat.gz"].startswith("cannot be read past what was planned from it")
+
+    report, records = ingest(ingester, refs, tmp_path / "out")
+    assert report.records == 100 and not report.failed
+    for record in records:
+        text = (tmp_path / "out/files" / record.files_dir / f"{record.source_id}.dat").read_text()
+        assert text == BY_ACCESSION[record.source_id].text
 
 
 def test_damaged_entries_reach_the_hooks_and_are_rejected_with_reasons(tmp_path: Path) -> None:

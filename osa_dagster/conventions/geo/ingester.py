@@ -116,15 +116,20 @@ def record_metadata(
     )
 
 
-def soft_files(folder: Path) -> Iterator[Path]:
-    """SOFT files under `folder`, hidden ones left out (partial downloads, rsync temporaries)."""
+def soft_files(folder: Path) -> list[Path]:
+    """SOFT files under `folder` in path order, hidden ones left out (partial downloads,
+    rsync temporaries): the order decides which of two files of one accession is kept."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder of GEO SOFT files")
+    found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if not name.startswith(".") and name.lower().endswith(SOFT_SUFFIXES):
-                yield Path(root) / name
+        found += [
+            Path(root) / name
+            for name in files
+            if not name.startswith(".") and name.lower().endswith(SOFT_SUFFIXES)
+        ]
+    return sorted(found)
 
 
 def _modified_at(path: Path) -> datetime:
@@ -144,12 +149,15 @@ class GeoFolderIngester(Ingester):
     def __init__(self, folder: str | Path = DEFAULT_FOLDER) -> None:
         super().__init__(folder=str(folder))
         self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"{self.folder} is not a folder of GEO SOFT files")
 
     def discover(self, since: datetime | None, limit: int | None) -> Iterator[RecordRef]:
         """Records in accession order whose file changed after `since` (naive means UTC).
 
-        Files that are not SOFT records are logged and left out; two files naming the same
-        accession are an error, as either could be the record.
+        Files that are not SOFT records are skipped with their reason, and so is a file
+        naming an accession that a file earlier in path order names too: the plan goes on
+        with the rest.
         """
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be a number of records >= 0, not {limit}")
@@ -163,19 +171,19 @@ class GeoFolderIngester(Ingester):
                 continue  # removed by a running sync since it was listed
             if since is not None and datetime.fromtimestamp(stat.st_mtime, UTC) <= since:
                 continue
+            where = path.relative_to(self.folder).as_posix()
             try:
                 kind, accession = first_record_entity(path)
             except (SoftFormatError, OSError) as error:
-                log.warning("%s is left out: not a readable GEO SOFT record (%s)", path, error)
+                self.skip(where, f"not a readable GEO SOFT record: {error}")
                 continue
             if not is_accession(kind, accession):
-                log.warning("%s is left out: ^%s = %s is not a GEO record", path, kind, accession)
+                self.skip(where, f"^{kind} = {accession} is not a GEO record")
                 continue
             if accession in found:
-                raise ValueError(
-                    f"{self.folder}: {accession} is in two files, {found[accession][0]} and "
-                    f"{path}; remove one of them"
-                )
+                first = found[accession][0].relative_to(self.folder).as_posix()
+                self.skip(where, f"{accession} is in {first} already, which is kept")
+                continue
             found[accession] = (path, stat)
         for count, accession in enumerate(sorted(found, key=accession_sort_key)):
             if limit is not None and count >= limit:

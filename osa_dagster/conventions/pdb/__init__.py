@@ -1,5 +1,6 @@
-"""The pdb convention: PDB entries from a local mirror (or with OSA_SOURCES=pdb=rcsb, from
-RCSB's web services), checked and described with gemmi.
+"""The pdb convention: PDB entries from a local mirror or flat folder of mmCIF files (with
+OSA_SOURCES=pdb=/data/pdb, the bundled mirror otherwise), or with OSA_SOURCES=pdb=rcsb from
+RCSB's web services, checked and described with gemmi.
 
 Memory ladders come from measurements of every bundled entry, one process each
 (`python -m osa_dagster.conventions.pdb.measure_memory`, table in README.md):
@@ -38,12 +39,14 @@ EXTRACT_FEATURES = HookSpec(
 CONVENTIONS = [
     Convention(
         name="pdb",
-        description="PDB entries (mmCIF) from a mirror in the wwPDB divided layout",
+        description="PDB entries (mmCIF) from a mirror in the wwPDB divided layout or a flat "
+        "folder of .cif/.cif.gz files",
         ingester=PdbMirrorIngester,
         hooks=(VALIDATE_STRUCTURE, EXTRACT_FEATURES),
         record_schema=PdbEntryMetadata,
         hook_image=HOOK_IMAGE,
         source="mirror",
+        location_parameter="mirror",
         sources={
             "rcsb": IngesterSource(
                 ingester="osa_dagster.conventions.pdb.rcsb:RcsbIngester",

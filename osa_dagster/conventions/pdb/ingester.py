@@ -1,9 +1,11 @@
-"""Ingest PDB entries from a local mirror in the wwPDB divided layout.
+"""Ingest PDB entries from a local mirror in the wwPDB divided layout, or a flat folder.
 
 A mirror holds ``mmCIF/<middle two characters of the id>/<id>.cif.gz``, as
 ``rsync rsync.wwpdb.org::ftp_data/structures/divided/mmCIF/`` leaves it. The project
 bundles a small one (mirror/, see mirror/SOURCES.md); point `mirror` at a full copy to
-ingest the whole archive.
+ingest the whole archive. A folder without ``mmCIF/`` is read as a flat folder of
+``.cif`` and ``.cif.gz`` files, each entry named by its ``data_`` line, whatever its file
+is called (a lab's own structures, files a program wrote).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import os
 import re
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import IO
 
 import gemmi
 from osa_sdk.authoring import FetchContext, Ingester, ingester
@@ -30,6 +34,11 @@ DEFAULT_MIRROR = Path(__file__).resolve().parent / "mirror"
 # Classic 4-character PDB ids: a digit, then three letters or digits.
 _ENTRY_FILE = re.compile(r"([0-9][a-z0-9]{3})\.cif\.gz")
 _PDB_ID = re.compile(r"[0-9][A-Za-z0-9]{3}")
+_FLAT_SUFFIXES = (".cif", ".cif.gz")
+# How far into a file its data_ line may be: comments may precede it, coordinates not.
+_DATA_LINE_WITHIN = 64
+# RecordRef.extra key: an entry's file in a flat folder, relative to it.
+_PATH = "path"
 
 # The header categories that fetch copies into a record's metadata.
 _HEADER_CATEGORIES = frozenset(
@@ -94,6 +103,36 @@ def mirror_entries(mirror: Path) -> list[tuple[str, Path]]:
     return sorted(entries)
 
 
+def flat_files(folder: Path) -> list[Path]:
+    """The .cif and .cif.gz files of a flat folder, by name; hidden ones (partial
+    downloads, rsync temporaries) left out."""
+    return sorted(
+        Path(entry.path)
+        for entry in os.scandir(folder)
+        if not entry.name.startswith(".")
+        and entry.name.lower().endswith(_FLAT_SUFFIXES)
+        and entry.is_file()
+    )
+
+
+def open_cif(path: Path) -> IO[str]:
+    """An mmCIF file as text, decompressed when its name ends in .gz."""
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return path.open(encoding="utf-8", errors="replace")
+
+
+def data_block_name(path: Path) -> str:
+    """The name on the file's data_ line ("1UBI" for data_1UBI): the entry it holds."""
+    with open_cif(path) as stream:
+        for line in islice(stream, _DATA_LINE_WITHIN):
+            if line.startswith("data_"):
+                return line[len("data_") :].strip()
+            if line.strip() and not line.startswith("#"):
+                break
+    raise ValueError(f"no data_ line before line {_DATA_LINE_WITHIN}: not an mmCIF file")
+
+
 def header_lines(lines: Iterable[str]) -> Iterator[str]:
     """The lines of `lines` (an mmCIF file) that belong to _HEADER_CATEGORIES."""
     keep = False
@@ -134,7 +173,7 @@ def read_header(path: Path) -> gemmi.cif.Block | None:
     the kept lines are not valid CIF.
     """
     kept = ["data_header\n"]
-    with gzip.open(path, "rt", encoding="utf-8", errors="replace") as stream:
+    with open_cif(path) as stream:
         try:
             for line in header_lines(stream):
                 kept.append(line)
@@ -187,7 +226,8 @@ def entry_metadata(mirror: Path, path: Path, pdb_id: str) -> PdbEntryMetadata:
 
 @ingester(name="pdb_mirror", max_file_mb=100)
 class PdbMirrorIngester(Ingester):
-    """Entries of a local PDB mirror; `source_id` is the PDB id in upper case ("1UBI").
+    """Entries of a local PDB mirror or flat folder; `source_id` is the PDB id in upper case
+    ("1UBI").
 
     `discover(since=...)` selects entries by the modification time of their file. Mirrors
     are kept with ``rsync -t``, which gives each file the time of its upstream copy, and
@@ -197,6 +237,10 @@ class PdbMirrorIngester(Ingester):
     decompressing the whole archive (~80 GB for 200,000 entries) on every discover.
     The revision date is read at fetch time instead and kept in the metadata.
 
+    In a flat folder, discover also reads each file's first lines for its entry's id: a
+    file without a PDB id there, one that cannot be read, or a second file of an entry
+    already found is skipped with its reason, and the plan goes on.
+
     max_file_mb=100 (compressed) admits every entry of today's archive (the largest,
     3j3q, is ~240 MB uncompressed, far less gzipped) and refuses files no real entry
     reaches.
@@ -205,15 +249,23 @@ class PdbMirrorIngester(Ingester):
     def __init__(self, mirror: str | Path = DEFAULT_MIRROR) -> None:
         super().__init__(mirror=str(mirror))
         self.mirror = Path(mirror)
+        if not self.mirror.is_dir():
+            raise ValueError(
+                f"{self.mirror} is not a folder: a PDB mirror in the wwPDB divided layout "
+                "(mmCIF/<middle two characters of the id>/<id>.cif.gz) or a flat folder of "
+                ".cif/.cif.gz files"
+            )
+        self.divided = (self.mirror / "mmCIF").is_dir()
 
     def discover(self, since: datetime | None, limit: int | None) -> Iterator[RecordRef]:
-        """Entries in id order whose file changed after `since` (naive means UTC)."""
+        """Entries in id order (file name order in a flat folder) whose file changed after
+        `since` (naive means UTC)."""
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be a number of records >= 0, not {limit}")
         if since is not None and since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
         found = 0
-        for pdb_id, path in mirror_entries(self.mirror):
+        for pdb_id, path in self._entries(since):
             if limit is not None and found >= limit:
                 return
             try:
@@ -227,18 +279,56 @@ class PdbMirrorIngester(Ingester):
                 source_id=pdb_id,
                 size_hint_mb=bytes_to_mb(stat.st_size),
                 version=f"{stat.st_mtime_ns}:{stat.st_size}",
+                extra={} if self.divided else {_PATH: path.relative_to(self.mirror).as_posix()},
             )
 
+    def _entries(self, since: datetime | None) -> Iterator[tuple[str, Path]]:
+        if self.divided:
+            yield from mirror_entries(self.mirror)
+            return
+        first_file: dict[str, Path] = {}
+        for path in flat_files(self.mirror):
+            where = path.relative_to(self.mirror).as_posix()
+            try:
+                if since is not None and datetime.fromtimestamp(path.stat().st_mtime, UTC) <= since:
+                    continue  # unchanged: not worth opening
+                name = data_block_name(path)
+            except FileNotFoundError:
+                continue
+            except (OSError, EOFError, zlib.error, ValueError) as error:
+                self.skip(where, f"cannot be read as mmCIF: {error}")
+                continue
+            if not _PDB_ID.fullmatch(name):
+                self.skip(where, f"its data_ line names {name!r}, which is not a PDB id")
+                continue
+            pdb_id = name.upper()
+            if pdb_id in first_file:
+                self.skip(where, f"entry {pdb_id} repeats {first_file[pdb_id].name}, kept instead")
+                continue
+            first_file[pdb_id] = path
+            yield pdb_id, path
+
     def fetch(self, refs: Sequence[RecordRef], ctx: FetchContext) -> Iterator[IngesterRecord]:
-        """Copy each entry's .cif.gz into the batch and record its header as metadata."""
+        """Copy each entry's file into the batch and record its header as metadata."""
+        root = self.mirror.resolve()
         for ref in refs:
             pdb_id = ref.source_id
             if not _PDB_ID.fullmatch(pdb_id):
                 ctx.fail(pdb_id, f"{pdb_id!r} is not a PDB id (a digit and three letters/digits)")
                 continue
-            path = entry_path(self.mirror, pdb_id)
+            if self.divided:
+                path = entry_path(root, pdb_id)
+            else:
+                relative = ref.extra.get(_PATH)
+                if not isinstance(relative, str) or not relative:
+                    ctx.fail(pdb_id, f"the ref of {pdb_id} has no file path (extra[{_PATH!r}])")
+                    continue
+                path = (root / relative).resolve()
+                if not path.is_relative_to(root):
+                    ctx.fail(pdb_id, f"{relative!r} is outside the folder {root}")
+                    continue
             try:
-                metadata = entry_metadata(self.mirror, path, pdb_id.upper())
+                metadata = entry_metadata(root, path, pdb_id.upper())
                 file_ref = ctx.add_file(pdb_id, path)
             except FileNotFoundError:
                 # Also when a running rsync removed the entry after discover listed it.

@@ -1,7 +1,8 @@
 """The uniprot convention: UniProtKB entries, checked and described with Biopython.
 
-The convention reads a local flat file (by default the 100 real Swiss-Prot entries in
-data/, see data/SOURCES.md), or with ``OSA_SOURCES=uniprot=rest`` the UniProtKB REST API
+The convention reads a local flat file or a folder of them (``OSA_SOURCES=uniprot=/data/sprot``;
+by default the 100 real Swiss-Prot entries in data/, see data/SOURCES.md), or with
+``OSA_SOURCES=uniprot=rest`` the UniProtKB REST API
 (reviewed entries; a deployment wanting another query defines its own convention with
 `uniprot_convention(ingester=UniProtRestIngester, query=...)`). The same hooks serve both.
 
@@ -61,10 +62,13 @@ def uniprot_convention(
         record_schema=UniProtEntryMetadata,
         hook_image=HOOK_IMAGE,
         source="flatfile",
+        location_parameter="path" if ingester is UniProtFlatFileIngester else None,
         sources={
             "rest": IngesterSource(
                 ingester="osa_dagster.conventions.uniprot.rest:UniProtRestIngester",
                 description="reviewed entries from the REST API",
+                location_parameter="base_url",
+                location_kind="url",
             )
         },
     )

@@ -1,9 +1,10 @@
-"""Ingest UniProtKB entries from a local flat file (``uniprot_sprot.dat``, optionally gzipped).
+"""Ingest UniProtKB entries from local flat files (``uniprot_sprot.dat``, optionally gzipped).
 
 A release's flat file holds one entry after the other, each from its ``ID`` line to its
 ``//`` line. The file is streamed entry by entry, never loaded whole: a full Swiss-Prot
 release is ~3 GB of text. The project bundles 100 real entries (data/, see
-data/SOURCES.md); point `path` at a release's file to ingest all of it.
+data/SOURCES.md); point `path` at a release's file to ingest all of it, or at a folder of
+flat files (Swiss-Prot and TrEMBL, a lab's own entries) to ingest them all.
 
 Every record gets its entry's text as ``<accession>.dat``, the same file the REST
 ingester (rest.py) writes, so both share the hooks.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -43,6 +45,11 @@ _GZIP_BUFFER = 1 << 20
 # RecordRef.extra keys: where discover found the entry, so that fetch reads it directly.
 _OFFSET = "offset"
 _LENGTH = "length"
+_FILE = "file"
+"""The entry's file relative to the folder, when `path` is a folder."""
+
+FLAT_FILE_SUFFIXES = (".dat", ".dat.gz", ".txt", ".txt.gz")
+"""The files of a folder that are read as flat files: release files and REST downloads."""
 
 
 class UniProtEntryMetadata(BaseModel):
@@ -91,6 +98,22 @@ def open_flat_file(path: Path) -> BinaryIO:
         # makes line iteration twice as fast.
         return io.BufferedReader(gzip.open(path, "rb"), buffer_size=_GZIP_BUFFER)
     return path.open("rb")
+
+
+def flat_files(path: Path) -> list[Path]:
+    """`path` if it is a file, else the flat files of the folder `path` by name (hidden
+    ones, partial downloads and rsync temporaries, left out)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"UniProt flat file {path} does not exist")
+    return sorted(
+        child
+        for child in path.iterdir()
+        if not child.name.startswith(".")
+        and child.name.lower().endswith(FLAT_FILE_SUFFIXES)
+        and child.is_file()
+    )
 
 
 def iter_entries(stream: BinaryIO, where: str) -> Iterator[RawEntry]:
@@ -219,7 +242,11 @@ def entry_metadata(text: bytes, *, release: str | None, source: str) -> UniProtE
 
 @ingester(name="uniprot_flat_file", max_file_mb=20)
 class UniProtFlatFileIngester(Ingester):
-    """Entries of a local UniProtKB flat file; `source_id` is the primary accession ("P31946").
+    """Entries of local UniProtKB flat files; `source_id` is the primary accession ("P31946").
+
+    `path` is one flat file or a folder of them (FLAT_FILE_SUFFIXES), read in name order.
+    An entry whose accession an earlier entry already had, an entry whose header cannot be
+    read and a file that cannot be read are skipped with their reasons; the rest is planned.
 
     `discover(since=...)` selects entries by the date of their latest annotation change
     (the "entry version" DT line), at day granularity: an entry changed on the day of
@@ -237,55 +264,61 @@ class UniProtFlatFileIngester(Ingester):
         super().__init__(path=str(path), release=release)
         self.path = Path(path)
         self.release = release
+        if not self.path.exists():
+            raise FileNotFoundError(f"UniProt flat file {self.path} does not exist")
 
-    @property
-    def source(self) -> str:
-        return f"flatfile:{self.path.name}"
+    def _where(self, file: Path) -> str:
+        return file.name if file == self.path else file.relative_to(self.path).as_posix()
 
     def discover(self, since: datetime | None, limit: int | None) -> Iterator[RecordRef]:
         """Entries in file order changed on or after the day of `since` (naive means UTC)."""
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be a number of records >= 0, not {limit}")
-        if not self.path.is_file():
-            raise FileNotFoundError(f"UniProt flat file {self.path} does not exist")
         if since is not None and since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
         since_day = since.astimezone(UTC).date() if since is not None else None
-        found = unnamed = 0
-        with open_flat_file(self.path) as stream:
-            for entry in iter_entries(stream, str(self.path)):
-                if limit is not None and found >= limit:
-                    break
-                try:
-                    header = parse_entry_header(entry.text)
-                except EntryParseError as error:
-                    # Without an accession the entry cannot be a record; say which one it is.
-                    unnamed += 1
-                    log.warning(
-                        "%s line %d: skipping an entry whose header cannot be read: %s",
-                        self.path,
-                        entry.line_number,
-                        error,
-                    )
-                    continue
-                modified = modified_date(header)
-                if since_day is not None and modified is not None and modified < since_day:
-                    continue
-                found += 1
-                yield RecordRef(
-                    source_id=header.accessions[0],
-                    size_hint_mb=bytes_to_mb(len(entry.text)),
-                    version=modified.isoformat() if modified else None,
-                    extra={_OFFSET: entry.offset, _LENGTH: len(entry.text)},
-                )
-        if unnamed:
-            log.warning("%s: %d entries skipped, their header cannot be read", self.path, unnamed)
+        first_seen: dict[str, str] = {}
+        found = 0
+        for file in flat_files(self.path):
+            where = self._where(file)
+            try:
+                with open_flat_file(file) as stream:
+                    for entry in iter_entries(stream, str(file)):
+                        if limit is not None and found >= limit:
+                            return
+                        at = f"{where} line {entry.line_number}"
+                        try:
+                            header = parse_entry_header(entry.text)
+                        except EntryParseError as error:
+                            # Without an accession the entry cannot be a record.
+                            self.skip(at, f"the entry's header cannot be read: {error}")
+                            continue
+                        accession = header.accessions[0]
+                        if accession in first_seen:
+                            self.skip(at, f"entry {accession} repeats {first_seen[accession]}")
+                            continue
+                        first_seen[accession] = at
+                        modified = modified_date(header)
+                        if since_day is not None and modified is not None and modified < since_day:
+                            continue
+                        found += 1
+                        located = {_OFFSET: entry.offset, _LENGTH: len(entry.text)}
+                        yield RecordRef(
+                            source_id=accession,
+                            size_hint_mb=bytes_to_mb(len(entry.text)),
+                            version=modified.isoformat() if modified else None,
+                            extra=located if file == self.path else {**located, _FILE: where},
+                        )
+            except (OSError, EOFError, zlib.error) as error:
+                self.skip(where, f"cannot be read past what was planned from it: {error}")
 
     def fetch(self, refs: Sequence[RecordRef], ctx: FetchContext) -> Iterator[IngesterRecord]:
         """Write each entry's text as ``<accession>.dat`` and its metadata."""
-        located = []
+        located: dict[Path, list[tuple[int, int, str]]] = {}
+        root = self.path.resolve()
         for ref in refs:
             offset, length = ref.extra.get(_OFFSET), ref.extra.get(_LENGTH)
+            relative = ref.extra.get(_FILE)
             if not isinstance(offset, int) or not isinstance(length, int):
                 ctx.fail(
                     ref.source_id,
@@ -293,20 +326,33 @@ class UniProtFlatFileIngester(Ingester):
                     f"(extra.{_OFFSET}, extra.{_LENGTH}): plan it with this ingester's discover",
                 )
                 continue
-            located.append((offset, length, ref.source_id))
-        # In offset order, so a gzipped file is decompressed once, forward.
-        with open_flat_file(self.path) as stream:
-            for offset, length, accession in sorted(located):
+            if relative is None and self.path.is_file():
+                file = self.path
+            elif isinstance(relative, str) and (root / relative).resolve().is_relative_to(root):
+                file = (root / relative).resolve()
+            else:
+                ctx.fail(ref.source_id, f"ref {ref.source_id} names no flat file in {self.path}")
+                continue
+            located.setdefault(file, []).append((offset, length, ref.source_id))
+        for file, entries in sorted(located.items()):
+            yield from self._fetch_from(file, sorted(entries), ctx)
+
+    def _fetch_from(
+        self, file: Path, entries: list[tuple[int, int, str]], ctx: FetchContext
+    ) -> Iterator[IngesterRecord]:
+        """The entries of one file, in offset order, so a gzipped file is decompressed once,
+        forward."""
+        source = f"flatfile:{file.name}"
+        with open_flat_file(file) as stream:
+            for offset, length, accession in entries:
                 stream.seek(offset)
                 text = stream.read(length)
-                changed = (
-                    f"the file changed since this batch was planned ({self.path}, offset {offset})"
-                )
+                changed = f"the file changed since this batch was planned ({file}, offset {offset})"
                 if len(text) != length or not is_one_entry(text):
                     ctx.fail(accession, f"entry {accession} is not where it was: {changed}")
                     continue
                 try:
-                    metadata = entry_metadata(text, release=self.release, source=self.source)
+                    metadata = entry_metadata(text, release=self.release, source=source)
                 except EntryParseError as error:
                     ctx.fail(
                         accession, f"no entry header where {accession} was ({error}): {changed}"

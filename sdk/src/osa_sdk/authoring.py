@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, BinaryIO, ClassVar, TypeVar, overload
 
 from osa_sdk.contract import bytes_to_mb, file_name_error, files_dir_for
-from osa_sdk.types import HookRecord, IngesterFileRef, IngesterRecord, RecordRef
+from osa_sdk.types import HookRecord, IngesterFileRef, IngesterRecord, RecordRef, SkippedSource
 
 _COPY_CHUNK = 1 << 20
 
@@ -192,6 +192,17 @@ class Ingester(abc.ABC):
 
     def __init__(self, **config: Any) -> None:
         self.config = config
+
+    @property
+    def skipped(self) -> list[SkippedSource]:
+        """What `discover` reported with `skip` so far."""
+        return list(vars(self).get("_skipped", ()))
+
+    def skip(self, where: str, reason: str) -> None:
+        """Report a part of the source that `discover` leaves out (a file it cannot read, a
+        second file of a record it already found): the plan goes on without it and lists
+        it with `reason`, where a raised error would stop the whole plan."""
+        vars(self).setdefault("_skipped", []).append(SkippedSource(where=where, reason=reason))
 
     @abc.abstractmethod
     def discover(self, since: datetime | None, limit: int | None) -> Iterable[RecordRef]:

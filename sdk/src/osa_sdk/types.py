@@ -174,6 +174,15 @@ class SkippedRecord(BaseModel):
     size_mb: float
 
 
+class SkippedSource(BaseModel):
+    """A part of a source that discover left out (a file it cannot read, a second file of
+    one record), and why: planning goes on without it and shows it with its reason."""
+
+    where: str
+    """The file (and line) left out, as the source names it."""
+    reason: str
+
+
 class FailedRef(BaseModel):
     """A ref that produced no record, and why."""
 
