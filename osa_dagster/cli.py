@@ -74,18 +74,31 @@ def plan(
     batch_size: int | None,
     *,
     replan: bool = False,
+    source: str | None = None,
 ) -> list[PlannedBatch]:
     """Run the convention's plan job; the batches this plan froze, in order, marked new or not.
+    Files of the source that discover skipped are told on stderr, a line each.
 
     The arguments are checked before anything is launched: a bad one records no run.
     """
     import dagster as dg
 
     from osa_dagster.definitions import defs
-    from osa_dagster.defs.planning import PLANNED_BATCHES_METADATA, PlanConfig, plan_job_name
+    from osa_dagster.defs.planning import (
+        PLANNED_BATCHES_METADATA,
+        SKIPPED_METADATA,
+        PlanConfig,
+        plan_job_name,
+    )
 
     convention = _convention(convention_name)
-    config = {"limit": limit, "since": since, "batch_size": batch_size, "replan": replan}
+    config = {
+        "limit": limit,
+        "since": since,
+        "batch_size": batch_size,
+        "replan": replan,
+        "source": source,
+    }
     op_config = {k: v for k, v in config.items() if v is not None}
     PlanConfig(**op_config)
     job = defs.resolve_job_def(plan_job_name(convention))
@@ -102,6 +115,10 @@ def plan(
     [output] = [e for e in result.events_for_node(op_name) if e.is_successful_output]
     metadata = output.step_output_data.metadata[PLANNED_BATCHES_METADATA]
     assert isinstance(metadata, dg.JsonMetadataValue)
+    skipped = output.step_output_data.metadata[SKIPPED_METADATA]
+    assert isinstance(skipped, dg.TableMetadataValue)
+    for row in skipped.records:
+        print(f"skipped {row.data['file']}: {row.data['reason']}", file=sys.stderr)
     planned = metadata.data
     new = set(planned["new"])
     return [PlannedBatch(partition=key, new=key in new) for key in planned["batches"]]
@@ -509,6 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch again records already planned at the same version (left out otherwise)",
     )
     plan_cmd.add_argument("--json", action="store_true", help="print the batches as JSON")
+    plan_cmd.add_argument(
+        "--source",
+        help="where to read, for this plan: a source's name, a folder or file, a URL, or "
+        "NAME:LOCATION (default: OSA_SOURCES, else the convention's own)",
+    )
 
     run_cmd = command("materialize", "run the ingest job for partitions")
     run_cmd.add_argument("convention")
@@ -575,7 +597,14 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "demo":
         return demo(fresh=not args.keep)
     if args.command == "plan":
-        batches = plan(args.convention, args.limit, args.since, args.batch_size, replan=args.replan)
+        batches = plan(
+            args.convention,
+            args.limit,
+            args.since,
+            args.batch_size,
+            replan=args.replan,
+            source=args.source,
+        )
         if args.json:
             _print_json([batch.model_dump() for batch in batches])
         else:

@@ -14,7 +14,7 @@ from osa_dagster.batch.plan import load_manifest
 from osa_dagster.batch.stores import UnreadableState, parse_stored
 from osa_dagster.conventions.base import Convention
 from osa_dagster.records.models import Record
-from osa_dagster.storage.layout import BatchLayout
+from osa_dagster.storage.layout import BatchLayout, Manifest
 from osa_dagster.storage.store import ArtifactStore
 
 # The longest source id the records database holds (records.source_id).
@@ -71,6 +71,19 @@ def read_raw_records(
     return records
 
 
+def planned_source(convention: Convention, manifest: Manifest) -> Convention:
+    """The convention reading from the source its batch was planned from."""
+    if manifest.source is None:
+        return convention
+    try:
+        return convention.with_source(manifest.source.name, manifest.source.location)
+    except ValueError as error:
+        raise BatchInputError(
+            f"batch {manifest.partition!r} of convention {convention.name!r} was planned from "
+            f"a source that cannot be read now: {error}"
+        ) from error
+
+
 def fetch_raw_batch(
     convention: Convention, store: ArtifactStore, partition: str
 ) -> RawBatchSummary:
@@ -80,8 +93,9 @@ def fetch_raw_batch(
     # A re-fetch starts clean: files of a previous fetch must not leak into this one.
     store.delete_prefix(layout.raw)
     refs = [ref for ref in manifest.refs if source_id_error(ref.source_id) is None]
+    ingester = planned_source(convention, manifest).make_ingester()
     with store.local_dir(layout.raw, writable=True) as out_dir:
-        report = run_ingest(convention.make_ingester(), refs, out_dir)
+        report = run_ingest(ingester, refs, out_dir)
         if len(refs) < len(manifest.refs):
             report.failed += [
                 FailedRef(source_id=ref.source_id, error=f"not fetched: the source id {problem}")

@@ -5,18 +5,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import islice
 
 from osa_sdk.contract import files_dir_for
-from osa_sdk.types import RecordRef
+from osa_sdk.types import RecordRef, SkippedSource
 from pydantic import BaseModel, ConfigDict, Field
 
 from osa_dagster.batch import BatchInputError
 from osa_dagster.batch.stores import UnreadableState, parse_stored
 from osa_dagster.conventions.base import Convention
-from osa_dagster.storage.layout import BatchLayout, Manifest, manifests_prefix
+from osa_dagster.storage.layout import BatchLayout, Manifest, SourceChoice, manifests_prefix
 from osa_dagster.storage.store import ArtifactStore
 
 _KEY_PART = 24
@@ -32,6 +32,8 @@ class PlanResult:
     duplicate_refs: int = 0
     already_planned: int = 0
     """Records left out because a batch planned before holds them at the same version."""
+    skipped: list[SkippedSource] = field(default_factory=list)
+    """Parts of the source that discover left out, with the reason (see Ingester.skip)."""
 
 
 def partition_key(refs: Sequence[RecordRef]) -> str:
@@ -66,9 +68,10 @@ def plan_ingest(
     if size <= 0:
         raise ValueError(f"batch_size must be a positive number of records, not {size}")
 
-    discovered = convention.make_ingester().discover(since, limit)
+    ingester = convention.make_ingester()
+    discovered = ingester.discover(since, limit)
     # islice bounds the walk even if an ingester yields more than it was asked for.
-    return plan_refs(
+    result = plan_refs(
         convention,
         store,
         islice(discovered, limit) if limit else discovered,
@@ -76,6 +79,8 @@ def plan_ingest(
         batch_size=size,
         replan=replan,
     )
+    result.skipped = ingester.skipped
+    return result
 
 
 def plan_refs(
@@ -119,7 +124,13 @@ def plan_refs(
         # An unreadable manifest of the same membership is written anew: same records,
         # same partition.
         if not store.exists(layout.manifest) or _unreadable(store, layout):
-            manifest = Manifest(convention=convention.name, partition=key, refs=batch, since=since)
+            manifest = Manifest(
+                convention=convention.name,
+                partition=key,
+                refs=batch,
+                since=since,
+                source=SourceChoice(name=convention.source, location=convention.location),
+            )
             store.write_bytes(layout.manifest, manifest.model_dump_json(indent=1).encode())
             result.new_partitions.append(key)
     return result
@@ -155,7 +166,8 @@ def watch_upstream(
     """
     if cursor is None:
         return PlanResult(partitions=[], new_partitions=[], records=0), WatchCursor(looked_at=now)
-    found = list(convention.make_ingester().discover(cursor.looked_at - overlap, None))
+    ingester = convention.make_ingester()
+    found = list(ingester.discover(cursor.looked_at - overlap, None))
     changed = [
         ref
         for ref in found
@@ -164,6 +176,7 @@ def watch_upstream(
     result = plan_refs(
         convention, store, changed, since=cursor.looked_at - overlap, batch_size=batch_size
     )
+    result.skipped = ingester.skipped
     return result, WatchCursor(looked_at=now, recent={r.source_id: r.version for r in found})
 
 

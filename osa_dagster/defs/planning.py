@@ -7,6 +7,7 @@ from collections.abc import Sequence, Set
 from datetime import datetime
 
 import dagster as dg
+from osa_sdk.types import SkippedSource
 from pydantic import Field, field_validator
 
 from osa_dagster import __version__
@@ -18,6 +19,7 @@ from osa_dagster.defs.resources import ArtifactStoreResource
 from osa_dagster.settings import Settings, data_dir
 
 SENSOR_INTERVAL_S = 15
+SKIPPED_METADATA = "skipped_files"
 CONVENTION_TAG = "osa/convention"
 PLANNED_BATCHES_METADATA = "planned_batches"
 
@@ -35,6 +37,11 @@ class PlanConfig(dg.Config):
     replan: bool = Field(
         default=False,
         description="Batch again records already planned at the same version (left out otherwise).",
+    )
+    source: str | None = Field(
+        default=None,
+        description="Where to read, for this plan only: a source's name, a folder or file, a "
+        "URL, or NAME:LOCATION (as in OSA_SOURCES). The batches keep reading there.",
     )
 
     @field_validator("limit", "batch_size")
@@ -144,6 +151,16 @@ def partition_range_request(chunk: Sequence[str]) -> dg.RunRequest:
     )
 
 
+def skipped_table(skipped: Sequence[SkippedSource]) -> dg.TableMetadataValue:
+    """What discover left out, as a table the UI shows and `osa plan` prints."""
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord({"file": s.where, "reason": s.reason}) for s in skipped],
+        schema=dg.TableSchema(
+            columns=[dg.TableColumn("file", "string"), dg.TableColumn("reason", "string")]
+        ),
+    )
+
+
 def plan_job_name(convention: Convention) -> str:
     return f"{convention.name}_plan"
 
@@ -162,8 +179,12 @@ def convention_jobs(
         context: dg.OpExecutionContext, config: PlanConfig, artifact_store: ArtifactStoreResource
     ) -> None:
         since = datetime.fromisoformat(config.since) if config.since else None
+        try:
+            source = convention.choose_source(config.source) if config.source else convention
+        except ValueError as error:
+            raise dg.Failure(description=f"source: {error}", allow_retries=False) from None
         result = plan_ingest(
-            convention,
+            source,
             artifact_store.get(),
             since=since,
             limit=config.limit,
@@ -177,8 +198,11 @@ def convention_jobs(
             f"{len(result.new_partitions)} of them new; {result.already_planned} records "
             "left out, planned before at the same version"
         )
+        for skipped in result.skipped:
+            context.log.warning(f"skipped {skipped.where}: {skipped.reason}")
         context.add_output_metadata(
             {
+                "source": source.location or source.source,
                 "records": result.records,
                 "batches": len(result.partitions),
                 "new_batches": len(result.new_partitions),
@@ -189,6 +213,8 @@ def convention_jobs(
                 PLANNED_BATCHES_METADATA: dg.MetadataValue.json(
                     {"batches": result.partitions, "new": result.new_partitions}
                 ),
+                "skipped": len(result.skipped),
+                SKIPPED_METADATA: skipped_table(result.skipped),
             }
         )
 

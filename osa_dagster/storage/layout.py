@@ -9,6 +9,13 @@ from osa_sdk.types import RecordRef
 from pydantic import BaseModel, Field
 
 
+class SourceChoice(BaseModel):
+    """The source a batch was planned from: its name and, if one was chosen, its location."""
+
+    name: str
+    location: str | None = None
+
+
 class Manifest(BaseModel):
     """The frozen membership of one batch: what raw_batch fetches for its partition."""
 
@@ -17,6 +24,10 @@ class Manifest(BaseModel):
     refs: list[RecordRef] = Field(min_length=1)
     planned_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     since: datetime | None = None
+    source: SourceChoice | None = None
+    """Where the refs came from; fetch reads there whatever the settings say by then, as
+    the refs (offsets, relative paths) mean something only there. None: before sources
+    could be chosen, the convention's source as loaded."""
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The geo convention: GEO records as SOFT files, checked and described by a streaming reader.
 
-`CONVENTIONS` holds "geo", which ingests a local folder of SOFT files (``OSA_SOURCES=geo=/data/geo``;
-default: the three bundled real records in data/), or with ``OSA_SOURCES=geo=ncbi`` series straight from NCBI
-(E-utilities and GEO's FTP site; NCBI_API_KEY raises the rate from 3 to 10 requests/s).
+`CONVENTIONS` holds "geo", which ingests a local folder of SOFT files
+(``OSA_SOURCES=geo=/data/geo``; default: the three bundled real records in data/), or with
+``OSA_SOURCES=geo=ncbi`` series straight from NCBI (E-utilities and GEO's FTP site;
+NCBI_API_KEY raises the rate from 3 to 10 requests/s).
 
 Memory ladders come from measurements of the bundled records, one process each, through
 the real hook entrypoint (``python -m osa_dagster.conventions.geo.measure``): both hooks

@@ -16,8 +16,8 @@ import os
 import re
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import islice
 from datetime import UTC, date, datetime
+from itertools import islice
 from pathlib import Path
 from typing import IO
 
