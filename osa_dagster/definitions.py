@@ -12,16 +12,18 @@ from osa_dagster.defs.automation import convention_automation
 from osa_dagster.defs.beta_features import known_beta_features_quiet
 from osa_dagster.defs.checks import convention_checks
 from osa_dagster.defs.deposits import convention_deposits
+from osa_dagster.defs.io_manager import IO_MANAGER_KEY, BatchViewsIOManager
 from osa_dagster.defs.planning import convention_jobs, ingest_executor
-from osa_dagster.defs.resources import default_resources
+from osa_dagster.defs.resources import AssetKinds, Resources, asset_kinds
+from osa_dagster.settings import Settings
 
 
-def convention_definitions(convention: Convention) -> dg.Definitions:
+def convention_definitions(convention: Convention, kinds: AssetKinds) -> dg.Definitions:
     """Everything one convention brings: its batch graph and checks, planning and ingest
     jobs, sensors and schedules, and the validation of deposited records."""
     partitions = batch_partitions(convention)
     return dg.Definitions.merge(
-        convention_assets(convention, partitions),
+        convention_assets(convention, partitions, kinds),
         convention_checks(convention, partitions),
         convention_jobs(convention, partitions),
         convention_automation(convention, partitions),
@@ -30,11 +32,17 @@ def convention_definitions(convention: Convention) -> dg.Definitions:
 
 
 def build_definitions() -> dg.Definitions:
+    settings = Settings.from_env()
+    resources = Resources.of(settings)
+    views = BatchViewsIOManager(
+        artifact_store=resources.artifact_store, records_db=resources.records_db
+    )
+    kinds = asset_kinds(settings)
     with known_beta_features_quiet():
         return dg.Definitions.merge(
-            *(convention_definitions(c) for c in load_conventions().values()),
+            *(convention_definitions(c, kinds) for c in load_conventions().values()),
             dg.Definitions(
-                resources=default_resources(),
+                resources={**resources.by_key(), IO_MANAGER_KEY: views},
                 # Also for the implicit asset job that asset backfills and UI materialisations
                 # run: otherwise Dagster's default gives every step its own process.
                 executor=ingest_executor(),

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 DEFAULT_DATA_DIR = Path(".data")
 PLAN_CRON_PREFIX = "OSA_PLAN_CRON_"
 
+RunnerKind = Literal["local", "docker", "kubernetes"]
+
 
 class SettingsError(ValueError):
     """An OSA_* variable that cannot be used; the message names it."""
@@ -48,6 +50,9 @@ class Settings(BaseModel):
     )
     database_url: str | None = Field(None, alias="OSA_DATABASE_URL")
     """Records database, any SQLAlchemy URL; None: SQLite in the data folder."""
+    database_password: str | None = Field(None, repr=False, alias="OSA_DATABASE_PASSWORD")
+    """The records database's password, kept out of OSA_DATABASE_URL so that the URL can be
+    shown (in the UI's resources, in messages) without it."""
     domain: str = Field("localhost", min_length=1, alias="OSA_DOMAIN")
     conventions: tuple[str, ...] = Field((), alias="OSA_CONVENTIONS")
     hook_memory: dict[str, MemoryOverride] = Field(default_factory=dict, alias="OSA_HOOK_MEMORY")
@@ -59,7 +64,7 @@ class Settings(BaseModel):
     executor: Literal["in_process", "multiprocess", "docker"] = Field(
         "in_process", alias="OSA_EXECUTOR"
     )
-    hook_runner: Literal["local", "docker", "kubernetes"] = Field("local", alias="OSA_HOOK_RUNNER")
+    hook_runner: RunnerKind = Field("local", alias="OSA_HOOK_RUNNER")
     hook_sandbox: Literal["auto", "on", "off"] = Field("auto", alias="OSA_HOOK_SANDBOX")
     """Local hooks sandboxed: auto where possible (else one warning), on or refuse, off."""
     hook_sandbox_user: str = Field(

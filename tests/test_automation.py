@@ -16,7 +16,7 @@ from osa_dagster.definitions import build_definitions
 from osa_dagster.defs.assets import batch_partitions
 from osa_dagster.defs.automation import convention_automation
 from osa_dagster.defs.planning import contiguous_chunks
-from osa_dagster.defs.resources import ArtifactStoreResource
+from osa_dagster.defs.resources import default_resources
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,9 @@ def watch(small_mirror: Path):
 
 def tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, cursor: str | None):
     context = dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources={"artifact_store": ArtifactStoreResource()}
+        instance=instance,
+        cursor=cursor,
+        resources={"artifact_store": default_resources()["artifact_store"]},
     )
     return sensor(context)
 

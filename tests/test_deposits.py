@@ -10,7 +10,7 @@ from osa_sdk.types import OutcomeStatus
 from osa_dagster.batch.deposits import read_result, write_deposit
 from osa_dagster.conventions.pdb.ingester import DEFAULT_MIRROR, entry_path
 from osa_dagster.definitions import build_definitions
-from osa_dagster.defs.resources import DepositsResource
+from osa_dagster.defs.resources import default_resources
 from osa_dagster.storage.store import deposits_store_from_env
 from tests.engine.helpers import require_cgroups
 
@@ -38,7 +38,7 @@ def validated():
     job = defs.resolve_job_def("pdb_validate_deposit")
     with dg.instance_for_test() as instance:
         context = dg.build_sensor_context(
-            instance=instance, resources={"deposits": DepositsResource()}
+            instance=instance, resources={"deposits": default_resources()["deposits"]}
         )
         tick = sensor(context)
         keys = [r.partition_key for r in tick.run_requests]
@@ -48,7 +48,9 @@ def validated():
             key: job.execute_in_process(partition_key=key, instance=instance) for key in keys
         }
         second = sensor(
-            dg.build_sensor_context(instance=instance, resources={"deposits": DepositsResource()})
+            dg.build_sensor_context(
+                instance=instance, resources={"deposits": default_resources()["deposits"]}
+            )
         )
         yield store, results, second
 

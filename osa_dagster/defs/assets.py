@@ -7,6 +7,7 @@ materialisation metadata.
 """
 
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -21,6 +22,8 @@ from osa_dagster.batch.hooks import (
 )
 from osa_dagster.batch.publish import publish_batch, store_batch_features
 from osa_dagster.conventions.base import Convention
+from osa_dagster.defs.dagster_private import UriMetadataSet
+from osa_dagster.defs.io_manager import IO_MANAGER_KEY
 from osa_dagster.defs.metadata import (
     attempt_metadata,
     describe_attempt,
@@ -33,12 +36,15 @@ from osa_dagster.defs.metadata import (
 )
 from osa_dagster.defs.resources import (
     ArtifactStoreResource,
+    AssetKinds,
     HookRunnerResource,
     RecordsDatabaseResource,
 )
 from osa_dagster.engine import HookSpec
 from osa_dagster.records.queries import count_published
 from osa_dagster.settings import Settings
+from osa_dagster.storage.layout import BatchLayout
+from osa_dagster.storage.store import ArtifactStore
 
 # A step whose process the kernel killed (the run worker, not the hook) is retried;
 # it resumes from the hook's checkpoint.
@@ -76,6 +82,12 @@ def materialize_each_partition(
     return dg.MaterializeResult()
 
 
+def artifact_uri(store: ArtifactStore, key: str) -> dict[str, Any]:
+    """The "dagster/uri" metadata of an artifact: its s3:// URL, or file:// URI."""
+    where = store.describe(key)
+    return dict(UriMetadataSet(uri=Path(where).as_uri() if where.startswith("/") else where))
+
+
 def raw_batch_key(convention: Convention) -> dg.AssetKey:
     return dg.AssetKey([convention.name, "raw_batch"])
 
@@ -93,14 +105,15 @@ def features_key(convention: Convention) -> dg.AssetKey:
 
 
 def _raw_batch_asset(
-    convention: Convention, partitions: dg.PartitionsDefinition
+    convention: Convention, partitions: dg.PartitionsDefinition, kinds: AssetKinds
 ) -> dg.AssetsDefinition:
     @dg.asset(
         key=raw_batch_key(convention),
         partitions_def=partitions,
         backfill_policy=backfill_policy(),
         group_name=convention.name,
-        kinds={"python"},
+        kinds={"python", *filter(None, [kinds.store])},
+        io_manager_key=IO_MANAGER_KEY,
         description=f"Records of one {convention.name} batch fetched by its ingester: "
         "records.jsonl plus files; oversized records skipped and counted.",
     )
@@ -110,14 +123,17 @@ def _raw_batch_asset(
         store = artifact_store.get()
         return materialize_each_partition(
             context,
-            lambda partition: raw_batch_metadata(fetch_raw_batch(convention, store, partition)),
+            lambda partition: {
+                **raw_batch_metadata(fetch_raw_batch(convention, store, partition)),
+                **artifact_uri(store, BatchLayout(convention.name, partition).raw),
+            },
         )
 
     return raw_batch
 
 
 def _hooks_asset(
-    convention: Convention, partitions: dg.PartitionsDefinition
+    convention: Convention, partitions: dg.PartitionsDefinition, kinds: AssetKinds
 ) -> dg.AssetsDefinition:
     """Every hook of the convention in one step, each still its own asset.
 
@@ -133,11 +149,11 @@ def _hooks_asset(
             key=hook_key(convention, hook),
             deps=[raw_batch_key(convention)],
             group_name=convention.name,
-            kinds={"python"},
+            kinds={kinds.runner, *filter(None, [kinds.store])},
             skippable=True,
             description=f"Outcomes of hook {hook.name!r} over the batch (memory ladder "
             f"{' -> '.join(f'{mb} MB' for mb in hook.memory.ladder())}, escalated on OOM only).",
-        )
+        ).with_io_manager_key(IO_MANAGER_KEY)
         for hook in convention.hooks
     ]
 
@@ -193,6 +209,9 @@ def _hooks_asset(
                     **hook_metadata(result.progress.checkpoint),
                     **memory_history_metadata(history),
                     **set_aside,
+                    **artifact_uri(
+                        store, BatchLayout(convention.name, job.partition).checkpoint(job.hook)
+                    ),
                 },
                 asset_key=key,
                 partition_key=job.partition,
@@ -206,7 +225,7 @@ def _hooks_asset(
 
 
 def _published_asset(
-    convention: Convention, partitions: dg.PartitionsDefinition
+    convention: Convention, partitions: dg.PartitionsDefinition, kinds: AssetKinds
 ) -> dg.AssetsDefinition:
     @dg.asset(
         key=published_key(convention),
@@ -214,7 +233,8 @@ def _published_asset(
         partitions_def=partitions,
         backfill_policy=backfill_policy(),
         group_name=convention.name,
-        kinds={"sqlite", "postgres"},
+        kinds={kinds.database},
+        io_manager_key=IO_MANAGER_KEY,
         description="Records that passed every hook, published once per (convention, source id) "
         "with an SRN.",
     )
@@ -237,7 +257,7 @@ def _published_asset(
 
 
 def _features_asset(
-    convention: Convention, partitions: dg.PartitionsDefinition
+    convention: Convention, partitions: dg.PartitionsDefinition, kinds: AssetKinds
 ) -> dg.AssetsDefinition:
     @dg.asset(
         key=features_key(convention),
@@ -245,7 +265,8 @@ def _features_asset(
         partitions_def=partitions,
         backfill_policy=backfill_policy(),
         group_name=convention.name,
-        kinds={"sqlite", "postgres"},
+        kinds={kinds.database},
+        io_manager_key=IO_MANAGER_KEY,
         description="Each hook's feature rows of the published records, stored by SRN.",
     )
     def features(
@@ -265,13 +286,13 @@ def _features_asset(
 
 
 def convention_assets(
-    convention: Convention, partitions: dg.DynamicPartitionsDefinition
+    convention: Convention, partitions: dg.DynamicPartitionsDefinition, kinds: AssetKinds
 ) -> dg.Definitions:
     return dg.Definitions(
         assets=[
-            _raw_batch_asset(convention, partitions),
-            _hooks_asset(convention, partitions),
-            _published_asset(convention, partitions),
-            _features_asset(convention, partitions),
+            _raw_batch_asset(convention, partitions, kinds),
+            _hooks_asset(convention, partitions, kinds),
+            _published_asset(convention, partitions, kinds),
+            _features_asset(convention, partitions, kinds),
         ]
     )

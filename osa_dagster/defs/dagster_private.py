@@ -4,6 +4,7 @@ Dagster upgrade that moves them breaks here, and nowhere else."""
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
+from dagster._core.definitions.metadata.metadata_set import UriMetadataSet
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -19,5 +20,6 @@ __all__ = [
     "ASSET_PARTITION_RANGE_END_TAG",
     "ASSET_PARTITION_RANGE_START_TAG",
     "AssetCheckEvaluationTargetMaterializationData",
+    "UriMetadataSet",
     "partition_range_tags",
 ]

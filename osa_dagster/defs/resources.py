@@ -1,119 +1,185 @@
 """Resources: where artifacts live, where records are published, how hooks run.
 
-Each reads its environment variable when left empty, so the same definitions serve the
-embedded default and a production deployment.
+Every field is typed and set from the settings (osa_dagster.settings) when the definitions
+load, so the UI's Resources page shows the store, the database and the runner in use.
+Values that are not secret are passed as values, which the UI shows; the database
+password goes through `dg.EnvVar`, which the UI shows by the variable's name only: kept
+in OSA_DATABASE_PASSWORD, the URL beside it is shown whole, and an OSA_DATABASE_URL that
+carries a password is shown by name only.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal, get_args
+from dataclasses import dataclass
 
 import dagster as dg
+from pydantic import Field
+from sqlalchemy.engine import make_url
 
 from osa_dagster.batch.hooks import machine_capacity
 from osa_dagster.engine import HookCapacity, LocalRunner, Runner
 from osa_dagster.engine.runners.docker import DockerRunner
-from osa_dagster.records import RecordsDatabase, database_url_from_env, open_database
-from osa_dagster.settings import Settings
-from osa_dagster.storage import ArtifactStore, FileSystemStore, store_from_env
-from osa_dagster.storage.store import deposits_store_from_env
+from osa_dagster.records import RecordsDatabase, open_database
+from osa_dagster.settings import RunnerKind, Settings
+from osa_dagster.storage import ArtifactStore
+from osa_dagster.storage.store import store_at
+
+PASSWORD_VARIABLE = "OSA_DATABASE_PASSWORD"
+URL_VARIABLE = "OSA_DATABASE_URL"
 
 
 class ArtifactStoreResource(dg.ConfigurableResource):
-    """Batch artifacts: a folder, or OSA_STORAGE, or <data dir>/artifacts."""
+    """Batch artifacts (OSA_STORAGE): a folder, or s3://bucket/prefix on the S3 server of
+    OSA_S3_ENDPOINT_URL (AWS when unset)."""
 
-    location: str = ""
+    location: str = Field(description="A folder, or s3://bucket/prefix.")
 
     def get(self) -> ArtifactStore:
-        if self.location:
-            return FileSystemStore(Path(self.location))
-        return store_from_env()
+        return store_at(self.location)
 
 
 class DepositsResource(dg.ConfigurableResource):
-    """Where single records are deposited for validation: a folder, or OSA_DEPOSITS (a
-    folder or s3://...), or <data dir>/deposits."""
+    """Where single records are deposited for validation (OSA_DEPOSITS): a folder or
+    s3://bucket/prefix."""
 
-    location: str = ""
+    location: str = Field(description="A folder, or s3://bucket/prefix.")
 
     def get(self) -> ArtifactStore:
-        if self.location:
-            return FileSystemStore(Path(self.location))
-        return deposits_store_from_env()
+        return store_at(self.location)
 
 
 class RecordsDatabaseResource(dg.ConfigurableResource):
-    """The records database (any SQLAlchemy URL; OSA_DATABASE_URL; SQLite by default).
+    """The records database (OSA_DATABASE_URL, any SQLAlchemy URL; SQLite in the data folder
+    by default) and this archive's name in SRNs, urn:osa:<domain>:rec:<uuid> (OSA_DOMAIN)."""
 
-    `domain` names this archive in SRNs (urn:osa:<domain>:rec:<uuid>); OSA_DOMAIN.
-    """
-
-    url: str = ""
-    domain: str = ""
+    url: str = Field(description="SQLAlchemy URL of the records database.")
+    password: str | None = Field(
+        default=None, description=f"The database password ({PASSWORD_VARIABLE})."
+    )
+    domain: str = Field(default="localhost", description="This archive's name in SRNs.")
 
     def get(self) -> RecordsDatabase:
-        return open_database(self.url or database_url_from_env())
+        url = make_url(self.url)
+        if self.password:
+            url = url.set(password=self.password)
+        return open_database(url.render_as_string(hide_password=False))
 
     def srn_domain(self) -> str:
-        return self.domain or Settings.from_env().domain
-
-
-RunnerKind = Literal["local", "docker", "kubernetes"]
+        return self.domain
 
 
 class HookRunnerResource(dg.ConfigurableResource):
-    """Where hooks run: "local" processes under cgroup limits, "docker" containers or
-    "kubernetes" Jobs (each hook's image, sandboxed). Empty means OSA_HOOK_RUNNER, else
-    "local". Kubernetes stages inputs and outputs through the S3 artifact store
-    (OSA_STORAGE) under `staging/`; OSA_K8S_NAMESPACE, OSA_K8S_STAGING_SECRET (a Secret
-    with the stagers' S3 credentials) and OSA_K8S_S3_ENDPOINT_URL (S3 as pods reach it)
-    configure it."""
+    """Where hooks run (OSA_HOOK_RUNNER): "local" processes under cgroup limits, "docker"
+    containers or "kubernetes" Jobs (each hook's image, sandboxed). Kubernetes stages
+    inputs and outputs through the S3 artifact store under `staging/`."""
 
-    kind: str = ""
+    kind: RunnerKind = Field(default="local", description="local, docker or kubernetes.")
+    k8s_namespace: str = Field(default="default", description="OSA_K8S_NAMESPACE.")
+    k8s_staging_secret: str | None = Field(
+        default=None,
+        description="OSA_K8S_STAGING_SECRET: the Secret with the stagers' S3 credentials.",
+    )
+    k8s_s3_endpoint_url: str | None = Field(
+        default=None, description="OSA_K8S_S3_ENDPOINT_URL: S3 as pods reach it."
+    )
+    staging_store: str = Field(
+        default="", description="The artifact store that Kubernetes stages through."
+    )
 
     def get(self) -> Runner:
-        settings = Settings.from_env()
-        kind = self.kind or settings.hook_runner
-        if kind == "local":
+        if self.kind == "local":
             return LocalRunner()
-        if kind == "docker":
+        if self.kind == "docker":
             return DockerRunner()
-        if kind == "kubernetes":
-            # Imported here: the kubernetes client takes ~0.65 s to import, which every
-            # run and CLI command would pay otherwise.
-            from osa_dagster.engine.runners.kubernetes import (
-                KubernetesRunner,
-                KubernetesRunnerConfig,
-            )
-            from osa_dagster.storage.staging import StoreStaging
+        # Imported here: the kubernetes client takes ~0.65 s to import, which every run and
+        # CLI command would pay otherwise.
+        from osa_dagster.engine.runners.kubernetes import (
+            KubernetesRunner,
+            KubernetesRunnerConfig,
+        )
+        from osa_dagster.storage.staging import StoreStaging
 
-            return KubernetesRunner(
-                StoreStaging(
-                    store_from_env(),
-                    "staging",
-                    pod_endpoint_url=settings.k8s_s3_endpoint_url,
-                ),
-                KubernetesRunnerConfig(
-                    namespace=settings.k8s_namespace,
-                    staging_secret=settings.k8s_staging_secret,
-                ),
-            )
-        raise ValueError(f"unknown hook runner {kind!r}: choose one of {get_args(RunnerKind)}")
+        return KubernetesRunner(
+            StoreStaging(
+                store_at(self.staging_store),
+                "staging",
+                pod_endpoint_url=self.k8s_s3_endpoint_url,
+            ),
+            KubernetesRunnerConfig(
+                namespace=self.k8s_namespace, staging_secret=self.k8s_staging_secret
+            ),
+        )
 
     def capacity(self) -> HookCapacity | None:
         """The slots and memory budget that local and Docker attempts share machine-wide;
         None for Kubernetes, whose scheduler packs pods by their memory requests."""
-        settings = Settings.from_env()
-        if (self.kind or settings.hook_runner) == "kubernetes":
+        if self.kind == "kubernetes":
             return None
-        return machine_capacity(settings)
+        return machine_capacity(Settings.from_env())
+
+
+@dataclass(frozen=True)
+class AssetKinds:
+    """The technologies the asset graph names on its assets (Dagster's kinds)."""
+
+    database: str
+    """The records database as Dagster spells it: "sqlite", "postgres"."""
+    store: str | None
+    """"s3" when the artifacts are in S3; None for a folder."""
+    runner: str
+    """Where hooks run: "python" (local processes), "docker" or "kubernetes"."""
+
+
+def database_url(settings: Settings) -> str:
+    """OSA_DATABASE_URL, or the SQLite file in the data folder (not created here)."""
+    return settings.database_url or f"sqlite:///{settings.data_dir / 'records.db'}"
+
+
+def asset_kinds(settings: Settings) -> AssetKinds:
+    backend = make_url(database_url(settings)).get_backend_name()
+    return AssetKinds(
+        database="postgres" if backend == "postgresql" else backend,
+        store="s3" if settings.artifacts_location.lower().startswith("s3:") else None,
+        runner="python" if settings.hook_runner == "local" else settings.hook_runner,
+    )
+
+
+def _records_database(settings: Settings) -> RecordsDatabaseResource:
+    url = database_url(settings)
+    password = dg.EnvVar(PASSWORD_VARIABLE) if settings.database_password else None
+    if make_url(url).password is not None:
+        return RecordsDatabaseResource(url=dg.EnvVar(URL_VARIABLE), domain=settings.domain)
+    return RecordsDatabaseResource(url=url, password=password, domain=settings.domain)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """The resources of one set of settings, typed (Definitions takes them as a dict)."""
+
+    artifact_store: ArtifactStoreResource
+    records_db: RecordsDatabaseResource
+    hook_runner: HookRunnerResource
+    deposits: DepositsResource
+
+    @classmethod
+    def of(cls, settings: Settings) -> Resources:
+        return cls(
+            artifact_store=ArtifactStoreResource(location=settings.artifacts_location),
+            records_db=_records_database(settings),
+            hook_runner=HookRunnerResource(
+                kind=settings.hook_runner,
+                k8s_namespace=settings.k8s_namespace,
+                k8s_staging_secret=settings.k8s_staging_secret,
+                k8s_s3_endpoint_url=settings.k8s_s3_endpoint_url,
+                staging_store=settings.artifacts_location,
+            ),
+            deposits=DepositsResource(location=settings.deposits_location),
+        )
+
+    def by_key(self) -> dict[str, dg.ConfigurableResource]:
+        return dict(vars(self))
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
-    return {
-        "artifact_store": ArtifactStoreResource(),
-        "records_db": RecordsDatabaseResource(),
-        "hook_runner": HookRunnerResource(),
-        "deposits": DepositsResource(),
-    }
+    """The resources of this process's settings."""
+    return Resources.of(Settings.from_env()).by_key()

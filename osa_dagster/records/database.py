@@ -19,10 +19,14 @@ class DatabaseNotReadable(RuntimeError):
 
 
 def database_url_from_env() -> str:
-    """OSA_DATABASE_URL, else a SQLite file in the data folder."""
-    url = Settings.from_env().database_url
-    if url:
-        return url
+    """OSA_DATABASE_URL (with OSA_DATABASE_PASSWORD, if set), else a SQLite file in the data
+    folder."""
+    settings = Settings.from_env()
+    if settings.database_url and settings.database_password:
+        url = make_url(settings.database_url).set(password=settings.database_password)
+        return url.render_as_string(hide_password=False)
+    if settings.database_url:
+        return settings.database_url
     return f"sqlite:///{data_dir() / 'records.db'}"
 
 

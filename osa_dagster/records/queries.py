@@ -103,3 +103,44 @@ def srns_with_features(db: RecordsDatabase, hook: str, srns: list[str]) -> set[s
                 )
             )
     return found
+
+
+@dataclass(frozen=True)
+class RecordOfBatch:
+    """A published record as a batch published it: its metadata and every hook's features."""
+
+    srn: str
+    source_id: str
+    metadata: dict[str, Any]
+    features: dict[str, list[dict[str, Any]]]
+    """hook -> its feature rows in order; a hook without rows for the record is absent."""
+
+
+def records_of_partition(
+    db: RecordsDatabase, convention: str, partition: str, *, chunk: int = 500
+) -> Iterator[RecordOfBatch]:
+    """The records `partition` published, by source id, read `chunk` at a time (with their
+    features) as they are consumed, so memory stays that of one chunk."""
+    query = (
+        select(Record)
+        .where(Record.convention == convention, Record.partition == partition)
+        .order_by(Record.source_id)
+        .execution_options(yield_per=chunk)
+    )
+    with db.session() as session:
+        for records in session.scalars(query).partitions():
+            features: dict[str, dict[str, list[dict[str, Any]]]] = {}
+            rows = session.scalars(
+                select(Feature)
+                .where(Feature.record_srn.in_([r.srn for r in records]))
+                .order_by(Feature.record_srn, Feature.hook, Feature.row_index)
+            )
+            for row in rows:
+                features.setdefault(row.record_srn, {}).setdefault(row.hook, []).append(row.data)
+            for record in records:
+                yield RecordOfBatch(
+                    srn=record.srn,
+                    source_id=record.source_id,
+                    metadata=record.record_metadata,
+                    features=features.get(record.srn, {}),
+                )

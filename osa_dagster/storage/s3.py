@@ -19,7 +19,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -238,6 +238,24 @@ class S3Store:
             if error.code == "NoSuchKey":
                 raise FileNotFoundError(f"no artifact at {error.url}") from error
             raise
+
+    def iter_lines(self, key: str) -> Iterator[bytes]:
+        """Opening the object is retried like any call; a connection lost in the middle of
+        the body ends the iteration with a StoreError, as the lines read are already used."""
+        name = self._object(key)
+        try:
+            body = self._call(
+                "get", name, lambda: self.client.get_object(Bucket=self.bucket, Key=name)["Body"]
+            )
+        except StoreError as error:
+            if error.code == "NoSuchKey":
+                raise FileNotFoundError(f"no artifact at {error.url}") from error
+            raise
+        with closing(body):
+            try:
+                yield from body.iter_lines()
+            except Exception as error:
+                self._fail("get", name, error, attempts=1)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """One PUT: S3 replaces an object atomically, so readers see the old or the new."""

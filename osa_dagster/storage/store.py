@@ -33,6 +33,11 @@ def check_key(key: str) -> str:
 class ArtifactStore(Protocol):
     def read_bytes(self, key: str) -> bytes: ...
 
+    def iter_lines(self, key: str) -> Iterator[bytes]:
+        """The lines of a key, without their line ends, read as they are consumed: memory
+        stays that of one line whatever the size of the artifact."""
+        ...
+
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write atomically: a reader sees the old content or the new, never a mix."""
         ...
@@ -65,6 +70,11 @@ class FileSystemStore:
 
     def read_bytes(self, key: str) -> bytes:
         return self.path(key).read_bytes()
+
+    def iter_lines(self, key: str) -> Iterator[bytes]:
+        with self.path(key).open("rb") as stream:
+            for line in stream:
+                yield line.rstrip(b"\r\n")
 
     def write_bytes(self, key: str, data: bytes) -> None:
         write_atomically(self.path(key), data)

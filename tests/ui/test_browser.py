@@ -18,6 +18,8 @@ from osa_dagster.conventions.pdb import EXTRACT_FEATURES
 from osa_dagster.conventions.pdb.ingester import mirror_entries
 from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.defs.assets import batch_partitions, convention_assets
+from osa_dagster.defs.resources import asset_kinds
+from osa_dagster.settings import Settings
 from tests.test_pdb_end_to_end import MIRROR, expected_publishable
 from tests.ui.conftest import (
     CODE_LOCATION,
@@ -109,7 +111,8 @@ def metadata_value(page: Page, label: str) -> Locator:
 def batch_asset_names() -> list[str]:
     """What the graph labels the pdb convention's batch assets with: the last part of the key."""
     convention = load_conventions()["pdb"]
-    assets = list(convention_assets(convention, batch_partitions(convention)).assets or [])
+    kinds = asset_kinds(Settings.from_env())
+    assets = list(convention_assets(convention, batch_partitions(convention), kinds).assets or [])
     return [key.path[-1] for asset in assets for key in asset.keys]
 
 
