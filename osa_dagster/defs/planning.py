@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from osa_dagster import __version__
 from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.conventions.base import Convention
+from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.defs.assets import features_key, partitions_per_run
 from osa_dagster.defs.dagster_private import partition_range_tags
 from osa_dagster.defs.resources import ArtifactStoreResource
@@ -81,6 +82,9 @@ STEP_ENV_VARS = (
     "OSA_CONVENTIONS",
     "OSA_HOOK_MEMORY",
     "OSA_HOOK_RUNNER",
+    "OSA_SOURCES",
+    "OSA_DATABASE_PASSWORD",
+    "OSA_S3_ENDPOINT_URL",
     "DOCKER_HOST",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -101,26 +105,32 @@ def ingest_executor() -> dg.ExecutorDefinition:
 
 
 def docker_step_executor() -> dg.ExecutorDefinition:
-    """dagster_docker's executor: every step in its own container of OSA_STEP_IMAGE.
+    """dagster_docker's executor: every step in its own container of OSA_STEP_IMAGE, removed
+    when the step ends (see step_containers).
 
     Steps use the host's network, so they reach services on 127.0.0.1 (S3, PostgreSQL). The
     Dagster home, the data folder and a unix DOCKER_HOST socket are mounted at the same paths
     as on the host, so a step sees the files the orchestrator sees and the Docker runner's
-    bind mounts name paths that the Docker engine can find.
+    bind mounts name paths that the Docker engine can find; the folders and files of
+    OSA_SOURCES are mounted read-only, so that raw_batch reads them where they were planned.
     """
-    from dagster_docker import docker_executor
+    from osa_dagster.defs.step_containers import STEP_LABEL, removing_docker_executor
 
-    mounts = [os.environ.get("DAGSTER_HOME", ""), str(data_dir())]
+    settings = Settings.from_env()
+    mounts = {path: "rw" for path in (os.environ.get("DAGSTER_HOME", ""), str(data_dir())) if path}
     docker_host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     if docker_host.startswith("unix://"):
-        mounts.append(docker_host.removeprefix("unix://"))
-    volumes = {path: {"bind": path, "mode": "rw"} for path in mounts if path}
-    return docker_executor.configured(
+        mounts[docker_host.removeprefix("unix://")] = "rw"
+    for convention in load_conventions().values():
+        if convention.location and convention.location.startswith("/"):
+            mounts.setdefault(convention.location, "ro")
+    volumes = {path: {"bind": path, "mode": mode} for path, mode in mounts.items()}
+    return removing_docker_executor.configured(
         {
-            "image": Settings.from_env().step_image or f"osa-dagster-step:{__version__}",
+            "image": settings.step_image or f"osa-dagster-step:{__version__}",
             "network": "host",
             "env_vars": [name for name in STEP_ENV_VARS if name in os.environ],
-            "container_kwargs": {"volumes": volumes},
+            "container_kwargs": {"volumes": volumes, "labels": {STEP_LABEL: str(data_dir())}},
         },
         name="docker",
     )

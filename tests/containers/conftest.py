@@ -18,6 +18,7 @@ import docker.errors
 import pytest
 
 from osa_dagster.conventions.pdb import HOOK_IMAGE
+from osa_dagster.defs.step_containers import STEP_LABEL
 from osa_dagster.engine.runners.docker import ORCHESTRATOR_LABEL, RUNNER_LABEL, orchestrator_id
 from tests.fixtures.services import unavailable
 
@@ -64,7 +65,8 @@ def probe_image(
 
 @pytest.fixture(autouse=True)
 def no_container_left(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every test must leave no hook container of this process behind."""
+    """Every test must leave no hook container of this process behind, and no step
+    container of its own data folder (the step executor labels them with it)."""
     yield
     if "docker_client" not in request.fixturenames:
         return
@@ -72,4 +74,7 @@ def no_container_left(request: pytest.FixtureRequest) -> Iterator[None]:
     ours = client.containers.list(
         all=True, filters={"label": [RUNNER_LABEL, f"{ORCHESTRATOR_LABEL}={orchestrator_id()}"]}
     )
-    assert [c.name for c in ours] == []
+    steps = client.containers.list(
+        all=True, filters={"label": f"{STEP_LABEL}={os.environ['OSA_DATA_DIR']}"}
+    )
+    assert [c.name for c in [*ours, *steps]] == []
