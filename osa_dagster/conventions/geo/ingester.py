@@ -30,6 +30,7 @@ from osa_dagster.conventions.geo.soft import (
     read_entities,
 )
 from osa_dagster.conventions.geo.summary import KIND_OF_ENTITY, RecordKind, SummaryBuilder
+from osa_dagster.conventions.local_files import file_of_ref
 
 log = logging.getLogger(__name__)
 
@@ -201,14 +202,12 @@ class GeoFolderIngester(Ingester):
         root = self.folder.resolve()
         for ref in refs:
             accession = ref.source_id
-            relative = ref.extra.get("path")
-            if not isinstance(relative, str) or not relative:
-                ctx.fail(accession, f"the ref of {accession} has no file path (extra['path'])")
+            try:
+                path = file_of_ref(root, ref)
+            except ValueError as error:
+                ctx.fail(accession, str(error))
                 continue
-            path = (root / relative).resolve()
-            if not path.is_relative_to(root):
-                ctx.fail(accession, f"{relative!r} is outside the folder {root}")
-                continue
+            relative = str(ref.extra["path"])
             try:
                 kind, found = first_record_entity(path)
             except FileNotFoundError:

@@ -27,6 +27,8 @@ from osa_sdk.contract import bytes_to_mb
 from osa_sdk.types import IngesterRecord, RecordRef
 from pydantic import BaseModel, ConfigDict
 
+from osa_dagster.conventions.local_files import file_of_ref
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MIRROR = Path(__file__).resolve().parent / "mirror"
@@ -319,13 +321,10 @@ class PdbMirrorIngester(Ingester):
             if self.divided:
                 path = entry_path(root, pdb_id)
             else:
-                relative = ref.extra.get(_PATH)
-                if not isinstance(relative, str) or not relative:
-                    ctx.fail(pdb_id, f"the ref of {pdb_id} has no file path (extra[{_PATH!r}])")
-                    continue
-                path = (root / relative).resolve()
-                if not path.is_relative_to(root):
-                    ctx.fail(pdb_id, f"{relative!r} is outside the folder {root}")
+                try:
+                    path = file_of_ref(root, ref, _PATH)
+                except ValueError as error:
+                    ctx.fail(pdb_id, str(error))
                     continue
             try:
                 metadata = entry_metadata(root, path, pdb_id.upper())

@@ -28,6 +28,8 @@ from osa_sdk.contract import bytes_to_mb
 from osa_sdk.types import IngesterRecord, RecordRef
 from pydantic import BaseModel, ConfigDict
 
+from osa_dagster.conventions.local_files import file_of_ref
+
 log = logging.getLogger(__name__)
 
 DEFAULT_FLAT_FILE = Path(__file__).resolve().parent / "data" / "SWISS100.dat.gz"
@@ -328,11 +330,12 @@ class UniProtFlatFileIngester(Ingester):
                 continue
             if relative is None and self.path.is_file():
                 file = self.path
-            elif isinstance(relative, str) and (root / relative).resolve().is_relative_to(root):
-                file = (root / relative).resolve()
             else:
-                ctx.fail(ref.source_id, f"ref {ref.source_id} names no flat file in {self.path}")
-                continue
+                try:
+                    file = file_of_ref(root, ref, _FILE)
+                except ValueError as error:
+                    ctx.fail(ref.source_id, str(error))
+                    continue
             located.setdefault(file, []).append((offset, length, ref.source_id))
         for file, entries in sorted(located.items()):
             yield from self._fetch_from(file, sorted(entries), ctx)
