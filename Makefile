@@ -10,7 +10,7 @@ export DAGSTER_HOME ?= $(CURDIR)
 # `make ui PORT=3001` when 3000 is taken.
 PORT ?= 3000
 
-.PHONY: demo demo-s3 test lint images k8s-check ui bench clean sandbox-tools
+.PHONY: demo demo-s3 test lint images k8s-check ui stack bench clean sandbox-tools
 
 $(STAMP): pyproject.toml sdk/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ k8s-check: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/dagster dev -w workspace.yaml -p $(PORT)
+
+# The production profile on one machine: PostgreSQL, SeaweedFS and dagster dev, until Ctrl-C.
+stack: $(STAMP)
+	$(BIN)/osa stack
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from sqlalchemy import func, select  # noqa: E402
 
+from osa_dagster.local_postgres import pg_binary, throwaway_postgres  # noqa: E402
 from osa_dagster.records import (  # noqa: E402
     Base,
     Record,
@@ -45,7 +46,6 @@ from osa_dagster.records import (  # noqa: E402
     RecordToPublish,
     publish_records,
 )
-from tests.fixtures.pg_cluster import pg_binary, throwaway_postgres  # noqa: E402
 
 CONVENTION = "bench"
 COLUMNS = ("srn", "convention", "source_id", "partition", "metadata", "published_at")

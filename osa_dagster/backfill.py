@@ -23,7 +23,10 @@ from typing import Any
 
 from pydantic import BaseModel, model_validator
 
-DEFAULT_WEBSERVER_URL = "http://127.0.0.1:3000"
+from osa_dagster.settings import Settings
+
+# Where `dagster dev` and `make ui` serve by default; OSA_WEBSERVER_URL says otherwise.
+DEFAULT_WEBSERVER_URL: str = Settings.model_fields["webserver_url"].default
 REQUEST_TIMEOUT_S = 60.0
 WAIT_POLL_S = 2.0
 # A backfill in one of these states launches nothing more. COMPLETED is what job backfills
@@ -468,7 +471,9 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
         help="every batch with an asset whose latest materialisation failed or never ran",
     )
     parser.add_argument(
-        "--url", default=DEFAULT_WEBSERVER_URL, help="the Dagster webserver (default: %(default)s)"
+        "--url",
+        help="the Dagster webserver (default: OSA_WEBSERVER_URL, which `osa stack` sets, "
+        f"else {DEFAULT_WEBSERVER_URL})",
     )
     parser.add_argument(
         "--wait",
@@ -480,6 +485,8 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_backfill_command(args: argparse.Namespace) -> int:
     """`osa backfill`: launch, print the backfill's id and page, optionally wait for it."""
+    # Found as the instance is: from the environment (DAGSTER_HOME, OSA_WEBSERVER_URL).
+    args.url = args.url or Settings.from_env().webserver_url
     try:
         selection = PartitionSelection(
             keys=args.keys, first=args.first, last=args.last, failed_or_missing=args.failed

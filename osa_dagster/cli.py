@@ -578,8 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
     db_cmd.add_argument("action", choices=["upgrade", "current"])
 
     from osa_dagster.backfill import add_backfill_parser
+    from osa_dagster.stack import add_stack_parser
 
     add_backfill_parser(commands, parents=[debug])
+    add_stack_parser(commands, parents=[debug])
     return parser
 
 
@@ -592,6 +594,10 @@ def run_command(args: argparse.Namespace) -> int:
         from osa_dagster.backfill import run_backfill_command
 
         return run_backfill_command(args)
+    if args.command == "stack":
+        from osa_dagster.stack import run_stack_command
+
+        return run_stack_command(args)
     if args.command == "db":
         return database_schema(args.action)
     if args.command == "demo":

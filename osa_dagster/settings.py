@@ -85,6 +85,19 @@ class Settings(BaseModel):
     k8s_s3_endpoint_url: str | None = Field(None, alias="OSA_K8S_S3_ENDPOINT_URL")
     plan_cron: dict[str, str] = Field(default_factory=dict)
     """Convention -> cron of its weekly plan, from OSA_PLAN_CRON_<CONVENTION>."""
+    compute_log_bucket: str | None = Field(None, alias="OSA_COMPUTE_LOG_BUCKET")
+    """The bucket of the production profile's compute logs (required by that profile)."""
+    compute_log_prefix: str = Field("compute-logs", min_length=1, alias="OSA_COMPUTE_LOG_PREFIX")
+    compute_log_access_key_id: str | None = Field(
+        None, repr=False, alias="OSA_COMPUTE_LOG_ACCESS_KEY_ID"
+    )
+    """With OSA_COMPUTE_LOG_SECRET_ACCESS_KEY, the compute logs' own S3 credentials; unset,
+    boto3's default chain (AWS_ACCESS_KEY_ID..., a profile, an instance role)."""
+    compute_log_secret_access_key: str | None = Field(
+        None, repr=False, alias="OSA_COMPUTE_LOG_SECRET_ACCESS_KEY"
+    )
+    webserver_url: str = Field("http://127.0.0.1:3000", alias="OSA_WEBSERVER_URL")
+    """The Dagster webserver that `osa backfill` talks to."""
     watch_interval_s: int = Field(3600, ge=1, alias="OSA_WATCH_INTERVAL_S")
     watch_overlap_h: float = Field(48.0, ge=0, allow_inf_nan=False, alias="OSA_WATCH_OVERLAP_H")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.pg_cluster import PgCluster, pg_binary, throwaway_postgres
+from osa_dagster.local_postgres import PgCluster, pg_binary, throwaway_postgres
 from tests.fixtures.services import unavailable
 
 # Each test's hook attempts share the slots and budget of its own data folder.

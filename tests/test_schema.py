@@ -9,9 +9,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, inspect, select
 
 from osa_dagster.cli import main
+from osa_dagster.local_postgres import throwaway_postgres
 from osa_dagster.records import Base, Record, RecordsDatabase, RecordToPublish, publish_records
 from osa_dagster.records.schema import VERSION_TABLE, current_revision, head_revision
-from tests.fixtures.pg_cluster import throwaway_postgres
 
 
 def _differences(engine: Engine) -> list:

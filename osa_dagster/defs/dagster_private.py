@@ -9,6 +9,7 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
 )
+from dagster._serdes import ConfigurableClassData
 
 
 def partition_range_tags(first: str, last: str) -> dict[str, str]:
@@ -20,6 +21,7 @@ __all__ = [
     "ASSET_PARTITION_RANGE_END_TAG",
     "ASSET_PARTITION_RANGE_START_TAG",
     "AssetCheckEvaluationTargetMaterializationData",
+    "ConfigurableClassData",
     "UriMetadataSet",
     "partition_range_tags",
 ]

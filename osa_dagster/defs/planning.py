@@ -72,19 +72,10 @@ class PlanConfig(dg.Config):
         return value
 
 
-# What a step container needs from the orchestrator's environment.
+# What a step container needs from the orchestrator's environment, besides every OSA_*
+# variable (all of them: a step loads the same definitions and settings).
 STEP_ENV_VARS = (
     "DAGSTER_HOME",
-    "OSA_DATA_DIR",
-    "OSA_STORAGE",
-    "OSA_DATABASE_URL",
-    "OSA_DOMAIN",
-    "OSA_CONVENTIONS",
-    "OSA_HOOK_MEMORY",
-    "OSA_HOOK_RUNNER",
-    "OSA_SOURCES",
-    "OSA_DATABASE_PASSWORD",
-    "OSA_S3_ENDPOINT_URL",
     "DOCKER_HOST",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -129,7 +120,9 @@ def docker_step_executor() -> dg.ExecutorDefinition:
         {
             "image": settings.step_image or f"osa-dagster-step:{__version__}",
             "network": "host",
-            "env_vars": [name for name in STEP_ENV_VARS if name in os.environ],
+            "env_vars": [
+                name for name in os.environ if name in STEP_ENV_VARS or name.startswith("OSA_")
+            ],
             "container_kwargs": {"volumes": volumes, "labels": {STEP_LABEL: str(data_dir())}},
         },
         name="docker",

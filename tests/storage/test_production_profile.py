@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -11,9 +10,9 @@ from sqlalchemy import select
 
 from osa_dagster.conventions.pdb.ingester import mirror_entries
 from osa_dagster.definitions import build_definitions
+from osa_dagster.local_postgres import PgCluster
 from osa_dagster.records import Record, RecordsDatabase, database_url_from_env
 from tests.conftest import use_instance_profile
-from tests.fixtures.pg_cluster import PgCluster
 from tests.test_pdb_end_to_end import MIRROR, expected_publishable
 
 from .servers import S3Endpoint
@@ -28,9 +27,9 @@ def production(
 ) -> None:
     """The production profile in DAGSTER_HOME, on a throwaway PostgreSQL and SeaweedFS."""
     use_instance_profile(PROFILE, postgres, tmp_path, monkeypatch)
+    monkeypatch.delenv("OSA_COMPUTE_LOG_PREFIX", raising=False)
     for name, value in {
         "OSA_COMPUTE_LOG_BUCKET": seaweedfs.bucket,
-        "OSA_COMPUTE_LOG_PREFIX": f"logs/{uuid.uuid4().hex}",
         "OSA_S3_ENDPOINT_URL": seaweedfs.url,
         "AWS_ACCESS_KEY_ID": seaweedfs.access_key,
         "AWS_SECRET_ACCESS_KEY": seaweedfs.secret_key,
@@ -39,7 +38,14 @@ def production(
         monkeypatch.setenv(name, value)
 
 
-def test_the_production_profile_runs_an_ingest_on_postgres(production, toy_conventions):
+def test_the_production_profile_runs_an_ingest_on_postgres(
+    production, toy_conventions, seaweedfs: S3Endpoint, monkeypatch: pytest.MonkeyPatch
+):
+    # The compute logs' own credentials are used, not the AWS_* ones (made wrong here), and
+    # their prefix has a default.
+    monkeypatch.setenv("OSA_COMPUTE_LOG_ACCESS_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("OSA_COMPUTE_LOG_SECRET_ACCESS_KEY", seaweedfs.secret_key)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
     with dg.DagsterInstance.get() as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
@@ -58,6 +64,8 @@ def test_the_production_profile_runs_an_ingest_on_postgres(production, toy_conve
         assert instance.get_run_by_id(ingest.run_id).tags["osa/convention"] == "toy"
         stored = instance.get_materialized_partitions(dg.AssetKey(["toy", "features"]))
         assert stored == {key}
+    logs = seaweedfs.store("compute-logs")
+    assert any(ingest.run_id in log_key for log_key in logs.list_keys("storage"))
 
 
 @pytest.mark.slow
