@@ -18,14 +18,17 @@ from typing import Any
 import dagster as dg
 import docker
 import docker.errors
-from dagster._core.events import DagsterEvent
-from dagster._core.execution.context.system import PlanOrchestrationContext
-from dagster._core.execution.plan.plan import ExecutionPlan
-from dagster._core.execution.retries import RetryMode
-from dagster._core.executor.base import Executor
-from dagster._core.executor.step_delegating import StepDelegatingExecutor
 from dagster_docker import docker_executor
-from dagster_shared.serdes.utils import hash_str
+
+from osa_dagster.defs.dagster_private import (
+    DagsterEvent,
+    ExecutionPlan,
+    Executor,
+    PlanOrchestrationContext,
+    RetryMode,
+    StepDelegatingExecutor,
+    hash_str,
+)
 
 log = logging.getLogger(__name__)
 
