@@ -128,3 +128,23 @@ def test_a_source_that_cannot_be_read_fails_the_plan_in_one_line(tmp_path: Path)
         "source: geo: '/no/such/folder' is not one of its sources ['folder', 'ncbi'], "
         "nor a folder or file that exists"
     )
+
+
+def test_osa_plan_names_the_skipped_file_on_stderr_and_the_batches_on_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from osa_dagster.cli import main
+
+    folder = tmp_path / "geo"
+    folder.mkdir()
+    shutil.copy(GEO_DATA / "GSM11805.txt.gz", folder / "GSM11805.txt.gz")
+    shutil.copy(GEO_DATA / "GSM11805.txt.gz", folder / "later-copy.txt.gz")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    (tmp_path / "dagster.yaml").write_text("")
+    assert main(["plan", "geo", "--source", str(folder)]) == 0
+    out, err = capsys.readouterr()
+    [key] = out.split()  # one batch, of the one file kept
+    assert key.startswith("GSM11805-GSM11805-")
+    assert "skipped later-copy.txt.gz: GSM11805 is in GSM11805.txt.gz already, which is kept" in (
+        err.splitlines()
+    )
