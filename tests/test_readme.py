@@ -70,6 +70,8 @@ RUN_ELSEWHERE = {
     "make bench": "benchmarks, run by hand (bench/RESULTS.md)",
     "OSA_CONVENTIONS=mylab.conventions make ui": "a user's module; tests load "
     "tests.fixtures.toy_convention the same way",
+    ".venv/bin/osa stack": "tests/storage/test_stack.py runs it, with --dir and --port",
+    "make stack": "runs `osa stack`, which tests/storage/test_stack.py runs",
 }
 # Backquoted text that names a command without being one to run.
 MENTIONS = {
@@ -77,6 +79,8 @@ MENTIONS = {
     "dagster dev",
     "osa backfill",
     "osa materialize",
+    "osa plan",
+    "osa stack",
     "osa plan: --limit: must be a positive number of records, not 0",
     "osa summary: OSA_PARTITIONS_PER_RUN='abc': ...",
 }
