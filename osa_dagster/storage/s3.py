@@ -309,9 +309,6 @@ class S3Store:
         base = self._object(prefix)
         with tempfile.TemporaryDirectory(prefix="osa-s3-", dir=self.staging_dir) as tmp:
             folder = Path(tmp)
-            # Sandboxed hooks run as another user (OSA_HOOK_SANDBOX_USER) and read the staged
-            # files as they read a folder store's: TemporaryDirectory's 0700 would shut them out.
-            folder.chmod(0o755)
             staged = self._download(base, folder)
             yield folder
             if writable:
