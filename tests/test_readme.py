@@ -61,8 +61,8 @@ RUN_ELSEWHERE = {
     ".venv/bin/dagster job backfill -m osa_dagster.definitions -j pdb_ingest "
     "--partitions KEY1,KEY2 --noprompt": "tests/ui/test_backfills.py, under `make ui`",
     "osa backfill pdb --failed": "tests/ui/test_backfills.py, under `make ui`",
-    "osa backfill pdb KEY1 KEY2": "tests/ui/test_backfills.py: the same launch, other keys",
-    "osa backfill pdb --from KEY --to KEY": "tests/ui/test_backfills.py: the same launch",
+    "osa backfill pdb KEY1 KEY2": "tests/ui/test_backfills.py runs the same launch by range",
+    "osa backfill pdb --from KEY --to KEY": "tests/ui/test_backfills.py, under `make ui`",
     "make demo-s3": "the demo on SeaweedFS; its store is tested in tests/storage",
     "make images": "CI runs it before `make test`",
     "make test": "CI runs it; it runs this test",

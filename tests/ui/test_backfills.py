@@ -162,6 +162,28 @@ def test_job_backfill_then_asset_backfill_of_the_rest(
 
 
 @pytest.mark.slow
+def test_a_range_backfill_as_the_readme_writes_it(running_dagster: RunningDagster):
+    first, last = running_dagster.partitions[0], running_dagster.partitions[1]
+    launched = running_dagster.site.run(
+        sys.executable, "-m", "osa_dagster.cli", "backfill", "pdb", "--from", first,
+        "--to", last, "--url", running_dagster.url, "--wait", str(ASSET_BACKFILL_TIMEOUT_S),
+        timeout_s=ASSET_BACKFILL_TIMEOUT_S + 60,
+    )  # fmt: skip
+    match = re.search(
+        r"launched backfill (\S+) of 2 pdb batches:\n  (\S+)\n  (\S+)\n", launched.stdout
+    )
+    assert match, launched.stdout
+    backfill_id, *selected = match.groups()
+    assert selected == [first, last]
+    assert f"backfill {backfill_id} succeeded: all 1 runs succeeded" in launched.stdout
+    with running_dagster.instance() as instance:
+        [backfill] = [b for b in instance.get_backfills() if b.backfill_id == backfill_id]
+        assert backfill.title == f"osa backfill pdb: 2 batches ({first} to {last})"
+        runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+        assert [partition_span(r) for r in runs] == [(first, last)]
+
+
+@pytest.mark.slow
 def test_webserver_errors_are_raised_with_their_message(running_dagster: RunningDagster):
     webserver = DagsterWebserver(running_dagster.url)
     state = webserver.convention_partitions("pdb")
