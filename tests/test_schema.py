@@ -10,7 +10,15 @@ from sqlalchemy import Engine, create_engine, inspect, select
 
 from osa_dagster.cli import main
 from osa_dagster.local_postgres import throwaway_postgres
-from osa_dagster.records import Base, Record, RecordsDatabase, RecordToPublish, publish_records
+from osa_dagster.records import (
+    Base,
+    DeadLetter,
+    Feature,
+    Record,
+    RecordsDatabase,
+    RecordToPublish,
+    publish_records,
+)
 from osa_dagster.records.schema import VERSION_TABLE, current_revision, head_revision
 
 
@@ -37,7 +45,10 @@ def test_migrations_build_the_models_schema_on_postgresql():
 def test_a_database_from_before_migrations_is_stamped_and_keeps_its_records(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
     before = create_engine(url)
-    Base.metadata.create_all(before)  # how databases were made before migrations existed
+    # How databases were made before migrations existed, with the tables of that time.
+    Base.metadata.create_all(
+        before, tables=[Record.__table__, Feature.__table__, DeadLetter.__table__]
+    )
     publish_records(
         _unmigrated(url),
         convention="pdb",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -60,3 +60,22 @@ class DeadLetter(Base):
     peak_mb: Mapped[float | None]
     reason: Mapped[str] = mapped_column(String(1024))
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class BatchLease(Base):
+    """Which process works a batch now (osa_dagster/batch/lease.py). A row exists while a
+    step holds the batch; taking it from a dead holder is an UPDATE conditional on the
+    holder's token, so two takers cannot both win. Times are seconds since the epoch on
+    the database's clock (PostgreSQL's, or this machine's for a SQLite file)."""
+
+    __tablename__ = "batch_leases"
+
+    convention: Mapped[str] = mapped_column(String(64), primary_key=True)
+    batch: Mapped[str] = mapped_column(String(255), primary_key=True)
+    token: Mapped[str] = mapped_column(String(32))
+    run_id: Mapped[str | None] = mapped_column(String(64))
+    step: Mapped[str] = mapped_column(String(255))
+    holder: Mapped[dict[str, Any]]
+    """The holding process: a ProcessIdentity (host, boot id, pid namespace, pid, start)."""
+    acquired_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
