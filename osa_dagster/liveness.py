@@ -11,21 +11,11 @@ from __future__ import annotations
 
 import os
 import socket
-from functools import cache
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from osa_dagster.engine.runners import process_start_ticks
-
-
-@cache
-def boot_id() -> str | None:
-    """The kernel's id of this boot: a pid of another boot names nothing alive."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
+from osa_dagster.engine.runners.base import boot_id, process_start_ticks
 
 
 def pid_namespace() -> str | None:

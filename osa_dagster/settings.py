@@ -100,6 +100,8 @@ class Settings(BaseModel):
     """The Dagster webserver that `osa backfill` talks to."""
     watch_interval_s: int = Field(3600, ge=1, alias="OSA_WATCH_INTERVAL_S")
     watch_overlap_h: float = Field(48.0, ge=0, allow_inf_nan=False, alias="OSA_WATCH_OVERLAP_H")
+    lease_wait_s: float = Field(1800.0, ge=0, allow_inf_nan=False, alias="OSA_LEASE_WAIT_S")
+    """How long a step waits for a batch that another live run works (batch/lease.py)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

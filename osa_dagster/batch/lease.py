@@ -52,8 +52,6 @@ HEARTBEAT_S = 10.0
 # Silence after which a holder is presumed dead: several missed heartbeats, so that a
 # loaded machine or a slow database does not lose a live holder its lease.
 TIMEOUT_S = 60.0
-# How long a step waits for a live holder: about one batch's work at the top of a ladder.
-WAIT_S = 1800.0
 POLL_S = 1.0
 
 
@@ -141,7 +139,7 @@ class BatchLeases:
         *,
         step: str,
         run_id: str | None = None,
-        wait_s: float = WAIT_S,
+        wait_s: float,
         on_wait: Callable[[LeaseHolding], None] | None = None,
     ) -> Iterator[Lease]:
         """Hold the batch's lease for the body: wait up to `wait_s` for a live holder

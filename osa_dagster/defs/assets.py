@@ -24,6 +24,7 @@ from osa_dagster.batch.publish import publish_batch, store_batch_features
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.dagster_private import UriMetadataSet
 from osa_dagster.defs.io_manager import IO_MANAGER_KEY
+from osa_dagster.defs.leases import hold_partitions, leased_partitions
 from osa_dagster.defs.metadata import (
     attempt_metadata,
     describe_attempt,
@@ -41,6 +42,7 @@ from osa_dagster.defs.resources import (
     RecordsDatabaseResource,
 )
 from osa_dagster.engine import HookSpec
+from osa_dagster.records import RecordsDatabase
 from osa_dagster.records.queries import count_published
 from osa_dagster.settings import Settings
 from osa_dagster.storage.layout import BatchLayout
@@ -73,11 +75,16 @@ def batch_partitions(convention: Convention) -> dg.DynamicPartitionsDefinition:
 
 
 def materialize_each_partition(
-    context: dg.AssetExecutionContext, step: Callable[[str], Mapping[str, Any]]
+    context: dg.AssetExecutionContext,
+    db: RecordsDatabase,
+    convention: Convention,
+    step: Callable[[str], Mapping[str, Any]],
 ) -> dg.MaterializeResult:
     """Run `step` for every partition of the run, in order, each partition getting the
-    metadata it returns: a run over a range materialises each batch with its own."""
-    for partition in context.partition_keys:
+    metadata it returns: a run over a range materialises each batch with its own. Each
+    partition's step holds the batch's lease (defs/leases.py)."""
+    label = context.asset_key.to_user_string()
+    for partition in leased_partitions(context, db, convention.name, label):
         context.add_asset_metadata(dict(step(partition)), partition_key=partition)
     return dg.MaterializeResult()
 
@@ -118,11 +125,15 @@ def _raw_batch_asset(
         "records.jsonl plus files; oversized records skipped and counted.",
     )
     def raw_batch(
-        context: dg.AssetExecutionContext, artifact_store: ArtifactStoreResource
+        context: dg.AssetExecutionContext,
+        artifact_store: ArtifactStoreResource,
+        records_db: RecordsDatabaseResource,
     ) -> dg.MaterializeResult:
         store = artifact_store.get()
         return materialize_each_partition(
             context,
+            records_db.get(),
+            convention,
             lambda partition: {
                 **raw_batch_metadata(fetch_raw_batch(convention, store, partition)),
                 **artifact_uri(store, BatchLayout(convention.name, partition).raw),
@@ -170,6 +181,7 @@ def _hooks_asset(
         context: dg.AssetExecutionContext,
         artifact_store: ArtifactStoreResource,
         hook_runner: HookRunnerResource,
+        records_db: RecordsDatabaseResource,
     ) -> Iterator[dg.AssetObservation | dg.MaterializeResult]:
         store, runner, capacity = artifact_store.get(), hook_runner.get(), hook_runner.capacity()
         hooks = [
@@ -177,45 +189,51 @@ def _hooks_asset(
         ]
         jobs = [HookJob(p, h.name) for p in context.partition_keys for h in hooks]
         failed: list[HookJobResult] = []
-        for result in run_hook_jobs(
-            convention,
-            store,
-            runner,
-            jobs,
-            workers=hook_workers(capacity, len(jobs)),
-            capacity=capacity,
-        ):
-            job, key = result.job, hook_key(convention, convention.hook(result.job.hook))
-            set_aside = set_aside_metadata(result.set_aside) if result.set_aside else {}
-            if result.set_aside is not None:
-                context.log.warning(result.set_aside.message)
-                yield dg.AssetObservation(
-                    asset_key=key, partition=job.partition, metadata=set_aside
+        # Every batch of the step is held while its hooks run: all of them at once, taken in
+        # one order by every run, so that two runs of overlapping ranges cannot deadlock.
+        label = f"{convention.name}/hook_outcomes"
+        with hold_partitions(context, records_db.get(), convention.name, label):
+            for result in run_hook_jobs(
+                convention,
+                store,
+                runner,
+                jobs,
+                workers=hook_workers(capacity, len(jobs)),
+                capacity=capacity,
+            ):
+                job, key = result.job, hook_key(convention, convention.hook(result.job.hook))
+                set_aside = set_aside_metadata(result.set_aside) if result.set_aside else {}
+                if result.set_aside is not None:
+                    context.log.warning(result.set_aside.message)
+                    yield dg.AssetObservation(
+                        asset_key=key, partition=job.partition, metadata=set_aside
+                    )
+                if result.progress is None:
+                    context.log.error(f"hook {job.hook} on {job.partition} failed: {result.error}")
+                    failed.append(result)
+                    continue
+                # Yielded, not only logged: events logged through the context are dropped when
+                # the step then raises, and an OOM attempt is one a curator must see.
+                for attempt in result.progress.attempts_this_call:
+                    context.log.info(
+                        f"hook {job.hook} on {job.partition}: {describe_attempt(attempt)}"
+                    )
+                    yield dg.AssetObservation(
+                        asset_key=key, partition=job.partition, metadata=attempt_metadata(attempt)
+                    )
+                history = load_memory_history(convention, store, job.hook)
+                context.add_asset_metadata(
+                    {
+                        **hook_metadata(result.progress.checkpoint),
+                        **memory_history_metadata(history),
+                        **set_aside,
+                        **artifact_uri(
+                            store, BatchLayout(convention.name, job.partition).checkpoint(job.hook)
+                        ),
+                    },
+                    asset_key=key,
+                    partition_key=job.partition,
                 )
-            if result.progress is None:
-                context.log.error(f"hook {job.hook} on {job.partition} failed: {result.error}")
-                failed.append(result)
-                continue
-            # Yielded, not only logged: events logged through the context are dropped when
-            # the step then raises, and an OOM attempt is one a curator must see.
-            for attempt in result.progress.attempts_this_call:
-                context.log.info(f"hook {job.hook} on {job.partition}: {describe_attempt(attempt)}")
-                yield dg.AssetObservation(
-                    asset_key=key, partition=job.partition, metadata=attempt_metadata(attempt)
-                )
-            history = load_memory_history(convention, store, job.hook)
-            context.add_asset_metadata(
-                {
-                    **hook_metadata(result.progress.checkpoint),
-                    **memory_history_metadata(history),
-                    **set_aside,
-                    **artifact_uri(
-                        store, BatchLayout(convention.name, job.partition).checkpoint(job.hook)
-                    ),
-                },
-                asset_key=key,
-                partition_key=job.partition,
-            )
         if failed:
             raise failed[0].error  # type: ignore[misc]  # a failed job has its error
         for hook in hooks:
@@ -251,7 +269,7 @@ def _published_asset(
             )
             return publish_metadata(summary, count_published(db, convention.name))
 
-        return materialize_each_partition(context, publish)
+        return materialize_each_partition(context, db, convention, publish)
 
     return published_records
 
@@ -277,6 +295,8 @@ def _features_asset(
         store, db = artifact_store.get(), records_db.get()
         return materialize_each_partition(
             context,
+            db,
+            convention,
             lambda partition: features_metadata(
                 store_batch_features(convention, store, db, partition)
             ),

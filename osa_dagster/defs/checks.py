@@ -23,6 +23,7 @@ from osa_dagster.batch.audit import BatchAudit, audit_batch
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.assets import features_key, published_key
 from osa_dagster.defs.dagster_private import AssetCheckEvaluationTargetMaterializationData
+from osa_dagster.defs.leases import leased_partitions
 from osa_dagster.defs.resources import ArtifactStoreResource, RecordsDatabaseResource
 from osa_dagster.records import DeadLetterRow, RecordsDatabase, list_dead_letters
 from osa_dagster.storage.store import ArtifactStore
@@ -203,7 +204,8 @@ def convention_checks(
             records_db: RecordsDatabaseResource,
         ) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
             store, db = artifact_store.get(), records_db.get()
-            for partition in context.partition_keys:
+            label = f"{asset.to_user_string()}:{spec.name}"
+            for partition in leased_partitions(context, db, convention.name, label):
                 verdict = spec.verdict(BatchFacts(convention, store, db, partition))
                 yield dg.AssetCheckEvaluation(
                     asset_key=asset,

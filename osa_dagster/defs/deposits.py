@@ -11,8 +11,13 @@ from osa_dagster.batch.deposits import (
     validate_deposit,
 )
 from osa_dagster.conventions.base import Convention
+from osa_dagster.defs.leases import batch_lease
 from osa_dagster.defs.metadata import deposit_metadata
-from osa_dagster.defs.resources import DepositsResource, HookRunnerResource
+from osa_dagster.defs.resources import (
+    DepositsResource,
+    HookRunnerResource,
+    RecordsDatabaseResource,
+)
 
 DEPOSIT_SENSOR_INTERVAL_S = 15
 
@@ -40,11 +45,20 @@ def convention_deposits(
         context: dg.AssetExecutionContext,
         deposits: DepositsResource,
         hook_runner: HookRunnerResource,
+        records_db: RecordsDatabaseResource,
     ) -> dg.MaterializeResult:
-        store = deposits.get()
-        result = validate_deposit(
-            convention, store, context.partition_key, hook_runner.get(), hook_runner.capacity()
-        )
+        store, deposit = deposits.get(), context.partition_key
+        # Deposits are batches of their own namespace: a deposit's name may equal a batch's.
+        with batch_lease(
+            context,
+            records_db.get(),
+            f"{convention.name}/deposits",
+            deposit,
+            deposit_key(convention).to_user_string(),
+        ):
+            result = validate_deposit(
+                convention, store, deposit, hook_runner.get(), hook_runner.capacity()
+            )
         prefix = deposit_prefix(convention.name, result.deposit)
         location = store.describe(f"{prefix}/{RESULT_FILE}")
         context.log.info(f"deposit {result.deposit}: {result.status.value} {result.reason or ''}")

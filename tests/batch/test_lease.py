@@ -30,7 +30,8 @@ HOLD = """
 import sys, time
 from osa_dagster.batch.lease import BatchLeases
 from osa_dagster.records import RecordsDatabase
-with BatchLeases(RecordsDatabase(sys.argv[1])).hold("conv", "b1", step="holder", run_id="r1"):
+leases = BatchLeases(RecordsDatabase(sys.argv[1]))
+with leases.hold("conv", "b1", step="holder", run_id="r1", wait_s=0):
     print("held", flush=True)
     sys.stdin.read()  # until the test kills us
 """
@@ -86,7 +87,7 @@ def _hold_in_a_process(db: RecordsDatabase) -> subprocess.Popen[str]:
 
 def test_the_lease_is_released_after_its_body(db: RecordsDatabase):
     leases = _leases(db)
-    with leases.hold("conv", "b1", step="s", run_id="r1") as lease:
+    with leases.hold("conv", "b1", step="s", run_id="r1", wait_s=0) as lease:
         assert leases.current("conv", "b1") == lease.holding
         assert lease.holding.holder == ProcessIdentity.of_this_process()
         assert lease.took_over is None
@@ -123,10 +124,12 @@ def test_a_waiting_step_gets_the_batch_when_its_holder_releases_it(db: RecordsDa
     waiting, got = threading.Event(), []
 
     def second() -> None:
-        with leases.hold("conv", "b1", step="second", on_wait=lambda _: waiting.set()) as lease:
+        with leases.hold(
+            "conv", "b1", step="second", wait_s=300, on_wait=lambda _: waiting.set()
+        ) as lease:
             got.append(lease)
 
-    with leases.hold("conv", "b1", step="first") as first:
+    with leases.hold("conv", "b1", step="first", wait_s=0) as first:
         thread = threading.Thread(target=second)
         thread.start()
         assert waiting.wait(30)
@@ -185,7 +188,7 @@ def test_a_holder_whose_lease_is_taken_over_fails_when_its_work_ends(db: Records
     leases = _leases(db, heartbeat_s=0.05, timeout_s=60)
     with (
         pytest.raises(LeaseLost, match="another process took this step's lease over"),
-        leases.hold("conv", "b1", step="s") as lease,
+        leases.hold("conv", "b1", step="s", wait_s=0) as lease,
     ):
         _set_row(db, token="someone-else")  # what a takeover leaves
         assert lease.lost.wait(30)

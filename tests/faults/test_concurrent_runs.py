@@ -1,5 +1,5 @@
-"""The same partition materialised by two runs at once, and publishers racing on the same
-records: each record is published once."""
+"""Publishers racing on the same records: each record is published once. (Two runs of one
+batch at once: test_batch_lease.py.)"""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from sqlalchemy import func, select
 
 from osa_dagster.records import Record, RecordsDatabase
-from tests.fixtures.fault_convention import record_ids
 
-from .conftest import REPO, check_results, feature_rows, ingest, ledger_counts, plan, published
+from .conftest import REPO
 
 RACE = """
 import json, sys, time
@@ -75,27 +73,3 @@ def test_first_opens_at_once_create_the_schema_once(tmp_path: Path):
     for _ in range(3):
         _assert_published_once(url, _race(url, processes=4, count=10, schema_first=False), 10)
         url = f"sqlite:///{tmp_path / f'records-{_}.db'}"
-
-
-@pytest.mark.slow
-def test_two_runs_of_one_partition_at_once_publish_each_record_once(
-    instance, ledger: Path, monkeypatch: pytest.MonkeyPatch
-):
-    monkeypatch.setenv("OSA_FAULTS_RECORDS", "8")
-    monkeypatch.setenv("OSA_FAULTS_SLEEP_S", "0.2")
-    [key] = plan(instance, "faults_ledger")
-    ids = record_ids(8)
-
-    command = [sys.executable, "-m", "tests.faults.materialize", "faults_ledger", key]
-    runs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in "ab"]
-    outcomes = [json.loads(run.communicate(timeout=120)[0].splitlines()[-1]) for run in runs]
-    print("concurrent runs:", outcomes, "ledger:", dict(ledger_counts(ledger)))
-
-    # Whatever each run made of the other, no record is in the archive twice...
-    assert set(published("faults_ledger").values()) <= {1}
-    # ...and a run after them completes the partition: every record exactly once.
-    result = ingest(instance, "faults_ledger", key)
-    assert result.success
-    assert published("faults_ledger") == dict.fromkeys(ids, 1)
-    assert feature_rows() == 8
-    assert all(check_results(result).values()), check_results(result)
