@@ -137,6 +137,7 @@ def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
     from osa_dagster.defs.assets import partitions_per_run
     from osa_dagster.defs.dagster_private import partition_range_tags
     from osa_dagster.defs.planning import contiguous_chunks, ingest_job_name
+    from osa_dagster.defs.run_worker import worker_tags
 
     convention = _convention(convention_name)
     known = _partitions(convention_name)
@@ -157,7 +158,9 @@ def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
             run_config=QUIET_RUN,
             instance=instance,
             raise_on_error=False,
-            tags=run_range,
+            # This process is the run's worker: named, so that run monitoring can fail the
+            # run should the process die.
+            tags={**run_range, **worker_tags()},
         )
         done += len(chunk)
         status = "ok" if result.success else "FAILED"

@@ -17,6 +17,7 @@ from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.defs.assets import features_key, partitions_per_run
 from osa_dagster.defs.dagster_private import partition_range_tags
 from osa_dagster.defs.resources import ArtifactStoreResource
+from osa_dagster.defs.run_worker import recording_worker
 from osa_dagster.settings import Settings, data_dir
 
 SENSOR_INTERVAL_S = 15
@@ -90,9 +91,9 @@ def ingest_executor() -> dg.ExecutorDefinition:
     in processes, OSA_EXECUTOR=docker in containers (see docker_step_executor)."""
     choice = Settings.from_env().executor
     if choice == "docker":
-        return docker_step_executor()
+        return recording_worker(docker_step_executor())
     executors = {"in_process": dg.in_process_executor, "multiprocess": dg.multiprocess_executor}
-    return executors[choice]
+    return recording_worker(executors[choice])
 
 
 def docker_step_executor() -> dg.ExecutorDefinition:
@@ -224,7 +225,7 @@ def convention_jobs(
     @dg.job(
         name=plan_job_name(convention),
         description=f"Discover {convention.name} records and freeze them into batches.",
-        executor_def=dg.in_process_executor,
+        executor_def=recording_worker(dg.in_process_executor),
     )
     def plan_job() -> None:
         plan_batches()
