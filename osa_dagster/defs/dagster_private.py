@@ -8,12 +8,16 @@ from dagster._core.definitions.metadata.metadata_set import UriMetadataSet
 from dagster._core.events import DagsterEvent
 from dagster._core.execution.context.system import PlanOrchestrationContext
 from dagster._core.execution.plan.plan import ExecutionPlan
+from dagster._core.execution.plan.resume_retry import ReexecutionStrategy
 from dagster._core.execution.retries import RetryMode
+from dagster._core.execution.step_dependency_config import StepDependencyConfig
 from dagster._core.executor.base import Executor
 from dagster._core.executor.step_delegating import StepDelegatingExecutor
+from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
+    RETRY_STRATEGY_TAG,
 )
 from dagster._serdes import ConfigurableClassData
 from dagster_shared.serdes.utils import hash_str
@@ -24,10 +28,18 @@ def partition_range_tags(first: str, last: str) -> dict[str, str]:
     return {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
 
 
+def retry_from_asset_failure_tags() -> dict[str, str]:
+    """The tag that makes a run's retries re-execute only the assets and checks it left
+    unmaterialised or unevaluated (Dagster's default retries every step not finished, and
+    plans again the checks of the finished ones, which then stay "planned" for ever)."""
+    return {RETRY_STRATEGY_TAG: ReexecutionStrategy.FROM_ASSET_FAILURE.value}
+
+
 __all__ = [
     "ASSET_PARTITION_RANGE_END_TAG",
     "ASSET_PARTITION_RANGE_START_TAG",
     "AssetCheckEvaluationTargetMaterializationData",
+    "CheckRunHealthResult",
     "ConfigurableClassData",
     "DagsterEvent",
     "ExecutionPlan",
@@ -35,7 +47,10 @@ __all__ = [
     "PlanOrchestrationContext",
     "RetryMode",
     "StepDelegatingExecutor",
+    "StepDependencyConfig",
     "UriMetadataSet",
+    "WorkerStatus",
     "hash_str",
     "partition_range_tags",
+    "retry_from_asset_failure_tags",
 ]

@@ -18,6 +18,7 @@ from osa_dagster.defs.resources import (
     HookRunnerResource,
     RecordsDatabaseResource,
 )
+from osa_dagster.defs.run_worker import recording_worker
 
 DEPOSIT_SENSOR_INTERVAL_S = 15
 
@@ -67,7 +68,7 @@ def convention_deposits(
     job = dg.define_asset_job(
         name=f"{convention.name}_validate_deposit",
         selection=[deposit_key(convention)],
-        executor_def=dg.in_process_executor,
+        executor_def=recording_worker(dg.in_process_executor),
         description=f"Validate one deposited {convention.name} record.",
     )
 

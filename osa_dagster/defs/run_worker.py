@@ -7,10 +7,11 @@ is alive, and the default launcher cannot tell. So every run worker records who 
 starts executing, and `WorkerCheckingRunLauncher`, the default launcher plus that check,
 answers the monitoring daemon: a worker on this machine whose process is gone has FAILED.
 The daemon then reports the run failed through the instance, which frees its slot in the
-run queue and lets the instance's run retries re-execute it from where it failed (steps
-resume from their checkpoints; batch leases of the dead worker are taken over at once).
-A worker elsewhere (another host, a container) cannot be checked from here and counts
-as running.
+run queue and lets the instance's run retries re-execute the assets and checks it left
+undone (ingest runs retry FROM_ASSET_FAILURE; steps resume from their checkpoints and take
+the dead worker's batch leases over at once). A worker elsewhere (another host, a
+container) cannot be checked from here and counts as running: such a run needs the
+launcher of its platform (Docker, Kubernetes), which checks its own workers.
 
 Runs launched through the instance record the tag from their executor (`recording_worker`),
 runs executed in a process of our own (`osa materialize`) pass `worker_tags()` when they
@@ -22,17 +23,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import dagster as dg
-from dagster._core.events import DagsterEvent
-from dagster._core.execution.context.system import PlanOrchestrationContext
-from dagster._core.execution.plan.plan import ExecutionPlan
-from dagster._core.execution.retries import RetryMode
-from dagster._core.execution.step_dependency_config import StepDependencyConfig
-from dagster._core.executor.base import Executor
-from dagster._core.executor.init import InitExecutorContext
-from dagster._core.launcher import DefaultRunLauncher
-from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
 from pydantic import ValidationError
 
+from osa_dagster.defs.dagster_private import (
+    CheckRunHealthResult,
+    ExecutionPlan,
+    PlanOrchestrationContext,
+    RetryMode,
+    StepDependencyConfig,
+    WorkerStatus,
+)
 from osa_dagster.liveness import ProcessIdentity
 
 WORKER_TAG = "osa/worker"
@@ -43,16 +43,16 @@ def worker_tags() -> dict[str, str]:
     return {WORKER_TAG: ProcessIdentity.of_this_process().model_dump_json()}
 
 
-class _WorkerRecordingExecutor(Executor):
+class _WorkerRecordingExecutor(dg.Executor):
     """Records the run worker (the process that orchestrates the steps) on the run, then
     executes the plan with the executor it wraps."""
 
-    def __init__(self, inner: Executor) -> None:
+    def __init__(self, inner: dg.Executor) -> None:
         self._inner = inner
 
     def execute(
         self, plan_context: PlanOrchestrationContext, execution_plan: ExecutionPlan
-    ) -> Iterator[DagsterEvent]:
+    ) -> Iterator[dg.DagsterEvent]:
         plan_context.instance.add_run_tags(plan_context.run_id, worker_tags())
         return self._inner.execute(plan_context, execution_plan)
 
@@ -71,7 +71,7 @@ def recording_worker(executor_def: dg.ExecutorDefinition) -> dg.ExecutorDefiniti
     if create is None:
         raise ValueError(f"executor {executor_def.name!r} cannot create an executor")
 
-    def create_recording(init_context: InitExecutorContext) -> Executor:
+    def create_recording(init_context: dg.InitExecutorContext) -> dg.Executor:
         return _WorkerRecordingExecutor(create(init_context))
 
     return dg.ExecutorDefinition(
@@ -104,7 +104,7 @@ def worker_health(run: dg.DagsterRun) -> CheckRunHealthResult:
     return CheckRunHealthResult(WorkerStatus.RUNNING, f"worker {worker.describe()}: {how}")
 
 
-class WorkerCheckingRunLauncher(DefaultRunLauncher):
+class WorkerCheckingRunLauncher(dg.DefaultRunLauncher):
     """Dagster's default launcher, which also tells run monitoring whether a run's worker
     is alive (see the module doc). Name it as the instance's `run_launcher`."""
 
