@@ -15,7 +15,7 @@ from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.conventions.base import Convention
 from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.defs.assets import features_key, partitions_per_run
-from osa_dagster.defs.dagster_private import partition_range_tags
+from osa_dagster.defs.dagster_private import partition_range_tags, retry_from_asset_failure_tags
 from osa_dagster.defs.resources import ArtifactStoreResource
 from osa_dagster.defs.run_worker import recording_worker
 from osa_dagster.settings import Settings, data_dir
@@ -235,8 +235,9 @@ def convention_jobs(
         selection=dg.AssetSelection.assets(features_key(convention)).upstream(),
         executor_def=ingest_executor(),
         description=f"Fetch, check, publish and store features of one {convention.name} batch.",
-        # The production profile limits concurrent runs per convention on this tag.
-        tags={CONVENTION_TAG: convention.name},
+        # The production profile limits concurrent runs per convention on this tag. A retry
+        # (of a run whose worker died) runs only what the run left undone.
+        tags={CONVENTION_TAG: convention.name, **retry_from_asset_failure_tags()},
     )
 
     @dg.sensor(
