@@ -5,6 +5,8 @@ here, is left alone."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -117,19 +119,21 @@ def test_a_reused_pid_is_not_taken_for_the_worker(worker: tuple[subprocess.Popen
     assert worker_health(run).status is WorkerStatus.FAILED
 
 
-def test_osa_materialize_names_its_process_as_the_runs_worker(toy_conventions, tmp_path: Path):
-    from osa_dagster.cli import main
-
+def test_osa_materialize_names_its_process_as_the_runs_worker(
+    toy_conventions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGSTER_HOME", str(home))
-        mp.chdir(home)
-        assert main(["plan", "toy", "--limit", "3"]) == 0
-        assert main(["materialize", "toy"]) == 0
-        with dg.DagsterInstance.get() as instance:
-            [run] = instance.get_runs(dg.RunsFilter(job_name="toy_ingest"))
-    assert ProcessIdentity.model_validate_json(run.tags[WORKER_TAG]) == (
-        ProcessIdentity.of_this_process()
-    )
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    osa = [sys.executable, "-m", "osa_dagster.cli"]
+    planned = subprocess.run([*osa, "plan", "toy", "--limit", "3"], cwd=home, env=env, check=False)
+    assert planned.returncode == 0
+    materialize = subprocess.Popen([*osa, "materialize", "toy"], cwd=home, env=env)
+    assert materialize.wait(timeout=300) == 0
+    monkeypatch.chdir(home)  # the embedded profile's paths are relative to it
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        [run] = instance.get_runs(dg.RunsFilter(job_name="toy_ingest"))
+    worker = ProcessIdentity.model_validate_json(run.tags[WORKER_TAG])
+    assert worker.pid == materialize.pid
+    assert worker.checkable_here() and worker.alive() is False  # it has exited
