@@ -44,6 +44,7 @@ SCRIPTS = [
         ["--partitions", "2", "4", "--big-records", "2", "--big-file-mb", "5"],
     ),
     ("oom_recovery.py", ["--runs", "3"], ["--runs", "1", "--records", "10", "--position", "5"]),
+    ("lease_overhead.py", ["--runs", "5"], ["--runs", "1", "--cycles", "20"]),
 ]
 
 
