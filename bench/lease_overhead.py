@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 from sqlalchemy import text  # noqa: E402
 
 from osa_dagster.batch.lease import BatchLeases  # noqa: E402
+from osa_dagster.local_postgres import pg_binary, throwaway_postgres  # noqa: E402
 from osa_dagster.records import RecordsDatabase  # noqa: E402
-from tests.fixtures.pg_cluster import pg_binary, throwaway_postgres  # noqa: E402
 
 
 def _lease_cycles(db: RecordsDatabase, cycles: int) -> float:
