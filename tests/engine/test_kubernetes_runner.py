@@ -341,9 +341,26 @@ def test_manifests_use_only_fields_of_the_kubernetes_schema(
     [job] = fake.created
     assert _round_trip(job, "V1Job") == job
     deploy = Path(__file__).parents[2] / "deploy" / "kubernetes"
-    policy = yaml.safe_load((deploy / "networkpolicy.yaml").read_text())
-    assert _round_trip(policy, "V1NetworkPolicy") == policy
+    policy, network = yaml.safe_load_all((deploy / "networkpolicy.yaml").read_text())
+    for document in (policy, network):
+        assert _round_trip(document, "V1NetworkPolicy") == document
     assert policy["spec"]["podSelector"]["matchLabels"] == {"osa.archive/role": "hook-attempt"}
+    assert network["spec"]["podSelector"]["matchLabels"] == {
+        "osa.archive/role": "hook-attempt",
+        "osa.archive/network": "allowed",
+    }
+
+
+@pytest.mark.parametrize("network", [False, True])
+def test_only_a_hook_that_opts_in_gets_the_network_label(
+    fake: FakeKubeApi, staging: StoreStaging, tmp_path: Path, network: bool
+) -> None:
+    fake.queue(fake_api.success(PodPlayer(tmp_path / "pod").play()))
+    inv = invocation(tmp_path / "a", RECORDS[:1])
+    wait_for_exit(make_runner(fake, staging), Invocation(**{**inv.__dict__, "network": network}))
+    [job] = fake.created
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert labels.get("osa.archive/network") == ("allowed" if network else None)
 
 
 def test_image_is_required(fake: FakeKubeApi, staging: StoreStaging, tmp_path: Path) -> None:

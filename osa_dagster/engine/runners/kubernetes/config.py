@@ -23,6 +23,10 @@ LABEL_ROLE = "osa.archive/role"
 ROLE_HOOK_ATTEMPT = "hook-attempt"
 LABEL_ATTEMPT = "osa.archive/attempt"
 LABEL_HOOK = "osa.archive/hook"
+# On the pods of a hook whose HookSpec opts in to the network: the NetworkPolicy
+# osa-hook-network (deploy/kubernetes/networkpolicy.yaml) lets them out.
+LABEL_NETWORK = "osa.archive/network"
+NETWORK_ALLOWED = "allowed"
 
 HOOK_CONTAINER = "hook"
 STAGE_IN_CONTAINER = "stage-in"

@@ -23,8 +23,10 @@ from osa_dagster.engine.runners.kubernetes.config import (
     LABEL_ATTEMPT,
     LABEL_HOOK,
     LABEL_MANAGED_BY,
+    LABEL_NETWORK,
     LABEL_ROLE,
     MANAGED_BY,
+    NETWORK_ALLOWED,
     POD_FILES,
     POD_IN,
     POD_OUT,
@@ -59,6 +61,8 @@ def job_manifest(
         LABEL_ATTEMPT: name,
         LABEL_HOOK: hook_name[:63],
     }
+    if inv.network:
+        labels[LABEL_NETWORK] = NETWORK_ALLOWED
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
