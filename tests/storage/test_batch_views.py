@@ -61,6 +61,19 @@ def test_a_notebook_loads_a_batch_by_asset_key(artifacts_on, tmp_path: Path) -> 
         published = defs.load_asset_value(
             dg.AssetKey(["toy", "published_records"]), partition_key=key, instance=instance
         )
+        # Each batch's materialisation points at its artifacts.
+        uris = {
+            name: instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[key]), limit=1
+            )
+            .records[0]
+            .asset_materialization.metadata["dagster/uri"]
+            .value
+            for name, asset_key in [
+                ("raw", dg.AssetKey(["toy", "raw_batch"])),
+                ("hook", HOOK_OUTCOMES),
+            ]
+        }
 
     assert isinstance(raw, RawRecords)
     assert isinstance(outcomes, HookOutcomes)
@@ -68,13 +81,20 @@ def test_a_notebook_loads_a_batch_by_asset_key(artifacts_on, tmp_path: Path) -> 
     store = store_from_env()
     assert type(store).__name__ == ("S3Store" if artifacts_on == "seaweedfs" else "FileSystemStore")
     assert outcomes.location.startswith("s3://" if artifacts_on == "seaweedfs" else "/")
+    layout = BatchLayout("toy", key)
+    expected = {
+        "raw": store.describe(layout.raw),
+        "hook": store.describe(layout.checkpoint("check_size")),
+    }
+    if artifacts_on == "filesystem":
+        expected = {name: Path(where).as_uri() for name, where in expected.items()}
+    assert uris == expected
 
     records = list(raw)
     assert [r.source_id for r in records] == TOY_IDS[:5]
     assert all(isinstance(r, IngesterRecord) for r in records)
 
     # The hook's outcomes are the checkpoint the engine persisted in the store.
-    layout = BatchLayout("toy", key)
     persisted = json.loads(store.read_bytes(layout.checkpoint("check_size")))["outcomes"]
     loaded = dict(outcomes)
     assert loaded.keys() == persisted.keys() == set(TOY_IDS[:5])
