@@ -127,6 +127,15 @@ def dagster_server(
     """Start a Dagster webserver command (`dagster dev` or `dagster-webserver` on the code
     location, or `make ui` if `make_target`) on a free port of 127.0.0.1; yield its URL once
     it answers; stop its whole process group."""
+    with dagster_server_process(site, command, name, make_target=make_target) as (url, _):
+        yield url
+
+
+@contextmanager
+def dagster_server_process(
+    site: DagsterSite, command: list[str] | None, name: str, *, make_target: bool = False
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`dagster_server`, yielding its process too: the leader of its own process group."""
     port = free_port()
     log = site.logs / f"{name}.log"
     if make_target:
@@ -159,7 +168,7 @@ def dagster_server(
                     f"{name} did not answer within {SERVER_START_TIMEOUT_S} s:\n{_tail(log)}"
                 )
             time.sleep(0.5)
-        yield url
+        yield url, process
     finally:
         _stop_group(process)
 
