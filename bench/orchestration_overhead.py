@@ -92,8 +92,14 @@ def _outputs_check(expected: int) -> None:
         )
 
 
-def run_dagster(defs: dg.Definitions, home: Path, per_run: int | None) -> float:
-    """The ingest job over every partition, `per_run` adjacent partitions per run (None: all)."""
+def run_dagster(home: Path, per_run: int | None) -> float:
+    """The ingest job over every partition, `per_run` adjacent partitions per run (None: all).
+
+    The definitions are built here, after the round set OSA_DATA_DIR: their resources take
+    the store and the records database from the settings when they are built."""
+    from osa_dagster.definitions import build_definitions
+
+    defs = build_definitions()
     with dg.instance_for_test(temp_dir=str(home)) as instance:
         defs.resolve_job_def(f"{CONVENTION}_plan").execute_in_process(instance=instance)
         keys = instance.get_dynamic_partitions(f"{CONVENTION}_batches")
@@ -174,13 +180,10 @@ def main() -> None:
     os.environ["OSA_BENCH_BATCH_SIZE"] = str(args.batch_size)
     partitions = -(-args.records // args.batch_size)
 
-    from osa_dagster.definitions import build_definitions
-
-    defs = build_definitions()
     variants: dict[str, Callable[[Path], float]] = {
-        "dagster": lambda home: run_dagster(defs, home, 1),
-        "runs of 20": lambda home: run_dagster(defs, home, 20),
-        "single run": lambda home: run_dagster(defs, home, None),
+        "dagster": lambda home: run_dagster(home, 1),
+        "runs of 20": lambda home: run_dagster(home, 20),
+        "single run": lambda home: run_dagster(home, None),
         "bare same": lambda home: run_bare(same_work=True),
         "bare steps": lambda home: run_bare(same_work=False),
     }

@@ -234,12 +234,8 @@ def main() -> None:
     measured: dict[tuple[str, str], list[Measurement]] = {}
     loads: list[str] = []
     overheads: dict[str, list[float]] = {"runs of 20": [], "bare same": [], "bare steps": []}
-    from osa_dagster.definitions import build_definitions
-
-    os.environ.pop("OSA_HOOK_SLOTS", None)
-    overhead_defs = build_definitions()
     variants = {
-        "runs of 20": lambda home: overhead.run_dagster(overhead_defs, home, 20),
+        "runs of 20": lambda home: overhead.run_dagster(home, 20),
         "bare same": lambda home: overhead.run_bare(same_work=True),
         "bare steps": lambda home: overhead.run_bare(same_work=False),
     }
