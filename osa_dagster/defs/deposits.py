@@ -1,5 +1,5 @@
 """Deposits in Dagster: one partition per deposited record, validated by a sensor-launched
-run, with the verdict on the materialisation (see conventions/deposits.py)."""
+run, with the verdict on the materialisation (see batch/deposits.py)."""
 
 import dagster as dg
 

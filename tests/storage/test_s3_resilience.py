@@ -75,7 +75,9 @@ def ledger_counts(ledger: Path) -> Counter[str]:
 WORKER = """
 import json, sys
 from pathlib import Path
-from osa_dagster.batch import fetch_raw_batch, plan_ingest, run_batch_hook
+from osa_dagster.batch.fetch import fetch_raw_batch
+from osa_dagster.batch.hooks import run_batch_hook
+from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.engine import LocalRunner
 from osa_dagster.storage import store_from_env
 from tests.storage.test_s3_resilience import HOOK, ledger_convention
