@@ -28,11 +28,13 @@ def partition_range_tags(first: str, last: str) -> dict[str, str]:
     return {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
 
 
-def retry_from_asset_failure_tags() -> dict[str, str]:
-    """The tag that makes a run's retries re-execute only the assets and checks it left
-    unmaterialised or unevaluated (Dagster's default retries every step not finished, and
-    plans again the checks of the finished ones, which then stay "planned" for ever)."""
-    return {RETRY_STRATEGY_TAG: ReexecutionStrategy.FROM_ASSET_FAILURE.value}
+def retry_all_steps_tags() -> dict[str, str]:
+    """The tag that makes a run's retries re-execute every step of it. Dagster's default
+    (FROM_FAILURE) plans every check of the run again but runs only unfinished steps, so the
+    checks of finished steps stay "planned" for ever; FROM_ASSET_FAILURE skips a check that
+    evaluated some partitions before the crash, leaving the others "planned". Every step is
+    safe to repeat: hooks resume from their checkpoints and publishing is idempotent."""
+    return {RETRY_STRATEGY_TAG: ReexecutionStrategy.ALL_STEPS.value}
 
 
 __all__ = [
@@ -52,5 +54,5 @@ __all__ = [
     "WorkerStatus",
     "hash_str",
     "partition_range_tags",
-    "retry_from_asset_failure_tags",
+    "retry_all_steps_tags",
 ]

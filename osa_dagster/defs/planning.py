@@ -15,7 +15,7 @@ from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.conventions.base import Convention
 from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.defs.assets import features_key, partitions_per_run
-from osa_dagster.defs.dagster_private import partition_range_tags, retry_from_asset_failure_tags
+from osa_dagster.defs.dagster_private import partition_range_tags, retry_all_steps_tags
 from osa_dagster.defs.resources import ArtifactStoreResource
 from osa_dagster.defs.run_worker import recording_worker
 from osa_dagster.settings import Settings, data_dir
@@ -236,8 +236,9 @@ def convention_jobs(
         executor_def=ingest_executor(),
         description=f"Fetch, check, publish and store features of one {convention.name} batch.",
         # The production profile limits concurrent runs per convention on this tag. A retry
-        # (of a run whose worker died) runs only what the run left undone.
-        tags={CONVENTION_TAG: convention.name, **retry_from_asset_failure_tags()},
+        # (of a run whose worker died) runs every step again: finished ones cost a re-fetch
+        # and a look at complete checkpoints, and every check gets its verdict.
+        tags={CONVENTION_TAG: convention.name, **retry_all_steps_tags()},
     )
 
     @dg.sensor(

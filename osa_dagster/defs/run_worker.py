@@ -7,11 +7,11 @@ is alive, and the default launcher cannot tell. So every run worker records who 
 starts executing, and `WorkerCheckingRunLauncher`, the default launcher plus that check,
 answers the monitoring daemon: a worker on this machine whose process is gone has FAILED.
 The daemon then reports the run failed through the instance, which frees its slot in the
-run queue and lets the instance's run retries re-execute the assets and checks it left
-undone (ingest runs retry FROM_ASSET_FAILURE; steps resume from their checkpoints and take
-the dead worker's batch leases over at once). A worker elsewhere (another host, a
-container) cannot be checked from here and counts as running: such a run needs the
-launcher of its platform (Docker, Kubernetes), which checks its own workers.
+run queue and lets the instance's run retries run it again (ingest runs retry ALL_STEPS;
+steps resume from their checkpoints and take the dead worker's batch leases over at once).
+A worker elsewhere (another host, a container) cannot be checked from here and counts as
+running: such a run needs the launcher of its platform (Docker, Kubernetes), which checks
+its own workers.
 
 Runs launched through the instance record the tag from their executor (`recording_worker`),
 runs executed in a process of our own (`osa materialize`) pass `worker_tags()` when they

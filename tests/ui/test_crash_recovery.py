@@ -5,7 +5,7 @@ profiles: the embedded one (SQLite instance, files, SQLite records) and the prod
 (PostgreSQL instance and records, artifacts and compute logs in SeaweedFS). Its whole
 process group (webserver, daemon, code server, run workers, hooks) is SIGKILLed while hooks
 work, then `dagster dev` starts again. Run monitoring must find the runs whose worker is
-gone and fail them, run retries re-execute what they left undone, their steps take the dead
+gone and fail them, run retries run them again, their steps take the dead
 runs' batch leases over, and every batch end materialised with each of its checks passed
 (no check left "planned"), each record in the archive exactly once, and no run left in
 progress.
