@@ -11,10 +11,10 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from tests.fixtures.pg_cluster import PgCluster
 
 from osa_dagster.cli import main
 from osa_dagster.definitions import build_definitions
+from osa_dagster.local_postgres import PgCluster
 from osa_dagster.records import PoisonRecord, RecordsDatabase, database_url_from_env
 from osa_dagster.records.dead_letters import replace_dead_letters
 from tests.fixtures.check_status import all_check_statuses
