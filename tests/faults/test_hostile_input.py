@@ -41,6 +41,7 @@ from osa_dagster.batch.publish import batch_verdicts
 from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.engine import LocalRunner
 from osa_dagster.engine.cgroup import NAME_PREFIX, MemoryCgroup, own_memory_cgroup
+from osa_dagster.settings import Settings
 from osa_dagster.storage.layout import BatchLayout
 from osa_dagster.storage.store import FileSystemStore, store_from_env
 from tests.engine.helpers import Harness, alive, eventually, record, require_cgroups
@@ -123,11 +124,14 @@ def run_hostile_ids_graph(instance, tmp_path: Path) -> tuple[str, dict[str, tupl
     store = store_from_env()
     assert isinstance(store, FileSystemStore)
     batch = store.path(BatchLayout("hostile_ids", key).raw).parent
+    ledger = Settings.from_env().hook_ledger_path  # the machine's slots and memory budget
     allowed = (
         tmp_path / "dagster",
         store.path("manifests/hostile_ids"),
         store.path("history/hostile_ids"),
         batch,
+        ledger,
+        ledger.with_name(ledger.name + ".lock"),
     )
     created = all_paths(tmp_path) - before
     escaped = sorted(
