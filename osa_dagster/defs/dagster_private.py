@@ -5,6 +5,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
 from dagster._core.definitions.metadata.metadata_set import UriMetadataSet
+from dagster._core.event_api import EventHandlerFn
 from dagster._core.events import DagsterEvent
 from dagster._core.execution.context.system import PlanOrchestrationContext
 from dagster._core.execution.plan.plan import ExecutionPlan
@@ -14,6 +15,12 @@ from dagster._core.execution.step_dependency_config import StepDependencyConfig
 from dagster._core.executor.base import Executor
 from dagster._core.executor.step_delegating import StepDelegatingExecutor
 from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+    INDEX_SHARD_NAME,
+    SqliteEventLogStorage,
+    SqliteEventLogStorageWatchdog,
+)
+from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -40,14 +47,19 @@ def retry_all_steps_tags() -> dict[str, str]:
 __all__ = [
     "ASSET_PARTITION_RANGE_END_TAG",
     "ASSET_PARTITION_RANGE_START_TAG",
+    "INDEX_SHARD_NAME",
+    "SQLITE_BUSY_TIMEOUT_SECONDS",
     "AssetCheckEvaluationTargetMaterializationData",
     "CheckRunHealthResult",
     "ConfigurableClassData",
     "DagsterEvent",
+    "EventHandlerFn",
     "ExecutionPlan",
     "Executor",
     "PlanOrchestrationContext",
     "RetryMode",
+    "SqliteEventLogStorage",
+    "SqliteEventLogStorageWatchdog",
     "StepDelegatingExecutor",
     "StepDependencyConfig",
     "UriMetadataSet",
