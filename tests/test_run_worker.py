@@ -58,8 +58,10 @@ def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
         yield instance
 
 
-def _started_run(instance: dg.DagsterInstance, tags: dict[str, str]) -> dg.DagsterRun:
-    run = instance.create_run_for_job(dg.GraphDefinition("noop").to_job(), tags=tags)
+def _started_run(
+    instance: dg.DagsterInstance, tags: dict[str, str], **lineage: str
+) -> dg.DagsterRun:
+    run = instance.create_run_for_job(dg.GraphDefinition("noop").to_job(), tags=tags, **lineage)
     instance.handle_run_event(
         run.run_id,
         dg.DagsterEvent(
@@ -91,6 +93,33 @@ def test_a_started_run_whose_worker_died_is_failed_by_run_monitoring(
     ).records
     assert f"its worker, pid {process.pid} on " in failure.event_log_entry.message
     assert "is gone" in failure.event_log_entry.message
+
+
+def test_a_retry_is_not_judged_by_the_dead_worker_of_the_run_it_retries(
+    instance: dg.DagsterInstance, worker: tuple[subprocess.Popen[str], str]
+):
+    """Dagster's run retries copy the failed run's tags, its dead worker's among them: until
+    the retry's own worker records itself, run monitoring must not fail the retry."""
+    process, tag = worker
+    process.kill()
+    process.wait()
+    logger = logging.getLogger("test")
+    failed = _started_run(instance, {WORKER_TAG: tag})
+    monitor_started_run(instance, None, instance.get_run_record_by_id(failed.run_id), logger)
+    assert instance.get_run_by_id(failed.run_id).status == dg.DagsterRunStatus.FAILURE
+
+    retry = _started_run(
+        instance, {WORKER_TAG: tag}, parent_run_id=failed.run_id, root_run_id=failed.run_id
+    )
+    monitor_started_run(instance, None, instance.get_run_record_by_id(retry.run_id), logger)
+    assert instance.get_run_by_id(retry.run_id).status == dg.DagsterRunStatus.STARTED
+    # Once the retry's worker recorded itself, it is judged by it: here one that died too.
+    dead = ProcessIdentity.model_validate_json(tag).model_copy(
+        update={"start_ticks": (ProcessIdentity.model_validate_json(tag).start_ticks or 0) + 1}
+    )
+    instance.add_run_tags(retry.run_id, {WORKER_TAG: dead.model_dump_json()})
+    monitor_started_run(instance, None, instance.get_run_record_by_id(retry.run_id), logger)
+    assert instance.get_run_by_id(retry.run_id).status == dg.DagsterRunStatus.FAILURE
 
 
 def test_a_worker_that_cannot_be_checked_here_counts_as_running(

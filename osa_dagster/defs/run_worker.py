@@ -83,10 +83,12 @@ def recording_worker(executor_def: dg.ExecutorDefinition) -> dg.ExecutorDefiniti
     )
 
 
-def worker_health(run: dg.DagsterRun) -> CheckRunHealthResult:
-    """Whether the run's recorded worker still runs, as far as this machine can tell."""
+def worker_health(run: dg.DagsterRun, parent_worker: str | None = None) -> CheckRunHealthResult:
+    """Whether the run's recorded worker still runs, as far as this machine can tell.
+    `parent_worker`: the worker tag of the run this one retries, which Dagster copies into
+    the retry with the other tags until the retry's own worker records itself."""
     recorded = run.tags.get(WORKER_TAG)
-    if recorded is None:
+    if recorded is None or recorded == parent_worker:
         # Not recorded yet (between the run's start and its executor's), or a run from
         # an older version: nothing to judge it by.
         return CheckRunHealthResult(WorkerStatus.RUNNING, "no worker recorded yet")
@@ -113,4 +115,5 @@ class WorkerCheckingRunLauncher(dg.DefaultRunLauncher):
         return True
 
     def check_run_worker_health(self, run: dg.DagsterRun) -> CheckRunHealthResult:
-        return worker_health(run)
+        parent = self._instance.get_run_by_id(run.parent_run_id) if run.parent_run_id else None
+        return worker_health(run, parent.tags.get(WORKER_TAG) if parent else None)
