@@ -177,6 +177,15 @@ def _checked_materialization(
     )
 
 
+def _checked_asset(convention: Convention, spec: CheckDef) -> dg.AssetKey:
+    return features_key(convention) if spec.asset == "features" else published_key(convention)
+
+
+def check_keys(convention: Convention) -> list[dg.AssetCheckKey]:
+    """Every check of the convention's batches: a batch is finished once each has a verdict."""
+    return [dg.AssetCheckKey(_checked_asset(convention, spec), spec.name) for spec in CHECKS]
+
+
 def convention_checks(
     convention: Convention, partitions: dg.PartitionsDefinition
 ) -> dg.Definitions:
@@ -185,10 +194,9 @@ def convention_checks(
     Each check audits the batch on its own (a few indexed queries): Dagster's multi-checks
     cannot be partitioned.
     """
-    assets = {"published": published_key(convention), "features": features_key(convention)}
 
     def build(spec: CheckDef) -> dg.AssetChecksDefinition:
-        asset = assets[spec.asset]
+        asset = _checked_asset(convention, spec)
 
         @dg.asset_check(
             name=spec.name,
