@@ -1,13 +1,14 @@
 """What Dagster adds per partition, against a bare Python loop over the same pipeline steps.
 
     .venv/bin/python bench/orchestration_overhead.py [--runs 3] [--records 2000] [--batch-size 100]
+        [--variants "runs of 20" "stock log" ...]
 
 The same work each way: N synthetic records (1 kB file each) planned into batches, each
 batch fetched, checked by a trivial SDK hook under the local runner (a real process per
 batch, under a cgroup memory limit when there is one), published into SQLite and its
 features stored. Every run starts from an empty store, records database and Dagster
-instance (SQLite, as the embedded default), and checks that all N records were published
-with their features.
+instance (SQLite, with the storage of the embedded default's dagster.yaml), and checks that
+all N records were published with their features.
 
   dagster      the convention's `<conv>_ingest` asset job (in-process executor, as deployed),
                one execute_in_process run per partition (OSA_PARTITIONS_PER_RUN=1),
@@ -15,10 +16,12 @@ with their features.
   runs of 20   the same job, one run per range of 20 adjacent partitions: the default
                (OSA_PARTITIONS_PER_RUN), as the new-batches sensor and `osa materialize` run it
   single run   the same job, one run over every partition (BackfillPolicy.single_run())
+  stock log    "runs of 20" with Dagster's own SQLite event log in place of the embedded
+               profile's (osa_dagster/defs/event_log.py), which keeps its databases open
   bare steps   plan_ingest, then over every batch fetch_raw_batch, the hooks (run_hook_jobs,
                as the Dagster step runs them), publish_batch, store_batch_features: the floor
-  bare same    the bare steps plus what the Dagster assets and checks compute besides them
-               (count_published once and every check's verdict per batch): the fair floor
+  bare same    the bare steps plus what the Dagster assets compute besides them
+               (count_published and every check's verdict per batch): the fair floor
 
 Timed: from after planning to the last partition done (planning is the same for all).
 Variants alternate within each round (no warm-up round: one-time costs are small
@@ -33,7 +36,9 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -43,6 +48,7 @@ os.environ.pop("OSA_STORAGE", None)
 os.environ.pop("OSA_DATABASE_URL", None)
 
 import dagster as dg  # noqa: E402
+import yaml  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from osa_dagster.batch.fetch import fetch_raw_batch  # noqa: E402
@@ -55,7 +61,7 @@ from osa_dagster.batch.hooks import (  # noqa: E402
 from osa_dagster.batch.plan import plan_ingest  # noqa: E402
 from osa_dagster.batch.publish import publish_batch, store_batch_features  # noqa: E402
 from osa_dagster.conventions.base import Convention  # noqa: E402
-from osa_dagster.defs.checks import CHECKS, BatchFacts  # noqa: E402
+from osa_dagster.defs.checks import CHECKS, BatchFacts, judge  # noqa: E402
 from osa_dagster.defs.dagster_private import partition_range_tags  # noqa: E402
 from osa_dagster.defs.planning import contiguous_chunks  # noqa: E402
 from osa_dagster.engine import LocalRunner, memory_limit_mode  # noqa: E402
@@ -71,7 +77,7 @@ from osa_dagster.storage import store_from_env  # noqa: E402
 
 CONVENTION = "bench_overhead"
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
-VARIANTS = ("dagster", "runs of 20", "single run", "bare same", "bare steps")
+VARIANTS = ("dagster", "runs of 20", "single run", "stock log", "bare same", "bare steps")
 
 
 def _convention() -> Convention:
@@ -92,7 +98,32 @@ def _outputs_check(expected: int) -> None:
         )
 
 
-def run_dagster(home: Path, per_run: int | None) -> float:
+STORAGE_KEYS = ("run_storage", "event_log_storage", "schedule_storage")
+
+
+def embedded_storage(home: Path) -> dict[str, Any]:
+    """The storage of the repository's dagster.yaml (the embedded default), under `home`."""
+    profile = (REPO / "dagster.yaml").read_text().replace(".data/dagster", str(home))
+    config = yaml.safe_load(profile)
+    return {key: config[key] for key in STORAGE_KEYS}
+
+
+def bench_instance(
+    home: Path, event_log: str = "embedded"
+) -> AbstractContextManager[dg.DagsterInstance]:
+    """A Dagster instance in `home` with the embedded profile's storage, or with its event
+    log replaced by Dagster's own SQLite one (`event_log="dagster"`), for comparison."""
+    storage = embedded_storage(home)
+    if event_log == "dagster":
+        storage["event_log_storage"] = {
+            **storage["event_log_storage"],
+            "module": "dagster._core.storage.event_log",
+            "class": "SqliteEventLogStorage",
+        }
+    return dg.instance_for_test(temp_dir=str(home), overrides=storage)
+
+
+def run_dagster(home: Path, per_run: int | None, event_log: str = "embedded") -> float:
     """The ingest job over every partition, `per_run` adjacent partitions per run (None: all).
 
     The definitions are built here, after the round set OSA_DATA_DIR: their resources take
@@ -100,7 +131,7 @@ def run_dagster(home: Path, per_run: int | None) -> float:
     from osa_dagster.definitions import build_definitions
 
     defs = build_definitions()
-    with dg.instance_for_test(temp_dir=str(home)) as instance:
+    with bench_instance(home, event_log) as instance:
         defs.resolve_job_def(f"{CONVENTION}_plan").execute_in_process(instance=instance)
         keys = instance.get_dynamic_partitions(f"{CONVENTION}_batches")
         job = defs.resolve_job_def(f"{CONVENTION}_ingest")
@@ -123,13 +154,6 @@ def run_dagster(home: Path, per_run: int | None) -> float:
     return elapsed
 
 
-def _extra_work(convention: Convention, store, db, key: str) -> None:
-    """What the Dagster assets and checks compute besides the steps."""
-    count_published(db, convention.name)
-    for spec in CHECKS:
-        spec.verdict(BatchFacts(convention, store, db, key))
-
-
 def run_bare(same_work: bool) -> float:
     """The steps over every partition in the order one range run takes them, the hooks run
     as the Dagster step runs them (run_hook_jobs, within the same machine capacity)."""
@@ -148,12 +172,17 @@ def run_bare(same_work: bool) -> float:
         convention, store, runner, jobs, workers=workers, capacity=capacity
     ):
         assert result.progress is not None and result.progress.done, result.error
+    # With same_work, what the assets compute besides the steps: the archive's count for the
+    # metadata, and their checks' verdicts (one audit of the batch per asset).
     for key in keys:
         publish_batch(convention, store, db, key, domain="bench")
+        if same_work:
+            count_published(db, convention.name)
+            judge("published", BatchFacts(convention, store, db, key))
     for key in keys:
         store_batch_features(convention, store, db, key)
         if same_work:
-            _extra_work(convention, store, db, key)
+            judge("features", BatchFacts(convention, store, db, key))
     return time.perf_counter() - started
 
 
@@ -175,7 +204,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--records", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="which to run; the bare loops always run (they are the floor)",
+    )
     args = parser.parse_args()
+    chosen = [name for name in VARIANTS if name in args.variants or name.startswith("bare")]
     os.environ["OSA_BENCH_RECORDS"] = str(args.records)
     os.environ["OSA_BENCH_BATCH_SIZE"] = str(args.batch_size)
     partitions = -(-args.records // args.batch_size)
@@ -183,11 +220,13 @@ def main() -> None:
     variants: dict[str, Callable[[Path], float]] = {
         "dagster": lambda home: run_dagster(home, 1),
         "runs of 20": lambda home: run_dagster(home, 20),
+        "stock log": lambda home: run_dagster(home, 20, event_log="dagster"),
         "single run": lambda home: run_dagster(home, None),
         "bare same": lambda home: run_bare(same_work=True),
         "bare steps": lambda home: run_bare(same_work=False),
     }
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    variants = {name: variants[name] for name in chosen}
+    times: dict[str, list[float]] = {name: [] for name in chosen}
     with tempfile.TemporaryDirectory(prefix="osa-bench-") as tmp:
         for _ in range(args.runs):
             for name, seconds in one_round(variants, Path(tmp), args.records).items():
@@ -205,7 +244,7 @@ def main() -> None:
         f"{'variant':<12}{'median s':>10}{'min-max s':>16}{'/bare same':>11}{'/bare steps':>12}"
         f"{'overhead s/partition':>22}"
     )
-    for name in VARIANTS:
+    for name in chosen:
         samples = times[name]
         median = statistics.median(samples)
         spread = f"{min(samples):.2f}-{max(samples):.2f}"

@@ -178,7 +178,7 @@ def ingest(
         job = defs.resolve_job_def(f"{convention}_ingest")
         step_s, step_cpu = 0.0, 0.0 if account is not None else None
         with (
-            dg.instance_for_test(temp_dir=str(Path(tmp) / "dagster")) as instance,
+            overhead.bench_instance(Path(tmp) / "dagster") as instance,
             CpuSampler(account) if account is not None else contextlib.nullcontext() as cpu,
         ):
             started = time.perf_counter()

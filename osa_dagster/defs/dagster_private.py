@@ -6,6 +6,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
 from dagster._core.definitions.metadata.metadata_set import UriMetadataSet
+from dagster._core.event_api import EventHandlerFn
 from dagster._core.events import DagsterEvent, JobFailureData, RunFailureReason
 from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES
 from dagster._core.execution.context.system import PlanOrchestrationContext
@@ -16,6 +17,12 @@ from dagster._core.execution.step_dependency_config import StepDependencyConfig
 from dagster._core.executor.base import Executor
 from dagster._core.executor.step_delegating import StepDelegatingExecutor
 from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+    INDEX_SHARD_NAME,
+    SqliteEventLogStorage,
+    SqliteEventLogStorageWatchdog,
+)
+from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -81,16 +88,21 @@ def ended_backfill(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | No
 __all__ = [
     "ASSET_PARTITION_RANGE_END_TAG",
     "ASSET_PARTITION_RANGE_START_TAG",
+    "INDEX_SHARD_NAME",
     "PARTITION_NAME_TAG",
+    "SQLITE_BUSY_TIMEOUT_SECONDS",
     "AssetCheckEvaluationTargetMaterializationData",
     "CheckRunHealthResult",
     "ConfigurableClassData",
     "DagsterEvent",
+    "EventHandlerFn",
     "ExecutionPlan",
     "Executor",
     "PlanOrchestrationContext",
     "RetryMode",
     "RunFailureReason",
+    "SqliteEventLogStorage",
+    "SqliteEventLogStorageWatchdog",
     "StepDelegatingExecutor",
     "StepDependencyConfig",
     "UriMetadataSet",

@@ -16,8 +16,7 @@ from osa_dagster import __version__
 from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.conventions.base import Convention
 from osa_dagster.conventions.registry import load_conventions
-from osa_dagster.defs.assets import features_key, partitions_per_run
-from osa_dagster.defs.checks import check_keys
+from osa_dagster.defs.assets import check_keys, features_key, partitions_per_run
 from osa_dagster.defs.dagster_private import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
