@@ -10,7 +10,6 @@ from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.defs.assets import batch_partitions, convention_assets
 from osa_dagster.defs.automation import convention_automation
 from osa_dagster.defs.beta_features import known_beta_features_quiet
-from osa_dagster.defs.checks import convention_checks
 from osa_dagster.defs.deposits import convention_deposits
 from osa_dagster.defs.io_manager import IO_MANAGER_KEY, BatchViewsIOManager
 from osa_dagster.defs.planning import convention_jobs, ingest_executor
@@ -19,12 +18,11 @@ from osa_dagster.settings import Settings
 
 
 def convention_definitions(convention: Convention, kinds: AssetKinds) -> dg.Definitions:
-    """Everything one convention brings: its batch graph and checks, planning and ingest
+    """Everything one convention brings: its batch graph with its checks, planning and ingest
     jobs, sensors and schedules, and the validation of deposited records."""
     partitions = batch_partitions(convention)
     return dg.Definitions.merge(
         convention_assets(convention, partitions, kinds),
-        convention_checks(convention, partitions),
         convention_jobs(convention, partitions),
         convention_automation(convention, partitions),
         convention_deposits(convention),

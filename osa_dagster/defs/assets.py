@@ -22,6 +22,15 @@ from osa_dagster.batch.hooks import (
 )
 from osa_dagster.batch.publish import publish_batch, store_batch_features
 from osa_dagster.conventions.base import Convention
+from osa_dagster.defs.checks import (
+    CHECKS,
+    BatchFacts,
+    GuardedAsset,
+    Judged,
+    check_evaluations,
+    check_specs,
+    judge,
+)
 from osa_dagster.defs.dagster_private import UriMetadataSet
 from osa_dagster.defs.io_manager import IO_MANAGER_KEY
 from osa_dagster.defs.leases import hold_partitions, leased_partitions
@@ -76,17 +85,27 @@ def batch_partitions(convention: Convention) -> dg.DynamicPartitionsDefinition:
 
 def materialize_each_partition(
     context: dg.AssetExecutionContext,
+    store: ArtifactStore,
     db: RecordsDatabase,
     convention: Convention,
     step: Callable[[str], Mapping[str, Any]],
-) -> dg.MaterializeResult:
+    checked: GuardedAsset | None = None,
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckEvaluation | dg.Output]:
     """Run `step` for every partition of the run, in order, each partition getting the
     metadata it returns: a run over a range materialises each batch with its own. Each
-    partition's step holds the batch's lease (defs/leases.py)."""
+    partition's step holds the batch's lease (defs/leases.py), and the checks of the asset
+    (`checked`) judge the batch before the lease is let go (defs/checks.py)."""
     label = context.asset_key.to_user_string()
+    judged: dict[str, Judged] = {}
     for partition in leased_partitions(context, db, convention.name, label):
         context.add_asset_metadata(dict(step(partition)), partition_key=partition)
-    return dg.MaterializeResult()
+        if checked is not None:
+            judged[partition] = judge(checked, BatchFacts(convention, store, db, partition))
+    yield dg.MaterializeResult()
+    yield from check_evaluations(context.instance, context.asset_key, judged)
+    # The checks' own outputs, so that Dagster sees each check as having run.
+    for output_name in context.assets_def.check_specs_by_output_name:
+        yield dg.Output(None, output_name=output_name)
 
 
 def artifact_uri(store: ArtifactStore, key: str) -> dict[str, Any]:
@@ -111,6 +130,12 @@ def features_key(convention: Convention) -> dg.AssetKey:
     return dg.AssetKey([convention.name, "features"])
 
 
+def check_keys(convention: Convention) -> list[dg.AssetCheckKey]:
+    """Every check of the convention's batches: a batch is finished once each has a verdict."""
+    guarded = {"published": published_key(convention), "features": features_key(convention)}
+    return [dg.AssetCheckKey(guarded[spec.asset], spec.name) for spec in CHECKS]
+
+
 def _raw_batch_asset(
     convention: Convention, partitions: dg.PartitionsDefinition, kinds: AssetKinds
 ) -> dg.AssetsDefinition:
@@ -128,10 +153,11 @@ def _raw_batch_asset(
         context: dg.AssetExecutionContext,
         artifact_store: ArtifactStoreResource,
         records_db: RecordsDatabaseResource,
-    ) -> dg.MaterializeResult:
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckEvaluation | dg.Output]:
         store = artifact_store.get()
-        return materialize_each_partition(
+        yield from materialize_each_partition(
             context,
+            store,
             records_db.get(),
             convention,
             lambda partition: {
@@ -255,12 +281,13 @@ def _published_asset(
         io_manager_key=IO_MANAGER_KEY,
         description="Records that passed every hook, published once per (convention, source id) "
         "with an SRN.",
+        check_specs=check_specs("published", published_key(convention)),
     )
     def published_records(
         context: dg.AssetExecutionContext,
         artifact_store: ArtifactStoreResource,
         records_db: RecordsDatabaseResource,
-    ) -> dg.MaterializeResult:
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckEvaluation | dg.Output]:
         db, store = records_db.get(), artifact_store.get()
 
         def publish(partition: str) -> dict[str, Any]:
@@ -269,7 +296,9 @@ def _published_asset(
             )
             return publish_metadata(summary, count_published(db, convention.name))
 
-        return materialize_each_partition(context, db, convention, publish)
+        yield from materialize_each_partition(
+            context, store, db, convention, publish, checked="published"
+        )
 
     return published_records
 
@@ -286,20 +315,23 @@ def _features_asset(
         kinds={kinds.database},
         io_manager_key=IO_MANAGER_KEY,
         description="Each hook's feature rows of the published records, stored by SRN.",
+        check_specs=check_specs("features", features_key(convention)),
     )
     def features(
         context: dg.AssetExecutionContext,
         artifact_store: ArtifactStoreResource,
         records_db: RecordsDatabaseResource,
-    ) -> dg.MaterializeResult:
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckEvaluation | dg.Output]:
         store, db = artifact_store.get(), records_db.get()
-        return materialize_each_partition(
+        yield from materialize_each_partition(
             context,
+            store,
             db,
             convention,
             lambda partition: features_metadata(
                 store_batch_features(convention, store, db, partition)
             ),
+            checked="features",
         )
 
     return features

@@ -19,8 +19,6 @@ import dagster as dg
 KNOWN_BETA_FEATURES: tuple[tuple[type[Warning], str], ...] = (
     # defs/assets.py: runs over ranges of adjacent batches.
     (dg.BetaWarning, "Parameter `backfill_policy` of function `asset`"),
-    # defs/checks.py: every check has a verdict per batch.
-    (dg.PreviewWarning, "Specifying a partitions_def on an AssetCheckSpec"),
 )
 
 

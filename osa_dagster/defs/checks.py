@@ -1,34 +1,40 @@
 """Asset checks on every partition: the archive's invariants, visible in the UI.
 
-Each check records one evaluation per partition of its run, whatever covered it (a sensor's
-run of one batch, a range run of `osa materialize` or an asset backfill, the UI). Dagster
-plans a partitioned check of a range run as one PLANNED row per partition (run id, partition)
-in its `asset_check_executions` table, but turns an `AssetCheckResult` of that step into a
-single evaluation without a partition: the per-partition rows stay PLANNED and read as
-"Skipped" once the run ends. So the checks yield Dagster's `AssetCheckEvaluation` themselves,
-one per partition, each naming its partition and the materialisation it checked: every
-PLANNED row gets its verdict, under the run's own id, and a later run's rows are its own
-(reporting them as runless events instead collides, from the second run on, on the table's
-unique index (asset_key, check_name, run_id '', partition)).
+Each check is evaluated in the step of the asset it guards, for every batch the step works,
+right after the work and under the same lease (published_records' four after publishing,
+features' one after storing the features), and is recorded as that batch's evaluation
+whatever covered it (a sensor's run of one batch, a range run of `osa materialize` or an
+asset backfill, the UI). Dagster plans a check of a range run as one PLANNED row per
+partition (run id, partition) in its `asset_check_executions` table, but turns an
+`AssetCheckResult` into a single evaluation without a partition: the per-partition rows stay
+PLANNED and read as "Skipped" once the run ends. So the step yields Dagster's
+`AssetCheckEvaluation` itself, one per check and partition, each naming its partition and
+the materialisation it judged: every PLANNED row gets its verdict under the run's own id,
+and a later run's rows are its own (reported as runless events instead, they collide from
+the second run on, on the table's unique index (asset_key, check_name, run_id '',
+partition)).
+
+A step of their own per check cost, for every batch, a lease, a look-up of the
+materialisation and an audit each: five of them were most of Dagster's cost per batch. In
+the asset's step the batch is audited once for all its checks.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 
 from osa_dagster.batch.audit import BatchAudit, audit_batch
 from osa_dagster.conventions.base import Convention
-from osa_dagster.defs.assets import features_key, published_key
 from osa_dagster.defs.dagster_private import AssetCheckEvaluationTargetMaterializationData
-from osa_dagster.defs.leases import leased_partitions
-from osa_dagster.defs.resources import ArtifactStoreResource, RecordsDatabaseResource
 from osa_dagster.records import DeadLetterRow, RecordsDatabase, list_dead_letters
 from osa_dagster.storage.store import ArtifactStore
 
 PREVIEW = 20
+# The assets that have checks.
+GuardedAsset = Literal["published", "features"]
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ def _no_dead_letters(facts: BatchFacts) -> Verdict:
 @dataclass(frozen=True)
 class CheckDef:
     name: str
-    asset: str  # "published" or "features"
+    asset: GuardedAsset
     severity: dg.AssetCheckSeverity
     description: str
     verdict: Callable[[BatchFacts], Verdict]
@@ -161,69 +167,66 @@ CHECKS = (
 )
 
 
-def _checked_materialization(
-    instance: dg.DagsterInstance, asset: dg.AssetKey, partition: str
-) -> AssetCheckEvaluationTargetMaterializationData | None:
-    """The partition's latest materialisation: a verdict about it is the partition's current
-    status in the UI (a verdict about an older one is not shown as current)."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[partition]), limit=1
-    ).records
-    if not records:
-        return None
-    latest = records[0]
-    return AssetCheckEvaluationTargetMaterializationData(
-        run_id=latest.run_id, storage_id=latest.storage_id, timestamp=latest.timestamp
-    )
+def check_specs(asset: GuardedAsset, key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
+    """The checks of `asset` (whose key is `key`), for its decorator."""
+    return [
+        dg.AssetCheckSpec(spec.name, asset=key, description=spec.description)
+        for spec in CHECKS
+        if spec.asset == asset
+    ]
 
 
-def convention_checks(
-    convention: Convention, partitions: dg.PartitionsDefinition
-) -> dg.Definitions:
-    """One check per invariant, each on the asset it guards, every one for every partition.
+Judged = list[tuple[CheckDef, Verdict]]
 
-    Each check audits the batch on its own (a few indexed queries): Dagster's multi-checks
-    cannot be partitioned.
-    """
-    assets = {"published": published_key(convention), "features": features_key(convention)}
 
-    def build(spec: CheckDef) -> dg.AssetChecksDefinition:
-        asset = assets[spec.asset]
+def judge(asset: GuardedAsset, facts: BatchFacts) -> Judged:
+    """Every check of `asset` on one batch, which is audited once for all of them."""
+    return [(spec, spec.verdict(facts)) for spec in CHECKS if spec.asset == asset]
 
-        @dg.asset_check(
-            name=spec.name,
-            asset=asset,
-            partitions_def=partitions,
-            additional_deps=[published_key(convention)] if spec.asset != "published" else None,
-            blocking=False,
-            description=spec.description,
-        )
-        def check(
-            context: dg.AssetCheckExecutionContext,
-            artifact_store: ArtifactStoreResource,
-            records_db: RecordsDatabaseResource,
-        ) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
-            store, db = artifact_store.get(), records_db.get()
-            label = f"{asset.to_user_string()}:{spec.name}"
-            for partition in leased_partitions(context, db, convention.name, label):
-                verdict = spec.verdict(BatchFacts(convention, store, db, partition))
-                yield dg.AssetCheckEvaluation(
-                    asset_key=asset,
-                    check_name=spec.name,
-                    passed=verdict.passed,
-                    metadata=verdict.metadata,
-                    severity=spec.severity,
-                    description=verdict.description,
-                    partition=partition,
-                    target_materialization_data=_checked_materialization(
-                        context.instance, asset, partition
-                    ),
-                    blocking=False,
+
+def _latest_materializations(
+    instance: dg.DagsterInstance, asset: dg.AssetKey, partitions: Sequence[str]
+) -> dict[str, AssetCheckEvaluationTargetMaterializationData]:
+    """Each partition's latest materialisation: a verdict about it is the partition's current
+    status in the UI (a verdict about an older one is not shown as current). The step has
+    just materialised them all, so they are the newest records of the asset, read at once."""
+    found: dict[str, AssetCheckEvaluationTargetMaterializationData] = {}
+
+    def fetch(wanted: list[str]) -> None:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=asset, asset_partitions=wanted), limit=len(wanted)
+        ).records
+        for record in records:  # newest first
+            if record.partition_key is not None and record.partition_key not in found:
+                found[record.partition_key] = AssetCheckEvaluationTargetMaterializationData(
+                    run_id=record.run_id, storage_id=record.storage_id, timestamp=record.timestamp
                 )
-            # The step's own output, so that Dagster sees the check as having run.
-            [output] = context.op_execution_context.op_def.output_defs
-            yield dg.Output(None, output_name=output.name)
 
-        return check
+    fetch(list(partitions))
+    # Another run materialised some of them meanwhile more than once: one at a time.
+    for partition in [p for p in partitions if p not in found]:
+        fetch([partition])
+    return found
 
-    return dg.Definitions(asset_checks=[build(spec) for spec in CHECKS])
+
+def check_evaluations(
+    instance: dg.DagsterInstance, asset: dg.AssetKey, judged: Mapping[str, Judged]
+) -> Iterator[dg.AssetCheckEvaluation]:
+    """The verdicts of a step's checks, one evaluation per check and partition, each about the
+    partition's materialisation: yield them after the step's materialisations."""
+    if not judged:
+        return
+    targets = _latest_materializations(instance, asset, list(judged))
+    for partition, verdicts in judged.items():
+        for spec, verdict in verdicts:
+            yield dg.AssetCheckEvaluation(
+                asset_key=asset,
+                check_name=spec.name,
+                passed=verdict.passed,
+                metadata=verdict.metadata,
+                severity=spec.severity,
+                description=verdict.description,
+                partition=partition,
+                target_materialization_data=targets.get(partition),
+                blocking=False,
+            )

@@ -12,7 +12,7 @@ from osa_dagster.settings import settings
 
 @contextmanager
 def batch_lease(
-    context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext,
+    context: dg.AssetExecutionContext,
     db: RecordsDatabase,
     convention: str,
     batch: str,
@@ -50,7 +50,7 @@ def batch_lease(
 
 
 def leased_partitions(
-    context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext,
+    context: dg.AssetExecutionContext,
     db: RecordsDatabase,
     convention: str,
     step: str,

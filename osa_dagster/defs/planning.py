@@ -1,9 +1,11 @@
-"""Planning an ingest from Dagster: a job that freezes batches into partitions, and a
-sensor that requests a run for every new partition."""
+"""Planning an ingest from Dagster: a job that freezes batches into partitions, a sensor
+that requests a run for every new partition, and one that requests again the batches of a
+run that died for reasons outside its work once Dagster's run retries are used up."""
 
 import os
 import sys
-from collections.abc import Sequence, Set
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass
 from datetime import datetime
 
 import dagster as dg
@@ -14,8 +16,18 @@ from osa_dagster import __version__
 from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.conventions.base import Convention
 from osa_dagster.conventions.registry import load_conventions
-from osa_dagster.defs.assets import features_key, partitions_per_run
-from osa_dagster.defs.dagster_private import partition_range_tags, retry_all_steps_tags
+from osa_dagster.defs.assets import check_keys, features_key, partitions_per_run
+from osa_dagster.defs.dagster_private import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
+    RunFailureReason,
+    ended_backfill,
+    partition_range_tags,
+    retry_all_steps_tags,
+    run_failure_reason,
+    will_be_retried,
+)
 from osa_dagster.defs.resources import ArtifactStoreResource
 from osa_dagster.defs.run_worker import recording_worker
 from osa_dagster.settings import Settings, data_dir
@@ -24,6 +36,19 @@ SENSOR_INTERVAL_S = 15
 SKIPPED_METADATA = "skipped_files"
 CONVENTION_TAG = "osa/convention"
 PLANNED_BATCHES_METADATA = "planned_batches"
+# How many times over the batches of a run that keeps dying are requested again, each time
+# with Dagster's own run retries: a batch that kills every worker needs a person.
+MAX_RESUMES = 3
+RESUMES_TAG = "osa/resumes"
+RESUMED_FROM_TAG = "osa/resumed-from"
+# A run in one of these may still work its batches.
+LIVE_RUN_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
 
 
 class PlanConfig(dg.Config):
@@ -144,15 +169,166 @@ def contiguous_chunks(keys: Sequence[str], skip: Set[str], size: int) -> list[li
     return [chunk for chunk in chunks if chunk]
 
 
-def partition_range_request(chunk: Sequence[str]) -> dg.RunRequest:
-    """One run over the partitions `chunk[0]`..`chunk[-1]` (adjacent in the definition)."""
+def partition_range_request(
+    chunk: Sequence[str], key_prefix: str = "", tags: Mapping[str, str] | None = None
+) -> dg.RunRequest:
+    """One run over the partitions `chunk[0]`..`chunk[-1]` (adjacent in the definition),
+    whose run key names them after `key_prefix`."""
     if len(chunk) == 1:
-        return dg.RunRequest(run_key=chunk[0], partition_key=chunk[0])
+        return dg.RunRequest(run_key=key_prefix + chunk[0], partition_key=chunk[0], tags=tags)
     first, last = chunk[0], chunk[-1]
     return dg.RunRequest(
-        run_key=f"{first}...{last}",
-        tags=partition_range_tags(first, last),
+        run_key=f"{key_prefix}{first}...{last}",
+        tags={**(tags or {}), **partition_range_tags(first, last)},
     )
+
+
+@dataclass(frozen=True)
+class BatchOrder:
+    """A convention's batches in planning order: the order that a run's range follows."""
+
+    keys: Sequence[str]
+    position: Mapping[str, int]
+
+    @classmethod
+    def of(
+        cls, instance: dg.DagsterInstance, partitions: dg.DynamicPartitionsDefinition
+    ) -> "BatchOrder":
+        keys = instance.get_dynamic_partitions(partitions.name)
+        return cls(keys=keys, position={key: n for n, key in enumerate(keys)})
+
+    def covered_by(self, run: dg.DagsterRun) -> list[str]:
+        """The batches `run` works: its partition, or every one of its range."""
+        if PARTITION_NAME_TAG in run.tags:
+            return [run.tags[PARTITION_NAME_TAG]]
+        first = self.position.get(run.tags.get(ASSET_PARTITION_RANGE_START_TAG, ""))
+        last = self.position.get(run.tags.get(ASSET_PARTITION_RANGE_END_TAG, ""))
+        if first is None or last is None:
+            return []
+        return list(self.keys[first : last + 1])
+
+
+def finished_partitions(
+    instance: dg.DagsterInstance, run_ids: Sequence[str], convention: Convention
+) -> set[str]:
+    """The batches that the runs `run_ids`, together, materialised `features` of and gave a
+    verdict of every check on: what a run that died before its end need not do again."""
+    features = features_key(convention)
+    checks = set(check_keys(convention))
+    materialized: set[str] = set()
+    evaluated: dict[str, set[dg.AssetCheckKey]] = {}
+    kinds = {dg.DagsterEventType.ASSET_MATERIALIZATION, dg.DagsterEventType.ASSET_CHECK_EVALUATION}
+    for run_id in run_ids:
+        for record in instance.get_records_for_run(run_id, of_type=kinds).records:
+            event = record.event_log_entry.dagster_event
+            if event is None:
+                continue
+            if event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
+                if event.asset_key == features and event.partition is not None:
+                    materialized.add(event.partition)
+            else:
+                verdict = event.asset_check_evaluation_data
+                if verdict.partition is not None:
+                    evaluated.setdefault(verdict.partition, set()).add(verdict.asset_check_key)
+    return {key for key in materialized if evaluated.get(key, set()) >= checks}
+
+
+def _why_not_resumed(
+    context: dg.RunFailureSensorContext, convention: Convention, reason: RunFailureReason
+) -> str | None:
+    """Why the failed run's batches are not for this sensor to request again, if they are not."""
+    instance, run = context.instance, context.dagster_run
+    backfill = ended_backfill(instance, run)
+    if backfill is not None:
+        return f"run {run.run_id} belongs to backfill {backfill}, which has ended"
+    if will_be_retried(instance, run, reason):
+        return f"run {run.run_id} will be retried by Dagster"
+    if reason == RunFailureReason.STEP_FAILURE:
+        steps = sorted({e.step_key for e in context.get_step_failure_events() if e.step_key})
+        # Running the batch again would fail again until the cause (bad input, a bug) is fixed.
+        return (
+            f"run {run.run_id} failed in step {', '.join(steps) or '(unknown)'}: its own "
+            f"failure, not re-requested (`osa backfill {convention.name} --failed` runs its "
+            "batches again once the cause is fixed)"
+        )
+    return None
+
+
+def _finished_since(
+    instance: dg.DagsterInstance, run: dg.DagsterRun, convention: Convention, order: BatchOrder
+) -> set[str]:
+    """The batches of `run` that it, Dagster's retries of it (the same root run) or a later
+    successful run over some of them (an operator's, say) finished."""
+    covered = set(order.covered_by(run))
+    group = instance.get_run_group(run.run_id)
+    run_ids = [r.run_id for r in group[1]] if group else [run.run_id]
+    root = instance.get_run_record_by_id(run.root_run_id or run.run_id)
+    if root is not None:
+        later = instance.get_runs(
+            dg.RunsFilter(
+                tags={CONVENTION_TAG: convention.name},
+                statuses=[dg.DagsterRunStatus.SUCCESS],
+                created_after=root.create_timestamp,
+            )
+        )
+        run_ids += [r.run_id for r in later if covered.intersection(order.covered_by(r))]
+    return finished_partitions(instance, run_ids, convention)
+
+
+def _in_live_runs(
+    instance: dg.DagsterInstance, failed: dg.DagsterRun, convention: Convention, order: BatchOrder
+) -> set[str]:
+    """The batches that a queued or running run other than `failed` may still work (the
+    instance stores a run's failure a moment before its status: it may still read STARTED).
+    The ingest job's runs and those of `osa backfill` carry the convention's tag."""
+    live = instance.get_runs(
+        dg.RunsFilter(tags={CONVENTION_TAG: convention.name}, statuses=LIVE_RUN_STATUSES)
+    )
+    return {key for run in live if run.run_id != failed.run_id for key in order.covered_by(run)}
+
+
+def unfinished_batches_request(
+    context: dg.RunFailureSensorContext,
+    convention: Convention,
+    partitions: dg.DynamicPartitionsDefinition,
+) -> dg.SensorResult | dg.SkipReason:
+    """The runs that work again the batches the failed run of the ingest job left unfinished,
+    or why there are none. Only a run that died for reasons outside its work (its worker
+    gone, an exception in the run, a start timeout) is resumed, once Dagster will not retry
+    it, and at most MAX_RESUMES times over."""
+    run = context.dagster_run
+    reason = run_failure_reason(context.failure_event)
+    why_not = _why_not_resumed(context, convention, reason)
+    if why_not is not None:
+        return dg.SkipReason(why_not)
+    order = BatchOrder.of(context.instance, partitions)
+    covered = order.covered_by(run)
+    skip = _finished_since(context.instance, run, convention, order) | _in_live_runs(
+        context.instance, run, convention, order
+    )
+    left = [key for key in covered if key not in skip]
+    died = f"run {run.run_id} died ({reason.value})"
+    if not left:
+        return dg.SkipReason(f"{died}, but each of its batches is finished or in a live run")
+    resumes = int(run.tags.get(RESUMES_TAG, "0"))
+    if resumes >= MAX_RESUMES:
+        return dg.SkipReason(
+            f"{died} after {resumes} resumes, the most this sensor requests; batches left: "
+            f"{', '.join(left)}. Run them with `osa materialize {convention.name} "
+            f"{' '.join(left)}`"
+        )
+    tags = {RESUMES_TAG: str(resumes + 1), RESUMED_FROM_TAG: run.run_id}
+    # The run key names the failed run and the chunk: a failure evaluated twice requests
+    # nothing new.
+    requests = [
+        partition_range_request(chunk, key_prefix=f"{run.run_id}:", tags=tags)
+        for chunk in contiguous_chunks(covered, skip, partitions_per_run())
+    ]
+    context.log.info(
+        f"{died} and will not be retried: requesting {len(left)} of its batches again, in "
+        f"{len(requests)} runs"
+    )
+    return dg.SensorResult(run_requests=requests)
 
 
 def skipped_table(skipped: Sequence[SkippedSource]) -> dg.TableMetadataValue:
@@ -176,7 +352,8 @@ def ingest_job_name(convention: Convention) -> str:
 def convention_jobs(
     convention: Convention, partitions: dg.DynamicPartitionsDefinition
 ) -> dg.Definitions:
-    """The plan job, the ingest job and the sensor that runs newly planned batches."""
+    """The plan job, the ingest job, the sensor that runs newly planned batches and the one
+    that runs again the batches of runs that died."""
 
     @dg.op(name=f"{convention.name}_plan_batches")
     def plan_batches(
@@ -262,4 +439,17 @@ def convention_jobs(
         ]
         return dg.SensorResult(run_requests=requests, cursor=str(len(keys)))
 
-    return dg.Definitions(jobs=[plan_job, ingest_job], sensors=[new_batches])
+    @dg.run_failure_sensor(
+        name=f"{convention.name}_unfinished_batches",
+        monitored_jobs=[ingest_job],
+        request_job=ingest_job,
+        minimum_interval_seconds=SENSOR_INTERVAL_S,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="When an ingest run died for reasons outside its work (its worker gone, "
+        "say) and Dagster's run retries are used up, requests its unfinished batches again, "
+        f"at most {MAX_RESUMES} times over.",
+    )
+    def unfinished_batches(context: dg.RunFailureSensorContext) -> dg.SensorResult | dg.SkipReason:
+        return unfinished_batches_request(context, convention, partitions)
+
+    return dg.Definitions(jobs=[plan_job, ingest_job], sensors=[new_batches, unfinished_batches])

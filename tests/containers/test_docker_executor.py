@@ -62,8 +62,9 @@ def test_a_partition_materialises_with_every_step_in_a_container(tmp_path, step_
         if e.dagster_event is not None
         and e.dagster_event.event_type == dg.DagsterEventType.STEP_WORKER_STARTING
     ]
-    # One container per step: raw_batch, two hooks, published_records, features, and checks.
-    assert len(launched) >= 5
+    # One container per step: raw_batch, the hooks, published_records and features (each
+    # with its checks).
+    assert len(launched) == 4
     assert all("Docker container" in (e.message or e.user_message) for e in launched)
     db = RecordsDatabase(database_url_from_env())
     with db.session() as session:
@@ -83,3 +84,34 @@ def test_the_docker_profile_loads_with_the_docker_run_launcher(
         assert launcher.image == step_image
         assert launcher.networks == ["host"]
         assert "DOCKER_HOST" in launcher.env_vars
+        # A run whose container died is found and retried.
+        assert instance.run_monitoring_enabled and launcher.supports_check_run_worker_health
+        assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
+
+
+def test_the_docker_launcher_tells_run_monitoring_a_dead_runs_container_is_gone(
+    tmp_path, monkeypatch, postgres, step_image, docker_client: docker.DockerClient
+):
+    """The check run monitoring makes of each STARTED run under the Docker profile: the
+    launcher looks up the run's container on the engine."""
+    from dagster._core.launcher import WorkerStatus
+    from dagster_docker.docker_run_launcher import DOCKER_CONTAINER_ID_TAG
+
+    use_instance_profile(REPO / "deploy/docker/dagster.yaml", postgres, tmp_path, monkeypatch)
+    monkeypatch.setenv("OSA_STEP_IMAGE", step_image)
+    container = docker_client.containers.run(
+        step_image, ["sleep", "600"], detach=True, network_mode="host"
+    )
+    try:
+        with dg.DagsterInstance.get() as instance:
+            run = instance.create_run_for_job(
+                dg.GraphDefinition("noop").to_job(),
+                tags={DOCKER_CONTAINER_ID_TAG: container.id},
+            )
+            launcher = instance.run_launcher
+            assert launcher.check_run_worker_health(run).status is WorkerStatus.RUNNING
+            container.kill()
+            container.wait()
+            assert launcher.check_run_worker_health(run).status is WorkerStatus.FAILED
+    finally:
+        container.remove(force=True)
