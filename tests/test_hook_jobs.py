@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from osa_dagster.batch import BatchInputError
-from osa_dagster.batch.fetch import fetch_raw_batch
-from osa_dagster.batch.hooks import HookJob, machine_capacity, run_hook_jobs
+from osa_dagster.batch.fetch import fetch_raw_batch, read_raw_records
+from osa_dagster.batch.hooks import HookJob, largest_first, machine_capacity, run_hook_jobs
 from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.batch.stores import StoreCheckpointIO
 from osa_dagster.conventions.base import Convention
@@ -89,3 +89,26 @@ def test_closing_the_jobs_early_kills_their_hooks(monkeypatch: pytest.MonkeyPatc
 
     assert not alive(running.marker.pid)
     assert capacity.read().entries == []
+
+
+def test_the_jobs_of_the_largest_batch_start_first():
+    """Batches are planned smallest records first: started in that order, the largest batch
+    would run last, alone. An unfetched batch (its job fails at once) goes last."""
+    convention = load_conventions()["pdb"]  # the bundled mirror: real entries, real sizes
+    store = store_from_env()
+    keys = plan_ingest(convention, store, batch_size=10).partitions
+    *fetched, unfetched = keys
+    for key in fetched:
+        fetch_raw_batch(convention, store, key)
+    megabytes = {
+        key: sum(r.size_mb for r in read_raw_records(store, BatchLayout("pdb", key)))
+        for key in fetched
+    }
+    assert len(set(megabytes.values())) == len(fetched) >= 3, "batches of distinct sizes"
+    assert list(megabytes.values()) == sorted(megabytes.values()), "planned smallest first"
+    hooks = [hook.name for hook in convention.hooks]
+    jobs = [HookJob(key, hook) for key in keys for hook in hooks]
+    by_size = [*reversed(fetched), unfetched]
+    assert largest_first(convention, store, jobs) == [
+        HookJob(key, hook) for key in by_size for hook in hooks
+    ]

@@ -202,6 +202,24 @@ def _run_job(
     return HookJobResult(job, progress, None, set_aside)
 
 
+def largest_first(
+    convention: Convention, store: ArtifactStore, jobs: Iterable[HookJob]
+) -> list[HookJob]:
+    """The jobs of the largest batches (in megabytes of records) first, each batch's hooks in
+    their order. Batches are planned smallest records first, so in planning order a range's
+    largest batch, the longest to work, would start last and then run alone while the other
+    slots idle; started first, it runs beside the others."""
+    jobs = list(jobs)
+    sizes: dict[str, float] = {}
+    for partition in dict.fromkeys(job.partition for job in jobs):
+        try:
+            records = read_raw_records(store, BatchLayout(convention.name, partition))
+        except BatchInputError:
+            records = []  # the job itself will say what is wrong with the batch
+        sizes[partition] = sum(record.size_mb for record in records)
+    return sorted(jobs, key=lambda job: -sizes[job.partition])
+
+
 def run_hook_jobs(
     convention: Convention,
     store: ArtifactStore,
@@ -222,12 +240,14 @@ def run_hook_jobs(
     first (`set_aside_unreadable_checkpoint`), as a lone run of the hook does. Closing the
     iterator early (the run was terminated) cancels the jobs: running hooks are killed,
     their checkpoints keep what they did, and it returns when every thread has stopped.
+    Jobs start largest batch first (`largest_first`).
     """
     cancel = threading.Event()
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="osa-hooks")
     try:
         futures = [
-            pool.submit(_run_job, convention, store, runner, job, capacity, cancel) for job in jobs
+            pool.submit(_run_job, convention, store, runner, job, capacity, cancel)
+            for job in largest_first(convention, store, jobs)
         ]
         for future in as_completed(futures):
             yield future.result()  # a job's exception is in its result; others end the step
