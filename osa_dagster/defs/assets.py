@@ -69,7 +69,7 @@ HOOK_POOL = "osa_hooks"
 
 # Partitions a run covers when many are materialised at once (asset backfills, the
 # new-batches sensor, `osa materialize`). Dagster's cost is per run and per step, about
-# 1 s per one-partition run against 0.20 s per partition in runs of 20 (bench/RESULTS.md);
+# 0.6 s per one-partition run against 0.07 s per partition in runs of 20 (bench/RESULTS.md);
 # a run failing stops only its own range. OSA_PARTITIONS_PER_RUN=1: one run each.
 def partitions_per_run() -> int:
     return Settings.from_env().partitions_per_run
