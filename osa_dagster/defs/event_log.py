@@ -15,9 +15,9 @@ What changes besides speed:
   when the last connection closes); until then they are in its `-wal` file. Readers in every
   process see them either way, but Dagster's live view of a run (the UI's run page) watches
   the database file for changes, so this storage also watches the `-wal` file.
-- A connection must not cross a fork: a forked child that closed its copy could checkpoint
-  and delete a log the parent still writes. A child leaves the copies it inherited open
-  and opens its own.
+- SQLite connections must not be used across a fork: a forked child opens its own, and
+  leaves the copies it inherited alone (never closed there, where closing would run
+  SQLite's clean-up on files the parent still uses).
 """
 
 from __future__ import annotations
