@@ -127,12 +127,14 @@ def readable_by_hooks(*folders: Path) -> None:
                 folder.chmod(mode | 0o055)
 
 
-def dropped_marker(dropped: int | None) -> bytes:
+def dropped_marker(
+    dropped: int | None, tail: str = f"last {HOOK_LOG_TAIL_BYTES // 1024} KiB"
+) -> bytes:
     """The line that stands for the middle of a hook log, `dropped` bytes (None: unknown)."""
     how_much = "" if dropped is None else f" {bytes_to_mb(dropped):.1f} MB of"
     return (
         f"\n[...{how_much} the hook's output dropped here: a hook log keeps its first "
-        f"{HOOK_LOG_HEAD_BYTES // 1024} KiB and its last {HOOK_LOG_TAIL_BYTES // 1024} KiB ...]\n"
+        f"{HOOK_LOG_HEAD_BYTES // 1024} KiB and its {tail} ...]\n"
     ).encode()
 
 
