@@ -10,8 +10,9 @@ the hook's size cap. The engine then stops the attempt and errors the records le
 What is taken is bounded too (the caps of osa_sdk.contract): a line over
 MAX_OUTCOME_LINE_BYTES streams past unread, a features line of more than
 MAX_FEATURE_ROWS_PER_RECORD rows errors its record, and feature rows or bytes past the
-per-attempt caps refuse the output. So the orchestrator's memory, its checkpoint and the
-records database's write of a batch's features stay bounded whatever a hook emits.
+per-batch caps (counting what the checkpoint holds already) refuse the output. So the
+orchestrator's memory, its checkpoint and the records database's write of a batch's features
+stay bounded whatever a hook emits.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from typing import Any, BinaryIO
 from osa_sdk.contract import (
     BYTES_PER_MB,
     FEATURES_FILE,
-    MAX_FEATURE_BYTES_PER_ATTEMPT,
-    MAX_FEATURE_ROWS_PER_ATTEMPT,
+    MAX_FEATURE_BYTES_PER_BATCH,
+    MAX_FEATURE_ROWS_PER_BATCH,
     MAX_FEATURE_ROWS_PER_RECORD,
     MAX_OUTCOME_LINE_BYTES,
     OUTPUT_FILES,
@@ -92,6 +93,7 @@ class OutputReader:
         offsets: dict[str, int],
         max_line_bytes: int = MAX_OUTCOME_LINE_BYTES,
         max_output_bytes: int | None = None,
+        held_features: tuple[int, int] = (0, 0),
     ) -> None:
         self.out_dir = out_dir
         # Shared with the checkpoint's in-flight attempt, so that saving the checkpoint also
@@ -100,9 +102,9 @@ class OutputReader:
         self.max_line_bytes = max_line_bytes
         self.max_output_bytes = max_output_bytes
         self.refused: str | None = None
-        # What this attempt's features lines have brought so far, against the per-attempt caps.
-        self.feature_rows = 0
-        self.feature_bytes = 0
+        # The feature rows and bytes of the batch so far (`held_features`: what its checkpoint
+        # held before this reader), against the per-batch caps.
+        self.feature_rows, self.feature_bytes = held_features
         self._partial: dict[str, bytes] = {}  # read after the offset, no newline yet
         self._skipping: dict[str, tuple[int, bytes]] = {}  # over-long line: scanned to, head
 
@@ -219,27 +221,26 @@ def harvest(
         if anomaly is not None:
             checkpoint.note(anomaly)
         rows = len(fields.get("features", ()))
-        if rows and not _within_attempt_caps(reader, rows, len(raw)):
+        if rows and not _within_batch_caps(reader, rows, len(raw)):
             break  # refused: nothing this attempt writes from here on counts
         outcome = RecordOutcome(**fields, attempt=attempt, memory_limit_mb=memory_limit_mb)
         _merge(checkpoint, batch_ids, record_id, outcome)
     return consumed
 
 
-def _within_attempt_caps(reader: OutputReader, rows: int, line_bytes: int) -> bool:
-    """Count a features line against the attempt's caps; past one, refuse the output."""
+def _within_batch_caps(reader: OutputReader, rows: int, line_bytes: int) -> bool:
+    """Count a features line against the batch's caps; past one, refuse the output."""
     reader.feature_rows += rows
     reader.feature_bytes += line_bytes
-    if reader.feature_rows > MAX_FEATURE_ROWS_PER_ATTEMPT:
+    if reader.feature_rows > MAX_FEATURE_ROWS_PER_BATCH:
         reader.refused = (
-            f"the hook wrote {reader.feature_rows} feature rows in this attempt, over the cap "
-            f"of {MAX_FEATURE_ROWS_PER_ATTEMPT} per attempt"
+            f"the hook wrote {reader.feature_rows} feature rows for this batch, over the cap "
+            f"of {MAX_FEATURE_ROWS_PER_BATCH} per batch"
         )
-    elif reader.feature_bytes > MAX_FEATURE_BYTES_PER_ATTEMPT:
+    elif reader.feature_bytes > MAX_FEATURE_BYTES_PER_BATCH:
         reader.refused = (
-            f"the hook wrote {bytes_to_mb(reader.feature_bytes):.1f} MB of features in this "
-            f"attempt, over the cap of {bytes_to_mb(MAX_FEATURE_BYTES_PER_ATTEMPT):.1f} MB "
-            "per attempt"
+            f"the hook wrote {bytes_to_mb(reader.feature_bytes):.1f} MB of features for this "
+            f"batch, over the cap of {bytes_to_mb(MAX_FEATURE_BYTES_PER_BATCH):.1f} MB per batch"
         )
     return reader.refused is None
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 from osa_sdk.contract import (
-    MAX_FEATURE_ROWS_PER_ATTEMPT,
+    EXIT_MEMORY_ERROR,
+    MAX_FEATURE_ROWS_PER_BATCH,
     MAX_FEATURE_ROWS_PER_RECORD,
     MAX_OUTCOME_LINE_BYTES,
     bytes_to_mb,
@@ -96,9 +97,9 @@ def test_rows_over_the_record_cap_on_a_short_line_error_the_record(harness: Harn
     )
 
 
-def test_rows_over_the_attempt_cap_stop_the_attempt(harness: Harness) -> None:
-    """Records each within their cap, too many of them: the attempt's rows are bounded."""
-    full = MAX_FEATURE_ROWS_PER_ATTEMPT // MAX_FEATURE_ROWS_PER_RECORD
+def test_rows_over_the_batch_cap_stop_the_attempt(harness: Harness) -> None:
+    """Records each within their cap, too many of them: the batch's rows are bounded."""
+    full = MAX_FEATURE_ROWS_PER_BATCH // MAX_FEATURE_ROWS_PER_RECORD
     ids = [f"r{n:02d}" for n in range(full + 2)]
     spec = harness.spec(FLOOD, rows=dict.fromkeys(ids, MAX_FEATURE_ROWS_PER_RECORD))
 
@@ -106,16 +107,43 @@ def test_rows_over_the_attempt_cap_stop_the_attempt(harness: Harness) -> None:
 
     over = (full + 1) * MAX_FEATURE_ROWS_PER_RECORD
     refused = (
-        f"output refused: the hook wrote {over} feature rows in this attempt, over the cap "
-        f"of {MAX_FEATURE_ROWS_PER_ATTEMPT} per attempt"
+        f"output refused: the hook wrote {over} feature rows for this batch, over the cap "
+        f"of {MAX_FEATURE_ROWS_PER_BATCH} per batch"
     )
     assert {rid: (o.status, o.reason) for rid, o in checkpoint.outcomes.items()} == {
         **{rid: (PASSED, None) for rid in ids[:full]},
         **{rid: (ERRORED, refused) for rid in ids[full:]},
     }
     kept = sum(len(o.features) for o in checkpoint.outcomes.values())
-    assert kept == MAX_FEATURE_ROWS_PER_ATTEMPT
+    assert kept == MAX_FEATURE_ROWS_PER_BATCH
     assert checkpoint.anomalies == {"refused_output": 1}
+
+
+def test_the_batch_cap_counts_the_rows_of_earlier_attempts(harness: Harness) -> None:
+    """A first attempt brings the batch to its cap and runs out of memory; the record the
+    second attempt passes would take the batch over: refused, though that attempt is small."""
+    full = MAX_FEATURE_ROWS_PER_BATCH // MAX_FEATURE_ROWS_PER_RECORD
+    ids = [f"r{n:02d}" for n in range(full + 1)]
+    spec = harness.spec(
+        FLOOD,
+        base_mb=128,
+        cap_mb=256,
+        rows=dict.fromkeys(ids, MAX_FEATURE_ROWS_PER_RECORD),
+        stop_at={"128": ids[-1]},
+        exit={"128": EXIT_MEMORY_ERROR},
+    )
+
+    checkpoint = harness.run(spec, [record(rid, n + 1) for n, rid in enumerate(ids)])
+
+    assert [(a.memory_limit_mb, a.records_done) for a in checkpoint.attempts] == [
+        (128, full),
+        (256, 0),
+    ]
+    assert checkpoint.outcomes[ids[-1]].reason == (
+        f"output refused: the hook wrote {MAX_FEATURE_ROWS_PER_BATCH + MAX_FEATURE_ROWS_PER_RECORD}"
+        f" feature rows for this batch, over the cap of {MAX_FEATURE_ROWS_PER_BATCH} per batch"
+    )
+    assert all(checkpoint.outcomes[rid].status is PASSED for rid in ids[:-1])
 
 
 @pytest.mark.slow
