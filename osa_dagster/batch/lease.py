@@ -263,6 +263,7 @@ class BatchLeases:
 
     def _heartbeat(self, lease: Lease, stop: threading.Event) -> None:
         holding = lease.holding
+        renewed_at = time.monotonic()
         while not stop.wait(self.heartbeat_s):
             try:
                 with self.db.session() as session, session.begin():
@@ -272,14 +273,23 @@ class BatchLeases:
                         .values(heartbeat_at=_now(session))
                         .execution_options(synchronize_session=False)
                     )
-            except Exception:
+            except Exception as error:
+                # Expected now and then (a database busy with another writer, or unreachable
+                # for a while): one line, and the next heartbeat tries again; the lease is
+                # only at risk after `timeout_s` without one, which the line says.
                 log.warning(
-                    "batch %s: could not renew its lease; trying again in %g s",
+                    "batch %s of convention %s: could not renew its lease (%s); last renewed "
+                    "%.0f s ago, presumed dead after %g s; trying again in %g s",
                     holding.batch,
+                    holding.convention,
+                    _first_line(error),
+                    time.monotonic() - renewed_at,
+                    self.timeout_s,
                     self.heartbeat_s,
-                    exc_info=True,
                 )
+                log.debug("the lease renewal's error", exc_info=True)
                 continue
+            renewed_at = time.monotonic()
             if renewed.rowcount != 1:
                 log.error(
                     "batch %s of convention %s: another process took this lease over",
@@ -296,6 +306,12 @@ class BatchLeases:
                 .where(*_mine(holding))
                 .execution_options(synchronize_session=False)
             )
+
+
+def _first_line(error: Exception) -> str:
+    """An error in one line: SQLAlchemy's carry the statement and a link on the next ones."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _mine(holding: LeaseHolding) -> tuple[ColumnElement[bool], ...]:

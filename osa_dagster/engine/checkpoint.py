@@ -28,7 +28,8 @@ class Anomaly(StrEnum):
     ALREADY_SETTLED = "already_settled"  # an outcome for a record settled by an earlier attempt
     NO_OUTCOME = "no_outcome"
     NON_FINITE_NUMBERS = "non_finite_numbers"  # NaN or an infinity in features: errored
-    REFUSED_OUTPUT = "refused_output"  # not a regular file, or over the size cap
+    REFUSED_OUTPUT = "refused_output"  # not a regular file, or over a cap of the attempt
+    OVER_CAP = "over_cap"  # a line or its feature rows over the per-record cap: errored
 
 
 class RecordOutcome(BaseModel):

@@ -494,8 +494,12 @@ class _HookRun:
         return exit_
 
     def _reader(self, out_dir: Path, offsets: dict[str, int]) -> OutputReader:
+        held = [o.features for o in self.checkpoint.outcomes.values() if o.features]
         return OutputReader(
-            out_dir, offsets, max_output_bytes=int(self.spec.max_output_mb * BYTES_PER_MB)
+            out_dir,
+            offsets,
+            max_output_bytes=int(self.spec.max_output_mb * BYTES_PER_MB),
+            held_features=(sum(map(len, held)), sum(len(json.dumps(rows)) for rows in held)),
         )
 
     def _harvest(self, reader: OutputReader, flight: InFlightAttempt) -> int:

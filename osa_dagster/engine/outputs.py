@@ -6,6 +6,13 @@ itself is the hook's to shape, so only regular files are opened, never through a
 never in a way that blocks: a FIFO, a symlink (to a sibling's checkpoint, to /etc/shadow), a
 device or a folder in place of an outcome file refuses the output, and so does output past
 the hook's size cap. The engine then stops the attempt and errors the records left.
+
+What is taken is bounded too (the caps of osa_sdk.contract): a line over
+MAX_OUTCOME_LINE_BYTES streams past unread, a features line of more than
+MAX_FEATURE_ROWS_PER_RECORD rows errors its record, and feature rows or bytes past the
+per-batch caps (counting what the checkpoint holds already) refuse the output. So the
+orchestrator's memory, its checkpoint and the records database's write of a batch's features
+stay bounded whatever a hook emits.
 """
 
 from __future__ import annotations
@@ -18,7 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from osa_sdk.contract import BYTES_PER_MB, FEATURES_FILE, OUTPUT_FILES, REJECTIONS_FILE, bytes_to_mb
+from osa_sdk.contract import (
+    BYTES_PER_MB,
+    FEATURES_FILE,
+    MAX_FEATURE_BYTES_PER_BATCH,
+    MAX_FEATURE_ROWS_PER_BATCH,
+    MAX_FEATURE_ROWS_PER_RECORD,
+    MAX_OUTCOME_LINE_BYTES,
+    OUTPUT_FILES,
+    REJECTIONS_FILE,
+    bytes_to_mb,
+)
 from osa_sdk.types import ErrorLine, FeaturesLine, OutcomeStatus, RejectionLine
 from pydantic import ValidationError
 
@@ -28,14 +45,11 @@ from osa_dagster.regular_files import TooManyEntries, open_folder, open_regular,
 CONFLICT_PREFIX = "conflicting outcomes: "
 
 
-# An outcome line longer than this is not read: its record is errored instead. Far above the
-# features of any real record, far below what would strain the orchestrator.
-MAX_LINE_BYTES = 64 * BYTES_PER_MB
 # An output folder needs three files: past this many entries it is not read at all.
 MAX_OUTPUT_ENTRIES = 10_000
 # How much of an output file is read at once: the orchestrator holds at most this plus one
 # line, whatever the hook writes and however fast.
-READ_CHUNK_BYTES = 8 * BYTES_PER_MB
+READ_CHUNK_BYTES = BYTES_PER_MB
 # How much of an over-long line is kept to find the record id it starts with.
 _HEAD_BYTES = 64 * 1024
 _LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*("(?:[^"\\]|\\.)*")')
@@ -77,8 +91,9 @@ class OutputReader:
         self,
         out_dir: Path,
         offsets: dict[str, int],
-        max_line_bytes: int = MAX_LINE_BYTES,
+        max_line_bytes: int = MAX_OUTCOME_LINE_BYTES,
         max_output_bytes: int | None = None,
+        held_features: tuple[int, int] = (0, 0),
     ) -> None:
         self.out_dir = out_dir
         # Shared with the checkpoint's in-flight attempt, so that saving the checkpoint also
@@ -87,6 +102,9 @@ class OutputReader:
         self.max_line_bytes = max_line_bytes
         self.max_output_bytes = max_output_bytes
         self.refused: str | None = None
+        # The feature rows and bytes of the batch so far (`held_features`: what its checkpoint
+        # held before this reader), against the per-batch caps.
+        self.feature_rows, self.feature_bytes = held_features
         self._partial: dict[str, bytes] = {}  # read after the offset, no newline yet
         self._skipping: dict[str, tuple[int, bytes]] = {}  # over-long line: scanned to, head
 
@@ -202,9 +220,29 @@ def harvest(
         record_id, fields, anomaly = parsed
         if anomaly is not None:
             checkpoint.note(anomaly)
+        rows = len(fields.get("features", ()))
+        if rows and not _within_batch_caps(reader, rows, len(raw)):
+            break  # refused: nothing this attempt writes from here on counts
         outcome = RecordOutcome(**fields, attempt=attempt, memory_limit_mb=memory_limit_mb)
         _merge(checkpoint, batch_ids, record_id, outcome)
     return consumed
+
+
+def _within_batch_caps(reader: OutputReader, rows: int, line_bytes: int) -> bool:
+    """Count a features line against the batch's caps; past one, refuse the output."""
+    reader.feature_rows += rows
+    reader.feature_bytes += line_bytes
+    if reader.feature_rows > MAX_FEATURE_ROWS_PER_BATCH:
+        reader.refused = (
+            f"the hook wrote {reader.feature_rows} feature rows for this batch, over the cap "
+            f"of {MAX_FEATURE_ROWS_PER_BATCH} per batch"
+        )
+    elif reader.feature_bytes > MAX_FEATURE_BYTES_PER_BATCH:
+        reader.refused = (
+            f"the hook wrote {bytes_to_mb(reader.feature_bytes):.1f} MB of features for this "
+            f"batch, over the cap of {bytes_to_mb(MAX_FEATURE_BYTES_PER_BATCH):.1f} MB per batch"
+        )
+    return reader.refused is None
 
 
 # One output line as the record id, the outcome's fields, and the anomaly it counts as.
@@ -218,9 +256,14 @@ def _oversized(file_name: str, line: OversizedLine, limit: int) -> _Parsed | Non
         return None
     reason = (
         f"the hook wrote a {file_name} line of {bytes_to_mb(line.size):.1f} MB for this record, "
-        f"over the limit of {bytes_to_mb(limit):.1f} MB"
+        f"over the cap of {bytes_to_mb(limit):.1f} MB per line"
     )
-    return record_id, {"status": OutcomeStatus.ERRORED, "reason": reason, "retryable": False}, None
+    return record_id, _errored_over_cap(reason), Anomaly.OVER_CAP
+
+
+def _errored_over_cap(reason: str) -> dict[str, Any]:
+    # The hook misbehaved, not the record: errored, and running it again would do the same.
+    return {"status": OutcomeStatus.ERRORED, "reason": reason, "retryable": False}
 
 
 def _parse(file_name: str, raw: bytes) -> _Parsed | None:
@@ -229,6 +272,12 @@ def _parse(file_name: str, raw: bytes) -> _Parsed | None:
     try:
         if file_name == FEATURES_FILE:
             passed = FeaturesLine.model_validate_json(raw)
+            if (rows := len(passed.features)) > MAX_FEATURE_ROWS_PER_RECORD:
+                reason = (
+                    f"the hook wrote {rows} feature rows for this record, over the cap of "
+                    f"{MAX_FEATURE_ROWS_PER_RECORD} per record"
+                )
+                return passed.id, _errored_over_cap(reason), Anomaly.OVER_CAP
             if (non_finite := passed.non_finite()) is not None:
                 reason = f"the hook wrote {non_finite}, which JSON cannot hold"
                 errored = {"status": OutcomeStatus.ERRORED, "reason": reason}

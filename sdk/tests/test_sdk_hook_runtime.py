@@ -18,6 +18,8 @@ from osa_sdk.contract import (
     ENV_OUT,
     ERRORS_FILE,
     FEATURES_FILE,
+    MAX_FEATURE_ROWS_PER_RECORD,
+    MAX_OUTCOME_LINE_BYTES,
     REJECTIONS_FILE,
 )
 from osa_sdk.types import HookRecord
@@ -331,6 +333,32 @@ def test_nan_and_infinities_error_their_record_instead_of_becoming_null(batch: B
             "retryable": False,
         },
     ]
+
+
+def test_features_over_the_engines_caps_error_their_record_with_the_cap(batch: Batch) -> None:
+    """Said by the SDK, before writing, rather than refused by the engine after."""
+    batch.write_records([{"id": "rows"}, {"id": "bytes"}, {"id": "fine"}])
+    rows = {
+        "rows": [{}] * (MAX_FEATURE_ROWS_PER_RECORD + 1),
+        "bytes": [{"blob": "x" * MAX_OUTCOME_LINE_BYTES}],
+        "fine": [{}] * MAX_FEATURE_ROWS_PER_RECORD,
+    }
+
+    def emit(record: HookRecord) -> list[dict]:
+        return rows[record.id]
+
+    summary = run_hook(emit, batch.in_dir, batch.out_dir, batch.files_root, "emit")
+
+    assert (summary.passed, summary.errored) == (1, 2)
+    [fine] = batch.outcomes()[FEATURES_FILE]
+    assert (fine["id"], len(fine["features"])) == ("fine", MAX_FEATURE_ROWS_PER_RECORD)
+    errors = {line["id"]: line["error"] for line in batch.outcomes()[ERRORS_FILE]}
+    assert errors == {
+        "rows": f"ValueError: {MAX_FEATURE_ROWS_PER_RECORD + 1} feature rows: the engine takes "
+        f"at most {MAX_FEATURE_ROWS_PER_RECORD} per record; write larger results to a file",
+        "bytes": "ValueError: features of 4.0 MB as JSON: the engine takes at most 4.0 MB per "
+        "record; write larger results to a file",
+    }
 
 
 def test_reasons_name_a_records_files_without_the_folder_they_were_found_in(

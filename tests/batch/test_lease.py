@@ -5,7 +5,9 @@ exactly one winner when several processes take a dead lease at once."""
 from __future__ import annotations
 
 import json
+import logging
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,12 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import event, text, update
 
 from osa_dagster.batch.lease import BatchHeld, BatchLeases, LeaseLost
 from osa_dagster.liveness import ProcessIdentity
 from osa_dagster.records import RecordsDatabase
 from osa_dagster.records.models import BatchLease
+from tests.engine.helpers import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 ELSEWHERE = ProcessIdentity(
@@ -219,3 +222,58 @@ def test_of_many_takers_of_a_dead_lease_exactly_one_wins(db: RecordsDatabase):
         taker.communicate("done\n", timeout=60)
     assert sorted(r["took"] for r in results) == [False, False, False, True]
     assert all("held by" in r["why"] for r in results if not r["took"])
+
+
+class _Renewals(logging.Handler):
+    """The lease's log records, and an event for each kind a test waits on."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.failed = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        if record.levelno == logging.WARNING and "could not renew" in record.getMessage():
+            self.failed.set()
+
+
+def test_a_renewal_the_locked_database_refuses_is_one_line_and_tried_again(tmp_path: Path):
+    """What a flood of feature rows did to the probe's run: another writer holds SQLite's
+    lock past the busy timeout. The renewal says so in one line, without a traceback, and the
+    next heartbeat renews the lease once the lock is free."""
+    db = RecordsDatabase(f"sqlite:///{tmp_path / 'records.db'}")
+    # The lock is held past the busy timeout at once, rather than after its 30 s.
+    event.listen(
+        db.engine, "connect", lambda connection, _: connection.execute("PRAGMA busy_timeout=50")
+    )
+    db.engine.dispose()
+    renewals = _Renewals()
+    lease_log = logging.getLogger("osa_dagster.batch.lease")
+    lease_log.addHandler(renewals)
+    lease_log.setLevel(logging.DEBUG)
+    try:
+        leases = _leases(db, heartbeat_s=0.05, timeout_s=60)
+        with leases.hold("conv", "b1", step="s", wait_s=0) as lease:
+            writer = sqlite3.connect(tmp_path / "records.db", isolation_level=None)
+            writer.execute("BEGIN IMMEDIATE")  # the other writer's long transaction
+            assert renewals.failed.wait(30)
+            writer.execute("ROLLBACK")
+            writer.close()
+            before = leases.current("conv", "b1").heartbeat_at
+            assert eventually(lambda: leases.current("conv", "b1").heartbeat_at > before, 30)
+        assert not lease.lost.is_set()
+    finally:
+        lease_log.removeHandler(renewals)
+        db.engine.dispose()
+    [failure, *_] = [r for r in renewals.records if r.levelno == logging.WARNING]
+    message = failure.getMessage()
+    assert failure.exc_info is None
+    assert "\n" not in message
+    assert message.startswith(
+        "batch b1 of convention conv: could not renew its lease "
+        "((sqlite3.OperationalError) database is locked); last renewed "
+    )
+    assert message.endswith("presumed dead after 60 s; trying again in 0.05 s")
+    # The traceback is there for --debug.
+    assert any(r.levelno == logging.DEBUG and r.exc_info for r in renewals.records)

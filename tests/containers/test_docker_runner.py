@@ -3,6 +3,8 @@ OOMs, ids that are not folder names, and containers that never outlive their att
 
 from __future__ import annotations
 
+import re
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -13,6 +15,7 @@ from osa_sdk.contract import files_dir_for
 from osa_sdk.types import OutcomeStatus
 
 from osa_dagster.engine import HookSpec, MemoryPolicy
+from osa_dagster.engine.runners.base import HOOK_LOG_MAX_BYTES, dropped_marker
 from osa_dagster.engine.runners.docker import (
     ORCHESTRATOR_LABEL,
     RUNNER_LABEL,
@@ -20,10 +23,12 @@ from osa_dagster.engine.runners.docker import (
 )
 from osa_dagster.engine.spec import sdk_hook_command
 from tests.engine.helpers import Harness, eventually, record
+from tests.fixtures import flooding_hooks
 
 pytestmark = pytest.mark.slow
 
 PROBE = sdk_hook_command("sandbox_probe:probe")
+FLOODING_IMAGE = "osa-test-flooding:latest"
 
 
 def probe_spec(image: str, *, base_mb: int = 128, cap_mb: int = 512) -> HookSpec:
@@ -180,3 +185,45 @@ def test_containers_of_dead_orchestrators_are_swept(docker_client, probe_image):
             second_orphan.reload()
     finally:
         alive_elsewhere.remove(force=True)
+
+
+@pytest.fixture
+def flooding_image(docker_client: docker.DockerClient, pdb_hook_image: str, tmp_path: Path) -> str:
+    """The pdb hook image plus tests/fixtures/flooding_hooks.py."""
+    shutil.copy(flooding_hooks.__file__, tmp_path / "flooding_hooks.py")
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM {pdb_hook_image}\nCOPY flooding_hooks.py /opt/osa/flooding_hooks.py\n"
+    )
+    docker_client.images.build(path=str(tmp_path), tag=FLOODING_IMAGE, rm=True)
+    return FLOODING_IMAGE
+
+
+def test_a_flood_of_stderr_is_kept_to_the_log_cap_with_its_traceback(
+    docker_harness, flooding_image
+):
+    """100 times the log cap on stderr, then a crash: the log is the cap and a marker, and the
+    records left get the traceback at the end of the flood."""
+    flood_mb = 100 * HOOK_LOG_MAX_BYTES // (1024 * 1024)
+    spec = HookSpec(
+        name="flood",
+        command=("python3", "/opt/osa/flooding_hooks.py"),
+        image=flooding_image,
+        memory=MemoryPolicy(base_mb=128, cap_mb=128),
+        timeout_s=300,
+        config={"stop_at": "crash", "stderr_mb": flood_mb, "exit": 1},
+    )
+
+    checkpoint = docker_harness.run(spec, [record("ok", 1), record("crash", 2)])
+
+    assert checkpoint.outcomes["ok"].status is OutcomeStatus.PASSED
+    crashed = checkpoint.outcomes["crash"]
+    assert crashed.status is OutcomeStatus.ERRORED
+    assert crashed.reason.startswith("hook exited with code 1: ")
+    assert crashed.reason.endswith(flooding_hooks.TAIL_ERROR)
+    assert not checkpoint.attempts[0].timed_out
+    log = (docker_harness.workdir / "attempt-1" / "hook.log").read_bytes()
+    assert len(log) <= HOOK_LOG_MAX_BYTES + len(dropped_marker(10**12))
+    assert log.startswith(flooding_hooks.HEAD_LINE.encode())
+    assert log.endswith(f"{flooding_hooks.TAIL_ERROR}\n".encode())
+    [dropped] = re.findall(rb"\[\.\.\. ([0-9.]+) MB of the hook's output dropped here", log)
+    assert float(dropped) >= flood_mb - 1

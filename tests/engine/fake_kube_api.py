@@ -596,7 +596,7 @@ class FakeKubeApi:
                 case ["api", "v1", "namespaces", namespace, "pods", pod_name, "log"] if (
                     method == "GET"
                 ):
-                    return self._log(namespace, pod_name, query.get("container", [""])[0])
+                    return self._log(namespace, pod_name, query)
             return 404, {
                 "kind": "Status",
                 "apiVersion": "v1",
@@ -650,7 +650,8 @@ class FakeKubeApi:
             )
         ]
 
-    def _log(self, namespace: str, pod_name: str, container: str) -> tuple[int, Any]:
+    def _log(self, namespace: str, pod_name: str, query: dict[str, list[str]]) -> tuple[int, Any]:
+        container = query.get("container", [""])[0]
         for (ns, _), attempt in self._attempts.items():
             if ns == namespace and attempt.pod_name == pod_name and self._pod(attempt) is not None:
                 known = {
@@ -668,8 +669,20 @@ class FakeKubeApi:
                         "reason": "BadRequest",
                         "code": 400,
                     }
-                return 200, attempt.lifecycle.logs.get(container, "")
+                return 200, _log_as_read(attempt.lifecycle.logs.get(container, ""), query)
         return _not_found("pods", pod_name, "", "pods")
+
+
+def _log_as_read(text: str, query: dict[str, list[str]]) -> str | bytes:
+    """What the API server sends of a log: its last `tailLines` lines, then at most
+    `limitBytes` of them from their start (cut mid-line, as the kubelet cuts)."""
+    data = text.encode()
+    if "tailLines" in query:
+        lines = data.splitlines(keepends=True)
+        data = b"".join(lines[max(0, len(lines) - int(query["tailLines"][0])) :])
+    if "limitBytes" in query:
+        data = data[: int(query["limitBytes"][0])]
+    return data
 
 
 def _not_found(resource: str, name: str, group: str, kind: str) -> tuple[int, Document]:
@@ -708,8 +721,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(raw) if raw else None
         parts = urlsplit(self.path)
         status, answer = fake.handle(self.command, parts.path, parse_qs(parts.query), body)
-        if isinstance(answer, str):
-            payload, kind = answer.encode(), "text/plain"
+        if isinstance(answer, bytes | str):
+            payload = answer if isinstance(answer, bytes) else answer.encode()
+            kind = "text/plain"
         else:
             payload, kind = json.dumps(answer).encode(), "application/json"
         self.send_response(status)

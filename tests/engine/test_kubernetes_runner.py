@@ -46,7 +46,12 @@ from osa_dagster.engine import (
     MemoryPolicy,
     advance_hook,
 )
-from osa_dagster.engine.runners.base import image_command
+from osa_dagster.engine.runners.base import (
+    HOOK_LOG_MAX_BYTES,
+    HOOK_LOG_TAIL_BYTES,
+    dropped_marker,
+    image_command,
+)
 from osa_dagster.engine.runners.kubernetes import (
     DEADLINE_EXCEEDED,
     EVICTED,
@@ -59,6 +64,7 @@ from osa_dagster.engine.runners.kubernetes import (
     attempt_name,
     classify,
 )
+from osa_dagster.engine.runners.kubernetes.runner import HOOK_LOG_TAIL_LINES
 from osa_dagster.storage.staging import StoreStaging
 from osa_dagster.storage.store import FileSystemStore
 from tests.storage.servers import S3Endpoint, moto_endpoint
@@ -442,6 +448,53 @@ def test_hook_error_exit_reports_its_code_and_log(
     exit_ = wait_for_exit(make_runner(fake, staging), invocation(tmp_path / "a", RECORDS[:1]))
     assert (exit_.returncode, exit_.oom_killed, exit_.failure) == (3, False, None)
     assert "ValueError: broken hook" in exit_.stderr_tail
+
+
+def test_a_flood_of_log_is_kept_to_the_cap_with_its_traceback(
+    fake: FakeKubeApi, staging: StoreStaging, tmp_path: Path
+) -> None:
+    """A log 20 times the cap: read with limitBytes, its start and its last lines kept."""
+    player = PodPlayer(tmp_path / "pod")
+    lifecycle = fake_api.exited(1, player.play())
+    noise = b"noise: nothing worth keeping\n" * (20 * HOOK_LOG_MAX_BYTES // 29)
+    end = "Traceback (most recent call last):\nValueError: the end of a flood\n"
+    lifecycle.logs[fake_api.HOOK] = "starting\n" + noise.decode() + end
+    fake.queue(lifecycle)
+    inv = invocation(tmp_path / "a", RECORDS[:1])
+
+    exit_ = wait_for_exit(make_runner(fake, staging), inv)
+
+    assert exit_.returncode == 1
+    assert exit_.stderr_tail.endswith(end)
+    log = inv.log_path.read_bytes()
+    marker = dropped_marker(None, tail=f"last {HOOK_LOG_TAIL_LINES} lines")
+    assert len(log) <= HOOK_LOG_MAX_BYTES + len(marker)
+    assert log.startswith(b"starting\nnoise")
+    assert marker in log
+    assert log.endswith(end.encode())
+    reads = [
+        (r.query.get("limitBytes"), r.query.get("tailLines")) for r in fake.calls("GET", "/log")
+    ]
+    assert reads == [
+        ([str(HOOK_LOG_MAX_BYTES + 1)], None),
+        ([str(HOOK_LOG_TAIL_BYTES)], [str(HOOK_LOG_TAIL_LINES)]),
+    ]
+
+
+def test_a_log_within_the_cap_is_read_once_and_kept_whole(
+    fake: FakeKubeApi, staging: StoreStaging, tmp_path: Path
+) -> None:
+    player = PodPlayer(tmp_path / "pod")
+    lifecycle = fake_api.exited(1, player.play())
+    text = "x" * (HOOK_LOG_MAX_BYTES - 1) + "\n"
+    lifecycle.logs[fake_api.HOOK] = text
+    fake.queue(lifecycle)
+    inv = invocation(tmp_path / "a", RECORDS[:1])
+
+    wait_for_exit(make_runner(fake, staging), inv)
+
+    assert inv.log_path.read_text() == text
+    assert len(fake.calls("GET", "/log")) == 1
 
 
 @pytest.mark.parametrize(

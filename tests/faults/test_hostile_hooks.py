@@ -117,7 +117,8 @@ def run_driver(root: Path, runner: str, listener: Listener, marker: str, image: 
     }
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        # This checkout's SDK, whatever osa_sdk the environment has installed.
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "sdk" / "src")]),
         "AWS_SECRET_ACCESS_KEY": token,
         "OSA_DATABASE_URL": f"postgresql://osa:{token}@db.invalid/osa",
         "OSA_HOOK_SANDBOX": "off" if runner == "unsandboxed" else "on",

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import sys
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from osa_sdk.contract import EXIT_MEMORY_ERROR
+from osa_sdk.contract import EXIT_MEMORY_ERROR, bytes_to_mb
 from pydantic import BaseModel, ConfigDict
 
 # How an attempt's memory limit was enforced: a cgroup of our own, RLIMIT_AS (approximate),
@@ -30,6 +32,13 @@ ISOLATED_OUT = "/osa/out"
 ISOLATED_FILES = "/osa/files"
 
 TAIL_BYTES = 4096
+# What is kept of a hook's stdout and stderr (its hook.log), whatever it prints: the start,
+# which says what the hook set out to do, and a larger end, which holds the traceback. The
+# middle of a longer log is dropped, and a line in its place says how much.
+HOOK_LOG_HEAD_BYTES = 256 * 1024
+HOOK_LOG_TAIL_BYTES = 768 * 1024
+HOOK_LOG_MAX_BYTES = HOOK_LOG_HEAD_BYTES + HOOK_LOG_TAIL_BYTES
+_PIPE_READ_BYTES = 64 * 1024
 # Container runtimes report a process killed by signal N as exit code 128 + N.
 _SIGNAL_EXIT_BASE = 128
 
@@ -116,6 +125,117 @@ def readable_by_hooks(*folders: Path) -> None:
             mode = folder.stat().st_mode
             if mode & 0o005 != 0o005:
                 folder.chmod(mode | 0o055)
+
+
+def dropped_marker(
+    dropped: int | None, tail: str = f"last {HOOK_LOG_TAIL_BYTES // 1024} KiB"
+) -> bytes:
+    """The line that stands for the middle of a hook log, `dropped` bytes (None: unknown)."""
+    how_much = "" if dropped is None else f" {bytes_to_mb(dropped):.1f} MB of"
+    return (
+        f"\n[...{how_much} the hook's output dropped here: a hook log keeps its first "
+        f"{HOOK_LOG_HEAD_BYTES // 1024} KiB and its {tail} ...]\n"
+    ).encode()
+
+
+class HookLog:
+    """A hook's log file kept to HOOK_LOG_MAX_BYTES and a marker, however much is written:
+    the head goes to the file as it comes (so the file shows progress while the hook runs),
+    the tail is held in memory and written, after the marker, when the log is closed."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("wb")
+        self._head_left = HOOK_LOG_HEAD_BYTES
+        self._tail = bytearray()
+        self._dropped = 0
+
+    def write(self, data: bytes) -> None:
+        if self._head_left:
+            head = data[: self._head_left]
+            self._file.write(head)
+            self._file.flush()
+            self._head_left -= len(head)
+            data = data[len(head) :]
+        self._tail += data
+        # Trimmed in bulk rather than at every write: at most twice the tail is ever held.
+        if len(self._tail) > 2 * HOOK_LOG_TAIL_BYTES:
+            excess = len(self._tail) - HOOK_LOG_TAIL_BYTES
+            del self._tail[:excess]
+            self._dropped += excess
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        excess = max(0, len(self._tail) - HOOK_LOG_TAIL_BYTES)
+        self._dropped += excess
+        if self._dropped:
+            self._file.write(dropped_marker(self._dropped))
+        self._file.write(self._tail[excess:])
+        self._file.close()
+
+    def __enter__(self) -> HookLog:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class PipeToHookLog:
+    """Drains the read end of a hook's stdout+stderr pipe into a HookLog, from a thread.
+
+    A pipe nobody reads blocks its writer, so the thread reads as fast as the hook writes,
+    however much: the hook is never slowed beyond a copy, and what the cap drops is only
+    counted. `finish` is called once the hook has exited: what it left in the pipe is taken,
+    without waiting for an end of file that a leftover child holding the pipe could deny.
+    """
+
+    def __init__(self, read_fd: int, path: Path) -> None:
+        self._fd = read_fd
+        self._log = HookLog(path)
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._drain, name=f"hook-log-{path}", daemon=True)
+        self._thread.start()
+
+    def finish(self) -> None:
+        if self._wake_w == -1:
+            return
+        os.write(self._wake_w, b"x")
+        self._thread.join()
+        # Closed here, not by the thread: a write to a descriptor closed, and reused, meanwhile
+        # would land in someone else's file.
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._wake_r = self._wake_w = -1
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                readable, _, _ = select.select([self._fd, self._wake_r], [], [])
+                if self._fd not in readable:
+                    self._take_what_is_left()
+                    return
+                data = os.read(self._fd, _PIPE_READ_BYTES)
+                if not data:
+                    return
+                self._log.write(data)
+        finally:
+            self._log.close()
+            os.close(self._fd)
+
+    def _take_what_is_left(self) -> None:
+        """What the pipe holds now, at most its capacity: a writer that survived the hook
+        could otherwise keep this going for ever."""
+        os.set_blocking(self._fd, False)
+        left = HOOK_LOG_MAX_BYTES
+        while left > 0:
+            try:
+                data = os.read(self._fd, min(_PIPE_READ_BYTES, left))
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            self._log.write(data)
+            left -= len(data)
 
 
 def read_tail(path: Path, limit: int = TAIL_BYTES) -> str:

@@ -6,6 +6,10 @@ and nothing else. No network, a read-only root filesystem, an unprivileged user,
 capabilities, no privilege escalation, a pids limit, and memory+swap both set to the
 attempt's limit so that a hook over its limit is OOM-killed instead of swapping.
 
+The hook's stdout and stderr are read as they come, from a socket attached before the
+container starts, into its capped log (base.HookLog): read after the exit, a flood of output
+would first have to be held whole by Docker. Docker's own copy is capped as well.
+
 An OOM is what Docker records in `State.OOMKilled`. An exit code of 137 alone means
 "killed by SIGKILL", which `docker kill`, a timeout or an operator may also cause: it
 never adds memory.
@@ -18,6 +22,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,14 +32,18 @@ import docker
 import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
+from docker.types import LogConfig
+from docker.utils.socket import frames_iter
 from osa_sdk.contract import BYTES_PER_MB, ENV_FILES, ENV_IN, ENV_OUT
 
 from osa_dagster.engine.runners.base import (
+    HOOK_LOG_MAX_BYTES,
     ISOLATED_FILES,
     ISOLATED_IN,
     ISOLATED_OUT,
     AttemptExit,
     AttemptMarker,
+    HookLog,
     Invocation,
     image_command,
     process_start_ticks,
@@ -55,6 +64,15 @@ HOOK_LABEL = "org.osa.hook"
 # nobody:nogroup: the hook owns nothing it does not need to.
 DEFAULT_USER = "65534:65534"
 _POLL_S = 0.5
+# Docker's own copy of a hook's output, which `docker logs` shows while the container lives:
+# rotated, so that a flood cannot fill the Docker host's disk before the attempt ends.
+_DOCKER_LOG = LogConfig(
+    type=LogConfig.types.JSON,
+    config={"max-size": str(HOOK_LOG_MAX_BYTES), "max-file": "2"},
+)
+# How long the attached output may go on after the container has stopped: Docker closes it
+# once the last of the output is copied, which takes moments.
+_LOG_END_S = 30.0
 
 
 def orchestrator_id() -> str:
@@ -127,13 +145,18 @@ class DockerRunner:
                 ORCHESTRATOR_LABEL: self._orchestrator,
                 HOOK_LABEL: inv.env.get("OSA_HOOK_NAME", ""),
             },
+            log_config=_DOCKER_LOG,
         )
+        hook_log: AttachedHookLog | None = None
         try:
+            hook_log = AttachedHookLog(self.client, container, inv.log_path)
             container.start()
         except BaseException:
             _remove(container)
+            if hook_log is not None:
+                hook_log.finish()
             raise
-        return DockerAttempt(self.client, container, inv)
+        return DockerAttempt(self.client, container, inv, hook_log)
 
     def kill_leftovers(self, marker: AttemptMarker) -> None:
         if marker.runner != "docker" or marker.container is None:
@@ -159,11 +182,54 @@ class DockerRunner:
         return removed
 
 
+class AttachedHookLog:
+    """A container's stdout and stderr, read from an attached socket by a thread into the
+    attempt's capped log as fast as the hook writes them."""
+
+    def __init__(self, client: docker.DockerClient, container: Container, path: Path) -> None:
+        # Attached before the container starts, so that nothing it prints is missed.
+        self._socket = client.api.attach_socket(
+            container.id, params={"stdout": 1, "stderr": 1, "stream": 1}
+        )
+        self._log = HookLog(path)
+        self._thread = threading.Thread(
+            target=self._drain, name=f"hook-log-{container.name}", daemon=True
+        )
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            for _, data in frames_iter(self._socket, tty=False):
+                self._log.write(data)
+        except OSError:
+            pass  # the socket was shut down by finish(): what was read is kept
+        finally:
+            self._log.close()
+
+    def finish(self) -> None:
+        """Wait for the end of the output (the container has stopped), then close."""
+        self._thread.join(_LOG_END_S)
+        if self._thread.is_alive():
+            log.warning("the output of a hook container did not end; its log stops here")
+            with contextlib.suppress(OSError):
+                # The socket docker-py hands out wraps the connection's own socket.
+                getattr(self._socket, "_sock", self._socket).shutdown(socket.SHUT_RDWR)
+            self._thread.join()
+        self._socket.close()
+
+
 class DockerAttempt:
-    def __init__(self, client: docker.DockerClient, container: Container, inv: Invocation) -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        container: Container,
+        inv: Invocation,
+        hook_log: AttachedHookLog,
+    ) -> None:
         self._client = client
         self._container = container
         self._inv = inv
+        self._hook_log = hook_log
         self._deadline = time.monotonic() + inv.timeout_s
         self._timed_out = False
         self._peak_mb: float | None = None
@@ -215,7 +281,7 @@ class DockerAttempt:
         oom_killed = bool(state.get("OOMKilled"))
         code = int(state.get("ExitCode", -1))
         try:
-            self._inv.log_path.write_bytes(self._container.logs(stdout=True, stderr=True))
+            self._hook_log.finish()
         finally:
             _remove(self._container)
         self._exit = AttemptExit(

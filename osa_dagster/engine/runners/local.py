@@ -37,6 +37,7 @@ from osa_dagster.engine.runners.base import (
     AttemptMarker,
     Invocation,
     LimitMode,
+    PipeToHookLog,
     boot_id,
     process_start_ticks,
     read_tail,
@@ -169,23 +170,15 @@ class LocalRunner:
                 max_processes=max_processes,
                 orchestrator=os.getpid(),
             )
-            with inv.log_path.open("wb") as log_file:
-                process = subprocess.Popen(
-                    command,
-                    env=env,
-                    cwd=inv.log_path.parent,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=setup,
-                )
+            process, hook_log = _start_logged(command, env, inv.log_path, setup)
         except BaseException:
             for group in (cgroup, pids):
                 if group is not None:
                     group.remove()
             raise
-        return LocalAttempt(process, inv, cgroup, pids, self.limit_mode, self.sandbox is not None)
+        return LocalAttempt(
+            process, hook_log, inv, cgroup, pids, self.limit_mode, self.sandbox is not None
+        )
 
     def kill_leftovers(self, marker: AttemptMarker) -> None:
         kill_leftovers(marker)
@@ -195,6 +188,7 @@ class LocalAttempt:
     def __init__(
         self,
         process: subprocess.Popen[bytes],
+        hook_log: PipeToHookLog,
         inv: Invocation,
         cgroup: MemoryCgroup | None,
         pids: PidsCgroup | None,
@@ -202,6 +196,7 @@ class LocalAttempt:
         sandboxed: bool,
     ) -> None:
         self._process = process
+        self._hook_log = hook_log
         self._inv = inv
         self._cgroup = cgroup
         self._pids = pids
@@ -269,6 +264,7 @@ class LocalAttempt:
             # bubblewrap reports a hook killed by signal N as exit code 128 + N.
             returncode = returncode_from_exit_code(returncode)
         self._process.returncode = returncode  # we reaped it: keep Popen from waiting again
+        self._hook_log.finish()
         if self._pidfd is not None:
             os.close(self._pidfd)
         # Without a cgroup there is no peak to report: the child's ru_maxrss starts from the
@@ -306,6 +302,31 @@ def kill_leftovers(marker: AttemptMarker) -> None:
             Cgroup(path).remove()
         else:
             log.warning("not touching %s: not a cgroup this runner creates", path)
+
+
+def _start_logged(
+    command: Sequence[str], env: dict[str, str], log_path: Path, setup: Callable[[], None]
+) -> tuple[subprocess.Popen[bytes], PipeToHookLog]:
+    """Start the hook with its stdout and stderr on a pipe drained into its capped log: a file
+    would take whatever the hook prints, and RLIMIT_FSIZE would cap its outputs too."""
+    read_end, write_end = os.pipe()
+    try:
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=log_path.parent,
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=setup,
+        )
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    return process, PipeToHookLog(read_end, log_path)
 
 
 def _child_setup(

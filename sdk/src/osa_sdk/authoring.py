@@ -259,6 +259,8 @@ class Hook:
     The function takes a HookRecord (and, if it has a parameter named `config`, the
     hook's configuration) and returns None (passed, no features), a dict (one feature
     row) or a list of dicts (many rows); it raises Reject(reason) to reject the record.
+    Features over the engine's caps (osa_sdk.contract: MAX_FEATURE_ROWS_PER_RECORD rows,
+    MAX_OUTCOME_LINE_BYTES as JSON) error the record; larger results belong in a file.
     """
 
     def __init__(self, fn: HookFunction, name: str) -> None:

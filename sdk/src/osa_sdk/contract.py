@@ -104,6 +104,19 @@ def files_dir_for(record_id: str) -> str:
     return f"{prefix}__{digest}"
 
 
+# What the engine takes from a hook, whatever the hook writes: every outcome line and feature
+# row becomes memory in the orchestrator and rows in the records database, so both are
+# bounded. A feature row describes a record (a handful per record is usual); a hook with more
+# to say than this writes a file. A record over a per-record cap is errored with the cap in
+# its reason. The per-batch caps count what a hook's checkpoint holds for the batch, over all
+# its attempts: the attempt that goes over one is stopped and its records left are errored.
+# A batch's rows are stored in one transaction, which 100,000 rows keep to seconds.
+MAX_OUTCOME_LINE_BYTES = 4 * BYTES_PER_MB
+MAX_FEATURE_ROWS_PER_RECORD = 10_000
+MAX_FEATURE_ROWS_PER_BATCH = 100_000
+MAX_FEATURE_BYTES_PER_BATCH = 32 * BYTES_PER_MB
+
+
 # Exit code of a hook or ingest whose setup is wrong (a missing env var, an unimportable
 # target, a malformed input line): retrying it, with any memory, cannot help.
 EXIT_CONTRACT_ERROR = 2

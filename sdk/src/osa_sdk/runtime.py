@@ -24,6 +24,8 @@ from osa_sdk.contract import (
     FEATURES_FILE,
     FILES_DIR,
     INGEST_REPORT_FILE,
+    MAX_FEATURE_ROWS_PER_RECORD,
+    MAX_OUTCOME_LINE_BYTES,
     RECORDS_FILE,
     REJECTIONS_FILE,
     bytes_to_mb,
@@ -149,7 +151,7 @@ def _run_one(
         line = FeaturesLine(id=record.id, features=_feature_rows(result))
         if (non_finite := line.non_finite()) is not None:
             raise ValueError(f"{non_finite}: JSON has no NaN or Infinity; use None or a string")
-        return OutcomeStatus.PASSED, _serialise(line)
+        return OutcomeStatus.PASSED, _within_caps(_serialise(line), len(line.features))
     except Reject as rejection:
         reason = RejectionLine(id=record.id, reason=_as_curators_read(rejection.reason, record))
         return OutcomeStatus.REJECTED, _serialise(reason)
@@ -181,6 +183,23 @@ def _feature_rows(result: HookResult) -> list[dict[str, Any]]:
     if isinstance(result, list) and all(isinstance(row, dict) for row in result):
         return result
     raise TypeError(f"a hook returns None, a dict or a list of dicts, not {type(result).__name__}")
+
+
+def _within_caps(serialised: bytes, rows: int) -> bytes:
+    """A features line the engine will take, or ValueError naming the cap it is over: said
+    here, with the hook's own traceback, rather than as a refusal by the engine."""
+    if rows > MAX_FEATURE_ROWS_PER_RECORD:
+        raise ValueError(
+            f"{rows} feature rows: the engine takes at most {MAX_FEATURE_ROWS_PER_RECORD} per "
+            "record; write larger results to a file"
+        )
+    if len(serialised) > MAX_OUTCOME_LINE_BYTES:
+        raise ValueError(
+            f"features of {bytes_to_mb(len(serialised)):.1f} MB as JSON: the engine takes at "
+            f"most {bytes_to_mb(MAX_OUTCOME_LINE_BYTES):.1f} MB per record; write larger "
+            "results to a file"
+        )
+    return serialised
 
 
 def _serialise(line: FeaturesLine | RejectionLine | ErrorLine) -> bytes:

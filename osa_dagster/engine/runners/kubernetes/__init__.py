@@ -34,6 +34,9 @@ ended, read from the pod (never from an exit code alone):
 - the stage-in container failed: "StageInFailed"; the job or pod deleted by someone: "Deleted";
 - otherwise the hook's exit code (128 + n from the runtime is reported as signal n).
 
+The hook's log is read once it ended, kept to the hook log's cap (runners/base.py): whole when
+it fits, else its start (``limitBytes``) and its last lines (``tailLines``, ``limitBytes``).
+
 Failures never add memory: the engine errors the records left as retryable. What an attempt
 loses: outcomes the hook wrote after the sidecar's last upload, when the pod dies as a whole
 (evicted, node lost); after an OOM kill the sidecar uploads everything. When a hook exits 0 but

@@ -11,7 +11,6 @@ import urllib3
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from osa_sdk.contract import (
-    BYTES_PER_MB,
     ENV_HOOK_NAME,
     OUTPUT_FILES,
     RECORDS_FILE,
@@ -20,9 +19,13 @@ from osa_sdk.types import HookRecord
 
 from osa_dagster.atomic_files import write_atomically
 from osa_dagster.engine.runners.base import (
+    HOOK_LOG_HEAD_BYTES,
+    HOOK_LOG_MAX_BYTES,
+    HOOK_LOG_TAIL_BYTES,
     AttemptExit,
     AttemptMarker,
     Invocation,
+    dropped_marker,
     read_tail,
 )
 from osa_dagster.engine.runners.kubernetes.classify import (
@@ -53,7 +56,11 @@ from osa_dagster.retrying import TRANSIENT_HTTP_STATUS
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = (5.0, 30.0)  # connect, read; no API call may hang an attempt
-LOG_LIMIT_BYTES = 16 * BYTES_PER_MB
+# The pod log API reads from the start (limitBytes) or takes the last lines (tailLines), never
+# the last bytes: the end of a log over the cap is asked for as its last lines, at most the
+# tail's bytes, which holds a traceback whole unless its lines are very long.
+HOOK_LOG_TAIL_LINES = 2000
+_LOG_READ_BYTES = 64 * 1024
 
 
 def _transient(error: Exception) -> bool:
@@ -319,25 +326,52 @@ class KubernetesAttempt:
             write_atomically(local, data)
 
     def _save_log(self, pod: k8s.V1Pod | None, container: str) -> None:
-        """Write the container's log to the invocation's log file (raw bytes, streamed)."""
+        """Write the container's log to the invocation's log file, kept to the hook log's cap:
+        whole when within it, else its head, a marker and its last lines."""
         with self._inv.log_path.open("wb") as log_file:
             if pod is None:
                 log_file.write(b"(no pod left to read the log from)\n")
                 return
             try:
-                # Not preloaded: the client would decode the plain-text log as if it were JSON.
-                response = self._runner.core.read_namespaced_pod_log(
-                    pod.metadata.name,
-                    self._namespace,
-                    container=container,
-                    limit_bytes=LOG_LIMIT_BYTES,
-                    _preload_content=False,
-                    _request_timeout=REQUEST_TIMEOUT,
+                # One byte over the cap tells a log that fits from one that does not.
+                head = self._read_log(pod, container, limit_bytes=HOOK_LOG_MAX_BYTES + 1)
+                if len(head) <= HOOK_LOG_MAX_BYTES:
+                    log_file.write(head)
+                    return
+                log_file.write(head[:HOOK_LOG_HEAD_BYTES])
+                log_file.write(dropped_marker(None, tail=f"last {HOOK_LOG_TAIL_LINES} lines"))
+                log_file.write(
+                    self._read_log(
+                        pod,
+                        container,
+                        limit_bytes=HOOK_LOG_TAIL_BYTES,
+                        tail_lines=HOOK_LOG_TAIL_LINES,
+                    )
                 )
-                try:
-                    for chunk in response.stream(64 * 1024):
-                        log_file.write(chunk)
-                finally:
-                    response.release_conn()
             except (ApiException, urllib3.exceptions.HTTPError) as error:
                 log_file.write(f"(the log of {container} could not be read: {error})\n".encode())
+
+    def _read_log(
+        self, pod: k8s.V1Pod, container: str, *, limit_bytes: int, tail_lines: int | None = None
+    ) -> bytes:
+        """At most `limit_bytes` of the container's log (of its last `tail_lines` lines)."""
+        # Not preloaded: the client would decode the plain-text log as if it were JSON.
+        response = self._runner.core.read_namespaced_pod_log(
+            pod.metadata.name,
+            self._namespace,
+            container=container,
+            limit_bytes=limit_bytes,
+            tail_lines=tail_lines,
+            _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+        read = bytearray()
+        try:
+            # Bounded here too: the cap holds whatever the API server sends.
+            for chunk in response.stream(_LOG_READ_BYTES):
+                read += chunk[: limit_bytes - len(read)]
+                if len(read) >= limit_bytes:
+                    break
+        finally:
+            response.release_conn()
+        return bytes(read)
