@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -134,6 +135,8 @@ def pending_deposits(store: ArtifactStore, convention: str) -> list[str]:
 
 def _complete_without_result(store: ArtifactStore, convention: str) -> list[str]:
     """The folders of the convention holding deposit.json and no result.json."""
+    if isinstance(store, FileSystemStore):
+        return _complete_in_folder(store, convention)
     complete, done = set(), set()
     for key in store.list_keys(convention):
         parts = key.split("/")
@@ -143,6 +146,40 @@ def _complete_without_result(store: ArtifactStore, convention: str) -> list[str]
             elif parts[2] == RESULT_FILE:
                 done.add(parts[1])
     return sorted(complete - done)
+
+
+def _complete_in_folder(store: FileSystemStore, convention: str) -> list[str]:
+    """`_complete_without_result` in a drop folder, which is read one level down only: what
+    a deposit holds besides (a million files, folders nested thousands deep) costs the
+    sensor nothing and cannot make it fail. A linked deposit folder is not one; a
+    deposit.json that is not a regular file is, to be refused with the reason."""
+    convention_folder = _open_in_store(store, convention)
+    if not isinstance(convention_folder, int):
+        return []
+    pending = []
+    try:
+        for name in sorted(os.listdir(convention_folder)):  # noqa: PTH208 (a descriptor)
+            deposit = open_folder(name, dir_fd=convention_folder)
+            if not isinstance(deposit, int):
+                continue
+            try:
+                if _entry_kind(deposit, DEPOSIT_FILE) not in (None, stat.S_IFDIR) and (
+                    _entry_kind(deposit, RESULT_FILE) is None
+                ):
+                    pending.append(name)
+            finally:
+                os.close(deposit)
+    finally:
+        os.close(convention_folder)
+    return pending
+
+
+def _entry_kind(folder: int, name: str) -> int | None:
+    """What `name` in `folder` is (stat.S_IFREG...), not following a link; None if nothing."""
+    try:
+        return stat.S_IFMT(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return None
 
 
 def refuse_misnamed_deposits(store: ArtifactStore, convention: str) -> list[str]:

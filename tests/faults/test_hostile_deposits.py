@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -458,3 +460,43 @@ def test_metadata_that_is_not_strict_json_is_refused(
         f"malformed deposit: {reason}",
     )
     assert read_result(store, CONVENTION, "loose") == result
+
+
+@contextmanager
+def nested_folders(top: Path, depth: int) -> Iterator[None]:
+    """`depth` folders, each in the last, under `top`; removed afterwards by rm, which
+    (unlike shutil.rmtree and so pytest's cleanup) does not recurse that deep."""
+    current = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("a", dir_fd=current)
+        child = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=current)
+        os.close(current)
+        current = child
+    os.close(current)
+    try:
+        yield
+    finally:
+        subprocess.run(["rm", "-rf", str(top / "a")], check=True)
+
+
+def test_the_sensor_looks_one_level_into_each_deposit(
+    store: FileSystemStore, tmp_path: Path
+) -> None:
+    """Listing every file of every deposit failed (RecursionError) on every tick once one
+    deposit held folders nested 1100 deep: no deposit was validated any more."""
+    write_deposit(store, CONVENTION, "honest", {"good.txt": b"deposited"})
+    write_deposit(store, CONVENTION, "deep", {})
+    (folder(store, "deep") / FILES_DIR).mkdir()
+    write_deposit(store, CONVENTION, "fifo-request", {"good.txt": b"deposited"})
+    (folder(store, "fifo-request") / "deposit.json").unlink()
+    os.mkfifo(folder(store, "fifo-request") / "deposit.json")
+    folder(store, "linked").symlink_to(outside_the_store(tmp_path))
+
+    with nested_folders(folder(store, "deep") / FILES_DIR, 1500):
+        assert pending_deposits(store, CONVENTION) == ["deep", "fifo-request", "honest"]
+        deep = validate_deposit(convention(), store, "deep", LocalRunner())
+
+    assert deep.reason == "malformed deposit: files/a is a folder: deposit regular files only"
+    fifo = validate_deposit(convention(), store, "fifo-request", LocalRunner())
+    assert fifo.reason == "malformed deposit: deposit.json is a FIFO, not a regular file"
+    assert pending_deposits(store, CONVENTION) == ["honest"]
