@@ -238,7 +238,7 @@ def validate_deposit(
     prefix = deposit_prefix(convention.name, deposit)
     with tempfile.TemporaryDirectory(prefix="osa-deposit-") as tmp:
         work = Path(tmp)
-        with _deposit_folder(store, prefix) as folder:
+        with _deposit_folder(store, prefix, caps) as folder:
             validated = _identity(folder) if isinstance(folder, int) else None
             staged = _stage(convention.name, deposit, folder, work / "files", caps)
         if isinstance(staged, DepositResult):
@@ -249,13 +249,17 @@ def validate_deposit(
 
 
 @contextmanager
-def _deposit_folder(store: ArtifactStore, prefix: str) -> Iterator[int | str]:
+def _deposit_folder(store: ArtifactStore, prefix: str, caps: DepositCaps) -> Iterator[int | str]:
     """The deposit's folder as a descriptor, or why it cannot be read. In a folder store it
     is opened step by step from the store's root without following a link; another store
-    (S3, which has no links) stages a copy first."""
+    (S3, which has no links) stages a copy first, once the sizes it lists are within the
+    caps."""
     with ExitStack() as stack:
         if isinstance(store, FileSystemStore):
             opened = _open_in_store(store, prefix)
+        elif refusal := _listed_refusal(store.sizes(prefix), caps):
+            yield refusal
+            return
         else:
             opened = open_folder(stack.enter_context(store.local_dir(prefix, writable=False)))
         if isinstance(opened, int):
@@ -265,6 +269,30 @@ def _deposit_folder(store: ArtifactStore, prefix: str) -> Iterator[int | str]:
             yield "the deposit's folder is gone"
         else:
             yield f"{opened}: deposit a folder, not a link to one"
+
+
+def _listed_refusal(sizes: dict[str, int], caps: DepositCaps) -> str | None:
+    """Why a deposit is refused by the sizes its store lists, before anything is staged;
+    None when nothing is too large. What is staged is held to the same caps again, should
+    an object have grown in between."""
+    request = sizes.get(DEPOSIT_FILE, 0)
+    if request > MAX_REQUEST_BYTES:
+        return _request_too_large(request)
+    total = 0
+    for path in sorted(sizes):
+        name = path.removeprefix(f"{FILES_DIR}/")
+        if name != path:
+            total += sizes[path]
+            if refusal := caps.refusal(name, sizes[path], total):
+                return refusal
+    return None
+
+
+def _request_too_large(size: int) -> str:
+    return (
+        f"{DEPOSIT_FILE} is {bytes_to_mb(size):.1f} MB, over the "
+        f"{bytes_to_mb(MAX_REQUEST_BYTES):.0f} MB it may be: put data in {FILES_DIR}/"
+    )
 
 
 def _open_in_store(store: FileSystemStore, prefix: str) -> int | str | None:
@@ -431,10 +459,7 @@ def _read_request(folder: int) -> DepositRequest | str:
     with request:
         size = os.fstat(request.fileno()).st_size
         if size > MAX_REQUEST_BYTES:
-            return (
-                f"{DEPOSIT_FILE} is {bytes_to_mb(size):.1f} MB, over the "
-                f"{bytes_to_mb(MAX_REQUEST_BYTES):.0f} MB it may be: put data in {FILES_DIR}/"
-            )
+            return _request_too_large(size)
         text = request.read(MAX_REQUEST_BYTES + 1)
     try:
         loaded = json.loads(text.decode(), parse_constant=_NotJson, parse_float=_finite_float)
