@@ -228,9 +228,9 @@ def validate_deposit(
 ) -> DepositResult:
     """Run the deposit through the convention's hooks and write its result.json; each
     attempt within `capacity` (the machine's slots and memory budget) when given. The
-    deposit's files may add up to `max_mb` (None: OSA_DEPOSIT_MAX_MB). What was written
-    is returned: a deposit whose folder was replaced while it was validated gets an
-    errored result saying so."""
+    deposit's files may add up to `max_mb` (None: OSA_DEPOSIT_MAX_MB). The result is
+    returned as written; a deposit whose folder was replaced while it was validated gets
+    an errored one saying so, and none at all if a link now stands in its place."""
     if not DEPOSIT_NAME.fullmatch(deposit):
         raise ValueError(f"{deposit!r} is not a deposit name (letters, digits, '.', '_', '-')")
     total_mb = Settings.from_env().deposit_max_mb if max_mb is None else max_mb
