@@ -49,10 +49,21 @@ RESULT_FILE = "result.json"
 FILES_DIR = "files"
 # deposit.json holds an id and metadata: anything larger is refused unread.
 MAX_REQUEST_BYTES = 4 * BYTES_PER_MB
+# A record's files are a few: past this many, a deposit is refused before its names are
+# even all read (each file staged is an inode of the orchestrator's temporary folder).
+MAX_DEPOSIT_FILES = 10_000
+TOO_MANY_FILES = (
+    f"{FILES_DIR}/ holds more than {MAX_DEPOSIT_FILES} files, the most a deposit may hold"
+)
 # Deposit names become Dagster partition keys and store keys: plain names only.
 DEPOSIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # The depositor reads result.json; the orchestrator may be root.
 RESULT_MODE = 0o644
+
+
+class ConventionFolderError(Exception):
+    """A convention's folder in a drop folder that is not a folder (a symlink...): its
+    deposits are not read, and the sensor says so on every tick rather than find none."""
 
 
 class DepositRequest(BaseModel):
@@ -154,8 +165,13 @@ def _complete_in_folder(store: FileSystemStore, convention: str) -> list[str]:
     sensor nothing and cannot make it fail. A linked deposit folder is not one; a
     deposit.json that is not a regular file is, to be refused with the reason."""
     convention_folder = _open_in_store(store, convention)
-    if not isinstance(convention_folder, int):
+    if convention_folder is None:
         return []
+    if isinstance(convention_folder, str):
+        raise ConventionFolderError(
+            f"{store.root}/{convention_folder}: deposits are read from a folder, never through "
+            "a link; make it a folder"
+        )
     pending = []
     try:
         for name in sorted(os.listdir(convention_folder)):  # noqa: PTH208 (a descriptor)
@@ -278,13 +294,14 @@ def _listed_refusal(sizes: dict[str, int], caps: DepositCaps) -> str | None:
     request = sizes.get(DEPOSIT_FILE, 0)
     if request > MAX_REQUEST_BYTES:
         return _request_too_large(request)
+    files = sorted(path for path in sizes if path.startswith(f"{FILES_DIR}/"))
+    if len(files) > MAX_DEPOSIT_FILES:
+        return TOO_MANY_FILES
     total = 0
-    for path in sorted(sizes):
-        name = path.removeprefix(f"{FILES_DIR}/")
-        if name != path:
-            total += sizes[path]
-            if refusal := caps.refusal(name, sizes[path], total):
-                return refusal
+    for path in files:
+        total += sizes[path]
+        if refusal := caps.refusal(path.removeprefix(f"{FILES_DIR}/"), sizes[path], total):
+            return refusal
     return None
 
 
@@ -531,7 +548,10 @@ def _copy_files(folder: int, record_dir: Path, caps: DepositCaps) -> int | str:
         return f"{FILES_DIR}/ is {files}: deposit the files themselves"
     total = 0
     try:
-        for name in sorted(os.listdir(files)):  # noqa: PTH208 (a descriptor, not a path)
+        names = _names(files)
+        if names is None:
+            return TOO_MANY_FILES
+        for name in names:
             if problem := file_name_error(name):
                 return f"file name {name!r} {problem}"
             source = open_regular(files, name)
@@ -552,6 +572,17 @@ def _copy_files(folder: int, record_dir: Path, caps: DepositCaps) -> int | str:
     finally:
         os.close(files)
     return total
+
+
+def _names(folder: int) -> list[str] | None:
+    """The names in `folder`, sorted; None past MAX_DEPOSIT_FILES."""
+    names = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if len(names) == MAX_DEPOSIT_FILES:
+                return None
+            names.append(entry.name)
+    return sorted(names)
 
 
 def _copy_file(source: int, size: int, target: Path) -> bool:

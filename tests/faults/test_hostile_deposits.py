@@ -24,7 +24,9 @@ from osa_sdk.types import OutcomeStatus
 
 from osa_dagster.batch.deposits import (
     FILES_DIR,
+    MAX_DEPOSIT_FILES,
     RESULT_FILE,
+    ConventionFolderError,
     pending_deposits,
     read_result,
     refuse_misnamed_deposits,
@@ -500,3 +502,40 @@ def test_the_sensor_looks_one_level_into_each_deposit(
     fifo = validate_deposit(convention(), store, "fifo-request", LocalRunner())
     assert fifo.reason == "malformed deposit: deposit.json is a FIFO, not a regular file"
     assert pending_deposits(store, CONVENTION) == ["honest"]
+
+
+def test_a_linked_convention_folder_is_refused_loudly(
+    store: FileSystemStore, tmp_path: Path
+) -> None:
+    write_deposit(FileSystemStore(tmp_path), "elsewhere", "taken", {"good.txt": b"deposited"})
+    target = tmp_path / "elsewhere"
+    store.root.mkdir()
+    (store.root / CONVENTION).symlink_to(target)
+
+    with pytest.raises(ConventionFolderError, match=f"{CONVENTION} is a symlink: deposits are"):
+        pending_deposits(store, CONVENTION)
+    result = validate_deposit(convention(), store, "taken", LocalRunner())
+
+    assert result.reason == (
+        f"malformed deposit: {CONVENTION} is a symlink: deposit a folder, not a link to one"
+    )
+    assert not (target / "taken" / RESULT_FILE).exists()
+
+
+def test_a_deposit_of_too_many_files_is_refused_before_they_are_listed(
+    store: FileSystemStore,
+) -> None:
+    write_deposit(store, CONVENTION, "many", {"good.txt": b"deposited"})
+    files = os.open(folder(store, "many") / FILES_DIR, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for number in range(MAX_DEPOSIT_FILES):
+            os.close(os.open(f"empty-{number}", os.O_CREAT | os.O_WRONLY, dir_fd=files))
+    finally:
+        os.close(files)
+
+    result = validate_deposit(convention(), store, "many", LocalRunner())
+
+    assert result.reason == (
+        f"malformed deposit: files/ holds more than {MAX_DEPOSIT_FILES} files, the most a "
+        "deposit may hold"
+    )
