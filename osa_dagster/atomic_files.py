@@ -6,8 +6,9 @@ crash must leave either old or new, never half written.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
@@ -19,24 +20,35 @@ M = TypeVar("M", bound=BaseModel)
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace the file at `path` with `data`: a crash leaves the old or the new, durably."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        write_atomically_at(folder, path.name, data)
+    finally:
+        os.close(folder)
+
+
+def write_atomically_at(folder: int, name: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace `name` in the folder open as the descriptor `folder` with `data` (`mode`
+    before the umask): a crash leaves the old or the new, durably. Nothing is followed: the
+    temporary file is created where no file was (O_EXCL, O_NOFOLLOW) and renamed within the
+    folder, so a symlink planted at either name is replaced, never written through."""
     # The temporary file must be in the same directory: a rename is atomic only
     # within one filesystem.
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = f".{name}.{secrets.token_hex(8)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temporary, flags, mode, dir_fd=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        Path(temporary).replace(path)
+        os.rename(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=folder)
         raise
     # Make the rename itself durable.
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    os.fsync(folder)
 
 
 class JsonModelFile(Generic[M]):

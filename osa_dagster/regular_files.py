@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Sequence
 from typing import BinaryIO
 
 
@@ -58,6 +59,50 @@ def open_folder(path: str | os.PathLike[str], dir_fd: int | None = None) -> int 
             raise
     mode = os.stat(path, dir_fd=dir_fd, follow_symlinks=False).st_mode
     return KINDS.get(stat.S_IFMT(mode), "a file")
+
+
+def open_folder_below(folder: int, parts: Sequence[str]) -> int | str | None:
+    """A descriptor (to close) of the folder `parts` below the folder open as `folder`, each
+    step opened without following a symlink, so that no link anywhere along the way leads
+    elsewhere; None when a step is missing; else what the first step that is not a folder
+    is, with its path ("x/y is a symlink")."""
+    current = os.dup(folder)
+    for depth, part in enumerate(parts):
+        try:
+            child = open_folder(part, dir_fd=current)
+        finally:
+            os.close(current)
+        if not isinstance(child, int):
+            return child if child is None else f"{'/'.join(parts[: depth + 1])} is {child}"
+        current = child
+    return current
+
+
+def copy_data(source: int, target: int, size: int) -> bool:
+    """Copy the first `size` bytes of the file open as `source` into `target` (a new, empty
+    file) without turning holes into writes: only the extents that hold data are copied,
+    and the target is then given its length. False when the source turned out shorter
+    than `size` (it changed while it was copied)."""
+    offset = 0
+    while offset < size:
+        try:
+            data = os.lseek(source, offset, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno != errno.ENXIO:  # ENXIO: no data past `offset`, only a hole
+                raise
+            break
+        if data >= size:
+            break
+        end = min(os.lseek(source, data, os.SEEK_HOLE), size)
+        os.lseek(target, data, os.SEEK_SET)
+        while data < end:
+            sent = os.sendfile(target, source, data, end - data)
+            if sent == 0:
+                return False
+            data += sent
+        offset = end
+    os.ftruncate(target, size)
+    return True
 
 
 class TooManyEntries(Exception):

@@ -3,15 +3,19 @@ same engine, verdicts written where the depositor reads them and shown on the as
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import dagster as dg
 import pytest
+from osa_sdk.contract import BYTES_PER_MB
 from osa_sdk.types import OutcomeStatus
 
 from osa_dagster.batch.deposits import read_result, write_deposit
 from osa_dagster.conventions.pdb.ingester import DEFAULT_MIRROR, entry_path
 from osa_dagster.definitions import build_definitions
 from osa_dagster.defs.resources import default_resources
-from osa_dagster.storage.store import deposits_store_from_env
+from osa_dagster.storage.store import FileSystemStore, deposits_store_from_env
 from tests.engine.helpers import require_cgroups
 
 pytestmark = pytest.mark.slow
@@ -32,6 +36,12 @@ def validated():
     write_deposit(store, "pdb", "malformed", {"1a28.cif.gz": entry_bytes("1A28")}, "{not json")
     # A deposit still being uploaded (no deposit.json yet) is left alone.
     store.write_bytes("pdb/uploading/files/1a28.cif.gz", entry_bytes("1A28"))
+    # Hostile ones, refused before any hook runs: a sparse gigabyte, a name not in UTF-8.
+    assert isinstance(store, FileSystemStore)
+    write_deposit(store, "pdb", "sparse", {"huge.cif.gz": b""})
+    os.truncate(store.path("pdb/sparse/files/huge.cif.gz"), 1024 * BYTES_PER_MB)
+    write_deposit(store, "pdb", "latin1", {"1a28.cif.gz": entry_bytes("1A28")})
+    Path(os.fsdecode(os.fsencode(store.path("pdb/latin1/files")) + b"/\xe9.cif")).touch()
 
     defs = build_definitions()
     sensor = defs.resolve_sensor_def("pdb_deposits")
@@ -42,7 +52,7 @@ def validated():
         )
         tick = sensor(context)
         keys = [r.partition_key for r in tick.run_requests]
-        assert sorted(keys) == ["big", "broken", "good", "malformed"]
+        assert sorted(keys) == ["big", "broken", "good", "latin1", "malformed", "sparse"]
         instance.add_dynamic_partitions("pdb_deposits", keys)
         results = {
             key: job.execute_in_process(partition_key=key, instance=instance) for key in keys
@@ -90,6 +100,18 @@ def test_a_malformed_deposit_is_rejected_not_crashed(validated):
     result = read_result(store, "pdb", "malformed")
     assert result.status is OutcomeStatus.REJECTED
     assert result.reason.startswith("malformed deposit: deposit.json is not valid")
+
+
+def test_hostile_deposits_get_a_result_saying_why(validated):
+    store, results, _ = validated
+    assert results["sparse"].success and results["latin1"].success
+    assert read_result(store, "pdb", "sparse").reason == (
+        "malformed deposit: files/huge.cif.gz is 1024.0 MB, over the 100 MB a deposited file "
+        "of this convention may be"
+    )
+    assert read_result(store, "pdb", "latin1").reason == (
+        "malformed deposit: file name '\\udce9.cif' is not valid UTF-8: name files in UTF-8"
+    )
 
 
 def test_the_verdict_is_on_the_materialisation_and_nothing_is_validated_twice(validated):

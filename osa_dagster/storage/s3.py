@@ -286,6 +286,10 @@ class S3Store:
         ]
         yield from sorted(keys, key=lambda k: k.split("/"))
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        base = self._object(prefix) + "/"
+        return {item.key[len(base) :]: item.size for item in self._objects(base)}
+
     def delete_prefix(self, prefix: str) -> None:
         """Every object under `prefix`, and an object named `prefix` itself."""
         base = self._object(prefix)

@@ -46,6 +46,11 @@ class ArtifactStore(Protocol):
 
     def list_keys(self, prefix: str) -> Iterator[str]: ...
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """The size in bytes of everything `local_dir(prefix)` would hold, hidden files
+        included, by path relative to `prefix`: what staging it would cost, known first."""
+        ...
+
     def delete_prefix(self, prefix: str) -> None: ...
 
     @contextmanager
@@ -89,6 +94,14 @@ class FileSystemStore:
         for path in sorted(base.rglob("*")):
             if path.is_file() and not path.name.startswith("."):
                 yield path.relative_to(self.root).as_posix()
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        base = self.path(prefix)
+        return {
+            path.relative_to(base).as_posix(): path.stat().st_size
+            for path in base.rglob("*")
+            if path.is_file()
+        }
 
     def delete_prefix(self, prefix: str) -> None:
         target = self.path(prefix)

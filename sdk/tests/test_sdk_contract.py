@@ -132,3 +132,9 @@ def test_sizes_are_in_the_unit_of_memory_limits() -> None:
 @pytest.mark.parametrize("name", ["1abc.cif", "a b.txt", ".hidden", "é.json", "x" * 255])
 def test_file_names_that_are_one_component_are_accepted(name: str) -> None:
     assert file_name_error(name) is None
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_not_raised() -> None:
+    # How a folder listing hands over the bytes of a Latin-1 name: as surrogate escapes.
+    listed = os.fsdecode(b"r\xe9sum\xe9.txt")
+    assert file_name_error(listed) == "is not valid UTF-8: name files in UTF-8"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -61,7 +62,7 @@ import os, pathlib, sys
 from osa_dagster.engine import Checkpoint, FileCheckpointIO
 io = FileCheckpointIO(pathlib.Path(sys.argv[1]))
 io.save(Checkpoint.model_validate_json(sys.argv[2]))
-pathlib.Path.replace = lambda *args: os._exit(17)  # the process dies between write and rename
+os.rename = lambda *args, **kwargs: os._exit(17)  # the process dies between write and rename
 io.save(Checkpoint.model_validate_json(sys.argv[3]))
 """
 
@@ -93,10 +94,10 @@ def test_a_failed_save_leaves_no_temporary_file(
     io = FileCheckpointIO(tmp_path / "checkpoint.json")
     io.save(checkpoint("a"))
 
-    def full_disk(*args: object) -> None:
+    def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "replace", full_disk)
+    monkeypatch.setattr(os, "rename", full_disk)
     with pytest.raises(OSError, match="No space"):
         io.save(checkpoint("a", "b"))
 

@@ -62,6 +62,15 @@ def test_list_is_sorted_by_path_and_scoped_to_the_prefix(store: ArtifactStore):
     assert list(store.list_keys("missing")) == []
 
 
+def test_sizes_are_what_staging_would_cost(store: ArtifactStore):
+    store.write_bytes("x/a/1", b"1")
+    store.write_bytes("x/.hidden", b"22")
+    store.write_bytes("x/b", b"")
+    store.write_bytes("xy/c", b"333")
+    assert store.sizes("x") == {"a/1": 1, ".hidden": 2, "b": 0}
+    assert store.sizes("missing") == {}
+
+
 # Not on moto: its server shares this process's GIL and takes ~12 ms a request here,
 # twice SeaweedFS's time; SeaweedFS pages and batches deletes like S3 does.
 @pytest.mark.parametrize("store", ["filesystem", "seaweedfs"], indirect=True)

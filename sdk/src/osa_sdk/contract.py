@@ -60,7 +60,11 @@ def file_name_error(name: str) -> str | None:
         return "is a directory reference, not a file name"
     if "/" in name or "\x00" in name:
         return "contains '/' or NUL: a file name is one path component, such as '1abc.cif'"
-    if len(name.encode("utf-8")) > MAX_FILE_NAME_BYTES:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes a filesystem listing decoded as surrogate escapes
+        return "is not valid UTF-8: name files in UTF-8"
+    if len(encoded) > MAX_FILE_NAME_BYTES:
         return f"is longer than {MAX_FILE_NAME_BYTES} bytes"
     return None
 
