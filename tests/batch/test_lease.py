@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import text, update
 
 from osa_dagster.batch.lease import BatchHeld, BatchLeases, LeaseLost
-from osa_dagster.liveness import ProcessIdentity
+from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.records import RecordsDatabase
 from osa_dagster.records.models import BatchLease
 

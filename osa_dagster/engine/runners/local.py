@@ -32,13 +32,12 @@ from osa_dagster.engine.cgroup import (
     usable_parent,
     usable_pids_parent,
 )
+from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.engine.runners.base import (
     AttemptExit,
     AttemptMarker,
     Invocation,
     LimitMode,
-    boot_id,
-    process_start_ticks,
     read_tail,
     readable_by_hooks,
     returncode_from_exit_code,
@@ -213,10 +212,8 @@ class LocalAttempt:
         self._pidfd = os.pidfd_open(process.pid) if hasattr(os, "pidfd_open") else None
         self.marker = AttemptMarker(
             limit_mode=mode,
-            pid=process.pid,
-            pgid=process.pid,  # start_new_session makes the hook its group's leader
-            start_ticks=process_start_ticks(process.pid),
-            boot_id=boot_id(),
+            # start_new_session makes the hook its group's leader
+            process=ProcessIdentity.of_pid(process.pid),
             cgroup=str(cgroup.path) if cgroup else None,
             pids_cgroup=str(pids.path) if pids else None,
         )
@@ -292,12 +289,14 @@ class LocalAttempt:
 
 def kill_leftovers(marker: AttemptMarker) -> None:
     """Kill what is left of a local attempt whose orchestrator died, and remove its cgroup."""
-    if marker.pid is None or marker.pgid is None or marker.boot_id != boot_id():
-        return  # not a local attempt; or a reboot, which neither processes nor cgroups survive
-    # A live leader with another start time means the pid was reused, which the kernel only
-    # does once our whole group is gone; a vanished leader leaves the pgid to our group.
-    if process_start_ticks(marker.pid) in (None, marker.start_ticks):
-        _killpg(marker.pgid)
+    if marker.process is None or not marker.process.checkable_here():
+        # Not a local attempt; or a reboot, which neither processes nor cgroups survive; or
+        # another host's or pid namespace's, whose pids name other processes here.
+        return
+    # A reused pid means the kernel let our whole group go first; a vanished leader leaves
+    # the pgid to what is left of our group.
+    if not marker.process.pid_reused():
+        _killpg(marker.process.pid)
     for recorded, root in ((marker.cgroup, CGROUP_ROOT), (marker.pids_cgroup, PIDS_ROOT)):
         if recorded is None:
             continue
