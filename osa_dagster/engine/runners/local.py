@@ -46,7 +46,6 @@ from osa_dagster.engine.runners.sandbox import (
     Sandbox,
     SandboxMode,
     SandboxPolicy,
-    SandboxUnavailable,
     find_sandbox,
 )
 from osa_dagster.settings import settings
@@ -76,34 +75,28 @@ def _warn_limits_approximate() -> None:
 
 
 @functools.cache
-def _warn_unsandboxed(reason: str) -> None:
+def _warn_unsandboxed() -> None:
     log.warning(
-        "Hooks run UNSANDBOXED and must be trusted: they run as this user, see the whole "
-        "machine and reach the network (%s; OSA_HOOK_SANDBOX=on refuses to run this way).",
-        reason,
+        "Hooks run UNSANDBOXED (OSA_HOOK_SANDBOX=off) and must be trusted: they run as this "
+        "user, see the whole machine and reach the network."
     )
 
 
 def choose_sandbox(mode: SandboxMode, policy: SandboxPolicy) -> Sandbox | None:
-    """The sandbox for `mode`: "off" none; "on" one, or SandboxUnavailable; "auto" one where
-    possible, else none and a warning, once per process."""
-    if mode == "off":
-        return None
-    try:
+    """The sandbox for `mode`: "on" one, or SandboxUnavailable; "off" none, said once per
+    process."""
+    if mode == "on":
         return find_sandbox(policy)
-    except SandboxUnavailable as unavailable:
-        if mode == "on":
-            raise
-        _warn_unsandboxed(str(unavailable))
-        return None
+    _warn_unsandboxed()
+    return None
 
 
 class LocalRunner:
     """Runs a hook as a local process in its own session, under a real memory limit.
 
     `mode="auto"` uses a cgroup when it can and otherwise falls back to RLIMIT_AS, with a
-    warning (once per process); "cgroup" and "rlimit" force a mode. `sandbox` ("auto", "on"
-    or "off"; None: OSA_HOOK_SANDBOX, else "auto") runs each attempt sandboxed under
+    warning (once per process); "cgroup" and "rlimit" force a mode. `sandbox` ("on" or
+    "off"; None: OSA_HOOK_SANDBOX, else "on") runs each attempt sandboxed under
     `sandbox_policy` (None: its defaults, with OSA_HOOK_SANDBOX_USER). Start attempts from a
     thread that lives as long as they do: PR_SET_PDEATHSIG fires when the *thread* that
     forked the hook exits.
@@ -150,7 +143,7 @@ class LocalRunner:
                 policy = self.sandbox.policy
                 if self._pids_parent is not None:
                     pids = PidsCgroup.create(self._pids_parent, name, policy.max_processes)
-                else:
+                elif not self.sandbox.rootless:  # a rootless one limits them inside itself
                     max_processes = policy.max_processes
                 self.sandbox.prepare_output(inv.out_dir)
                 readable_by_hooks(inv.in_dir, inv.files_root)
