@@ -48,7 +48,7 @@ from osa_dagster.engine.runners.sandbox import (
     SandboxPolicy,
     find_sandbox,
 )
-from osa_dagster.settings import settings
+from osa_dagster.settings import Settings, settings
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,19 @@ def choose_sandbox(mode: SandboxMode, policy: SandboxPolicy) -> Sandbox | None:
     return None
 
 
+def configured_sandbox_policy(configured: Settings) -> SandboxPolicy:
+    """The sandbox policy of the settings: their hook user, their data folders private."""
+    uid, gid = configured.hook_sandbox_ids
+    return SandboxPolicy(uid=uid, gid=gid, private=configured.local_data_folders)
+
+
+def require_promised_isolation(configured: Settings) -> None:
+    """Refuse, before any work, to run local hooks with less isolation than OSA_HOOK_SANDBOX
+    promises: SandboxUnavailable, in one line naming what is missing."""
+    if configured.hook_runner == "local" and configured.hook_sandbox == "on":
+        find_sandbox(configured_sandbox_policy(configured))
+
+
 class LocalRunner:
     """Runs a hook as a local process in its own session, under a real memory limit.
 
@@ -122,11 +135,8 @@ class LocalRunner:
         self._cgroup_parent = usable_parent() if mode == "cgroup" else None
         if sandbox is None or sandbox_policy is None:
             configured = settings()
-            uid, gid = configured.hook_sandbox_ids
             sandbox = sandbox or configured.hook_sandbox
-            sandbox_policy = sandbox_policy or SandboxPolicy(
-                uid=uid, gid=gid, private=configured.local_data_folders
-            )
+            sandbox_policy = sandbox_policy or configured_sandbox_policy(configured)
         self.sandbox = choose_sandbox(sandbox, sandbox_policy)
         self._pids_parent = usable_pids_parent() if self.sandbox is not None else None
 
