@@ -588,8 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The commands that run hooks in this process (`backfill` has the daemon's runs do it).
-RUNS_HOOKS_HERE = ("materialize", "demo")
+# The commands that run hooks on this machine: in this process, or in the runs of the daemon
+# that `stack` starts (`backfill` asks a webserver, perhaps another machine's, for runs).
+RUNS_HOOKS_HERE = ("materialize", "demo", "stack")
 
 
 def run_command(args: argparse.Namespace) -> int:

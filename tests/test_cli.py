@@ -213,7 +213,7 @@ def test_a_bad_setting_is_one_line_naming_it_and_creates_nothing(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [["materialize", "toy"], ["demo"]])
+@pytest.mark.parametrize("command", [["materialize", "toy"], ["demo"], ["stack"]])
 def test_hooks_without_their_promised_sandbox_are_refused_before_anything_runs(site, command):
     root, env = site
     no_tools = root / "no-tools"
