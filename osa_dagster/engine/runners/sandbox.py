@@ -98,18 +98,14 @@ class SandboxPolicy:
 class Sandbox:
     """Turns a hook command into the command that runs it sandboxed.
 
-    `setpriv` (as root) drops to the policy's user inside the namespaces; without it the
-    sandbox is rootless: a user namespace maps that user onto this one, and `prlimit` bounds
-    the attempt's processes inside it."""
+    As root, `helper` is util-linux `setpriv`, which drops to the policy's user inside the
+    namespaces. Rootless, a user namespace maps that user onto this one, and `helper` is
+    util-linux `prlimit`, which bounds the attempt's processes inside it."""
 
     bwrap: str
-    setpriv: str | None
-    prlimit: str | None
+    helper: str
+    rootless: bool
     policy: SandboxPolicy = field(default_factory=SandboxPolicy)
-
-    @property
-    def rootless(self) -> bool:
-        return self.setpriv is None
 
     def wrap(
         self,
@@ -187,12 +183,11 @@ class Sandbox:
     def _drop(self) -> list[str]:
         """What runs between bubblewrap and the hook."""
         policy = self.policy
-        if self.setpriv is None:
-            assert self.prlimit is not None  # a rootless sandbox is made with it
+        if self.rootless:
             limit = policy.max_processes
-            return [self.prlimit, f"--nproc={limit}:{limit}", "--"]
+            return [self.helper, f"--nproc={limit}:{limit}", "--"]
         return [
-            self.setpriv,
+            self.helper,
             f"--reuid={policy.uid}",
             f"--regid={policy.gid}",
             "--clear-groups",
@@ -236,14 +231,14 @@ def find_sandbox(policy: SandboxPolicy) -> Sandbox:
 
 
 def _tools(*, rootless: bool, policy: SandboxPolicy) -> Sandbox:
-    """The sandbox of this machine's tools (each may be missing: None)."""
-    found = {name: shutil.which(name) for name in ("bwrap", "setpriv", "prlimit")}
-    return Sandbox(
-        found["bwrap"] or "",
-        None if rootless else found["setpriv"],
-        found["prlimit"] if rootless else None,
-        policy,
-    )
+    """The sandbox made of this machine's tools, which _unavailable_reason has found."""
+    bwrap, helper = shutil.which("bwrap"), shutil.which(_helper(rootless))
+    assert bwrap is not None and helper is not None
+    return Sandbox(bwrap, helper, rootless, policy)
+
+
+def _helper(rootless: bool) -> str:
+    return "prlimit" if rootless else "setpriv"
 
 
 @functools.cache
@@ -252,8 +247,7 @@ def _unavailable_reason(uid: int, gid: int) -> str | None:
     if not sys.platform.startswith("linux"):
         return f"hook sandboxing needs Linux namespaces, and this is {sys.platform}"
     rootless = os.geteuid() != 0
-    needed = ("bwrap", "prlimit") if rootless else ("bwrap", "setpriv")
-    missing = [name for name in needed if shutil.which(name) is None]
+    missing = [name for name in ("bwrap", _helper(rootless)) if shutil.which(name) is None]
     if missing:
         return (
             f"{' and '.join(missing)} not found: install the Debian packages bubblewrap and "
