@@ -18,13 +18,15 @@ $(STAMP): pyproject.toml sdk/pyproject.toml
 	$(BIN)/pip install --quiet -e ./sdk -e '.[dev]'
 	touch $@
 
-# The hook sandbox's tools: Debian's bubblewrap, and util-linux's setpriv. Installed where
-# missing if this runs as root with apt-get; without them hooks run unsandboxed, and say so.
+# The hook sandbox's tools: Debian's bubblewrap, and util-linux's setpriv (as root) and
+# prlimit (rootless). Installed where missing if this runs as root with apt-get; without them
+# the orchestrator refuses to run hooks until they are installed or OSA_HOOK_SANDBOX=off.
 sandbox-tools:
-	@command -v bwrap >/dev/null && command -v setpriv >/dev/null || \
+	@command -v bwrap >/dev/null && command -v setpriv >/dev/null && command -v prlimit >/dev/null || \
 	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
 	  apt-get install -y -qq --no-install-recommends bubblewrap util-linux >/dev/null; } || \
-	echo "bubblewrap not installed: hooks run unsandboxed (OSA_HOOK_SANDBOX in the README)"
+	echo "bubblewrap not installed: hooks will be refused; install the Debian packages" \
+	  "bubblewrap and util-linux as root, or set OSA_HOOK_SANDBOX=off to run them unsandboxed"
 
 demo: $(STAMP) sandbox-tools
 	$(BIN)/osa demo

@@ -2,10 +2,11 @@
 
     .venv/bin/python bench/runner_overhead.py [--runs 30] [--command python|true] [--no-docker]
 
-The local runner is timed unsandboxed and, where the sandbox can run (root, bubblewrap),
-sandboxed: the sandbox's own cost per attempt is the difference. The same command also runs
-in a sandboxed container of the pdb hook image (DockerRunner) when a Docker engine answers
-and the image is built (`make images`); --no-docker skips it.
+The local runner is timed unsandboxed and, where the sandbox can run (bubblewrap: as root,
+or rootless as an ordinary user), sandboxed: the sandbox's own cost per attempt is the
+difference. The same command also runs in a sandboxed container of the pdb hook image
+(DockerRunner) when a Docker engine answers and the image is built (`make images`);
+--no-docker skips it.
 
 Runs the same command with each launcher in turn, round after round (so that drift of the
 machine hits all of them alike), and prints the median, the range and the ratio to the bare run.

@@ -588,11 +588,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that run hooks on this machine: in this process, or in the runs of the daemon
+# that `stack` starts (`backfill` asks a webserver, perhaps another machine's, for runs).
+RUNS_HOOKS_HERE = ("materialize", "demo", "stack")
+
+
 def run_command(args: argparse.Namespace) -> int:
     from osa_dagster.settings import settings
 
     # Every variable is checked before any work: a malformed one anywhere is named at once.
-    settings()
+    configured = settings()
+    if args.command in RUNS_HOOKS_HERE:
+        from osa_dagster.engine.runners.local import require_promised_isolation
+
+        # Before anything is launched: never a run that fails for want of the sandbox.
+        require_promised_isolation(configured)
     if args.command == "backfill":
         from osa_dagster.backfill import run_backfill_command
 
@@ -668,10 +678,14 @@ def one_line(error: BaseException) -> str | None:
 
     from osa_dagster.backfill import BackfillError
     from osa_dagster.conventions.registry import ConventionError
+    from osa_dagster.engine.runners.sandbox import SandboxUnavailable
     from osa_dagster.settings import SettingsError
     from osa_dagster.storage.s3 import StoreError
 
-    if isinstance(error, CommandError | BackfillError | ConventionError | SettingsError):
+    if isinstance(
+        error,
+        CommandError | BackfillError | ConventionError | SettingsError | SandboxUnavailable,
+    ):
         return str(error)
     if isinstance(error, ValidationError) and error.title == "PlanConfig":
         problems = []

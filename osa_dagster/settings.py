@@ -68,8 +68,8 @@ class Settings(BaseModel):
         "in_process", alias="OSA_EXECUTOR"
     )
     hook_runner: RunnerKind = Field("local", alias="OSA_HOOK_RUNNER")
-    hook_sandbox: Literal["auto", "on", "off"] = Field("auto", alias="OSA_HOOK_SANDBOX")
-    """Local hooks sandboxed: auto where possible (else one warning), on or refuse, off."""
+    hook_sandbox: Literal["on", "off"] = Field("on", alias="OSA_HOOK_SANDBOX")
+    """Local hooks sandboxed (on: else refuse to run them), or off: unsandboxed, trusted."""
     hook_sandbox_user: str = Field(
         "65534:65534", pattern=r"^[1-9][0-9]*:[0-9]+$", alias="OSA_HOOK_SANDBOX_USER"
     )

@@ -17,6 +17,7 @@ from osa_dagster.defs.assets import batch_partitions
 from osa_dagster.defs.automation import convention_automation
 from osa_dagster.defs.planning import contiguous_chunks
 from osa_dagster.defs.resources import default_resources
+from osa_dagster.engine.runners import sandbox as sandbox_module
 
 pytestmark = pytest.mark.slow
 
@@ -129,6 +130,23 @@ def test_new_batches_are_requested_in_ranges_that_skip_done_partitions(monkeypat
         assert [r.run_key for r in result.run_requests] == ["b0...b1", "b3...b4", "b5"]
         assert ranges[-1] == (None, "b5")
         assert result.cursor == "6"
+
+
+def test_new_batches_wait_while_their_hooks_could_not_be_sandboxed(tmp_path, monkeypatch):
+    no_tools = tmp_path / "no-tools"
+    no_tools.mkdir()
+    monkeypatch.setenv("PATH", str(no_tools))
+    sandbox_module._unavailable_reason.cache_clear()
+    try:
+        with dg.instance_for_test() as instance:
+            instance.add_dynamic_partitions("pdb_batches", ["b0"])
+            sensor = build_definitions().resolve_sensor_def("pdb_new_batches")
+            result = sensor(dg.build_sensor_context(instance=instance, cursor="0"))
+    finally:
+        sandbox_module._unavailable_reason.cache_clear()
+    assert isinstance(result, dg.SkipReason)
+    assert result.skip_message.startswith("OSA_HOOK_SANDBOX=on, but hooks cannot be sandboxed")
+    # Nothing requested, the cursor untouched: b0 is requested once hooks can run.
 
 
 def test_contiguous_chunks_never_span_a_skipped_key():

@@ -210,3 +210,23 @@ def test_a_bad_setting_is_one_line_naming_it_and_creates_nothing(
     assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
     assert result.stderr.startswith(f"osa summary: {variable}"), result.stderr
     assert tree(root) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["materialize", "toy"], ["demo"], ["stack"]])
+def test_hooks_without_their_promised_sandbox_are_refused_before_anything_runs(site, command):
+    root, env = site
+    no_tools = root / "no-tools"
+    no_tools.mkdir()
+    before = tree(root)
+    # No bubblewrap on the PATH, and OSA_HOOK_SANDBOX unset: on, the default.
+    result = osa(*command, env=env | {"PATH": str(no_tools)}, cwd=root)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(
+        f"osa {command[0]}: OSA_HOOK_SANDBOX=on, but hooks cannot be sandboxed here: bwrap"
+    )
+    assert "install the Debian packages bubblewrap" in result.stderr
+    assert "OSA_HOOK_SANDBOX=off" in result.stderr
+    assert tree(root) == before  # no run, no data folder, no Dagster storage

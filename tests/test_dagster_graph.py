@@ -81,6 +81,8 @@ def test_whole_graph_publishes_what_passed_and_is_idempotent(defs, instance):
     assert (meta["published"], meta["duplicates_skipped"]) == (0, 4)
     hook_meta = _metadata(again, "toy", "hook_outcomes", "check_size")
     assert (hook_meta["passed"], hook_meta["rejected"], hook_meta["errored"]) == (4, 1, 0)
+    # OSA_HOOK_SANDBOX unset: on, and every materialisation says how its hooks ran.
+    assert hook_meta["hook_isolation"].startswith("sandboxed (bubblewrap")
 
 
 def test_planning_twice_adds_no_partition(defs, instance):

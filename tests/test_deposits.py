@@ -11,10 +11,11 @@ import pytest
 from osa_sdk.contract import BYTES_PER_MB
 from osa_sdk.types import OutcomeStatus
 
-from osa_dagster.batch.deposits import read_result, write_deposit
+from osa_dagster.batch.deposits import RESULT_FILE, deposit_prefix, read_result, write_deposit
 from osa_dagster.conventions.pdb.ingester import DEFAULT_MIRROR, entry_path
 from osa_dagster.definitions import build_definitions
 from osa_dagster.defs.resources import default_resources
+from osa_dagster.engine.runners import sandbox as sandbox_module
 from osa_dagster.storage.store import FileSystemStore, deposits_store_from_env
 from tests.engine.helpers import require_cgroups
 
@@ -120,4 +121,57 @@ def test_the_verdict_is_on_the_materialisation_and_nothing_is_validated_twice(va
     metadata = materialization.metadata
     assert metadata["status"].value == "passed"
     assert "192 OOM, 384" in metadata["hooks"].value
+    assert metadata["hook_isolation"].value.startswith("sandboxed (bubblewrap")
     assert second.run_requests == []
+
+
+@pytest.fixture
+def no_bubblewrap(tmp_path, monkeypatch):
+    """A PATH without bubblewrap; the once-per-process probe forgotten before and after."""
+    empty = tmp_path / "no-tools"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    sandbox_module._unavailable_reason.cache_clear()
+    yield
+    sandbox_module._unavailable_reason.cache_clear()
+
+
+def test_without_the_sandbox_deposits_wait_and_a_run_fails_in_one_line(no_bubblewrap):
+    store = deposits_store_from_env()
+    write_deposit(store, "pdb", "good", {"1a28.cif.gz": entry_bytes("1A28")}, {"source_id": "1A28"})
+    defs = build_definitions()
+    with dg.instance_for_test() as instance:
+        tick = defs.resolve_sensor_def("pdb_deposits")(
+            dg.build_sensor_context(
+                instance=instance, resources={"deposits": default_resources()["deposits"]}
+            )
+        )
+        assert isinstance(tick, dg.SkipReason)
+        assert tick.skip_message.startswith("OSA_HOOK_SANDBOX=on, but hooks cannot be sandboxed")
+        # A run launched all the same (from the UI, say) fails before any hook runs.
+        instance.add_dynamic_partitions("pdb_deposits", ["good"])
+        result = defs.resolve_job_def("pdb_validate_deposit").execute_in_process(
+            partition_key="good", instance=instance, raise_on_error=False
+        )
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    error = failure.step_failure_data.user_failure_data
+    assert error is not None and error.description is not None
+    assert error.description == tick.skip_message
+    assert not store.exists(f"{deposit_prefix('pdb', 'good')}/{RESULT_FILE}")  # no verdict
+
+
+def test_hooks_run_unsandboxed_only_when_turned_off_and_say_so(monkeypatch):
+    require_cgroups()
+    monkeypatch.setenv("OSA_HOOK_SANDBOX", "off")
+    store = deposits_store_from_env()
+    write_deposit(store, "pdb", "good", {"1a28.cif.gz": entry_bytes("1A28")}, {"source_id": "1A28"})
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("pdb_deposits", ["good"])
+        result = (
+            build_definitions()
+            .resolve_job_def("pdb_validate_deposit")
+            .execute_in_process(partition_key="good", instance=instance)
+        )
+    (materialization,) = result.asset_materializations_for_node("pdb__deposit_validation")
+    assert materialization.metadata["hook_isolation"].value.startswith("UNSANDBOXED")

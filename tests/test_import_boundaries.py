@@ -19,8 +19,6 @@ LOWER_LAYERS = {
     "osa_dagster.batch.audit": ("dagster", "osa_dagster.defs"),
     "osa_dagster.batch.deposits": ("dagster", "osa_dagster.defs"),
     "osa_dagster.batch.lease": ("dagster", "osa_dagster.defs", "osa_dagster.storage"),
-    # who a process is and whether it lives: for leases (batch) and run workers (defs)
-    "osa_dagster.liveness": (*ABOVE_ENGINE, "osa_dagster.storage", "osa_dagster.records"),
 }
 
 

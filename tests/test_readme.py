@@ -55,6 +55,7 @@ RUN_HERE = (
 # Run by other tests, or only by hand, and why.
 RUN_ELSEWHERE = {
     "make demo": "test_make_demo_runs_quietly, below",
+    "osa demo": "tests/test_cli.py refuses it without the sandbox; `make demo` runs it",
     ".venv/bin/dg dev": "test_dg_dev_serves_the_code_location_under_its_one_name, below",
     "make ui": "tests/ui/test_backfills.py starts `make ui PORT=...`",
     "make ui PORT=3001": "tests/ui/test_backfills.py starts `make ui PORT=...`",

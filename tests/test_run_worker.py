@@ -18,12 +18,12 @@ from dagster._core.launcher.base import WorkerStatus
 from dagster._daemon.monitoring.run_monitoring import monitor_started_run
 
 from osa_dagster.defs.run_worker import WORKER_TAG, WorkerCheckingRunLauncher, worker_health
-from osa_dagster.liveness import ProcessIdentity
+from osa_dagster.engine.process_identity import ProcessIdentity
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTIFY = (
     "import sys\n"
-    "from osa_dagster.liveness import ProcessIdentity\n"
+    "from osa_dagster.engine.process_identity import ProcessIdentity\n"
     "print(ProcessIdentity.of_this_process().model_dump_json(), flush=True)\n"
     "sys.stdin.read()\n"
 )

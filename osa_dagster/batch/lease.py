@@ -42,7 +42,7 @@ from sqlalchemy import ColumnElement, delete, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from osa_dagster.liveness import ProcessIdentity
+from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.records import RecordsDatabase
 from osa_dagster.records.models import BatchLease
 

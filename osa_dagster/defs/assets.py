@@ -45,6 +45,7 @@ from osa_dagster.defs.metadata import (
     set_aside_metadata,
 )
 from osa_dagster.defs.resources import (
+    ISOLATION_METADATA,
     ArtifactStoreResource,
     AssetKinds,
     HookRunnerResource,
@@ -250,6 +251,7 @@ def _hooks_asset(
                 history = load_memory_history(convention, store, job.hook)
                 context.add_asset_metadata(
                     {
+                        ISOLATION_METADATA: hook_runner.isolation(),
                         **hook_metadata(result.progress.checkpoint),
                         **memory_history_metadata(history),
                         **set_aside,

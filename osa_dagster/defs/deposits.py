@@ -14,9 +14,11 @@ from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.leases import batch_lease
 from osa_dagster.defs.metadata import deposit_metadata
 from osa_dagster.defs.resources import (
+    ISOLATION_METADATA,
     DepositsResource,
     HookRunnerResource,
     RecordsDatabaseResource,
+    hooks_refusal,
 )
 from osa_dagster.defs.run_worker import recording_worker
 
@@ -48,7 +50,7 @@ def convention_deposits(
         hook_runner: HookRunnerResource,
         records_db: RecordsDatabaseResource,
     ) -> dg.MaterializeResult:
-        store, deposit = deposits.get(), context.partition_key
+        runner, store, deposit = hook_runner.get(), deposits.get(), context.partition_key
         # Deposits are batches of their own namespace: a deposit's name may equal a batch's.
         with batch_lease(
             context,
@@ -57,13 +59,16 @@ def convention_deposits(
             deposit,
             deposit_key(convention).to_user_string(),
         ):
-            result = validate_deposit(
-                convention, store, deposit, hook_runner.get(), hook_runner.capacity()
-            )
+            result = validate_deposit(convention, store, deposit, runner, hook_runner.capacity())
         prefix = deposit_prefix(convention.name, result.deposit)
         location = store.describe(f"{prefix}/{RESULT_FILE}")
         context.log.info(f"deposit {result.deposit}: {result.status.value} {result.reason or ''}")
-        return dg.MaterializeResult(metadata=deposit_metadata(result, location))
+        return dg.MaterializeResult(
+            metadata={
+                ISOLATION_METADATA: hook_runner.isolation(),
+                **deposit_metadata(result, location),
+            }
+        )
 
     job = dg.define_asset_job(
         name=f"{convention.name}_validate_deposit",
@@ -81,7 +86,10 @@ def convention_deposits(
     )
     def new_deposits(
         context: dg.SensorEvaluationContext, deposits: DepositsResource
-    ) -> dg.SensorResult:
+    ) -> dg.SensorResult | dg.SkipReason:
+        refusal = hooks_refusal()
+        if refusal is not None:
+            return dg.SkipReason(refusal)  # the deposits wait, validated once hooks can run
         store = deposits.get()
         for refused in refuse_misnamed_deposits(store, convention.name):
             context.log.warning(f"deposit folder {refused!r} refused: not a deposit name")

@@ -28,7 +28,7 @@ from osa_dagster.defs.dagster_private import (
     run_failure_reason,
     will_be_retried,
 )
-from osa_dagster.defs.resources import ArtifactStoreResource
+from osa_dagster.defs.resources import ArtifactStoreResource, hooks_refusal
 from osa_dagster.defs.run_worker import recording_worker
 from osa_dagster.settings import Settings, data_dir
 
@@ -426,7 +426,10 @@ def convention_jobs(
         description="Requests ingest runs for newly planned batches, up to "
         "OSA_PARTITIONS_PER_RUN adjacent ones per run.",
     )
-    def new_batches(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    def new_batches(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        refusal = hooks_refusal()
+        if refusal is not None:
+            return dg.SkipReason(refusal)  # the cursor stays: the batches run once hooks can
         keys = context.instance.get_dynamic_partitions(partitions.name)
         # Keys come back in the order they were added, so the cursor is a count; the run
         # key makes a repeated request a no-op should the cursor ever lag.

@@ -10,6 +10,7 @@ carries a password is shown by name only.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import dagster as dg
@@ -19,6 +20,8 @@ from sqlalchemy.engine import make_url
 from osa_dagster.batch.hooks import machine_capacity
 from osa_dagster.engine import HookCapacity, LocalRunner, Runner
 from osa_dagster.engine.runners.docker import DockerRunner
+from osa_dagster.engine.runners.local import require_promised_isolation
+from osa_dagster.engine.runners.sandbox import SandboxMode, SandboxUnavailable
 from osa_dagster.records import RecordsDatabase, open_database
 from osa_dagster.settings import RunnerKind, Settings
 from osa_dagster.storage import ArtifactStore
@@ -26,6 +29,8 @@ from osa_dagster.storage.store import store_at
 
 PASSWORD_VARIABLE = "OSA_DATABASE_PASSWORD"
 URL_VARIABLE = "OSA_DATABASE_URL"
+# The metadata entry of what hooks produced that says how they were isolated.
+ISOLATION_METADATA = "hook_isolation"
 
 
 class ArtifactStoreResource(dg.ConfigurableResource):
@@ -74,6 +79,10 @@ class HookRunnerResource(dg.ConfigurableResource):
     inputs and outputs through the S3 artifact store under `staging/`."""
 
     kind: RunnerKind = Field(default="local", description="local, docker or kubernetes.")
+    sandbox: SandboxMode = Field(
+        default="on",
+        description="OSA_HOOK_SANDBOX: local hooks sandboxed (on), or unsandboxed (off).",
+    )
     k8s_namespace: str = Field(default="default", description="OSA_K8S_NAMESPACE.")
     k8s_staging_secret: str | None = Field(
         default=None,
@@ -87,8 +96,13 @@ class HookRunnerResource(dg.ConfigurableResource):
     )
 
     def get(self) -> Runner:
+        """The runner; a dg.Failure, before any hook runs, when local hooks cannot have the
+        sandbox that OSA_HOOK_SANDBOX promises."""
         if self.kind == "local":
-            return LocalRunner()
+            try:
+                return LocalRunner(sandbox=self.sandbox)
+            except SandboxUnavailable as unavailable:
+                raise dg.Failure(description=str(unavailable), allow_retries=False) from None
         if self.kind == "docker":
             return DockerRunner()
         # Imported here: the kubernetes client takes ~0.65 s to import, which every run and
@@ -110,12 +124,31 @@ class HookRunnerResource(dg.ConfigurableResource):
             ),
         )
 
+    def isolation(self) -> str:
+        """How hooks are kept from the machine, for the metadata of what they produced."""
+        if self.kind != "local":
+            return f"{self.kind} container"
+        if self.sandbox == "off":
+            return "UNSANDBOXED (OSA_HOOK_SANDBOX=off): hooks ran as the orchestrator's user"
+        how = "as root, dropping to" if os.geteuid() == 0 else "rootless: a user namespace maps"
+        return f"sandboxed (bubblewrap, {how} the hook's user)"
+
     def capacity(self) -> HookCapacity | None:
         """The slots and memory budget that local and Docker attempts share machine-wide;
         None for Kubernetes, whose scheduler packs pods by their memory requests."""
         if self.kind == "kubernetes":
             return None
         return machine_capacity(Settings.from_env())
+
+
+def hooks_refusal(settings: Settings | None = None) -> str | None:
+    """Why hooks cannot run here as the settings (None: this process's) promise, in one
+    line; None when they can."""
+    try:
+        require_promised_isolation(settings or Settings.from_env())
+    except SandboxUnavailable as unavailable:
+        return str(unavailable)
+    return None
 
 
 @dataclass(frozen=True)
@@ -168,6 +201,7 @@ class Resources:
             records_db=_records_database(settings),
             hook_runner=HookRunnerResource(
                 kind=settings.hook_runner,
+                sandbox=settings.hook_sandbox,
                 k8s_namespace=settings.k8s_namespace,
                 k8s_staging_secret=settings.k8s_staging_secret,
                 k8s_s3_endpoint_url=settings.k8s_s3_endpoint_url,

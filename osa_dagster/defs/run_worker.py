@@ -33,7 +33,7 @@ from osa_dagster.defs.dagster_private import (
     StepDependencyConfig,
     WorkerStatus,
 )
-from osa_dagster.liveness import ProcessIdentity
+from osa_dagster.engine.process_identity import ProcessIdentity
 
 WORKER_TAG = "osa/worker"
 

@@ -9,10 +9,16 @@ back every younger one until it is admitted, so a steady stream of small attempt
 starve a large one.
 
 The mechanism is a ledger: one small JSON file naming every admitted and waiting attempt,
-read and rewritten under an fcntl lock on a file beside it. Each entry names its holder
-(pid, kernel start time, boot id), and every read drops the entries of holders that no
-longer exist, so the share of a SIGKILLed orchestrator comes back at the next read; the lock
-itself is the kernel's and dies with its holder. Why not the alternatives:
+read and rewritten under an fcntl lock on a file beside it. Each entry names its holder (a
+`ProcessIdentity`), and every read drops the entries of holders seen dead, so the share of a
+SIGKILLed orchestrator comes back at the next read; the lock itself is the kernel's and dies
+with its holder. A holder that cannot be seen from the reading process (the step containers
+of the Docker executor share the data folder, and so the ledger, but each has its own pid
+namespace) is never judged by its pid: its entry carries a heartbeat, renewed every
+`HEARTBEAT_S` while it waits or runs, and is dropped once the heartbeat is older than
+`UNSEEN_HOLDER_TTL_S`. A holder that died in another pid namespace thus keeps its share for
+at most that long after its last heartbeat (the clocks of the processes sharing the ledger
+must agree: one kernel's, or hosts kept in step). Why not the alternatives:
 
 - a parent cgroup whose limit is the budget caps the attempts' *usage* together: past it,
   the kernel kills some attempt of the group, maybe a small one well inside its own limit,
@@ -40,11 +46,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from osa_dagster.engine.runners.base import boot_id, process_start_ticks, still_running
+from osa_dagster.engine.process_identity import ProcessIdentity
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
+HEARTBEAT_S = 10.0
+UNSEEN_HOLDER_TTL_S = 60.0
 DEFAULT_PATIENCE_S = 30.0
 # Of the memory the orchestrator may use (its cgroup's limit, or the host's), what hook
 # attempts may have together by default: the rest is the orchestrator's and the kernel's.
@@ -54,25 +62,9 @@ _MB = 1024 * 1024
 _RELEASED = threading.Condition()
 
 
-class Holder(BaseModel):
-    """The process an entry belongs to; the entry lives exactly as long as it does."""
-
-    pid: int
-    start_ticks: int | None
-    boot_id: str | None
-
-    @classmethod
-    def this_process(cls) -> Holder:
-        pid = os.getpid()
-        return cls(pid=pid, start_ticks=process_start_ticks(pid), boot_id=boot_id())
-
-    def alive(self) -> bool:
-        return still_running(self.pid, self.start_ticks, self.boot_id)
-
-
 class Entry(BaseModel):
     id: str
-    holder: Holder
+    holder: ProcessIdentity
     limit_mb: int
     """The attempt's own memory limit."""
     charge_mb: int
@@ -81,6 +73,14 @@ class Entry(BaseModel):
     since: float
     """time.time() when it was admitted, or when it began to wait."""
     running: bool
+    heartbeat: float
+    """time.time() when its holder last said it still waits or runs."""
+
+    def kept(self, now: float, unseen_ttl_s: float) -> bool:
+        """Whether its holder may still hold it: alive, or not seen from here and heard of
+        within `unseen_ttl_s`."""
+        alive = self.holder.alive()
+        return alive is True or (alive is None and now - self.heartbeat <= unseen_ttl_s)
 
 
 class LedgerState(BaseModel):
@@ -112,6 +112,8 @@ class HookCapacity:
         slots: int,
         budget_mb: int,
         patience_s: float = DEFAULT_PATIENCE_S,
+        heartbeat_s: float = HEARTBEAT_S,
+        unseen_holder_ttl_s: float = UNSEEN_HOLDER_TTL_S,
     ) -> None:
         if slots < 1 or budget_mb < 1:
             raise ValueError(f"slots and budget must be positive, not {slots} and {budget_mb} MB")
@@ -120,7 +122,9 @@ class HookCapacity:
         self.slots = slots
         self.budget_mb = budget_mb
         self.patience_s = patience_s
-        self._holder = Holder.this_process()
+        self.heartbeat_s = heartbeat_s
+        self.unseen_holder_ttl_s = unseen_holder_ttl_s
+        self._holder = ProcessIdentity.of_this_process()
 
     def __repr__(self) -> str:
         return f"HookCapacity({self.slots} slots, {self.budget_mb} MB, {self.ledger_path})"
@@ -133,14 +137,16 @@ class HookCapacity:
 
         Setting `cancel` ends the wait with `Cancelled`.
         """
+        now = time.time()
         entry = Entry(
             id=uuid.uuid4().hex,
             holder=self._holder_now(),
             limit_mb=limit_mb,
             charge_mb=min(limit_mb, self.budget_mb),
             label=label,
-            since=time.time(),
+            since=now,
             running=False,
+            heartbeat=now,
         )
         started = time.monotonic()
         told = False
@@ -156,7 +162,8 @@ class HookCapacity:
             queued = time.monotonic() - started
             if told:
                 log.info("%s admitted after %.1f s in the queue", label, queued)
-            yield Admission(entry.id, queued)
+            with self._heartbeats(entry):
+                yield Admission(entry.id, queued)
         finally:
             self._remove(entry.id)
 
@@ -176,17 +183,45 @@ class HookCapacity:
         with self._locked() as state:
             return state
 
-    def _holder_now(self) -> Holder:
+    def _holder_now(self) -> ProcessIdentity:
         # A forked child (a test's helper process) must not pass for its parent.
         if self._holder.pid != os.getpid():
-            self._holder = Holder.this_process()
+            self._holder = ProcessIdentity.of_this_process()
         return self._holder
+
+    @contextlib.contextmanager
+    def _heartbeats(self, entry: Entry) -> Iterator[None]:
+        """Renew the admitted entry's heartbeat until the attempt ends."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat_s):
+                self._renew(entry)
+
+        beating = threading.Thread(target=beat, name=f"ledger heartbeat {entry.label}", daemon=True)
+        beating.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beating.join()
+
+    def _renew(self, entry: Entry) -> None:
+        with self._locked() as state:
+            entry.heartbeat = time.time()
+            if not any(e.id == entry.id for e in state.entries):
+                # Dropped by a process that could not see this one and had not heard of it
+                # for too long (a stopped container, a clock jump): it runs, so it counts.
+                log.warning("%s was missing from the ledger; entered again", entry.label)
+            state.entries = [*(e for e in state.entries if e.id != entry.id), entry]
 
     def _try_admit(self, entry: Entry) -> bool:
         with self._locked() as state:
             others = [e for e in state.entries if e.id != entry.id]
             running = [e for e in others if e.running]
             now = time.time()
+            if now - entry.heartbeat >= self.heartbeat_s:
+                entry.heartbeat = now  # not at every poll: each change rewrites the ledger
             starving = [
                 e
                 for e in others
@@ -212,7 +247,9 @@ class HookCapacity:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 loaded = self._load()
-                state = LedgerState(entries=[e for e in loaded.entries if e.holder.alive()])
+                now = time.time()
+                kept = [e for e in loaded.entries if e.kept(now, self.unseen_holder_ttl_s)]
+                state = LedgerState(entries=kept)
                 yield state
                 if state.entries != loaded.entries:
                     tmp = self.ledger_path.with_name(self.ledger_path.name + ".tmp")

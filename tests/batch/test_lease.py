@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import event, text, update
 
 from osa_dagster.batch.lease import BatchHeld, BatchLeases, LeaseLost
-from osa_dagster.liveness import ProcessIdentity
+from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.records import RecordsDatabase
 from osa_dagster.records.models import BatchLease
 from tests.engine.helpers import eventually

@@ -17,6 +17,7 @@ import docker
 import docker.errors
 import pytest
 
+from osa_dagster import __version__
 from osa_dagster.conventions.pdb import HOOK_IMAGE
 from osa_dagster.defs.step_containers import STEP_LABEL
 from osa_dagster.engine.runners.docker import ORCHESTRATOR_LABEL, RUNNER_LABEL, orchestrator_id
@@ -24,6 +25,7 @@ from tests.fixtures.services import unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE_IMAGE = "osa-test-probe:latest"
+STEP_IMAGE = f"osa-dagster-step:{__version__}"
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +47,16 @@ def pdb_hook_image(docker_client: docker.DockerClient) -> str:
     except docker.errors.ImageNotFound:
         subprocess.run([sys.executable, str(REPO / "images" / "build.py")], check=True)
     return HOOK_IMAGE.name
+
+
+@pytest.fixture(scope="session")
+def step_image(docker_client: docker.DockerClient, pdb_hook_image: str) -> str:
+    """The step image of dagster_docker's executor, built by images/build.py when missing."""
+    try:
+        docker_client.images.get(STEP_IMAGE)
+    except docker.errors.ImageNotFound:
+        subprocess.run([sys.executable, str(REPO / "images" / "build.py"), "--step"], check=True)
+    return STEP_IMAGE
 
 
 @pytest.fixture(scope="session")

@@ -14,23 +14,12 @@ import docker
 import pytest
 from sqlalchemy import func, select
 
-from osa_dagster import __version__
 from osa_dagster.records import Record, RecordsDatabase, database_url_from_env
 from tests.conftest import use_instance_profile
 
 pytestmark = pytest.mark.slow
 
-STEP_IMAGE = f"osa-dagster-step:{__version__}"
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def step_image(docker_client: docker.DockerClient, pdb_hook_image: str) -> str:
-    try:
-        docker_client.images.get(STEP_IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run([sys.executable, str(REPO / "images" / "build.py"), "--step"], check=True)
-    return STEP_IMAGE
 
 
 def test_a_partition_materialises_with_every_step_in_a_container(tmp_path, step_image):

@@ -15,6 +15,7 @@ from osa_sdk.contract import files_dir_for
 from osa_sdk.types import OutcomeStatus
 
 from osa_dagster.engine import HookSpec, MemoryPolicy
+from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.engine.runners.base import HOOK_LOG_MAX_BYTES, dropped_marker
 from osa_dagster.engine.runners.docker import (
     ORCHESTRATOR_LABEL,
@@ -150,6 +151,16 @@ def test_a_timeout_removes_the_container(docker_harness, probe_image):
     assert checkpoint.outcomes["stuck"].retryable
 
 
+def dead_here() -> str:
+    """The label of an orchestrator of this machine that has exited: pid 1 of this pid
+    namespace started at tick 0, which no process ever does."""
+    return ProcessIdentity.of_pid(1).model_copy(update={"start_ticks": 0}).model_dump_json()
+
+
+def elsewhere() -> str:
+    return ProcessIdentity.of_pid(1).model_copy(update={"host": "another-host"}).model_dump_json()
+
+
 def test_containers_of_dead_orchestrators_are_swept(docker_client, probe_image):
     runner = DockerRunner(docker_client)
     orphan = docker_client.containers.run(
@@ -157,14 +168,14 @@ def test_containers_of_dead_orchestrators_are_swept(docker_client, probe_image):
         ["sleep", "300"],
         detach=True,
         network_mode="none",
-        labels={RUNNER_LABEL: "docker", ORCHESTRATOR_LABEL: f"{socket.gethostname()}:1:0"},
+        labels={RUNNER_LABEL: "docker", ORCHESTRATOR_LABEL: dead_here()},
     )
     alive_elsewhere = docker_client.containers.run(
         probe_image,
         ["sleep", "300"],
         detach=True,
         network_mode="none",
-        labels={RUNNER_LABEL: "docker", ORCHESTRATOR_LABEL: "another-host:1:0"},
+        labels={RUNNER_LABEL: "docker", ORCHESTRATOR_LABEL: elsewhere()},
     )
     try:
         removed = runner.remove_orphans()
@@ -178,7 +189,7 @@ def test_containers_of_dead_orchestrators_are_swept(docker_client, probe_image):
             ["sleep", "300"],
             detach=True,
             network_mode="none",
-            labels={RUNNER_LABEL: "docker", ORCHESTRATOR_LABEL: f"{socket.gethostname()}:1:0"},
+            labels={RUNNER_LABEL: "docker", ORCHESTRATOR_LABEL: dead_here()},
         )
         DockerRunner(docker_client)
         with pytest.raises(docker.errors.NotFound):

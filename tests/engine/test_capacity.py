@@ -4,6 +4,7 @@ number of slots that every attempt on the machine draws from, whatever run it be
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -251,3 +252,55 @@ def test_cancelling_a_run_kills_its_hook_and_keeps_what_it_did(harness: Harness)
     assert hook_pid is not None and eventually(lambda: not alive(hook_pid))
     # Its slot is free again; the checkpoint names the attempt, for the next run to harvest.
     assert capacity.read().entries == []
+
+
+# A holder in a pid namespace of its own, as a step container of the Docker executor is: it
+# holds an admission and, for each line read, says which labels the ledger holds for it.
+NAMESPACED_HOLDER = """
+import json, sys
+from pathlib import Path
+from osa_dagster.engine.capacity import HookCapacity
+capacity = HookCapacity(Path(sys.argv[1]), slots=4, budget_mb=100, heartbeat_s=0.2)
+with capacity.admit(10, "in another pid namespace"):
+    print("admitted", flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(sorted(e.label for e in capacity.read().entries)), flush=True)
+"""
+
+
+def _in_a_pid_namespace(command: list[str]) -> list[str]:
+    """`command` as pid 1 of a new pid namespace (with a /proc of its own), killed when
+    unshare is; an ordinary user gets the namespace through a user namespace of its own."""
+    user = [] if os.geteuid() == 0 else ["--map-root-user"]
+    return ["unshare", *user, "--pid", "--fork", "--mount-proc", "--kill-child", *command]
+
+
+def test_holders_in_other_pid_namespaces_are_kept_until_their_heartbeat_stops(tmp_path: Path):
+    ledger = tmp_path / "ledger.json"
+    capacity = HookCapacity(ledger, slots=4, budget_mb=100)
+    here = Held(capacity, 10, "here")
+    assert here.admitted.wait(30)
+    other = subprocess.Popen(
+        _in_a_pid_namespace([sys.executable, "-c", NAMESPACED_HOLDER, str(ledger)]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert other.stdin is not None and other.stdout is not None
+    try:
+        assert other.stdout.readline() == "admitted\n"
+        # Neither can see the other's pid, and neither drops the other's entry.
+        [theirs] = [e for e in capacity.read().entries if e.label == "in another pid namespace"]
+        assert theirs.holder.alive() is None
+        other.stdin.write("read\n")
+        other.stdin.flush()
+        assert json.loads(other.stdout.readline()) == ["here", "in another pid namespace"]
+        assert {e.label for e in capacity.read().entries} == {"here", "in another pid namespace"}
+    finally:
+        other.kill()
+        other.wait()
+    # Dead, but not seen dying: its share is kept until its heartbeat is too old.
+    assert {e.label for e in capacity.read().entries} == {"here", "in another pid namespace"}
+    impatient = HookCapacity(ledger, slots=4, budget_mb=100, unseen_holder_ttl_s=0.5)
+    assert eventually(lambda: {e.label for e in impatient.read().entries} == {"here"}, 30)
+    here.release()

@@ -46,6 +46,7 @@ from osa_dagster.engine import (
     MemoryPolicy,
     advance_hook,
 )
+from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.engine.runners.base import (
     HOOK_LOG_MAX_BYTES,
     HOOK_LOG_TAIL_BYTES,
@@ -592,7 +593,9 @@ def test_kill_leftovers_finds_the_job_by_name_and_pods_by_label(
     staging.upload_dir(source, f"{NAMESPACE}/{name}/in")
     runner = make_runner(fake, staging)
 
-    runner.kill_leftovers(AttemptMarker(runner="local", limit_mode="cgroup", pid=1, pgid=1))
+    runner.kill_leftovers(
+        AttemptMarker(runner="local", limit_mode="cgroup", process=ProcessIdentity.of_pid(1))
+    )
     assert fake.requests == []  # not ours
     marker = AttemptMarker(
         runner="kubernetes", limit_mode="container", container=f"{NAMESPACE}/{name}"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from osa_dagster.engine import AttemptMarker, Invocation, LocalRunner, kill_leftovers
+from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.engine.runners import local as runners_module
 
 from .helpers import alive, eventually, require_cgroups
@@ -170,15 +171,18 @@ def test_leftovers_of_a_dead_orchestrator_are_killed(tmp_path: Path) -> None:
     kill_leftovers(marker)  # a second call finds nothing and does nothing
 
 
+def reused_pid(pid: int) -> ProcessIdentity:
+    """A process that had `pid` before the process that has it now."""
+    now = ProcessIdentity.of_pid(pid)
+    return now.model_copy(update={"start_ticks": (now.start_ticks or 0) + 1})
+
+
 def test_kill_leftovers_spares_a_process_that_reused_the_pid(
     sleeper: subprocess.Popen[bytes],
 ) -> None:
     marker = AttemptMarker(
         limit_mode="rlimit",
-        pid=sleeper.pid,
-        pgid=sleeper.pid,
-        start_ticks=runners_module.process_start_ticks(sleeper.pid) + 1,
-        boot_id=runners_module.boot_id(),
+        process=reused_pid(sleeper.pid),
         cgroup=None,
     )
 
@@ -195,10 +199,7 @@ def test_kill_leftovers_touches_no_cgroup_it_did_not_make(
     (fake / "cgroup.procs").write_text(f"{sleeper.pid}\n")
     marker = AttemptMarker(
         limit_mode="cgroup",
-        pid=sleeper.pid,
-        pgid=sleeper.pid,
-        start_ticks=runners_module.process_start_ticks(sleeper.pid) + 1,
-        boot_id=runners_module.boot_id(),
+        process=reused_pid(sleeper.pid),
         cgroup=str(fake),
     )
 

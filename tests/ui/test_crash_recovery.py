@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 
 from osa_dagster.definitions import build_definitions
 from osa_dagster.defs.run_worker import WORKER_TAG
-from osa_dagster.liveness import ProcessIdentity
+from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.records import Feature, RecordsDatabase
 from osa_dagster.records.models import BatchLease
 from tests.conftest import REPO, use_instance_profile

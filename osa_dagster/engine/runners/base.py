@@ -21,6 +21,8 @@ from typing import Literal, Protocol
 from osa_sdk.contract import EXIT_MEMORY_ERROR, bytes_to_mb
 from pydantic import BaseModel, ConfigDict
 
+from osa_dagster.engine.process_identity import ProcessIdentity
+
 # How an attempt's memory limit was enforced: a cgroup of our own, RLIMIT_AS (approximate),
 # or the container platform (Docker, Kubernetes), which puts the container in a cgroup.
 LimitMode = Literal["cgroup", "rlimit", "container"]
@@ -84,17 +86,18 @@ class AttemptMarker(BaseModel):
 
     runner: str = "local"
     limit_mode: LimitMode
-    # Local attempts: the hook's process and group.
-    pid: int | None = None
-    pgid: int | None = None
-    # The kernel start time of `pid` and the boot it belongs to: tell our hook apart from a
-    # later process that reused its pid.
-    start_ticks: int | None = None
-    boot_id: str | None = None
+    # Local attempts: the hook's process, the leader of its own process group, told apart
+    # from a later process that reuses its pid.
+    process: ProcessIdentity | None = None
     cgroup: str | None = None
     pids_cgroup: str | None = None
     # Container attempts: the container's or job's name, unique per attempt.
     container: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """A local attempt's hook process (in the orchestrator's pid namespace)."""
+        return None if self.process is None else self.process.pid
 
 
 class RunningAttempt(Protocol):
@@ -264,34 +267,3 @@ def image_command(command: Iterable[str]) -> list[str]:
     ):
         parts[0] = "python3"
     return parts
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat from field 3 (the state) on, or None when there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and ")": split after its last ")".
-    return stat.rpartition(")")[2].split()
-
-
-def process_start_ticks(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return None if fields is None else int(fields[19])  # field 22: the start time
-
-
-def still_running(pid: int, start_ticks: int | None, boot: str | None) -> bool:
-    """Whether the process that had this pid, kernel start time and boot still runs (a
-    zombie, killed and not yet reaped, does not; a later process with its pid is another)."""
-    if start_ticks is None or boot != boot_id():
-        return False
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] != "Z" and int(fields[19]) == start_ticks
-
-
-def boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None

@@ -36,6 +36,7 @@ from docker.types import LogConfig
 from docker.utils.socket import frames_iter
 from osa_sdk.contract import BYTES_PER_MB, ENV_FILES, ENV_IN, ENV_OUT
 
+from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.engine.runners.base import (
     HOOK_LOG_MAX_BYTES,
     ISOLATED_FILES,
@@ -46,7 +47,6 @@ from osa_dagster.engine.runners.base import (
     HookLog,
     Invocation,
     image_command,
-    process_start_ticks,
     read_tail,
     readable_by_hooks,
     returncode_from_exit_code,
@@ -76,8 +76,8 @@ _LOG_END_S = 30.0
 
 
 def orchestrator_id() -> str:
-    """This process, told apart from a later one that reuses its pid on this host."""
-    return f"{socket.gethostname()}:{os.getpid()}:{process_start_ticks(os.getpid())}"
+    """This process, told apart from a later one that reuses its pid: an ORCHESTRATOR_LABEL."""
+    return ProcessIdentity.of_this_process().model_dump_json()
 
 
 class DockerRunner:
@@ -310,9 +310,10 @@ def _remove(container: Container) -> None:
 
 
 def _alive(orchestrator: str) -> bool:
-    """Whether the process named by an ORCHESTRATOR_LABEL value still runs (on this host)."""
-    host, _, rest = orchestrator.partition(":")
-    pid, _, ticks = rest.partition(":")
-    if host != socket.gethostname():
-        return True  # another host's: not ours to judge
-    return pid.isdigit() and str(process_start_ticks(int(pid))) == ticks
+    """Whether the process named by an ORCHESTRATOR_LABEL value may still run: only one
+    seen dead from here is not (another host's or pid namespace's is not ours to judge)."""
+    try:
+        identity = ProcessIdentity.model_validate_json(orchestrator)
+    except ValueError:
+        return True  # not a label this runner wrote
+    return identity.alive() is not False

@@ -32,14 +32,13 @@ from osa_dagster.engine.cgroup import (
     usable_parent,
     usable_pids_parent,
 )
+from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.engine.runners.base import (
     AttemptExit,
     AttemptMarker,
     Invocation,
     LimitMode,
     PipeToHookLog,
-    boot_id,
-    process_start_ticks,
     read_tail,
     readable_by_hooks,
     returncode_from_exit_code,
@@ -48,10 +47,9 @@ from osa_dagster.engine.runners.sandbox import (
     Sandbox,
     SandboxMode,
     SandboxPolicy,
-    SandboxUnavailable,
     find_sandbox,
 )
-from osa_dagster.settings import settings
+from osa_dagster.settings import Settings, settings
 
 log = logging.getLogger(__name__)
 
@@ -78,34 +76,41 @@ def _warn_limits_approximate() -> None:
 
 
 @functools.cache
-def _warn_unsandboxed(reason: str) -> None:
+def _warn_unsandboxed() -> None:
     log.warning(
-        "Hooks run UNSANDBOXED and must be trusted: they run as this user, see the whole "
-        "machine and reach the network (%s; OSA_HOOK_SANDBOX=on refuses to run this way).",
-        reason,
+        "Hooks run UNSANDBOXED (OSA_HOOK_SANDBOX=off) and must be trusted: they run as this "
+        "user, see the whole machine and reach the network."
     )
 
 
 def choose_sandbox(mode: SandboxMode, policy: SandboxPolicy) -> Sandbox | None:
-    """The sandbox for `mode`: "off" none; "on" one, or SandboxUnavailable; "auto" one where
-    possible, else none and a warning, once per process."""
-    if mode == "off":
-        return None
-    try:
+    """The sandbox for `mode`: "on" one, or SandboxUnavailable; "off" none, said once per
+    process."""
+    if mode == "on":
         return find_sandbox(policy)
-    except SandboxUnavailable as unavailable:
-        if mode == "on":
-            raise
-        _warn_unsandboxed(str(unavailable))
-        return None
+    _warn_unsandboxed()
+    return None
+
+
+def configured_sandbox_policy(configured: Settings) -> SandboxPolicy:
+    """The sandbox policy of the settings: their hook user, their data folders private."""
+    uid, gid = configured.hook_sandbox_ids
+    return SandboxPolicy(uid=uid, gid=gid, private=configured.local_data_folders)
+
+
+def require_promised_isolation(configured: Settings) -> None:
+    """Refuse, before any work, to run local hooks with less isolation than OSA_HOOK_SANDBOX
+    promises: SandboxUnavailable, in one line naming what is missing."""
+    if configured.hook_runner == "local" and configured.hook_sandbox == "on":
+        find_sandbox(configured_sandbox_policy(configured))
 
 
 class LocalRunner:
     """Runs a hook as a local process in its own session, under a real memory limit.
 
     `mode="auto"` uses a cgroup when it can and otherwise falls back to RLIMIT_AS, with a
-    warning (once per process); "cgroup" and "rlimit" force a mode. `sandbox` ("auto", "on"
-    or "off"; None: OSA_HOOK_SANDBOX, else "auto") runs each attempt sandboxed under
+    warning (once per process); "cgroup" and "rlimit" force a mode. `sandbox` ("on" or
+    "off"; None: OSA_HOOK_SANDBOX, else "on") runs each attempt sandboxed under
     `sandbox_policy` (None: its defaults, with OSA_HOOK_SANDBOX_USER). Start attempts from a
     thread that lives as long as they do: PR_SET_PDEATHSIG fires when the *thread* that
     forked the hook exits.
@@ -131,11 +136,8 @@ class LocalRunner:
         self._cgroup_parent = usable_parent() if mode == "cgroup" else None
         if sandbox is None or sandbox_policy is None:
             configured = settings()
-            uid, gid = configured.hook_sandbox_ids
             sandbox = sandbox or configured.hook_sandbox
-            sandbox_policy = sandbox_policy or SandboxPolicy(
-                uid=uid, gid=gid, private=configured.local_data_folders
-            )
+            sandbox_policy = sandbox_policy or configured_sandbox_policy(configured)
         self.sandbox = choose_sandbox(sandbox, sandbox_policy)
         self._pids_parent = usable_pids_parent() if self.sandbox is not None else None
 
@@ -152,7 +154,7 @@ class LocalRunner:
                 policy = self.sandbox.policy
                 if self._pids_parent is not None:
                     pids = PidsCgroup.create(self._pids_parent, name, policy.max_processes)
-                else:
+                elif not self.sandbox.rootless:  # a rootless one limits them inside itself
                     max_processes = policy.max_processes
                 self.sandbox.prepare_output(inv.out_dir)
                 readable_by_hooks(inv.in_dir, inv.files_root)
@@ -208,10 +210,8 @@ class LocalAttempt:
         self._pidfd = os.pidfd_open(process.pid) if hasattr(os, "pidfd_open") else None
         self.marker = AttemptMarker(
             limit_mode=mode,
-            pid=process.pid,
-            pgid=process.pid,  # start_new_session makes the hook its group's leader
-            start_ticks=process_start_ticks(process.pid),
-            boot_id=boot_id(),
+            # start_new_session makes the hook its group's leader
+            process=ProcessIdentity.of_pid(process.pid),
             cgroup=str(cgroup.path) if cgroup else None,
             pids_cgroup=str(pids.path) if pids else None,
         )
@@ -288,12 +288,14 @@ class LocalAttempt:
 
 def kill_leftovers(marker: AttemptMarker) -> None:
     """Kill what is left of a local attempt whose orchestrator died, and remove its cgroup."""
-    if marker.pid is None or marker.pgid is None or marker.boot_id != boot_id():
-        return  # not a local attempt; or a reboot, which neither processes nor cgroups survive
-    # A live leader with another start time means the pid was reused, which the kernel only
-    # does once our whole group is gone; a vanished leader leaves the pgid to our group.
-    if process_start_ticks(marker.pid) in (None, marker.start_ticks):
-        _killpg(marker.pgid)
+    if marker.process is None or not marker.process.checkable_here():
+        # Not a local attempt; or a reboot, which neither processes nor cgroups survive; or
+        # another host's or pid namespace's, whose pids name other processes here.
+        return
+    # A reused pid means the kernel let our whole group go first; a vanished leader leaves
+    # the pgid to what is left of our group.
+    if not marker.process.pid_reused():
+        _killpg(marker.process.pid)
     for recorded, root in ((marker.cgroup, CGROUP_ROOT), (marker.pids_cgroup, PIDS_ROOT)):
         if recorded is None:
             continue

@@ -1,14 +1,19 @@
 """The local runner's sandbox: each hook attempt in its own namespaces, as an unprivileged user.
 
 Hooks are other people's code running on the archive's machine. Wrapped by `Sandbox.wrap`,
-an attempt runs under bubblewrap (`bwrap`) and util-linux `setpriv`:
+an attempt runs under bubblewrap (`bwrap`):
 
-- as uid:gid 65534 (nobody) by default, with no supplementary groups and no way to gain
-  privileges, even when the orchestrator is root. A user namespace alone (bwrap
-  --unshare-user) maps back to root outside, so the uid drop by setpriv is what keeps the
-  hook from root's files;
-- in new pid, ipc, uts, mount and network namespaces: it sees only its own processes in
-  /proc and has no network (only a loopback device of its own) unless its HookSpec opts in;
+- as uid:gid 65534 (nobody) by default, with no supplementary groups, no capabilities and
+  no way to gain privileges (bubblewrap sets no-new-privs). As root, util-linux `setpriv`
+  drops to that user inside the namespaces: a user namespace alone (bwrap --unshare-user)
+  maps back to root outside, so the uid drop is what keeps the hook from root's files. As an
+  ordinary user ("rootless"), bubblewrap makes an unprivileged user namespace that maps that
+  uid onto the orchestrator's own: the hook then owns what the orchestrator owns, and only
+  the mounts below keep it from them; it may make no user namespace of its own
+  (--disable-userns);
+- in new pid, ipc, uts, mount and network namespaces and its own session: it sees only its
+  own processes in /proc and has no network (only a loopback device of its own) unless its
+  HookSpec opts in;
 - on a root made of only what running code needs, read-only: the system folders (/usr,
   /etc and the top-level links into /usr), the Python installation and the import path of
   the orchestrator, and the files its command names. Nothing else of the machine exists
@@ -18,11 +23,13 @@ an attempt runs under bubblewrap (`bwrap`) and util-linux `setpriv`:
 - with its inputs read-only at /osa/in and /osa/files and its output folder, /osa/out, the
   only place it can write besides a private, size-capped /tmp;
 - with a minimal environment (never the orchestrator's credentials);
-- with at most `max_processes` processes: a pids cgroup of its own where the cgroup v1
-  pids controller is usable, else RLIMIT_NPROC, which counts every process of the uid.
+- with at most `max_processes` processes. As root: a pids cgroup of its own where the cgroup
+  v1 pids controller is usable, else RLIMIT_NPROC, which counts every process of the uid.
+  Rootless: RLIMIT_NPROC set inside the user namespace (util-linux `prlimit`), where it
+  counts the attempt's processes only, not the orchestrator's.
 
-The memory cgroup is the runner's: the hook cannot write it (root's files, and /sys is not
-even mounted), so neither its limit nor its membership can change.
+The memory cgroup is the runner's: the hook cannot write it (/sys is not even mounted), so
+neither its limit nor its membership can change.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from osa_dagster.engine.runners.base import ISOLATED_FILES, ISOLATED_IN, ISOLATE
 
 log = logging.getLogger(__name__)
 
-SandboxMode = Literal["auto", "on", "off"]
+SandboxMode = Literal["on", "off"]
 
 SANDBOX_TMP = "/tmp"
 
@@ -54,6 +61,20 @@ SANDBOX_TMP = "/tmp"
 SYSTEM_FOLDERS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
 # What a sandboxed hook's environment holds besides the contract's variables.
 SANDBOX_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
+
+
+# Where the kernel says whether an ordinary user may make a user namespace: Debian's switch,
+# the namespace count (0: none), and Ubuntu's AppArmor restriction (since 24.04).
+USERNS_SWITCHES = (
+    ("kernel.unprivileged_userns_clone", "0", "sysctl -w kernel.unprivileged_userns_clone=1"),
+    ("user.max_user_namespaces", "0", "sysctl -w user.max_user_namespaces=10000"),
+    (
+        "kernel.apparmor_restrict_unprivileged_userns",
+        "1",
+        "an AppArmor profile for bwrap with `userns`, or sysctl -w "
+        "kernel.apparmor_restrict_unprivileged_userns=0",
+    ),
+)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -75,10 +96,15 @@ class SandboxPolicy:
 
 @dataclass(frozen=True)
 class Sandbox:
-    """Turns a hook command into the command that runs it sandboxed."""
+    """Turns a hook command into the command that runs it sandboxed.
+
+    As root, `helper` is util-linux `setpriv`, which drops to the policy's user inside the
+    namespaces. Rootless, a user namespace maps that user onto this one, and `helper` is
+    util-linux `prlimit`, which bounds the attempt's processes inside it."""
 
     bwrap: str
-    setpriv: str
+    helper: str
+    rootless: bool
     policy: SandboxPolicy = field(default_factory=SandboxPolicy)
 
     def wrap(
@@ -90,11 +116,20 @@ class Sandbox:
         files_root: Path,
         network: bool,
     ) -> list[str]:
-        """The full command line: bwrap's mounts and namespaces, setpriv, then the hook."""
+        """The full command line: bwrap's mounts and namespaces, the drop to the hook's
+        user or its process limit, then the hook."""
         policy = self.policy
-        args = [
-            self.bwrap,
-            "--die-with-parent",
+        args = [self.bwrap, "--die-with-parent", "--new-session"]
+        if self.rootless:
+            args += [
+                "--unshare-user",
+                "--uid",
+                str(policy.uid),
+                "--gid",
+                str(policy.gid),
+                "--disable-userns",
+            ]
+        args += [
             "--unshare-pid",
             "--unshare-ipc",
             "--unshare-uts",
@@ -131,18 +166,36 @@ class Sandbox:
             "--bind",
             str(out_dir),
             ISOLATED_OUT,
+            # The root and /dev are bubblewrap's own tmpfs, which a rootless hook would own:
+            # read-only once every mount point is made.
+            "--remount-ro",
+            "/dev",
+            "--remount-ro",
+            "/",
             "--chdir",
             SANDBOX_TMP,
             "--",
-            self.setpriv,
-            f"--reuid={policy.uid}",
-            f"--regid={policy.gid}",
-            "--clear-groups",
-            "--no-new-privs",
-            "--",
+            *self._drop(),
             *command,
         ]
         return args
+
+    def _drop(self) -> list[str]:
+        """What runs between bubblewrap and the hook."""
+        policy = self.policy
+        if self.rootless:
+            limit = policy.max_processes
+            return [self.helper, f"--nproc={limit}:{limit}", "--"]
+        return [
+            self.helper,
+            f"--reuid={policy.uid}",
+            f"--regid={policy.gid}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--",
+        ]
 
     def environment(self, contract_env: Mapping[str, str]) -> dict[str, str]:
         """The hook's whole environment: a few harmless variables and the contract's, with
@@ -158,19 +211,34 @@ class Sandbox:
         }
 
     def prepare_output(self, out_dir: Path) -> None:
-        """Let the sandbox's user write the attempt's output folder, and nobody else's."""
-        os.chown(out_dir, self.policy.uid, self.policy.gid)
+        """Let the sandbox's user write the attempt's output folder, and nobody else's.
+        Rootless, that user is this one outside: the folder is ours already."""
+        if not self.rootless:
+            os.chown(out_dir, self.policy.uid, self.policy.gid)
         out_dir.chmod(0o700)
 
 
 def find_sandbox(policy: SandboxPolicy) -> Sandbox:
-    """A sandbox that was seen to work here, or SandboxUnavailable saying why not."""
+    """A sandbox that was seen to work here, or SandboxUnavailable saying why not and how to
+    get it, or to do without it, in one line."""
     reason = _unavailable_reason(policy.uid, policy.gid)
     if reason is not None:
-        raise SandboxUnavailable(reason)
-    bwrap, setpriv = shutil.which("bwrap"), shutil.which("setpriv")
-    assert bwrap is not None and setpriv is not None  # checked by _unavailable_reason
-    return Sandbox(bwrap, setpriv, policy)
+        raise SandboxUnavailable(
+            f"OSA_HOOK_SANDBOX=on, but hooks cannot be sandboxed here: {reason}; or set "
+            "OSA_HOOK_SANDBOX=off to run them unsandboxed, as this user, seeing the machine"
+        )
+    return _tools(rootless=os.geteuid() != 0, policy=policy)
+
+
+def _tools(*, rootless: bool, policy: SandboxPolicy) -> Sandbox:
+    """The sandbox made of this machine's tools, which _unavailable_reason has found."""
+    bwrap, helper = shutil.which("bwrap"), shutil.which(_helper(rootless))
+    assert bwrap is not None and helper is not None
+    return Sandbox(bwrap, helper, rootless, policy)
+
+
+def _helper(rootless: bool) -> str:
+    return "prlimit" if rootless else "setpriv"
 
 
 @functools.cache
@@ -178,20 +246,18 @@ def _unavailable_reason(uid: int, gid: int) -> str | None:
     """Why hooks cannot be sandboxed on this machine, or None; probed once per process."""
     if not sys.platform.startswith("linux"):
         return f"hook sandboxing needs Linux namespaces, and this is {sys.platform}"
-    if os.geteuid() != 0:
-        return (
-            "hook sandboxing runs each hook as another user (uid "
-            f"{uid}), which needs the orchestrator to run as root"
-        )
-    missing = [name for name in ("bwrap", "setpriv") if shutil.which(name) is None]
+    rootless = os.geteuid() != 0
+    missing = [name for name in ("bwrap", _helper(rootless)) if shutil.which(name) is None]
     if missing:
         return (
             f"{' and '.join(missing)} not found: install the Debian packages bubblewrap and "
-            "util-linux"
+            "util-linux (make sandbox-tools)"
         )
-    probe = Sandbox(
-        shutil.which("bwrap") or "", shutil.which("setpriv") or "", SandboxPolicy(uid=uid, gid=gid)
-    )
+    if rootless:
+        closed = _user_namespaces_closed()
+        if closed is not None:
+            return closed
+    probe = _tools(rootless=rootless, policy=SandboxPolicy(uid=uid, gid=gid))
     with tempfile.TemporaryDirectory(prefix="osa-sandbox-probe-") as tmp:
         folders = {name: Path(tmp, name) for name in ("in", "out", "files")}
         for folder in folders.values():
@@ -210,7 +276,30 @@ def _unavailable_reason(uid: int, gid: int) -> str | None:
             return f"a trial run of bubblewrap failed: {error}"
     if result.returncode != 0:
         detail = result.stderr.decode(errors="replace").strip().splitlines()
-        return f"a trial run of bubblewrap failed: {detail[-1] if detail else result.returncode}"
+        how = (
+            " (an ordinary user's sandbox needs unprivileged user namespaces; or run as root)"
+            if rootless
+            else ""
+        )
+        return (
+            f"a trial run of bubblewrap failed: {detail[-1] if detail else result.returncode}{how}"
+        )
+    return None
+
+
+def _user_namespaces_closed(proc_sys: Path = Path("/proc/sys")) -> str | None:
+    """Which kernel setting keeps an ordinary user from making a user namespace, and how to
+    open it; None when none does."""
+    for name, closed, remedy in USERNS_SWITCHES:
+        try:
+            value = (proc_sys / name.replace(".", "/")).read_text().strip()
+        except OSError:
+            continue  # this kernel has no such switch
+        if value == closed:
+            return (
+                f"the kernel forbids ordinary users user namespaces ({name}={value}; allow them "
+                f"with {remedy}, or run the orchestrator as root)"
+            )
     return None
 
 
@@ -255,10 +344,19 @@ def _code_paths(command: Sequence[str]) -> list[Path]:
     paths = {
         Path(candidate).resolve()
         for candidate in candidates
-        if Path(candidate).is_absolute() and Path(candidate).exists()
+        if Path(candidate).is_absolute() and _reachable(Path(candidate))
     }
     paths = {path for path in paths if not _is_system(path) and path != Path("/")}
     return sorted(p for p in paths if not any(p != o and p.is_relative_to(o) for o in paths))
+
+
+def _reachable(path: Path) -> bool:
+    """Whether `path` exists and this user may reach it (an ordinary user's environment
+    may name folders only root may enter)."""
+    try:
+        return path.exists()
+    except PermissionError:
+        return False
 
 
 def _is_system(path: Path) -> bool:
