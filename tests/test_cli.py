@@ -104,18 +104,30 @@ def test_plan_marks_new_batches_and_reading_commands_work_read_only(site, isolat
     root, env = site
     first = osa("plan", "toy", "--limit", "5", "--batch-size", "5", "--json", env=env, cwd=root)
     assert first.returncode == 0, first.stderr
-    [batch] = json.loads(first.stdout)
-    assert batch["new"] is True
-    more = osa("plan", "toy", "--limit", "10", "--batch-size", "5", env=env, cwd=root)
+    planned = json.loads(first.stdout)
+    [batch] = planned["batches"]
+    assert (batch["new"], batch["records"], planned["truncated"]) == (True, 5, False)
+    assert planned["totals"] == {
+        "batches": 1,
+        "new_batches": 1,
+        "records": 5,
+        "new_records": 5,
+        "already_planned": 0,
+        "duplicates_dropped": 0,
+    }
+    more = osa("plan", "toy", "--limit", "12", "--batch-size", "5", env=env, cwd=root)
     assert more.returncode == 0, more.stderr
-    # Only the five records not planned yet are planned, in a new batch.
-    [second_key, marker] = more.stdout.split()
-    assert (marker, more.stderr.splitlines()[-1]) == ("new", "1 batches, 1 of them new")
-    # Planned again, both batches are the same frozen batches as before: none is new.
-    again = osa("plan", "toy", "--limit", "10", "--batch-size", "5", "--replan", env=env, cwd=root)
+    # Only the seven records not planned yet are planned, in two new batches.
+    [second_key, second_size, marker, third_key, third_size, _] = more.stdout.split()
+    assert (second_size, third_size, marker) == ("5", "2", "new")
+    assert more.stderr.splitlines()[-1] == (
+        "2 batches of 7 records, 2 of them new (7 records); 5 left out, planned before"
+    )
+    # Planned again, the batches are the same frozen batches as before: none is new.
+    again = osa("plan", "toy", "--limit", "12", "--batch-size", "5", "--replan", env=env, cwd=root)
     assert again.returncode == 0, again.stderr
-    assert again.stdout == f"{batch['partition']}\n{second_key}\n"
-    assert again.stderr.splitlines()[-1] == "2 batches, 0 of them new"
+    assert again.stdout == (f"{batch['partition']}  5\n{second_key}  5\n{third_key}  2\n")
+    assert again.stderr.splitlines()[-1] == "3 batches of 12 records, 0 of them new (0 records)"
     ingested = osa("materialize", "toy", batch["partition"], env=env, cwd=root)
     assert ingested.returncode == 0, ingested.stderr
 
@@ -128,7 +140,7 @@ def test_plan_marks_new_batches_and_reading_commands_work_read_only(site, isolat
     summary = osa("summary", "toy", "--json", env=env, cwd=root, wrap=read_only)
     assert summary.returncode == 0, summary.stderr
     counts = json.loads(summary.stdout)
-    assert counts["batches_planned"] == 2
+    assert counts["batches_planned"] == 3
     assert counts["batches_done"] == 1
     # The toy hook rejects record 5 (5 kB); the other four pass and are published.
     assert (counts["records_passed"], counts["records_rejected"]) == (4, 1), summary.stdout
@@ -142,17 +154,26 @@ def test_plan_marks_new_batches_and_reading_commands_work_read_only(site, isolat
     assert [r["source_id"] for r in listed["records"]] == sorted(TOY_IDS[:4])[:3]
     assert all(r["features"][0]["hook"] == "check_size" for r in listed["records"])
     assert records.stderr == "osa records: showing the first 3 of 4 records; --limit N shows more\n"
+    # Without --features, features were not asked for: null, not an empty list.
+    unasked = osa("records", "--json", env=env, cwd=root, wrap=read_only)
+    assert unasked.returncode == 0, unasked.stderr
+    listed = json.loads(unasked.stdout)
+    assert (len(listed["records"]), listed["truncated"]) == (4, False)
+    assert all(r["features"] is None for r in listed["records"])
 
     rejected = osa("rejections", "toy", "--json", env=env, cwd=root, wrap=read_only)
     assert rejected.returncode == 0, rejected.stderr
-    [rejection] = json.loads(rejected.stdout)
+    rejections = json.loads(rejected.stdout)
+    assert (rejections["convention"], rejections["truncated"]) == ("toy", False)
+    [rejection] = rejections["rejections"]
     assert rejection["source_id"] == TOY_IDS[4]
     assert (rejection["status"], rejection["hook"]) == ("rejected", "check_size")
     assert rejection["partition"] == batch["partition"]
     assert rejection["reason"]
 
     dead = osa("dead-letters", "toy", "--json", env=env, cwd=root, wrap=read_only)
-    assert (dead.returncode, json.loads(dead.stdout)) == (0, [])
+    assert dead.returncode == 0, dead.stderr
+    assert json.loads(dead.stdout) == {"convention": "toy", "dead_letters": [], "truncated": False}
     assert tree(isolated_data_dir) == before
 
 
