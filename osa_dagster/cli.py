@@ -183,6 +183,8 @@ def _check_before_ingest(convention_name: str, partitions: Sequence[str]) -> Non
     from osa_dagster.records import RecordsDatabase, database_url_from_env
     from osa_dagster.storage import BatchLayout, store_from_env
 
+    if not partitions:
+        return  # nothing will run: nothing to open, or to make
     store = store_from_env()
     for partition in partitions:
         load_manifest(store, BatchLayout(convention_name, partition))
@@ -625,15 +627,15 @@ def database_schema(action: str) -> int:
     return 0 if revision == head_revision() else EXIT_FAILED
 
 
-def demo(fresh: bool) -> int:
+def demo(fresh: bool, *, debug: bool = False) -> int:
     if fresh:
         from osa_dagster.settings import data_dir
 
         shutil.rmtree(data_dir(), ignore_errors=True)
     started = time.monotonic()
-    planned = plan("pdb", limit=None, since=None, batch_size=DEMO_BATCH_SIZE)
+    planned = plan("pdb", limit=None, since=None, batch_size=DEMO_BATCH_SIZE, debug=debug)
     print(f"planned {len(planned.batches)} batches of the bundled PDB mirror")
-    failed = materialize("pdb", [batch.partition for batch in planned.batches])
+    failed = materialize("pdb", [batch.partition for batch in planned.batches], debug=debug)
     elapsed = time.monotonic() - started
     totals = summary("pdb")
     print("\nsummary of the pdb convention")
@@ -766,7 +768,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "db":
         return database_schema(args.action)
     if args.command == "demo":
-        return demo(fresh=not args.keep)
+        return demo(fresh=not args.keep, debug=args.debug)
     if args.command == "plan":
         planned = plan(
             args.convention,

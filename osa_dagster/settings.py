@@ -289,8 +289,7 @@ def _ledger_file(raw: str, variable: str) -> Path:
             pass
     except OSError as error:
         raise SettingsError(
-            f"{variable}={raw!r}: the ledger's folder {folder} takes no new file "
-            f"({error.strerror})"
+            f"{variable}={raw!r}: the ledger's folder {folder} takes no new file ({error.strerror})"
         ) from None
     return path
 
