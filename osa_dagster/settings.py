@@ -238,12 +238,12 @@ def _store_location(raw: str, variable: str) -> str:
     shape = "a folder, file://FOLDER or s3://BUCKET[/PREFIX]"
     if scheme is None or scheme.group(1).lower() == "file":
         return raw
+    authority = raw[scheme.end() :].partition("/")[0]
+    if "@" in authority:  # never echo credentials someone put into the URL
+        raise SettingsError(f"{variable}: a store's location holds no credentials; use {shape}")
     if scheme.group(1).lower() != "s3":
         raise SettingsError(f"{variable}={raw!r}: {scheme.group(0)} is not a store; use {shape}")
-    bucket = raw[scheme.end() :].partition("/")[0]
-    if "@" in bucket:  # never echo credentials someone put into the URL
-        raise SettingsError(f"{variable}: an S3 location holds no credentials; use {shape}")
-    if not BUCKET_NAME.match(bucket):
+    if not BUCKET_NAME.match(authority):
         raise SettingsError(
             f"{variable}={raw!r}: it must name a bucket (letters, digits, '.', '-', '_')"
         )

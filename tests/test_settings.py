@@ -65,6 +65,7 @@ def test_values_are_parsed_into_their_types() -> None:
         ("OSA_STORAGE", "s3://", "it must name a bucket"),
         ("OSA_STORAGE", "s3://bad bucket/prefix", "it must name a bucket"),
         ("OSA_DEPOSITS", "http://example.org/deposits", "http:// is not a store"),
+        ("OSA_DEPOSITS", "ftp://user:secret@host/x", "holds no credentials; use a folder"),
         ("OSA_DOMAIN", "bad domain:/x", "must be a DNS name"),
         ("OSA_DOMAIN", "osa:archive", "must be a DNS name"),
         ("OSA_DOMAIN", "-osa.example.org", "must be a DNS name"),
