@@ -15,13 +15,14 @@ no access to the instance: an operator can run it from any machine that reaches 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, ValidationError, model_validator
 
 from osa_dagster.settings import Settings
 
@@ -491,8 +492,17 @@ def run_backfill_command(args: argparse.Namespace) -> int:
         selection = PartitionSelection(
             keys=args.keys, first=args.first, last=args.last, failed_or_missing=args.failed
         )
-    except ValueError as error:
-        print(f"osa backfill: {error}", file=sys.stderr)
+    except ValidationError as error:
+        problem = error.errors()[0]["msg"].removeprefix("Value error, ")
+        print(f"osa backfill: {problem}", file=sys.stderr)
+        return 2
+    # Checked before the launch: a backfill launched and then not waited for is not what
+    # was asked.
+    if args.wait is not None and not 0 < args.wait < math.inf:
+        print(
+            f"osa backfill: --wait: must be a positive number of seconds, not {args.wait:g}",
+            file=sys.stderr,
+        )
         return 2
     try:
         backfill_id, partitions = launch_convention_backfill(args.convention, selection, args.url)

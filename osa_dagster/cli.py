@@ -19,10 +19,13 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from osa_sdk.types import OutcomeStatus
 from pydantic import BaseModel
+
+if TYPE_CHECKING:  # imported lazily where used, to keep --help fast
+    import dagster as dg
 
 # Small batches so that the demo shows several partitions; the pdb convention's own
 # memory ladder already makes the bundled ribosome (6ZU5) OOM at the base and pass above.
@@ -64,7 +67,32 @@ def _convention(name: str):  # noqa: ANN202
 
 class PlannedBatch(BaseModel):
     partition: str
+    records: int
     new: bool
+    """Frozen by this plan; otherwise planned before with the same records."""
+
+
+class PlanTotals(BaseModel):
+    batches: int
+    new_batches: int
+    records: int
+    """Records in this plan's batches, new or not."""
+    new_records: int
+    """Records in its new batches."""
+    already_planned: int
+    """Records left out: a batch planned before holds them at the same version."""
+    duplicates_dropped: int
+    """Records that the source listed more than once, counted once."""
+
+
+class Plan(BaseModel):
+    """What `osa plan` froze: a listing of batches, like every listing of the CLI."""
+
+    convention: str
+    batches: list[PlannedBatch]
+    truncated: bool = False
+    """Always false: a plan lists every batch."""
+    totals: PlanTotals
 
 
 def plan(
@@ -75,9 +103,11 @@ def plan(
     *,
     replan: bool = False,
     source: str | None = None,
-) -> list[PlannedBatch]:
-    """Run the convention's plan job; the batches this plan froze, in order, marked new or not.
-    Files of the source that discover skipped are told on stderr, a line each.
+    debug: bool = False,
+) -> Plan:
+    """Run the convention's plan job; the batches this plan froze, in order, marked new or not,
+    with their record counts. Files of the source that discover skipped are told on stderr, a
+    line each.
 
     The arguments are checked before anything is launched: a bad one records no run.
     """
@@ -101,27 +131,42 @@ def plan(
     }
     op_config = {k: v for k, v in config.items() if v is not None}
     PlanConfig(**op_config)
+    if source is not None:
+        try:
+            convention.choose_source(source)
+        except ValueError as error:
+            raise CommandError(f"--source: {error}") from None
     job = defs.resolve_job_def(plan_job_name(convention))
     op_name = f"{convention.name}_plan_batches"
-    result = job.execute_in_process(
-        run_config={**QUIET_RUN, "ops": {op_name: {"config": op_config}}},
-        instance=_instance(),
-        raise_on_error=False,
-    )
+    result = _run_in_process(job, run_config={"ops": {op_name: {"config": op_config}}}, debug=debug)
     if not result.success:
-        error = result.failure_data_for_node(op_name)
-        why = error.error.message.strip() if error and error.error else "see the run in the UI"
-        raise CommandError(f"planning {convention.name} failed (run {result.run_id}): {why}")
+        why = "; ".join(_step_failures(result)) or "see the run in the UI"
+        raise WorkFailed(f"planning {convention.name} failed (run {result.run_id}): {why}")
     [output] = [e for e in result.events_for_node(op_name) if e.is_successful_output]
-    metadata = output.step_output_data.metadata[PLANNED_BATCHES_METADATA]
-    assert isinstance(metadata, dg.JsonMetadataValue)
-    skipped = output.step_output_data.metadata[SKIPPED_METADATA]
+    metadata = output.step_output_data.metadata
+    planned = metadata[PLANNED_BATCHES_METADATA]
+    assert isinstance(planned, dg.JsonMetadataValue)
+    skipped = metadata[SKIPPED_METADATA]
     assert isinstance(skipped, dg.TableMetadataValue)
     for row in skipped.records:
         print(f"skipped {row.data['file']}: {row.data['reason']}", file=sys.stderr)
-    planned = metadata.data
-    new = set(planned["new"])
-    return [PlannedBatch(partition=key, new=key in new) for key in planned["batches"]]
+    new, records = set(planned.data["new"]), planned.data["records"]
+    batches = [
+        PlannedBatch(partition=key, records=records[key], new=key in new)
+        for key in planned.data["batches"]
+    ]
+    return Plan(
+        convention=convention.name,
+        batches=batches,
+        totals=PlanTotals(
+            batches=len(batches),
+            new_batches=len(new),
+            records=sum(batch.records for batch in batches),
+            new_records=sum(batch.records for batch in batches if batch.new),
+            already_planned=metadata["already_planned"].value,
+            duplicates_dropped=metadata["duplicate_refs_dropped"].value,
+        ),
+    )
 
 
 def _partitions(convention_name: str) -> list[str]:
@@ -130,9 +175,29 @@ def _partitions(convention_name: str) -> list[str]:
     return _instance().get_dynamic_partitions(batch_partitions(_convention(convention_name)).name)
 
 
-def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
+def _check_before_ingest(convention_name: str, partitions: Sequence[str]) -> None:
+    """What every run of these partitions needs, looked at before the first is launched: the
+    manifest of each, and the records database. Either unusable would fail runs, one after
+    the other, in a wall of tracebacks."""
+    from osa_dagster.batch.plan import load_manifest
+    from osa_dagster.records import RecordsDatabase, database_url_from_env
+    from osa_dagster.storage import BatchLayout, store_from_env
+
+    if not partitions:
+        return  # nothing will run: nothing to open, or to make
+    store = store_from_env()
+    for partition in partitions:
+        load_manifest(store, BatchLayout(convention_name, partition))
+    RecordsDatabase(database_url_from_env()).engine.dispose()
+
+
+def materialize(
+    convention_name: str, partitions: Sequence[str], *, debug: bool = False
+) -> list[str]:
     """Run the ingest job over the partitions, adjacent ones together (OSA_PARTITIONS_PER_RUN
-    per run at most); return the partitions of the runs that failed."""
+    per run at most); return the partitions of the runs that failed. A run that fails for a
+    reason the operator must fix (a setting, an unreadable input) ends the command in one
+    line; the runs before it stand."""
     from osa_dagster.definitions import defs
     from osa_dagster.defs.assets import partitions_per_run
     from osa_dagster.defs.dagster_private import partition_range_tags
@@ -146,30 +211,116 @@ def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
         raise CommandError(
             f"{convention_name} has no partition {', '.join(unknown)}: plan it first"
         )
+    _check_before_ingest(convention.name, partitions)
     job = defs.resolve_job_def(ingest_job_name(convention))
-    instance = _instance()
     failed: list[str] = []
     chunks = contiguous_chunks(known, set(known) - set(partitions), partitions_per_run())
     done = 0
     for chunk in chunks:
         run_range = partition_range_tags(chunk[0], chunk[-1])
         started = time.monotonic()
-        result = job.execute_in_process(
-            run_config=QUIET_RUN,
-            instance=instance,
-            raise_on_error=False,
-            # This process is the run's worker: named, so that run monitoring can fail the
-            # run should the process die.
-            tags={**run_range, **worker_tags()},
-        )
+        # This process is the run's worker: named, so that run monitoring can fail the run
+        # should the process die.
+        result = _run_in_process(job, tags={**run_range, **worker_tags()}, debug=debug)
         done += len(chunk)
         status = "ok" if result.success else "FAILED"
         what = chunk[0] if len(chunk) == 1 else f"{chunk[0]} .. {chunk[-1]} ({len(chunk)} batches)"
         elapsed = time.monotonic() - started
-        print(f"[{done}/{len(partitions)}] {what}: {status} ({elapsed:.1f} s)")
+        print(f"[{done}/{len(partitions)}] {what}: {status} ({elapsed:.1f} s)", flush=True)
         if not result.success:
             failed += chunk
+            for failure in [] if debug else _step_failures(result):
+                print(f"  {failure} (run {result.run_id}; --debug shows the traceback)")
     return failed
+
+
+class RunFailed(Exception):
+    """A run failed for a reason the operator must fix; the message says which, in one line."""
+
+
+class WorkFailed(Exception):
+    """The work failed (not the command's input); the message says where to look."""
+
+
+def _run_in_process(
+    job: dg.JobDefinition,
+    *,
+    debug: bool,
+    run_config: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+) -> dg.ExecuteInProcessResult:
+    """Run `job` in this process; errors logged in the run show on the console only with
+    --debug (see _console_without_errors). A failure the operator must fix ends the command
+    (RunFailed)."""
+    if not debug:
+        job = job.with_logger_defs({"console": _console_without_errors()})
+    result = job.execute_in_process(
+        run_config={**QUIET_RUN, **(run_config or {})},
+        instance=_instance(),
+        raise_on_error=False,
+        tags=tags,
+    )
+    for _, error in _step_errors(result):
+        refusal = _operator_error(error)
+        if refusal is not None:
+            raise RunFailed(refusal)
+    return result
+
+
+def _console_without_errors() -> dg.LoggerDefinition:
+    """Dagster's console logger, less its errors: what hooks and steps tell (attempts, OOM
+    retries, warnings) still shows, while each failure, traceback and all, stays on the
+    run's page; the command says in one line what failed."""
+    import logging
+
+    import dagster as dg
+
+    def below_error(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+    def console(init_context: dg.InitLoggerContext) -> logging.Logger:
+        logger = dg.colored_console_logger.logger_fn(init_context)
+        for handler in logger.handlers:
+            handler.addFilter(below_error)
+        return logger
+
+    return dg.LoggerDefinition(console, config_schema=dg.colored_console_logger.config_schema)
+
+
+def _step_errors(result: dg.ExecuteInProcessResult) -> Iterator[tuple[str, Any]]:
+    """(step, its error as Dagster keeps it: a SerializableErrorInfo) of every failed step."""
+    for event in result.all_events:
+        if event.is_step_failure:
+            yield event.step_key, event.step_failure_data.error
+
+
+def _causes(error: Any) -> Iterator[Any]:
+    while error is not None:
+        yield error
+        error = error.cause or error.context
+
+
+def _operator_error(error: Any) -> str | None:
+    """The one line of an error raised in a run that the operator must fix, if it is one."""
+    for cause in _causes(error):
+        message = cause.message.strip()
+        qualified, _, text = message.partition(": ")
+        if qualified.endswith(cause.cls_name):
+            message = text
+        line = _operator_message(cause.cls_name, message.splitlines()[0] if message else "")
+        if line is not None:
+            return line
+    return None
+
+
+def _step_failures(result: dg.ExecuteInProcessResult) -> list[str]:
+    """A line per failed step: the step and its innermost error's first line."""
+    failures = []
+    for step, error in _step_errors(result):
+        *_, innermost = _causes(error)
+        what = innermost.message.strip().splitlines()
+        failures.append(f"{step} failed: {what[0] if what else innermost.cls_name}")
+    return failures
 
 
 # --- reading commands: they open the store and the database read-only ---------------
@@ -199,7 +350,7 @@ def _reading_database():  # noqa: ANN202
         db.engine  # noqa: B018 - opening it here reports a missing or old database at once
     except DatabaseNotReadable as error:
         if not str(error).startswith("no records database"):
-            raise CommandError(f"OSA_DATABASE_URL: {error}") from error
+            raise CommandError(f"{_database_variable()}: {error}") from error
         return None
     return db
 
@@ -346,14 +497,17 @@ def list_records(
         listed = [
             {
                 **asdict(record),
+                # null: not asked for (--features), which is not the same as none.
                 "features": [
                     {"hook": hook, "row": index, "values": values}
                     for hook, index, values in record.features
-                ],
+                ]
+                if with_features
+                else None,
             }
             for record in records
         ]
-        _print_json({"records": listed, "truncated": truncated})
+        _print_listing("records", listed, truncated=truncated)
     else:
         for record in records:
             print(f"{record.srn}  {record.convention}  {record.source_id}  {record.partition}")
@@ -413,7 +567,9 @@ def dead_letters(convention_name: str, partitions_only: bool, as_json: bool) -> 
     letters = [] if db is None else list_dead_letters(db, convention.name)
     partitions = list(dict.fromkeys(letter.partition for letter in letters))
     if as_json:
-        _print_json([asdict(letter) for letter in letters])
+        _print_listing(
+            "dead_letters", [asdict(letter) for letter in letters], convention=convention.name
+        )
         return
     if partitions_only:
         print("\n".join(partitions))
@@ -450,6 +606,14 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=1, default=str))
 
 
+def _print_listing(
+    things: str, items: list[Any], *, truncated: bool = False, **context: Any
+) -> None:
+    """Every listing of the CLI has one JSON shape: {things: [...], "truncated": bool}, and
+    what the listing is of (the convention...) beside them."""
+    _print_json({**context, things: items, "truncated": truncated})
+
+
 def database_schema(action: str) -> int:
     """Upgrade the records database to the newest revision, or tell where it is."""
     from osa_dagster.records import RecordsDatabase, database_url_from_env
@@ -463,15 +627,15 @@ def database_schema(action: str) -> int:
     return 0 if revision == head_revision() else EXIT_FAILED
 
 
-def demo(fresh: bool) -> int:
+def demo(fresh: bool, *, debug: bool = False) -> int:
     if fresh:
         from osa_dagster.settings import data_dir
 
         shutil.rmtree(data_dir(), ignore_errors=True)
     started = time.monotonic()
-    batches = plan("pdb", limit=None, since=None, batch_size=DEMO_BATCH_SIZE)
-    print(f"planned {len(batches)} batches of the bundled PDB mirror")
-    failed = materialize("pdb", [batch.partition for batch in batches])
+    planned = plan("pdb", limit=None, since=None, batch_size=DEMO_BATCH_SIZE, debug=debug)
+    print(f"planned {len(planned.batches)} batches of the bundled PDB mirror")
+    failed = materialize("pdb", [batch.partition for batch in planned.batches], debug=debug)
     elapsed = time.monotonic() - started
     totals = summary("pdb")
     print("\nsummary of the pdb convention")
@@ -614,23 +778,23 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "db":
         return database_schema(args.action)
     if args.command == "demo":
-        return demo(fresh=not args.keep)
+        return demo(fresh=not args.keep, debug=args.debug)
     if args.command == "plan":
-        batches = plan(
+        planned = plan(
             args.convention,
             args.limit,
             args.since,
             args.batch_size,
             replan=args.replan,
             source=args.source,
+            debug=args.debug,
         )
         if args.json:
-            _print_json([batch.model_dump() for batch in batches])
+            _print_json(planned.model_dump())
         else:
-            for batch in batches:
-                print(f"{batch.partition}{'  new' if batch.new else ''}")
-            new = sum(batch.new for batch in batches)
-            print(f"{len(batches)} batches, {new} of them new", file=sys.stderr)
+            for batch in planned.batches:
+                print(f"{batch.partition}  {batch.records}{'  new' if batch.new else ''}")
+            print(_plan_totals(planned.totals), file=sys.stderr)
         return 0
     if args.command == "materialize":
         if args.dead_letters:
@@ -642,7 +806,7 @@ def run_command(args: argparse.Namespace) -> int:
                 return 0
         else:
             keys = args.partitions or _partitions(args.convention)
-        return EXIT_FAILED if materialize(args.convention, keys) else 0
+        return EXIT_FAILED if materialize(args.convention, keys, debug=args.debug) else 0
     if args.command == "summary":
         totals = summary(args.convention)
         if args.json:
@@ -653,7 +817,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "rejections":
         outcomes = not_passed(args.convention, args.partitions)
         if args.json:
-            _print_json([outcome.model_dump() for outcome in outcomes])
+            rejections = [outcome.model_dump() for outcome in outcomes]
+            _print_listing("rejections", rejections, convention=args.convention)
         for outcome in [] if args.json else outcomes:
             print(
                 f"{outcome.partition}  {outcome.source_id}  {outcome.hook}  "
@@ -663,12 +828,74 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "dead-letters":
         dead_letters(args.convention, args.partitions, args.json)
         return 0
-    list_records(args.convention, args.limit, args.features, args.json)
+    list_records(args.convention, _positive(args.limit, "--limit"), args.features, args.json)
     return 0
+
+
+def _positive(value: int, option: str) -> int:
+    if value <= 0:
+        raise CommandError(f"{option}: must be a positive number, not {value}")
+    return value
+
+
+def _plan_totals(totals: PlanTotals) -> str:
+    left_out = [
+        f"{totals.already_planned} left out, planned before" if totals.already_planned else "",
+        f"{totals.duplicates_dropped} listed twice" if totals.duplicates_dropped else "",
+    ]
+    return (
+        f"{totals.batches} batches of {totals.records} records, {totals.new_batches} of them "
+        f"new ({totals.new_records} records)" + "".join(f"; {part}" for part in left_out if part)
+    )
 
 
 # Options of `osa plan` by the PlanConfig field they set, for naming them in errors.
 PLAN_OPTIONS = {"limit": "--limit", "since": "--since", "batch_size": "--batch-size"}
+
+
+def _database_variable() -> str:
+    """Only the settings say where the records database is: its problems are theirs."""
+    return "OSA_DATABASE_URL" if os.environ.get("OSA_DATABASE_URL") else "OSA_DATA_DIR"
+
+
+def _operator_message(error_class: str, message: str) -> str | None:
+    """The one line for an error of the class named `error_class` (raised here or in a run):
+    what to fix and where; None for an error that is a bug. By name, since an error raised
+    in a run comes back from Dagster as a class name and a message."""
+    from osa_dagster.backfill import BackfillError
+    from osa_dagster.batch import BatchInputError
+    from osa_dagster.conventions.registry import ConventionError
+    from osa_dagster.engine.runners.sandbox import SandboxUnavailable
+    from osa_dagster.records import DatabaseNotReadable, RecordsDatabaseUnusable
+    from osa_dagster.settings import SettingsError
+    from osa_dagster.storage.s3 import StoreError
+
+    said_in_full = (
+        CommandError,
+        RunFailed,
+        BackfillError,
+        ConventionError,
+        SettingsError,
+        BatchInputError,
+        SandboxUnavailable,
+    )
+    if error_class in _class_names(*said_in_full):
+        return message
+    if error_class in _class_names(RecordsDatabaseUnusable, DatabaseNotReadable):
+        return f"{_database_variable()}: {message}"
+    if error_class in _class_names(StoreError):
+        store = "OSA_S3_ENDPOINT_URL" if os.environ.get("OSA_S3_ENDPOINT_URL") else "OSA_STORAGE"
+        return f"{store}: {message}"
+    return None
+
+
+def _class_names(*classes: type) -> set[str]:
+    """The names of `classes` and of their subclasses."""
+    names = set()
+    for cls in classes:
+        names.add(cls.__name__)
+        names |= _class_names(*cls.__subclasses__())
+    return names
 
 
 def one_line(error: BaseException) -> str | None:
@@ -676,17 +903,6 @@ def one_line(error: BaseException) -> str | None:
     from pydantic import ValidationError
     from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-    from osa_dagster.backfill import BackfillError
-    from osa_dagster.conventions.registry import ConventionError
-    from osa_dagster.engine.runners.sandbox import SandboxUnavailable
-    from osa_dagster.settings import SettingsError
-    from osa_dagster.storage.s3 import StoreError
-
-    if isinstance(
-        error,
-        CommandError | BackfillError | ConventionError | SettingsError | SandboxUnavailable,
-    ):
-        return str(error)
     if isinstance(error, ValidationError) and error.title == "PlanConfig":
         problems = []
         for problem in error.errors():
@@ -694,30 +910,64 @@ def one_line(error: BaseException) -> str | None:
             message = problem["msg"].removeprefix("Value error, ")
             problems.append(f"{option}: {message}")
         return "; ".join(problems)
-    # Only the settings say where the database and the store are, so a failure to reach
-    # them is the setting's problem.
-    database = "OSA_DATABASE_URL" if os.environ.get("OSA_DATABASE_URL") else "OSA_DATA_DIR"
     if isinstance(error, ArgumentError | NoSuchModuleError):
-        return f"{database}: not a database URL this installation can open ({error})"
+        return f"{_database_variable()}: not a database URL this installation can open ({error})"
     if isinstance(error, DBAPIError):
         reason = str(error.orig).strip().splitlines()[0] if error.orig else type(error).__name__
-        return f"{database}: the records database cannot be used: {reason}"
-    if isinstance(error, StoreError):
-        store = "OSA_S3_ENDPOINT_URL" if os.environ.get("OSA_S3_ENDPOINT_URL") else "OSA_STORAGE"
-        return f"{store}: {error}"
-    return None
+        url = getattr(error, FAILED_DATABASE_ATTR, None)
+        if url is None:
+            return f"{_database_variable()} or DAGSTER_HOME: a database cannot be used: {reason}"
+        if _records_database_file(url) == _records_database_file(None):
+            return f"{_database_variable()}: the records database {url} cannot be used: {reason}"
+        return f"DAGSTER_HOME: the Dagster instance's database {url} cannot be used: {reason}"
+    return _operator_message(type(error).__name__, str(error))
+
+
+# A database error carries no word of which database failed, and a command may use two:
+# the Dagster instance's and the records database. This attribute, set on every such error
+# as it is raised, names the database by its URL (password hidden).
+FAILED_DATABASE_ATTR = "osa_failed_database"
+
+
+def _name_the_failed_database(context: Any) -> None:  # sqlalchemy's ExceptionContext
+    if context.engine is not None and context.sqlalchemy_exception is not None:
+        url = context.engine.url.render_as_string(hide_password=True)
+        setattr(context.sqlalchemy_exception, FAILED_DATABASE_ATTR, url)
+
+
+def _records_database_file(url: str | None) -> str:
+    """The records database's URL (None: the one the settings name) without what opening it
+    adds: SQLite's read-only URI form (file:...?mode=ro) or a password."""
+    from sqlalchemy.engine import make_url
+
+    from osa_dagster.records import database_url_from_env
+
+    parsed = make_url(url or database_url_from_env())
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        return str(Path(parsed.database.removeprefix("file:")).resolve())
+    return parsed.render_as_string(hide_password=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from sqlalchemy import Engine, event
+
     args = build_parser().parse_args(argv)
+    event.listen(Engine, "handle_error", _name_the_failed_database)
     try:
         return run_command(args)
+    except WorkFailed as failed:
+        if args.debug:
+            raise
+        print(f"osa {args.command}: {failed}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as error:
         message = one_line(error)
         if message is None or args.debug:
             raise
         print(f"osa {args.command}: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        event.remove(Engine, "handle_error", _name_the_failed_database)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ the same thing and fails the same way wherever it is used.
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DEFAULT_DATA_DIR = Path(".data")
 PLAN_CRON_PREFIX = "OSA_PLAN_CRON_"
+# OSA_DOMAIN is the <domain> of SRNs, urn:osa:<domain>:rec:<uuid>: a DNS name, whose
+# letters, digits, hyphens and dots are all a URN may hold there without escaping.
+DNS_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+# botocore's own bucket-name check: looser than today's S3 rules so legacy buckets pass.
+BUCKET_NAME = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")
+URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 RunnerKind = Literal["local", "docker", "kubernetes"]
 
@@ -54,6 +65,7 @@ class Settings(BaseModel):
     """The records database's password, kept out of OSA_DATABASE_URL so that the URL can be
     shown (in the UI's resources, in messages) without it."""
     domain: str = Field("localhost", min_length=1, alias="OSA_DOMAIN")
+    """This archive's name in SRNs: a DNS name (see DNS_NAME)."""
     conventions: tuple[str, ...] = Field((), alias="OSA_CONVENTIONS")
     hook_memory: dict[str, MemoryOverride] = Field(default_factory=dict, alias="OSA_HOOK_MEMORY")
     """"convention.hook" -> its ladder's base and cap."""
@@ -116,7 +128,7 @@ class Settings(BaseModel):
             if raw:
                 values[name] = _PARSERS.get(name, _as_is)(raw, field.alias or name)
         values["plan_cron"] = {
-            key.removeprefix(PLAN_CRON_PREFIX).lower(): value.strip()
+            key.removeprefix(PLAN_CRON_PREFIX).lower(): _cron(value.strip(), key)
             for key, value in env.items()
             if key.startswith(PLAN_CRON_PREFIX) and value.strip()
         }
@@ -222,8 +234,75 @@ def _hook_memory(raw: str, variable: str) -> dict[str, MemoryOverride]:
     return overrides
 
 
+def _store_location(raw: str, variable: str) -> str:
+    """A folder, file://FOLDER or s3://BUCKET[/PREFIX]: any other URL would be taken for a
+    relative folder of that name."""
+    scheme = URL_SCHEME.match(raw)
+    shape = "a folder, file://FOLDER or s3://BUCKET[/PREFIX]"
+    if scheme is None or scheme.group(1).lower() == "file":
+        return raw
+    authority = raw[scheme.end() :].partition("/")[0]
+    if "@" in authority:  # never echo credentials someone put into the URL
+        raise SettingsError(f"{variable}: a store's location holds no credentials; use {shape}")
+    if scheme.group(1).lower() != "s3":
+        raise SettingsError(f"{variable}={raw!r}: {scheme.group(0)} is not a store; use {shape}")
+    if not BUCKET_NAME.match(authority):
+        raise SettingsError(
+            f"{variable}={raw!r}: it must name a bucket (letters, digits, '.', '-', '_')"
+        )
+    return raw
+
+
+def _dns_name(raw: str, variable: str) -> str:
+    if not DNS_NAME.match(raw):
+        raise SettingsError(
+            f"{variable}={raw!r}: it goes into SRNs (urn:osa:<domain>:rec:<uuid>) and must "
+            "be a DNS name: letters, digits and '-', in labels joined by '.'"
+        )
+    return raw
+
+
+def _cron(raw: str, variable: str) -> str:
+    # croniter is what Dagster's schedules evaluate cron strings with; Dagster takes only
+    # its five-field ones (no seconds).
+    from croniter import croniter
+
+    if len(raw.split()) != 5 or not croniter.is_valid(raw):
+        raise SettingsError(
+            f"{variable}={raw!r}: not a cron schedule of five fields "
+            "(minute hour day month weekday, e.g. '0 3 * * 1')"
+        )
+    return raw
+
+
+def _ledger_file(raw: str, variable: str) -> Path:
+    """A file that the ledger can be written to and replaced in: a regular file or none yet,
+    in a folder (made on first use) that takes new files. Only trying proves the last:
+    root may write anywhere by the permissions, yet not create a file in /proc."""
+    path = Path(raw).expanduser().absolute()
+    if path.exists() and not path.is_file():
+        raise SettingsError(f"{variable}={raw!r}: it exists and is not a regular file")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SettingsError(f"{variable}={raw!r}: {folder} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise SettingsError(
+            f"{variable}={raw!r}: the ledger's folder {folder} takes no new file ({error.strerror})"
+        ) from None
+    return path
+
+
 _PARSERS = {
     "conventions": _comma_list,
     "sources": _sources,
     "hook_memory": _hook_memory,
+    "storage": _store_location,
+    "deposits": _store_location,
+    "domain": _dns_name,
+    "hook_ledger": _ledger_file,
 }

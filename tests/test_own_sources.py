@@ -143,8 +143,8 @@ def test_osa_plan_names_the_skipped_file_on_stderr_and_the_batches_on_stdout(
     (tmp_path / "dagster.yaml").write_text("")
     assert main(["plan", "geo", "--source", str(folder)]) == 0
     out, err = capsys.readouterr()
-    [(key, mark)] = [line.split() for line in out.splitlines()]  # the one file kept
-    assert key.startswith("GSM11805-GSM11805-") and mark == "new"
+    [(key, records, mark)] = [line.split() for line in out.splitlines()]  # the one file kept
+    assert key.startswith("GSM11805-GSM11805-") and (records, mark) == ("1", "new")
     assert "skipped later-copy.txt.gz: GSM11805 is in GSM11805.txt.gz already, which is kept" in (
         err.splitlines()
     )

@@ -151,7 +151,7 @@ def test_the_documented_commands_run_as_written(shell: Shell):
     outputs: dict[str, subprocess.CompletedProcess[str]] = {}
     planned = shell.run(RUN_HERE[0])
     keys = [line.split()[0] for line in planned.stdout.splitlines()]
-    assert planned.stdout.splitlines() == [f"{key}  new" for key in keys]
+    assert planned.stdout.splitlines() == [f"{key}  4  new" for key in keys]
     assert len(keys) == 3
     batch_for = {  # each way of running a batch runs another one
         RUN_HERE[1]: keys[0],

@@ -61,6 +61,22 @@ def test_values_are_parsed_into_their_types() -> None:
         ("OSA_WATCH_INTERVAL_S", "hourly", "valid integer"),
         ("OSA_HOOK_SLOTS", "0", "greater than or equal to 1"),
         ("OSA_HOOK_MEMORY_BUDGET", "8g", "valid integer"),
+        ("OSA_STORAGE", "ftp://x/y", "ftp:// is not a store"),
+        ("OSA_STORAGE", "s3://", "it must name a bucket"),
+        ("OSA_STORAGE", "s3://bad bucket/prefix", "it must name a bucket"),
+        ("OSA_DEPOSITS", "http://example.org/deposits", "http:// is not a store"),
+        ("OSA_DEPOSITS", "ftp://user:secret@host/x", "holds no credentials; use a folder"),
+        ("OSA_DOMAIN", "bad domain:/x", "must be a DNS name"),
+        ("OSA_DOMAIN", "osa:archive", "must be a DNS name"),
+        ("OSA_DOMAIN", "-osa.example.org", "must be a DNS name"),
+        ("OSA_DOMAIN", "a" * 64 + ".org", "must be a DNS name"),
+        ("OSA_PLAN_CRON_PDB", "not a cron", "not a cron schedule of five fields"),
+        ("OSA_PLAN_CRON_PDB", "0 3 * * 9", "not a cron schedule of five fields"),
+        # Six fields (seconds first) croniter takes, Dagster's schedules do not.
+        ("OSA_PLAN_CRON_PDB", "0 0 3 * * 1", "not a cron schedule of five fields"),
+        ("OSA_HOOK_LEDGER", "/proc/version", "takes no new file"),
+        ("OSA_HOOK_LEDGER", "/dev/null", "exists and is not a regular file"),
+        ("OSA_HOOK_LEDGER", "/etc/hostname/ledger.json", "is not a folder"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_its_variable(
@@ -72,3 +88,20 @@ def test_a_bad_value_is_one_line_naming_its_variable(
     assert "\n" not in message
     assert message.startswith(variable)
     assert problem in message
+
+
+def test_good_locations_names_and_schedules_pass(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {
+            "OSA_STORAGE": "s3://osa-artifacts/osa",
+            "OSA_DEPOSITS": f"file://{tmp_path}/deposits",
+            "OSA_DOMAIN": "archive.osa-example.org",
+            "OSA_PLAN_CRON_GEO": "*/15 2-4 1,15 * mon-fri",
+            "OSA_HOOK_LEDGER": str(tmp_path / "not" / "yet" / "ledger.json"),
+        }
+    )
+    assert settings.domain == "archive.osa-example.org"
+    assert settings.plan_cron == {"geo": "*/15 2-4 1,15 * mon-fri"}
+    assert settings.hook_ledger_path == tmp_path / "not" / "yet" / "ledger.json"
+    # Checking the ledger's folder made nothing: the ledger makes its folders on first use.
+    assert list(tmp_path.iterdir()) == []

@@ -29,6 +29,8 @@ class PlanResult:
     """Every partition of this plan, in order, new or planned before."""
     new_partitions: list[str]
     records: int
+    records_per_batch: dict[str, int] = field(default_factory=dict)
+    """How many records each partition of this plan holds."""
     duplicate_refs: int = 0
     already_planned: int = 0
     """Records left out because a batch planned before holds them at the same version."""
@@ -121,6 +123,7 @@ def plan_refs(
         key = partition_key(batch)
         layout = BatchLayout(convention.name, key)
         result.partitions.append(key)
+        result.records_per_batch[key] = len(batch)
         # An unreadable manifest of the same membership is written anew: same records,
         # same partition.
         if not store.exists(layout.manifest) or _unreadable(store, layout):

@@ -392,7 +392,11 @@ def convention_jobs(
                 # Which batches, in planning order, and which of them are new: `osa plan`
                 # prints them from here, and the run's page shows them.
                 PLANNED_BATCHES_METADATA: dg.MetadataValue.json(
-                    {"batches": result.partitions, "new": result.new_partitions}
+                    {
+                        "batches": result.partitions,
+                        "new": result.new_partitions,
+                        "records": result.records_per_batch,
+                    }
                 ),
                 "skipped": len(result.skipped),
                 SKIPPED_METADATA: skipped_table(result.skipped),

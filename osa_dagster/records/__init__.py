@@ -3,6 +3,7 @@
 from osa_dagster.records.database import (
     DatabaseNotReadable,
     RecordsDatabase,
+    RecordsDatabaseUnusable,
     database_url_from_env,
     open_database,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Record",
     "RecordToPublish",
     "RecordsDatabase",
+    "RecordsDatabaseUnusable",
     "database_url_from_env",
     "find_srns",
     "list_dead_letters",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from osa_dagster.records.schema import current_revision, head_revision, upgrade
@@ -16,6 +17,11 @@ from osa_dagster.settings import Settings, data_dir
 
 class DatabaseNotReadable(RuntimeError):
     """A reading command cannot use the records database as it is; the message says why."""
+
+
+class RecordsDatabaseUnusable(RuntimeError):
+    """The records database could not be opened (unreachable, refused, not a database);
+    the one-line message names it and says why."""
 
 
 def database_url_from_env() -> str:
@@ -48,8 +54,16 @@ class RecordsDatabase:
 
     @cached_property
     def engine(self) -> Engine:
-        if self.read_only:
-            return self._reading_engine()
+        try:
+            return self._reading_engine() if self.read_only else self._writing_engine()
+        except DBAPIError as error:
+            reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+            shown = make_url(self.url).render_as_string(hide_password=True)
+            raise RecordsDatabaseUnusable(
+                f"the records database {shown} cannot be used: {reason}"
+            ) from error
+
+    def _writing_engine(self) -> Engine:
         sqlite_file = _sqlite_file(self.url)
         if sqlite_file is not None:
             sqlite_file.parent.mkdir(parents=True, exist_ok=True)

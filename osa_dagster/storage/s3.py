@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import stat
 import tempfile
 import time
@@ -40,6 +39,7 @@ from s3transfer.manager import TransferManager
 from s3transfer.subscribers import BaseSubscriber
 
 from osa_dagster.retrying import TRANSIENT_HTTP_STATUS, RetryPolicy
+from osa_dagster.settings import BUCKET_NAME, SettingsError
 from osa_dagster.storage.store import StoreKeyError, check_key
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,6 @@ HINTS = {
     # A HEAD answer has no body, so no code says why.
     "403": "access denied (no permission, an unknown access key id or a wrong secret key)",
 }
-# botocore's own bucket-name check: looser than today's S3 rules so legacy buckets pass.
-BUCKET_NAME = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")
 
 
 class StoreError(RuntimeError):
@@ -157,7 +155,7 @@ def parse_s3_url(url: str) -> tuple[str, str]:
             return parts.netloc, _normalise(prefix) if prefix else ""
         except StoreKeyError:
             problem = "its prefix must be a relative path without '..'"
-    raise ValueError(f"OSA_STORAGE={shown!r} is not a valid S3 location: {problem}")
+    raise SettingsError(f"OSA_STORAGE={shown!r} is not a valid S3 location: {problem}")
 
 
 def _normalise(key: str) -> str:

@@ -73,7 +73,7 @@ class DagsterSite:
     def plan(self, *args: str) -> list[str]:
         """`osa plan ARGS`: the partition keys of the batches it planned, in order."""
         planned = json.loads(self.osa("plan", *args, "--json").stdout)
-        return [batch["partition"] for batch in planned]
+        return [batch["partition"] for batch in planned["batches"]]
 
     def dagster(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.run(sys.executable, "-m", "dagster", *args)
