@@ -20,6 +20,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from osa_dagster.settings import Settings, data_dir
 from tests.conftest import REPO
 from tests.ui.conftest import FOREIGN_SETTINGS
 
@@ -75,3 +76,12 @@ def test_cli_dagster_and_dg_share_the_instance_from_any_folder(
         assert not (folder / ".data").exists(), folder
     assert sorted(p.name for p in planned_in.iterdir()) == []
     assert sorted(p.name for p in elsewhere.iterdir()) == []
+
+
+def test_the_data_folder_is_in_dagster_home_unless_osa_data_dir_names_one(tmp_path: Path):
+    home, data = tmp_path / "home", tmp_path / "data"
+    assert Settings.from_env({"DAGSTER_HOME": str(home)}).data_dir == home / ".data"
+    both = {"DAGSTER_HOME": str(home), "OSA_DATA_DIR": str(data)}
+    assert Settings.from_env(both).data_dir == data
+    assert Settings.from_env({}).data_dir == Path(".data").resolve()
+    assert data_dir({"DAGSTER_HOME": str(home)}) == home / ".data"
