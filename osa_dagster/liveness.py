@@ -49,7 +49,11 @@ class ProcessIdentity(BaseModel):
 
     @classmethod
     def of_this_process(cls) -> ProcessIdentity:
-        pid = os.getpid()
+        return cls.of_pid(os.getpid())
+
+    @classmethod
+    def of_pid(cls, pid: int) -> ProcessIdentity:
+        """A process of this machine, by pid."""
         return cls(
             host=socket.gethostname(),
             boot_id=boot_id(),

@@ -10,9 +10,10 @@ it (webserver and daemon) on 127.0.0.1:P; and, at Ctrl-C or SIGTERM, takes all o
 D (default .stack) keeps the data for the next start. D/stack.env holds the variables that
 point `osa` and `dagster` commands in another shell at the stack (`. D/stack.env`).
 
-It starts again on its own D after any stop: a PostgreSQL server that a killed stack left
-running on D is stopped and started again (pg_ctl puts the server in a session of its own,
-so it outlives a SIGKILL of the stack's process tree), and the buckets are kept. One stack
+It starts again on its own D after any stop. What a killed stack left running on D is
+stopped first: its PostgreSQL server (pg_ctl puts it in a session of its own, so it
+outlives even a SIGKILL of the stack's process tree), and after a SIGKILL of the stack
+alone its SeaweedFS and `dagster dev` (Leftovers). The buckets are kept. One stack
 at a time holds D (D/stack.lock). When `dagster dev` stops by itself (its daemon or
 webserver died, and it stops the other), the stack says so in one line and starts it again,
 PostgreSQL and S3 staying up; after MAX_QUICK_RESTARTS restarts in a row that each lasted
@@ -40,6 +41,9 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from pydantic import TypeAdapter
+
+from osa_dagster.liveness import ProcessIdentity
 from osa_dagster.local_postgres import PgCluster, free_port
 from osa_dagster.storage.local_s3 import SeaweedFS, SeaweedFSUnavailable
 
@@ -103,6 +107,60 @@ def holding(root: Path) -> Iterator[None]:
         lock.close()
 
 
+class Leftovers:
+    """The processes the stack starts in sessions of their own (SeaweedFS, `dagster dev` and
+    its group), which outlive a SIGKILL of the stack alone, recorded in D: the next start
+    stops those still running, which would hold D's data and the webserver's port."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def recorded(self) -> dict[str, ProcessIdentity]:
+        try:
+            return _RECORDED.validate_json(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}
+
+    def add(self, name: str, pid: int) -> None:
+        recorded = {**self.recorded(), name: ProcessIdentity.of_pid(pid)}
+        partial = self.path.with_suffix(".partial")
+        partial.write_bytes(_RECORDED.dump_json(recorded))
+        partial.replace(self.path)  # whole, even if the stack dies while writing
+
+    def stop(self) -> None:
+        """SIGKILL each recorded process group whose leader still runs, or whose leader is
+        gone without its pid taken by another process (its members are then the stack's)."""
+        for name, leader in self.recorded().items():
+            alive = leader.alive()
+            if not alive and Path(f"/proc/{leader.pid}").exists():
+                continue  # gone, its pid reused
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(leader.pid, signal.SIGKILL)
+                print(
+                    f"osa stack: stopped {name} (process group {leader.pid}), which a killed "
+                    "stack left running",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                _wait_until_gone(leader.pid)
+        self.path.unlink(missing_ok=True)
+
+
+_RECORDED = TypeAdapter(dict[str, ProcessIdentity])
+
+
+def _wait_until_gone(group: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:  # no process left in the group
+            return
+        if time.monotonic() > deadline:
+            raise StackError(f"process group {group} still runs {timeout_s:g} s after SIGKILL")
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def running_postgres(folder: Path) -> Iterator[PgCluster]:
     """The stack's cluster in `folder` (made at the first start), with both databases."""
@@ -130,12 +188,13 @@ def running_postgres(folder: Path) -> Iterator[PgCluster]:
 
 
 @contextlib.contextmanager
-def running_s3(folder: Path) -> Iterator[SeaweedFS]:
+def running_s3(folder: Path, leftovers: Leftovers) -> Iterator[SeaweedFS]:
     try:
         server = SeaweedFS.start(folder, bucket=ARTIFACTS_BUCKET)
     except SeaweedFSUnavailable as error:
         raise StackError(f"SeaweedFS: {error}") from error
     try:
+        leftovers.add("SeaweedFS", server.process.pid)
         server.create_bucket(COMPUTE_LOG_BUCKET)
         yield server
     finally:
@@ -167,8 +226,13 @@ def run_stack(root: Path, port: int) -> int:
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
         with holding(root):
+            leftovers = Leftovers(root / "stack.processes.json")
+            leftovers.stop()
             shutil.copy(PROFILE, home / "dagster.yaml")
-            with running_postgres(root / "postgres") as postgres, running_s3(root / "s3") as s3:
+            with (
+                running_postgres(root / "postgres") as postgres,
+                running_s3(root / "s3", leftovers) as s3,
+            ):
                 env = stack_environment(postgres, s3, home, port)
                 write_environment(root / "stack.env", env)
                 print(
@@ -179,19 +243,19 @@ def run_stack(root: Path, port: int) -> int:
                     flush=True,
                 )
                 command = [dagster, "dev", "-w", str(WORKSPACE), "-h", "127.0.0.1", "-p", str(port)]
-                return supervise(command, {**os.environ, **env})
+                return supervise(command, {**os.environ, **env}, leftovers)
     except (KeyboardInterrupt, _Stop):
         return 0
 
 
-def supervise(command: list[str], env: dict[str, str]) -> int:
+def supervise(command: list[str], env: dict[str, str], leftovers: Leftovers) -> int:
     """Run `dagster dev` and start it again whenever it stops by itself, saying so; 1 once
     it stopped MAX_QUICK_RESTARTS times in a row less than STABLE_S after its start. A
     Ctrl-C or SIGTERM propagates, after `dagster dev` is stopped."""
     quick_restarts = 0
     while True:
         started = time.monotonic()
-        status, died = run_dagster_dev(command, env)
+        status, died = run_dagster_dev(command, env, leftovers)
         if time.monotonic() - started >= STABLE_S:
             quick_restarts = 0
         stopped = f"dagster dev stopped ({_exit_status(status)})"
@@ -216,7 +280,9 @@ def supervise(command: list[str], env: dict[str, str]) -> int:
         time.sleep(delay)
 
 
-def run_dagster_dev(command: list[str], env: dict[str, str]) -> tuple[int, str | None]:
+def run_dagster_dev(
+    command: list[str], env: dict[str, str], leftovers: Leftovers
+) -> tuple[int, str | None]:
     """Run `dagster dev` until it stops, relaying its output to stderr: its exit status,
     and which of its processes died if one did ("dagster-daemon died (killed by
     SIGKILL)"). Stopped with its whole process group, whatever ends it."""
@@ -229,6 +295,7 @@ def run_dagster_dev(command: list[str], env: dict[str, str]) -> tuple[int, str |
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+    leftovers.add("dagster dev", child.pid)
     assert child.stdout is not None
     died: list[str] = []
     relay = threading.Thread(target=_relay, args=(child.stdout, died), daemon=True)

@@ -5,9 +5,10 @@ made from another process with the variables of D/stack.env; the daemon of the s
 `dagster dev` ingests the batch (the new-batches sensor, the queued run coordinator, runs in
 PostgreSQL, artifacts and compute logs in SeaweedFS); SIGTERM takes everything down.
 
-It starts again on its own folder after a SIGTERM and after a SIGKILL of its whole process
-tree, serving what it held; and when the daemon alone dies, it says so and starts
-`dagster dev` again while PostgreSQL and S3 stay up.
+It starts again on its own folder after a SIGTERM, after a SIGKILL of its whole process
+tree and after a SIGKILL of the stack's process alone, serving what it held; and when the
+daemon alone dies, it says so and starts `dagster dev` again while PostgreSQL and S3 stay
+up.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from sqlalchemy import select
 
 from osa_dagster.local_postgres import PgCluster, free_port, pg_binary
 from osa_dagster.records import Record, RecordsDatabase
+from osa_dagster.stack import Leftovers
 from osa_dagster.storage.s3 import make_s3_client
 from tests.fixtures.services import unavailable
 
@@ -78,7 +80,8 @@ def stack_dir() -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix="osa-stack-"))
     folder.chmod(0o755)
     yield folder
-    # A test that failed may have left the server a killed stack leaves running.
+    # A test that failed may have left running what a killed stack leaves.
+    Leftovers(folder / "stack.processes.json").stop()
     with contextlib.suppress(RuntimeError):
         PgCluster(folder / "postgres").stop("immediate")
     shutil.rmtree(folder, ignore_errors=True)
@@ -209,6 +212,8 @@ class RunningStack:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+        # Its line comes once it stopped what a killed stack left, such as a webserver.
+        wait_for("PostgreSQL and S3", lambda: "Dagster UI at" in self.output(), self.process)
         wait_for("the webserver", lambda: answering(self.url), self.process)
         self.stack_env = read_stack_env(folder / "stack.env")
 
@@ -303,12 +308,20 @@ def test_osa_stack_starts_again_on_its_folder_after_sigterm_and_after_sigkill(
         time.sleep(0.2)
 
     third = RunningStack(stack_dir, port, tmp_path, tmp_path / "third.log")
+    # pg_ctl started the server in a session of its own: it outlived the kill.
+    assert "stopping the PostgreSQL server a killed stack left" in third.output()
+    assert stored <= serves_what_it_held(third, key)
+    # The stack alone: SeaweedFS and dagster dev, in sessions of their own, outlive it too.
+    third.process.kill()
+    third.process.wait()
+
+    fourth = RunningStack(stack_dir, port, tmp_path, tmp_path / "fourth.log")
     try:
-        # pg_ctl started the server in a session of its own: it outlived the kill.
-        assert "stopping the PostgreSQL server a killed stack left" in third.output()
-        assert stored <= serves_what_it_held(third, key)
+        for leftover in ("SeaweedFS", "dagster dev"):
+            assert f"osa stack: stopped {leftover} (process group" in fourth.output()
+        assert stored <= serves_what_it_held(fourth, key)
     finally:
-        assert third.terminate() == 0
+        assert fourth.terminate() == 0
     assert processes_naming(stack_dir) == []
 
 
