@@ -11,7 +11,7 @@ share it from any folder. An absolute `base_dir` is used as it is.
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any
 
 from osa_dagster.defs.dagster_private import (
     ConfigurableClassData,
@@ -28,29 +28,27 @@ def in_data_folder(config_value: dict[str, Any]) -> dict[str, Any]:
     return {**config_value, "base_dir": str(data_dir() / config_value["base_dir"])}
 
 
-class DataFolderRunStorage(SqliteRunStorage):
+class _InDataFolder:
+    """Resolves `base_dir` before the Dagster storage it is mixed into reads its config.
+    (Those build their own class, not the subclass: the storage behaves the same, and its
+    inst_data, which other processes rebuild it from, names the subclass.)"""
+
     @classmethod
-    def from_config_value(  # ty: ignore[invalid-method-override]
-        cls, inst_data: ConfigurableClassData | None, config_value: Any
-    ) -> Self:
-        return cls.from_local(inst_data=inst_data, **in_data_folder(config_value))
+    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> Any:
+        return super().from_config_value(inst_data, in_data_folder(config_value))  # type: ignore[misc]
 
 
-class DataFolderScheduleStorage(SqliteScheduleStorage):
-    @classmethod
-    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> Self:
-        return cls.from_local(inst_data=inst_data, **in_data_folder(config_value))
+class DataFolderRunStorage(_InDataFolder, SqliteRunStorage):
+    pass
 
 
-class DataFolderArtifactStorage(LocalArtifactStorage):
-    @classmethod
-    def from_config_value(  # ty: ignore[invalid-method-override]
-        cls, inst_data: ConfigurableClassData | None, config_value: Any
-    ) -> Self:
-        return cls(inst_data=inst_data, **in_data_folder(config_value))
+class DataFolderScheduleStorage(_InDataFolder, SqliteScheduleStorage):
+    pass
 
 
-class DataFolderComputeLogs(LocalComputeLogManager):
-    @classmethod
-    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> Self:
-        return cls(inst_data=inst_data, **in_data_folder(config_value))
+class DataFolderArtifactStorage(_InDataFolder, LocalArtifactStorage):
+    pass
+
+
+class DataFolderComputeLogs(_InDataFolder, LocalComputeLogManager):
+    pass
