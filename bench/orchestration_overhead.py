@@ -103,7 +103,7 @@ STORAGE_KEYS = ("run_storage", "event_log_storage", "schedule_storage")
 
 def embedded_storage(home: Path) -> dict[str, Any]:
     """The storage of the repository's dagster.yaml (the embedded default), under `home`."""
-    profile = (REPO / "dagster.yaml").read_text().replace(".data/dagster", str(home))
+    profile = (REPO / "dagster.yaml").read_text().replace("base_dir: dagster", f"base_dir: {home}")
     config = yaml.safe_load(profile)
     return {key: config[key] for key in STORAGE_KEYS}
 

@@ -51,7 +51,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True)
 
     data_dir: Path = Field(DEFAULT_DATA_DIR, alias="OSA_DATA_DIR")
-    """Folder of the default artifact store and records database."""
+    """Folder of the default artifact store and records database, and of the embedded
+    Dagster instance; unset: .data in DAGSTER_HOME, else in the working folder (data_dir)."""
     storage: str = Field("", alias="OSA_STORAGE")
     """Artifact store: a folder or s3://bucket/prefix; empty: <data_dir>/artifacts."""
     s3_endpoint_url: str | None = Field(None, alias="OSA_S3_ENDPOINT_URL")
@@ -141,7 +142,7 @@ class Settings(BaseModel):
             variable = field.alias if field and field.alias else field_name
             shown = env.get(variable, "")
             raise SettingsError(f"{variable}={shown!r}: {first['msg']}") from None
-        return settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
+        return settings.model_copy(update={"data_dir": data_dir(env)})
 
     @property
     def artifacts_location(self) -> str:
@@ -184,10 +185,15 @@ def settings() -> Settings:
     return Settings.from_env()
 
 
-def data_dir() -> Path:
-    """The project's data folder: OSA_DATA_DIR, else .data in the working directory. Read
-    alone, so that a command that needs only the data folder works whatever else is set."""
-    return Path(os.environ.get("OSA_DATA_DIR", "").strip() or DEFAULT_DATA_DIR).resolve()
+def data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The project's data folder: OSA_DATA_DIR; else .data in DAGSTER_HOME, so that the
+    records and the instance it holds stay together whatever folder a command starts in;
+    else .data in the working directory. Read alone, so that a command that needs only the
+    data folder works whatever else is set."""
+    env = os.environ if environ is None else environ
+    home = env.get("DAGSTER_HOME", "").strip()
+    default = Path(home) / DEFAULT_DATA_DIR if home else DEFAULT_DATA_DIR
+    return Path(env.get("OSA_DATA_DIR", "").strip() or default).resolve()
 
 
 def _as_is(raw: str, _variable: str) -> str:

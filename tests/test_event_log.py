@@ -30,7 +30,9 @@ def home(tmp_path: Path) -> Path:
     home.mkdir()
     profile = (REPO / "dagster.yaml").read_text()
     assert "PooledSqliteEventLogStorage" in profile
-    (home / "dagster.yaml").write_text(profile.replace(".data/dagster", str(tmp_path / "dagster")))
+    (home / "dagster.yaml").write_text(
+        profile.replace("base_dir: dagster", f"base_dir: {tmp_path / 'dagster'}")
+    )
     return home
 
 

@@ -22,6 +22,10 @@ from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
     SqliteEventLogStorage,
     SqliteEventLogStorageWatchdog,
 )
+from dagster._core.storage.local_compute_log_manager import LocalComputeLogManager
+from dagster._core.storage.root import LocalArtifactStorage
+from dagster._core.storage.runs import SqliteRunStorage
+from dagster._core.storage.schedules import SqliteScheduleStorage
 from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
@@ -98,11 +102,15 @@ __all__ = [
     "EventHandlerFn",
     "ExecutionPlan",
     "Executor",
+    "LocalArtifactStorage",
+    "LocalComputeLogManager",
     "PlanOrchestrationContext",
     "RetryMode",
     "RunFailureReason",
     "SqliteEventLogStorage",
     "SqliteEventLogStorageWatchdog",
+    "SqliteRunStorage",
+    "SqliteScheduleStorage",
     "StepDelegatingExecutor",
     "StepDependencyConfig",
     "UriMetadataSet",

@@ -41,6 +41,7 @@ from osa_dagster.defs.dagster_private import (
     SqliteEventLogStorage,
     SqliteEventLogStorageWatchdog,
 )
+from osa_dagster.defs.instance_storage import in_data_folder
 
 # Run databases kept open besides the index: a run writes to its own, the webserver reads
 # those of the runs it shows. The least recently used is closed when one more opens.
@@ -80,7 +81,10 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
           module: osa_dagster.defs.event_log
           class: PooledSqliteEventLogStorage
           config:
-            base_dir: .data/dagster/storage/history/runs/
+            base_dir: dagster/storage/history/runs/
+
+    A relative `base_dir` is in the data folder, as with the other storages of
+    defs/instance_storage.py.
     """
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None) -> None:
@@ -92,7 +96,7 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
     def from_config_value(
         cls, inst_data: ConfigurableClassData | None, config_value: Any
     ) -> PooledSqliteEventLogStorage:
-        return cls(inst_data=inst_data, **config_value)
+        return cls(inst_data=inst_data, **in_data_folder(config_value))
 
     def _engine(self, shard: str) -> Engine:
         """The open engine of `shard`; called under Dagster's lock, which every use holds."""

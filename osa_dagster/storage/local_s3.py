@@ -33,6 +33,7 @@ from typing import Self
 
 import boto3
 from botocore.client import BaseClient
+from botocore.exceptions import ClientError
 
 from osa_dagster.storage.s3 import make_s3_client
 
@@ -44,6 +45,8 @@ DEFAULT_SECRET_KEY = "osa-local-secret"
 READY_KEY = ".local-s3-ready"
 # How long the command may take to stop by itself after an interrupt before it is killed.
 GRACE_S = 10.0
+# What CreateBucket answers for a bucket that exists (SeaweedFS answers either).
+_BUCKET_EXISTS = ("BucketAlreadyOwnedByYou", "BucketAlreadyExists")
 # The server's port flags; each gets a free port.
 _PORT_FLAGS = (
     "master.port",
@@ -163,6 +166,17 @@ class SeaweedFS:
             endpoint_url=self.url, session=session, connect_timeout=2, read_timeout=10
         )
 
+    def create_bucket(self, name: str, client: BaseClient | None = None) -> None:
+        """Create bucket `name` unless it exists (it does when the server's data is kept)."""
+        client = client or self.client()
+        try:
+            client.create_bucket(Bucket=name)
+        except ClientError as error:
+            # By code: each client has its own exception classes, so those of another
+            # client object would not match.
+            if error.response.get("Error", {}).get("Code") not in _BUCKET_EXISTS:
+                raise
+
     def environment(self, prefix: str = DEFAULT_PREFIX) -> dict[str, str]:
         """The variables that point `store_from_env` at this server, under `prefix`."""
         location = f"s3://{self.bucket}/{prefix.strip('/')}".rstrip("/")
@@ -204,11 +218,7 @@ class SeaweedFS:
                     f"weed exited with {self.process.returncode}: {self.tail()}"
                 )
             try:
-                with contextlib.suppress(
-                    client.exceptions.BucketAlreadyOwnedByYou,
-                    client.exceptions.BucketAlreadyExists,
-                ):
-                    client.create_bucket(Bucket=self.bucket)
+                self.create_bucket(self.bucket, client)
                 client.put_object(Bucket=self.bucket, Key=READY_KEY, Body=b"ok")
                 client.delete_object(Bucket=self.bucket, Key=READY_KEY)
                 return

@@ -108,7 +108,6 @@ def _site(
     site.env["OSA_DATA_DIR"] = str(tmp_path / "data")
     mp.setenv("OSA_DATA_DIR", str(tmp_path / "data"))
     shutil.copy(profile, home / "dagster.yaml")
-    mp.chdir(home)  # the embedded profile's paths are relative to the folder Dagster starts in
     return DagsterSite(home=home, data=tmp_path / "data", logs=site.logs, env=site.env), records_url
 
 
