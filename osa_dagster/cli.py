@@ -19,10 +19,13 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from osa_sdk.types import OutcomeStatus
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from osa_dagster.settings import Settings
 
 # Small batches so that the demo shows several partitions; the pdb convention's own
 # memory ladder already makes the bundled ribosome (6ZU5) OOM at the base and pass above.
@@ -592,7 +595,9 @@ def run_command(args: argparse.Namespace) -> int:
     from osa_dagster.settings import settings
 
     # Every variable is checked before any work: a malformed one anywhere is named at once.
-    settings()
+    configured = settings()
+    if args.command in ("demo", "materialize"):
+        refuse_without_hook_memory_limits(configured)
     if args.command == "backfill":
         from osa_dagster.backfill import run_backfill_command
 
@@ -657,6 +662,15 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_without_hook_memory_limits(configured: Settings) -> None:
+    """Local hooks get a real memory limit or nothing runs: MemoryLimitsUnavailable names
+    what is missing before the first batch (a Dagster run's step refuses the same way)."""
+    if configured.hook_runner == "local":
+        from osa_dagster.engine import memory_limit_mode
+
+        memory_limit_mode(configured)
+
+
 # Options of `osa plan` by the PlanConfig field they set, for naming them in errors.
 PLAN_OPTIONS = {"limit": "--limit", "since": "--since", "batch_size": "--batch-size"}
 
@@ -668,11 +682,14 @@ def one_line(error: BaseException) -> str | None:
 
     from osa_dagster.backfill import BackfillError
     from osa_dagster.conventions.registry import ConventionError
+    from osa_dagster.engine import MemoryLimitsUnavailable
     from osa_dagster.settings import SettingsError
     from osa_dagster.storage.s3 import StoreError
 
     if isinstance(error, CommandError | BackfillError | ConventionError | SettingsError):
         return str(error)
+    if isinstance(error, MemoryLimitsUnavailable):
+        return f"hook memory limits: {error}"
     if isinstance(error, ValidationError) and error.title == "PlanConfig":
         problems = []
         for problem in error.errors():

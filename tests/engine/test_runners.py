@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from osa_dagster.engine import AttemptMarker, Invocation, LocalRunner, kill_leftovers
+from osa_dagster.engine.cgroup import AttemptCgroups, MemoryLimitsUnavailable
 from osa_dagster.engine.runners import local as runners_module
 
 from .helpers import alive, eventually, require_cgroups
@@ -116,19 +117,29 @@ def test_hook_gets_its_contract_env_and_not_our_secrets(
     assert "hunter2" not in exit_.stderr_tail
 
 
-def test_without_cgroups_auto_falls_back_to_rlimit_and_warns_once(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_without_cgroups_the_runner_refuses_unless_told_not_to_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(runners_module, "usable_parent", lambda: None)
-    runners_module._warn_limits_approximate.cache_clear()
+    def none_here(_parent: Path | None = None) -> AttemptCgroups:
+        raise MemoryLimitsUnavailable("no cgroup memory controller: run as root")
 
-    modes = [LocalRunner().limit_mode, LocalRunner().limit_mode]
+    monkeypatch.setattr(runners_module, "attempt_cgroups", none_here)
+    with pytest.raises(MemoryLimitsUnavailable, match="no cgroup memory controller"):
+        LocalRunner()
 
-    assert modes == ["rlimit", "rlimit"]
+    monkeypatch.setenv("OSA_HOOK_MEMORY_LIMITS", "off")
+    runners_module._warn_limits_not_enforced.cache_clear()
+    runners = [LocalRunner(), LocalRunner()]
+    # Twice its limit, and nothing stops it: the attempt says that nothing was enforced.
+    exit_ = runners[0].start(
+        invocation(tmp_path, sys.executable, "-c", "bytearray(256 * 2**20)", memory_mb=128)
+    ).wait(30)
+
+    assert [r.limit_mode for r in runners] == ["none", "none"]
+    assert exit_ is not None
+    assert (exit_.returncode, exit_.oom_killed, exit_.limit_mode) == (0, False, "none")
     assert [r.levelname for r in caplog.records] == ["WARNING"]
-    assert "APPROXIMATE" in caplog.text
-    with pytest.raises(RuntimeError, match="no cgroup v1 memory controller"):
-        LocalRunner("cgroup")
+    assert "NOT ENFORCED" in caplog.text
 
 
 ORCHESTRATOR = """

@@ -20,8 +20,9 @@ from osa_sdk.contract import EXIT_MEMORY_ERROR
 from pydantic import BaseModel, ConfigDict
 
 # How an attempt's memory limit was enforced: a cgroup of our own, RLIMIT_AS (approximate),
-# or the container platform (Docker, Kubernetes), which puts the container in a cgroup.
-LimitMode = Literal["cgroup", "rlimit", "container"]
+# the container platform (Docker, Kubernetes), which puts the container in a cgroup, or not
+# at all ("none": OSA_HOOK_MEMORY_LIMITS=off).
+LimitMode = Literal["cgroup", "rlimit", "container", "none"]
 
 # Where the contract's folders appear to a hook that runs isolated: in a container, a pod or
 # the local sandbox.
