@@ -131,7 +131,7 @@ def _attempt_cgroups(configured_parent: Path | None) -> AttemptCgroups | MemoryL
     try:
         found = _find_attempt_cgroups(configured_parent)
     except MemoryLimitsUnavailable as unavailable:
-        log.warning("hook memory limits: none can be had: %s", unavailable)
+        log.info("hook memory limits: none can be had: %s", unavailable)
         return unavailable
     log.info(
         "hook memory limits: cgroup v%d under %s (%s)", found.version, found.parent, found.reason

@@ -51,6 +51,7 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     process.wait()
 
 
+@pytest.mark.cgroup_kernel
 def test_kernel_oom_kill_is_reported_with_its_peak(tmp_path: Path) -> None:
     require_cgroups()
     command = (sys.executable, "-c", "bytearray(300 * 2**20)")
@@ -92,6 +93,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path, runner: LocalRunn
     assert eventually(lambda: not alive(child))
 
 
+@pytest.mark.cgroup_kernel
 def test_processes_that_left_the_session_die_with_the_cgroup(tmp_path: Path) -> None:
     require_cgroups()
     script = "setsid sleep 30 & echo $! > child.pid"
@@ -131,9 +133,11 @@ def test_without_cgroups_the_runner_refuses_unless_told_not_to_limit(
     runners_module._warn_limits_not_enforced.cache_clear()
     runners = [LocalRunner(), LocalRunner()]
     # Twice its limit, and nothing stops it: the attempt says that nothing was enforced.
-    exit_ = runners[0].start(
-        invocation(tmp_path, sys.executable, "-c", "bytearray(256 * 2**20)", memory_mb=128)
-    ).wait(30)
+    exit_ = (
+        runners[0]
+        .start(invocation(tmp_path, sys.executable, "-c", "bytearray(256 * 2**20)", memory_mb=128))
+        .wait(30)
+    )
 
     assert [r.limit_mode for r in runners] == ["none", "none"]
     assert exit_ is not None
@@ -157,6 +161,7 @@ time.sleep(60)
 
 
 @pytest.mark.slow
+@pytest.mark.cgroup_kernel
 def test_leftovers_of_a_dead_orchestrator_are_killed(tmp_path: Path) -> None:
     require_cgroups()
     orchestrator = subprocess.Popen(
