@@ -55,6 +55,7 @@ RUN_HERE = (
 # Run by other tests, or only by hand, and why.
 RUN_ELSEWHERE = {
     "make demo": "test_make_demo_runs_quietly, below",
+    "osa demo": "what `make demo` runs: test_make_demo_runs_quietly, below",
     ".venv/bin/dg dev": "test_dg_dev_serves_the_code_location_under_its_one_name, below",
     "make ui": "tests/ui/test_backfills.py starts `make ui PORT=...`",
     "make ui PORT=3001": "tests/ui/test_backfills.py starts `make ui PORT=...`",
@@ -66,6 +67,8 @@ RUN_ELSEWHERE = {
     "make demo-s3": "the demo on SeaweedFS; its store is tested in tests/storage",
     "make images": "CI runs it before `make test`",
     "make test": "CI runs it; it runs this test",
+    "make test-cgroup2": "CI runs it after `make test`: tests/engine/test_cgroup_kernel.py in "
+    "a cgroup v2 guest",
     "make k8s-check ARGS=...": "needs a real Kubernetes cluster",
     "make bench": "benchmarks, run by hand (bench/RESULTS.md)",
     "OSA_CONVENTIONS=mylab.conventions make ui": "a user's module; tests load "

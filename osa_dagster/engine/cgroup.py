@@ -140,10 +140,8 @@ def _attempt_cgroups(configured_parent: Path | None) -> AttemptCgroups | MemoryL
 
 
 def _find_attempt_cgroups(configured_parent: Path | None) -> AttemptCgroups:
-    memberships = read_memberships(Path("/proc/self/cgroup"))
-    v1_memory = memberships.v1.get("memory")
-    if v1_memory is not None and (CGROUP_ROOT / v1_memory.lstrip("/")).is_dir():
-        hybrid = " beside a cgroup v2 mount without it" if memberships.unified else ""
+    found = memory_hierarchy()
+    if found.version == 1:
         ignored = "; OSA_CGROUP_PARENT is for cgroup v2 and ignored" if configured_parent else ""
         parent = usable_parent()
         if parent is None:
@@ -151,21 +149,52 @@ def _find_attempt_cgroups(configured_parent: Path | None) -> AttemptCgroups:
                 f"cgroup v1 memory controller at {CGROUP_ROOT}, but this process cannot make "
                 f"cgroups in it (it needs root and a writable /sys/fs/cgroup): {_HOW_TO_GET_ONE}"
             )
-        reason = f"the memory controller is bound to cgroup v1{hybrid}{ignored}"
-        return AttemptCgroups(1, parent, usable_pids_parent(), reason)
-    if memberships.unified is not None and "memory" in _words(UNIFIED_ROOT / "cgroup.controllers"):
+        return AttemptCgroups(1, parent, usable_pids_parent(), found.reason + ignored)
+    if found.version == 2:
         if configured_parent is not None:
             parent = _named_parent(UNIFIED_ROOT, configured_parent)
-            reason = "cgroup v2 with the memory controller; the parent named by OSA_CGROUP_PARENT"
+            reason = f"{found.reason}; the attempts' parent is OSA_CGROUP_PARENT"
         else:
-            parent = _delegated_parent(UNIFIED_ROOT, UNIFIED_ROOT / memberships.unified.lstrip("/"))
-            reason = "cgroup v2 with the memory controller; the parent is this process's own cgroup"
+            parent = _delegated_parent(UNIFIED_ROOT, found.group)
+            reason = f"{found.reason}; the attempts' parent is this process's own cgroup"
         _probe_unified(parent)
         return AttemptCgroups(2, parent, None, reason)
-    raise MemoryLimitsUnavailable(
-        "no cgroup memory controller: /proc/self/cgroup names neither a cgroup v1 memory "
-        f"cgroup nor a cgroup v2 hierarchy with the memory controller: {_HOW_TO_GET_ONE}"
-    )
+    raise MemoryLimitsUnavailable(f"{found.reason}: {_HOW_TO_GET_ONE}")
+
+
+@dataclass(frozen=True)
+class MemoryHierarchy:
+    """The cgroup hierarchy that holds the memory controller for a process, and why."""
+
+    version: Literal[1, 2] | None
+    top: Path
+    """That hierarchy's root folder (under `root` of `memory_hierarchy`)."""
+    group: Path
+    """The process's own cgroup in it."""
+    reason: str
+
+
+def memory_hierarchy(root: Path = Path("/")) -> MemoryHierarchy:
+    """Whose memory controller limits this process: cgroup v1's when it is bound there
+    (always so on a hybrid host, where cgroup v2 is mounted beside v1 without it), else cgroup
+    v2's when its root offers it. `root` is where /proc and /sys are found (tests give a
+    made-up tree)."""
+    memberships = read_memberships(root / "proc/self/cgroup")
+    unified_top = root / UNIFIED_ROOT.relative_to("/")
+    v1_top = root / CGROUP_ROOT.relative_to("/")
+    v1_memory = memberships.v1.get("memory")
+    if v1_memory is not None and v1_top.is_dir():
+        hybrid = " (hybrid: cgroup v2 is mounted beside it)" if memberships.unified else ""
+        reason = f"the memory controller is bound to cgroup v1{hybrid}"
+        return MemoryHierarchy(1, v1_top, v1_top / v1_memory.lstrip("/"), reason)
+    if memberships.unified is not None:
+        group = unified_top / memberships.unified.lstrip("/")
+        if "memory" in _words(unified_top / "cgroup.controllers"):
+            return MemoryHierarchy(2, unified_top, group, "cgroup v2 with the memory controller")
+        reason = f"cgroup v2 without the memory controller ({unified_top}/cgroup.controllers)"
+        return MemoryHierarchy(None, unified_top, group, reason)
+    reason = "no cgroup memory controller: /proc/self/cgroup names no cgroup that has one"
+    return MemoryHierarchy(None, unified_top, unified_top, reason)
 
 
 @dataclass(frozen=True)
@@ -195,22 +224,16 @@ def read_memberships(proc_cgroup: Path) -> Memberships:
 
 
 def memory_limit_bytes(root: Path = Path("/")) -> int | None:
-    """The memory limit that applies to this process through its cgroups (the smallest
-    along the way up to the hierarchy's root), or None when none is set. `root` is where
-    /proc and /sys are found; the tests give it a made-up tree."""
-    sys_cgroup = root / UNIFIED_ROOT.relative_to("/")
-    memberships = read_memberships(root / "proc/self/cgroup")
-    v1_memory = memberships.v1.get("memory")
-    if v1_memory is not None and (sys_cgroup / "memory").is_dir():
-        top, path, file_name = sys_cgroup / "memory", v1_memory, "memory.limit_in_bytes"
-    elif memberships.unified is not None:
-        top, path, file_name = sys_cgroup, memberships.unified, "memory.max"
-    else:
+    """The memory limit that applies to this process through its cgroups: the smallest of
+    its cgroup's and every one's above it, or None when none is set. `root` is where /proc
+    and /sys are found (tests give a made-up tree)."""
+    found = memory_hierarchy(root)
+    if found.version is None:
         return None
+    file_name = "memory.max" if found.version == 2 else "memory.limit_in_bytes"
     limits = []
-    group = top / path.lstrip("/")
-    for folder in (group, *group.parents):
-        if not folder.is_relative_to(top):
+    for folder in (found.group, *found.group.parents):
+        if not folder.is_relative_to(found.top):
             break
         with contextlib.suppress(OSError, ValueError):
             # "max" (v2) is no limit; v1 writes "no limit" as a huge number, which min() drops.
