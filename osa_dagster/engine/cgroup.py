@@ -121,18 +121,19 @@ def attempt_cgroups(configured_parent: Path | None = None) -> AttemptCgroups:
     """This process's place for attempt cgroups, or MemoryLimitsUnavailable saying why none;
     found once per process (per OSA_CGROUP_PARENT) and logged once."""
     found = _attempt_cgroups(configured_parent)
-    if isinstance(found, MemoryLimitsUnavailable):
-        raise found
+    if isinstance(found, str):
+        raise MemoryLimitsUnavailable(found)
     return found
 
 
 @functools.cache
-def _attempt_cgroups(configured_parent: Path | None) -> AttemptCgroups | MemoryLimitsUnavailable:
+def _attempt_cgroups(configured_parent: Path | None) -> AttemptCgroups | str:
+    """The place, or why there is none (a message, so that each caller raises afresh)."""
     try:
         found = _find_attempt_cgroups(configured_parent)
     except MemoryLimitsUnavailable as unavailable:
         log.info("hook memory limits: none can be had: %s", unavailable)
-        return unavailable
+        return str(unavailable)
     log.info(
         "hook memory limits: cgroup v%d under %s (%s)", found.version, found.parent, found.reason
     )

@@ -22,6 +22,7 @@ from osa_dagster.engine.cgroup import (
     CGROUP_ROOT,
     UNIFIED_ROOT,
     AttemptCgroups,
+    MemoryLimitsUnavailable,
     attempt_cgroups,
     read_memberships,
 )
@@ -288,3 +289,24 @@ def test_without_a_cgroup_of_its_own_the_cli_refuses_before_any_work(
     assert len(result.stderr.splitlines()) == 1
     assert "OSA_CGROUP_PARENT" in result.stderr
     assert not data.exists()
+
+
+def test_cgroup_v2_attempts_go_where_osa_cgroup_parent_says(
+    cgroups: AttemptCgroups, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if cgroups.version == 1:
+        pytest.skip("OSA_CGROUP_PARENT is for cgroup v2; this host's memory controller is v1")
+    named = cgroups.parent / f"named-parent-{os.getpid()}"
+    monkeypatch.setenv("OSA_CGROUP_PARENT", str(named))
+    try:
+        attempt = LocalRunner().start(invocation(tmp_path, "true"))
+        assert attempt.marker.cgroup is not None
+        assert Path(attempt.marker.cgroup).parent == named
+        assert finish(attempt).returncode == 0
+        assert {"memory", "pids"} <= set((named / "cgroup.subtree_control").read_text().split())
+    finally:
+        named.rmdir()
+
+    monkeypatch.setenv("OSA_CGROUP_PARENT", str(tmp_path))
+    with pytest.raises(MemoryLimitsUnavailable, match="not a cgroup below the cgroup v2 mount"):
+        LocalRunner()

@@ -203,6 +203,7 @@ def test_kill_leftovers_spares_a_process_that_reused_the_pid(
     assert alive(sleeper.pid)
 
 
+@pytest.mark.cgroup_kernel
 def test_kill_leftovers_touches_no_cgroup_it_did_not_make(
     tmp_path: Path, sleeper: subprocess.Popen[bytes], caplog: pytest.LogCaptureFixture
 ) -> None:
