@@ -92,14 +92,15 @@ class AttemptCgroups:
     reason: str
 
     def create(
-        self, name: str, limit_mb: int, max_processes: int
+        self, name: str, limit_mb: int, max_processes: int, *, v1_pids: bool
     ) -> tuple[MemoryCgroup | UnifiedCgroup, PidsCgroup | None]:
         """The cgroups of one attempt, which its process must join: on v2 one cgroup limits
-        both memory and processes; on v1 a memory cgroup and, where usable, a pids one."""
+        both memory and processes; on v1 a memory cgroup and, when `v1_pids` and the pids
+        controller is usable, a pids cgroup of its own."""
         if self.version == 2:
             return UnifiedCgroup.create(self.parent, name, limit_mb, max_processes), None
         memory = MemoryCgroup.create(self.parent, name, limit_mb)
-        if self.pids_parent is None:
+        if self.pids_parent is None or not v1_pids:
             return memory, None
         try:
             return memory, PidsCgroup.create(self.pids_parent, name, max_processes)

@@ -161,7 +161,14 @@ class LocalRunner:
         env = {k: os.environ[k] for k in self.inherit_env if k in os.environ} | dict(inv.env)
         try:
             if self._cgroups is not None:
-                cgroup, pids = self._cgroups.create(name, inv.memory_limit_mb, self._max_processes)
+                # On cgroup v1 only a sandboxed attempt has its processes capped, as ever: a
+                # separate pids cgroup each; on v2 the one cgroup caps them at no extra cost.
+                cgroup, pids = self._cgroups.create(
+                    name,
+                    inv.memory_limit_mb,
+                    self._max_processes,
+                    v1_pids=self.sandbox is not None,
+                )
             limits_processes = isinstance(cgroup, UnifiedCgroup) or pids is not None
             if self.sandbox is not None:
                 self.sandbox.prepare_output(inv.out_dir)
