@@ -12,7 +12,7 @@ software emulation (TCG: no KVM needed, about 17 times slower than the host for 
 - /sys/fs/cgroup is the cgroup v2 hierarchy, with the memory and pids controllers handed
   to the root's children (cpu and io too where the kernel has them);
 - COMMAND runs as root, in the root cgroup, in the caller's working folder and with the
-  caller's environment (less a few variables that name this host's session), and its
+  caller's environment (less a few variables of the caller's terminal and login), and its
   stdout and stderr are printed once the guest has powered off.
 
 The exit status is COMMAND's (128 + N when it died of signal N), or 125 when the machine
@@ -41,7 +41,7 @@ EXIT_TIMED_OUT = 124
 BUSYBOX = Path("/bin/busybox")
 MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 DEFAULT_CACHE = Path("/var/tmp/osa-cgroup2-vm")
-# The caller's variables that describe its own terminal and session, not the command's needs.
+# The caller's variables that describe its terminal and login, not what the command needs.
 NOT_CARRIED = {"PWD", "OLDPWD", "SHLVL", "TERM", "HOSTNAME", "DISPLAY", "XDG_RUNTIME_DIR", "_"}
 NINEP = "trans=virtio,version=9p2000.L,msize=512000"
 XZ_MAGIC = b"\xfd7zXZ\x00"

@@ -135,9 +135,7 @@ class LocalRunner:
     ) -> None:
         configured = settings()
         mode = mode or configured.hook_memory_limits
-        self.limit_mode: LimitMode = memory_limit_mode(
-            configured.model_copy(update={"hook_memory_limits": mode})
-        )
+        self.limit_mode: LimitMode = _LIMIT_MODES[mode]
         self._cgroups: AttemptCgroups | None = None
         if mode == "cgroup":
             self._cgroups = attempt_cgroups(configured.cgroup_parent)
