@@ -10,7 +10,7 @@ export DAGSTER_HOME ?= $(CURDIR)
 # `make ui PORT=3001` when 3000 is taken.
 PORT ?= 3000
 
-.PHONY: demo demo-s3 test lint images k8s-check ui stack bench clean sandbox-tools
+.PHONY: demo demo-s3 test test-cgroup2 lint images k8s-check ui stack bench clean sandbox-tools
 
 $(STAMP): pyproject.toml sdk/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ demo-s3: $(STAMP) sandbox-tools
 
 test: $(STAMP) sandbox-tools
 	$(BIN)/python -m pytest
+
+# The runner's real-kernel cgroup tests on cgroup v2, in a QEMU guest booted from the
+# installed Debian kernel (needs qemu-system-x86 linux-image-amd64 busybox-static cpio):
+# as root, then as an unprivileged user in a delegated cgroup.
+test-cgroup2: $(STAMP)
+	$(BIN)/python scripts/cgroup2_vm.py -- sh scripts/cgroup2_lane.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

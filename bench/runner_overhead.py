@@ -2,11 +2,15 @@
 
     .venv/bin/python bench/runner_overhead.py [--runs 30] [--command python|true] [--no-docker]
 
-The local runner is timed unsandboxed and, where the sandbox can run (bubblewrap: as root,
-or rootless as an ordinary user), sandboxed: the sandbox's own cost per attempt is the
-difference. The same command also runs in a sandboxed container of the pdb hook image
-(DockerRunner) when a Docker engine answers and the image is built (`make images`);
---no-docker skips it.
+The local runner is timed with each OSA_HOOK_MEMORY_LIMITS mode (a cgroup of the host's
+hierarchy, v1 or v2, where one can be had; RLIMIT_AS; none) unsandboxed and, where the
+sandbox can run (bubblewrap: as root,
+or rootless as an ordinary user), sandboxed: the cgroup's and the sandbox's own costs per
+attempt are the differences. Figures of different machines (this host's cgroup v1 and the
+cgroup v2 guest of `scripts/cgroup2_vm.py`, which emulates its CPU about 17 times slower)
+compare only as ratios to the bare run measured in the same place and run. The same
+command also runs in a sandboxed container of the pdb hook image (DockerRunner) when a
+Docker engine answers and the image is built (`make images`); --no-docker skips it.
 
 Runs the same command with each launcher in turn, round after round (so that drift of the
 machine hits all of them alike), and prints the median, the range and the ratio to the bare run.
@@ -24,9 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from osa_dagster.conventions.pdb import HOOK_IMAGE
-from osa_dagster.engine import Invocation, LocalRunner, Runner, memory_limit_mode
+from osa_dagster.engine import Invocation, LocalRunner, MemoryLimitsUnavailable, Runner
+from osa_dagster.engine.cgroup import attempt_cgroups
 from osa_dagster.engine.runners.docker import DockerRunner
 from osa_dagster.engine.runners.sandbox import SandboxUnavailable
+from osa_dagster.settings import MemoryLimits
 
 COMMANDS = {"python": [sys.executable, "-c", "pass"], "true": ["true"]}
 
@@ -57,7 +63,12 @@ def main() -> None:
         launchers: dict[str, Callable[[], None]] = {
             "subprocess.run": lambda: subprocess.run(command, check=True)
         }
-        modes = ["cgroup", "rlimit"] if memory_limit_mode() == "cgroup" else ["rlimit"]
+        modes: list[MemoryLimits] = ["cgroup", "rlimit", "off"]
+        try:
+            hierarchy = f"cgroup v{attempt_cgroups().version}"
+        except MemoryLimitsUnavailable as missing:
+            hierarchy = f"no cgroup ({missing})"
+            modes.remove("cgroup")
         for mode in modes:
             runner = LocalRunner(mode, sandbox="off")
             launchers[f"LocalRunner({mode})"] = _runner_launcher(runner, invocation)
@@ -80,7 +91,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - started)
 
     bare = statistics.median(times["subprocess.run"])
-    print(f"{args.command!r} command, {args.runs} runs each")
+    print(f"{args.command!r} command, {args.runs} runs each; memory limits: {hierarchy}")
     print(f"{'launcher':<30} {'median ms':>10} {'min-max ms':>16} {'ratio':>6}")
     for name, samples in times.items():
         median = statistics.median(samples)

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 if TYPE_CHECKING:  # imported lazily where used, to keep --help fast
     import dagster as dg
 
+
 # Small batches so that the demo shows several partitions; the pdb convention's own
 # memory ladder already makes the bundled ribosome (6ZU5) OOM at the base and pass above.
 DEMO_BATCH_SIZE = 10
@@ -765,7 +766,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command in RUNS_HOOKS_HERE:
         from osa_dagster.engine.runners.local import require_promised_isolation
 
-        # Before anything is launched: never a run that fails for want of the sandbox.
+        # Before anything is launched: never a run that fails for want of the sandbox or of
+        # real memory limits.
         require_promised_isolation(configured)
     if args.command == "backfill":
         from osa_dagster.backfill import run_backfill_command
@@ -865,6 +867,7 @@ def _operator_message(error_class: str, message: str) -> str | None:
     from osa_dagster.backfill import BackfillError
     from osa_dagster.batch import BatchInputError
     from osa_dagster.conventions.registry import ConventionError
+    from osa_dagster.engine import MemoryLimitsUnavailable
     from osa_dagster.engine.runners.sandbox import SandboxUnavailable
     from osa_dagster.records import DatabaseNotReadable, RecordsDatabaseUnusable
     from osa_dagster.settings import SettingsError
@@ -881,6 +884,8 @@ def _operator_message(error_class: str, message: str) -> str | None:
     )
     if error_class in _class_names(*said_in_full):
         return message
+    if error_class in _class_names(MemoryLimitsUnavailable):
+        return f"hook memory limits: {message}"
     if error_class in _class_names(RecordsDatabaseUnusable, DatabaseNotReadable):
         return f"{_database_variable()}: {message}"
     if error_class in _class_names(StoreError):

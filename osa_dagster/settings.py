@@ -30,6 +30,7 @@ BUCKET_NAME = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")
 URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 RunnerKind = Literal["local", "docker", "kubernetes"]
+MemoryLimits = Literal["cgroup", "rlimit", "off"]
 
 
 class SettingsError(ValueError):
@@ -87,6 +88,12 @@ class Settings(BaseModel):
         "65534:65534", pattern=r"^[1-9][0-9]*:[0-9]+$", alias="OSA_HOOK_SANDBOX_USER"
     )
     """uid:gid that sandboxed hooks run as: numeric, never root."""
+    hook_memory_limits: MemoryLimits = Field("cgroup", alias="OSA_HOOK_MEMORY_LIMITS")
+    """How local hooks' memory is limited: "cgroup" (a real limit, or refuse to run), or the
+    opt-outs "rlimit" (RLIMIT_AS, approximate) and "off" (none)."""
+    cgroup_parent: Path | None = Field(None, alias="OSA_CGROUP_PARENT")
+    """cgroup v2: the cgroup (a folder under /sys/fs/cgroup, empty of processes) to make
+    attempts' cgroups in; None: the orchestrator's own cgroup, delegated to it."""
     hook_slots: int | None = Field(None, ge=1, alias="OSA_HOOK_SLOTS")
     """Hook attempts running at once on this machine; None: the CPUs this process may use."""
     hook_memory_budget_mb: int | None = Field(None, ge=1, alias="OSA_HOOK_MEMORY_BUDGET")

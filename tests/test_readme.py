@@ -67,6 +67,8 @@ RUN_ELSEWHERE = {
     "make demo-s3": "the demo on SeaweedFS; its store is tested in tests/storage",
     "make images": "CI runs it before `make test`",
     "make test": "CI runs it; it runs this test",
+    "make test-cgroup2": "CI runs it after `make test`: tests/engine/test_cgroup_kernel.py in "
+    "a cgroup v2 guest",
     "make k8s-check ARGS=...": "needs a real Kubernetes cluster",
     "make bench": "benchmarks, run by hand (bench/RESULTS.md)",
     "OSA_CONVENTIONS=mylab.conventions make ui": "a user's module; tests load "

@@ -46,6 +46,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from osa_dagster.engine.cgroup import memory_limit_bytes
 from osa_dagster.engine.process_identity import ProcessIdentity
 
 log = logging.getLogger(__name__)
@@ -277,29 +278,18 @@ def default_slots() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def default_budget_mb(fraction: float = DEFAULT_BUDGET_FRACTION) -> int:
-    """`fraction` of the memory available to this process: its memory cgroup's limit when it
-    has one below the host's memory, else the host's memory."""
-    total = _meminfo_total_bytes()
-    limit = _own_cgroup_limit_bytes()
+def default_budget_mb(fraction: float = DEFAULT_BUDGET_FRACTION, root: Path = Path("/")) -> int:
+    """`fraction` of the memory this process may really use: the smallest of the host's
+    memory and the limits of its cgroup and every cgroup above it (v1 or v2). `root` is
+    where /proc and /sys are found; the tests give it a made-up tree."""
+    total = _meminfo_total_bytes(root)
+    limit = memory_limit_bytes(root)
     available = min(total, limit) if limit else total
     return max(1, int(available * fraction) // _MB)
 
 
-def _meminfo_total_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
+def _meminfo_total_bytes(root: Path) -> int:
+    for line in (root / "proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/meminfo has no MemTotal")
-
-
-def _own_cgroup_limit_bytes() -> int | None:
-    from osa_dagster.engine.cgroup import own_memory_cgroup
-
-    group = own_memory_cgroup()
-    if group is None:
-        return None
-    try:
-        return int((group / "memory.limit_in_bytes").read_text())
-    except (OSError, ValueError):
-        return None
+    raise RuntimeError(f"{root / 'proc/meminfo'} has no MemTotal")

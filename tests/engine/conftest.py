@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from osa_dagster.engine import LocalRunner
-from osa_dagster.engine.cgroup import NAME_PREFIX, usable_parent
+from osa_dagster.engine.cgroup import NAME_PREFIX, MemoryLimitsUnavailable, attempt_cgroups
 
 from .helpers import Harness
 
@@ -23,9 +23,13 @@ def unsandboxed(monkeypatch: pytest.MonkeyPatch) -> None:
 def no_cgroup_left() -> Iterator[None]:
     """Every test must remove the cgroups it made (named after this process)."""
     yield
-    parent = usable_parent()
-    if parent is not None:
-        assert list(parent.glob(f"{NAME_PREFIX}{os.getpid()}-*")) == []
+    try:
+        cgroups = attempt_cgroups()
+    except MemoryLimitsUnavailable:
+        return
+    for parent in (cgroups.parent, cgroups.pids_parent):
+        if parent is not None:
+            assert list(parent.glob(f"{NAME_PREFIX}{os.getpid()}-*")) == []
 
 
 @pytest.fixture

@@ -24,9 +24,10 @@ from osa_dagster.engine import (
     MemoryHistoryIO,
     MemoryPolicy,
     advance_hook,
-    memory_limit_mode,
     run_hook,
 )
+from osa_dagster.engine.cgroup import MemoryLimitsUnavailable, attempt_cgroups
+from osa_dagster.settings import settings
 from tests.fixtures.services import unavailable
 
 HOOKS = Path(__file__).parent / "hooks"
@@ -37,10 +38,11 @@ POLL_S = 0.05
 
 
 def require_cgroups() -> None:
-    """Skip without a cgroup v1 memory controller; on CI, fail: OOM tests must run there."""
-    if memory_limit_mode() == "cgroup":
-        return
-    unavailable("no usable cgroup v1 memory controller (it needs root and /sys/fs/cgroup/memory)")
+    """Skip without a usable cgroup (v1 or v2); on CI, fail: OOM tests must run there."""
+    try:
+        attempt_cgroups(settings().cgroup_parent)
+    except MemoryLimitsUnavailable as missing:
+        unavailable(str(missing))
 
 
 def alive(pid: int) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from osa_dagster.engine import AttemptMarker, Invocation, LocalRunner, kill_leftovers
+from osa_dagster.engine.cgroup import AttemptCgroups, MemoryLimitsUnavailable
 from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.engine.runners import local as runners_module
 
@@ -51,6 +52,7 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     process.wait()
 
 
+@pytest.mark.cgroup_kernel
 def test_kernel_oom_kill_is_reported_with_its_peak(tmp_path: Path) -> None:
     require_cgroups()
     command = (sys.executable, "-c", "bytearray(300 * 2**20)")
@@ -92,6 +94,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path, runner: LocalRunn
     assert eventually(lambda: not alive(child))
 
 
+@pytest.mark.cgroup_kernel
 def test_processes_that_left_the_session_die_with_the_cgroup(tmp_path: Path) -> None:
     require_cgroups()
     script = "setsid sleep 30 & echo $! > child.pid"
@@ -117,19 +120,31 @@ def test_hook_gets_its_contract_env_and_not_our_secrets(
     assert "hunter2" not in exit_.stderr_tail
 
 
-def test_without_cgroups_auto_falls_back_to_rlimit_and_warns_once(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_without_cgroups_the_runner_refuses_unless_told_not_to_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(runners_module, "usable_parent", lambda: None)
-    runners_module._warn_limits_approximate.cache_clear()
+    def none_here(_parent: Path | None = None) -> AttemptCgroups:
+        raise MemoryLimitsUnavailable("no cgroup memory controller: run as root")
 
-    modes = [LocalRunner().limit_mode, LocalRunner().limit_mode]
+    monkeypatch.setattr(runners_module, "attempt_cgroups", none_here)
+    with pytest.raises(MemoryLimitsUnavailable, match="no cgroup memory controller"):
+        LocalRunner()
 
-    assert modes == ["rlimit", "rlimit"]
+    monkeypatch.setenv("OSA_HOOK_MEMORY_LIMITS", "off")
+    runners_module._warn_limits_not_enforced.cache_clear()
+    runners = [LocalRunner(), LocalRunner()]
+    # Twice its limit, and nothing stops it: the attempt says that nothing was enforced.
+    exit_ = (
+        runners[0]
+        .start(invocation(tmp_path, sys.executable, "-c", "bytearray(256 * 2**20)", memory_mb=128))
+        .wait(30)
+    )
+
+    assert [r.limit_mode for r in runners] == ["none", "none"]
+    assert exit_ is not None
+    assert (exit_.returncode, exit_.oom_killed, exit_.limit_mode) == (0, False, "none")
     assert [r.levelname for r in caplog.records] == ["WARNING"]
-    assert "APPROXIMATE" in caplog.text
-    with pytest.raises(RuntimeError, match="no cgroup v1 memory controller"):
-        LocalRunner("cgroup")
+    assert "NOT ENFORCED" in caplog.text
 
 
 ORCHESTRATOR = """
@@ -147,6 +162,7 @@ time.sleep(60)
 
 
 @pytest.mark.slow
+@pytest.mark.cgroup_kernel
 def test_leftovers_of_a_dead_orchestrator_are_killed(tmp_path: Path) -> None:
     require_cgroups()
     orchestrator = subprocess.Popen(
@@ -191,6 +207,7 @@ def test_kill_leftovers_spares_a_process_that_reused_the_pid(
     assert alive(sleeper.pid)
 
 
+@pytest.mark.cgroup_kernel
 def test_kill_leftovers_touches_no_cgroup_it_did_not_make(
     tmp_path: Path, sleeper: subprocess.Popen[bytes], caplog: pytest.LogCaptureFixture
 ) -> None:

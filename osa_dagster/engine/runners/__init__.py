@@ -5,6 +5,7 @@ container, `kubernetes` as a Job. The Docker and Kubernetes clients are imported
 their runner's module, so the engine loads neither unless it is chosen.
 """
 
+from osa_dagster.engine.cgroup import MemoryLimitsUnavailable
 from osa_dagster.engine.runners.base import (
     AttemptExit,
     AttemptMarker,
@@ -22,6 +23,7 @@ __all__ = [
     "Invocation",
     "LimitMode",
     "LocalRunner",
+    "MemoryLimitsUnavailable",
     "Runner",
     "RunningAttempt",
     "kill_leftovers",

@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict
 from osa_dagster.engine.process_identity import ProcessIdentity
 
 # How an attempt's memory limit was enforced: a cgroup of our own, RLIMIT_AS (approximate),
-# or the container platform (Docker, Kubernetes), which puts the container in a cgroup.
-LimitMode = Literal["cgroup", "rlimit", "container"]
+# the container platform (Docker, Kubernetes), which puts the container in a cgroup, or not
+# at all ("none": OSA_HOOK_MEMORY_LIMITS=off).
+LimitMode = Literal["cgroup", "rlimit", "container", "none"]
 
 # Where the contract's folders appear to a hook that runs isolated: in a container, a pod or
 # the local sandbox.

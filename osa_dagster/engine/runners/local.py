@@ -1,6 +1,10 @@
 """The local runner: a hook as a local process in its own session, under a real memory
-limit (a cgroup v1 memory controller of our own, or RLIMIT_AS where there is none), and
-sandboxed (runners/sandbox.py) wherever that can run."""
+limit (a cgroup of our own, v1 or v2: engine/cgroup.py), and sandboxed (runners/sandbox.py)
+wherever that can run.
+
+Memory limits fail closed: where no cgroup can be had, the runner refuses to start, in one
+line naming what is missing, unless OSA_HOOK_MEMORY_LIMITS says otherwise ("rlimit": an
+approximate RLIMIT_AS; "off": none), and then every attempt's `limit_mode` says so."""
 
 from __future__ import annotations
 
@@ -18,19 +22,18 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
 
 from osa_sdk.contract import BYTES_PER_MB, ENV_OUT
 
 from osa_dagster.engine.cgroup import (
-    CGROUP_ROOT,
     NAME_PREFIX,
-    PIDS_ROOT,
+    AttemptCgroups,
     Cgroup,
     MemoryCgroup,
+    MemoryLimitsUnavailable,
     PidsCgroup,
-    usable_parent,
-    usable_pids_parent,
+    UnifiedCgroup,
+    attempt_cgroups,
 )
 from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.engine.runners.base import (
@@ -49,7 +52,7 @@ from osa_dagster.engine.runners.sandbox import (
     SandboxPolicy,
     find_sandbox,
 )
-from osa_dagster.settings import Settings, settings
+from osa_dagster.settings import MemoryLimits, Settings, settings
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +62,32 @@ INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV"
 _PR_SET_PDEATHSIG = 1
 
 
-def memory_limit_mode() -> LimitMode:
-    """How LocalRunner limits memory on this machine."""
-    return "cgroup" if usable_parent() is not None else "rlimit"
+_LIMIT_MODES: dict[MemoryLimits, LimitMode] = {
+    "cgroup": "cgroup",
+    "rlimit": "rlimit",
+    "off": "none",
+}
+
+
+def memory_limit_mode(configured: Settings | None = None) -> LimitMode:
+    """How LocalRunner limits hooks' memory under these settings (None: the environment's),
+    checked before any work: MemoryLimitsUnavailable, in one line, where OSA_HOOK_MEMORY_LIMITS
+    asks for cgroups (the default) and none can be had."""
+    configured = configured or settings()
+    if configured.hook_memory_limits == "cgroup":
+        attempt_cgroups(configured.cgroup_parent)
+    return _LIMIT_MODES[configured.hook_memory_limits]
 
 
 @functools.cache
-def _warn_limits_approximate() -> None:
+def _warn_limits_not_enforced(mode: MemoryLimits) -> None:
     # Cached so that the warning is logged once per process, not once per attempt.
-    log.warning(
-        "No usable cgroup v1 memory controller (it needs root and /sys/fs/cgroup/memory): "
-        "hook memory limits fall back to RLIMIT_AS and are APPROXIMATE. They cap address "
-        "space, not resident memory, and an over-limit hook gets MemoryError instead of an "
-        "OOM kill."
-    )
+    what = {
+        "rlimit": "APPROXIMATE: RLIMIT_AS caps address space, not resident memory, and an "
+        "over-limit hook gets MemoryError instead of an OOM kill",
+        "off": "NOT ENFORCED: a hook may use all the memory of the machine",
+    }[mode]
+    log.warning("OSA_HOOK_MEMORY_LIMITS=%s: hook memory limits are %s.", mode, what)
 
 
 @functools.cache
@@ -99,18 +114,23 @@ def configured_sandbox_policy(configured: Settings) -> SandboxPolicy:
 
 
 def require_promised_isolation(configured: Settings) -> None:
-    """Refuse, before any work, to run local hooks with less isolation than OSA_HOOK_SANDBOX
-    promises: SandboxUnavailable, in one line naming what is missing."""
-    if configured.hook_runner == "local" and configured.hook_sandbox == "on":
+    """Refuse, before any work, to run local hooks with less isolation than the settings
+    promise: MemoryLimitsUnavailable or SandboxUnavailable, in one line naming what is
+    missing and how to get it."""
+    if configured.hook_runner != "local":
+        return
+    memory_limit_mode(configured)
+    if configured.hook_sandbox == "on":
         find_sandbox(configured_sandbox_policy(configured))
 
 
 class LocalRunner:
     """Runs a hook as a local process in its own session, under a real memory limit.
 
-    `mode="auto"` uses a cgroup when it can and otherwise falls back to RLIMIT_AS, with a
-    warning (once per process); "cgroup" and "rlimit" force a mode. `sandbox` ("on" or
-    "off"; None: OSA_HOOK_SANDBOX, else "on") runs each attempt sandboxed under
+    `mode` (None: OSA_HOOK_MEMORY_LIMITS, else "cgroup") is "cgroup", or MemoryLimitsUnavailable
+    where there is none; "rlimit" and "off" are the opt-outs, each with a warning (once per
+    process) and said in every attempt's `limit_mode`. `sandbox` ("on" or "off"; None:
+    OSA_HOOK_SANDBOX, else "on") runs each attempt sandboxed under
     `sandbox_policy` (None: its defaults, with OSA_HOOK_SANDBOX_USER). Start attempts from a
     thread that lives as long as they do: PR_SET_PDEATHSIG fires when the *thread* that
     forked the hook exits.
@@ -118,44 +138,44 @@ class LocalRunner:
 
     def __init__(
         self,
-        mode: Literal["auto", "cgroup", "rlimit"] = "auto",
+        mode: MemoryLimits | None = None,
         inherit_env: Sequence[str] = INHERITED_ENV,
         sandbox: SandboxMode | None = None,
         sandbox_policy: SandboxPolicy | None = None,
     ) -> None:
-        if mode == "auto":
-            mode = memory_limit_mode()
-            if mode == "rlimit":
-                _warn_limits_approximate()
-        elif mode == "cgroup" and usable_parent() is None:
-            raise RuntimeError(
-                "cgroup memory limits requested, but no cgroup v1 memory controller is usable"
-            )
-        self.limit_mode: LimitMode = mode
+        configured = settings()
+        mode = mode or configured.hook_memory_limits
+        self.limit_mode: LimitMode = _LIMIT_MODES[mode]
+        self._cgroups: AttemptCgroups | None = None
+        if mode == "cgroup":
+            self._cgroups = attempt_cgroups(configured.cgroup_parent)
+        else:
+            _warn_limits_not_enforced(mode)
         self.inherit_env = tuple(inherit_env)
-        self._cgroup_parent = usable_parent() if mode == "cgroup" else None
         if sandbox is None or sandbox_policy is None:
-            configured = settings()
             sandbox = sandbox or configured.hook_sandbox
             sandbox_policy = sandbox_policy or configured_sandbox_policy(configured)
         self.sandbox = choose_sandbox(sandbox, sandbox_policy)
-        self._pids_parent = usable_pids_parent() if self.sandbox is not None else None
+        self._max_processes = sandbox_policy.max_processes
 
     def start(self, inv: Invocation) -> LocalAttempt:
         name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-        cgroup = pids = None
+        cgroup: MemoryCgroup | UnifiedCgroup | None = None
+        pids: PidsCgroup | None = None
         command = list(inv.command)
         env = {k: os.environ[k] for k in self.inherit_env if k in os.environ} | dict(inv.env)
-        max_processes = None
         try:
-            if self._cgroup_parent is not None:
-                cgroup = MemoryCgroup.create(self._cgroup_parent, name, inv.memory_limit_mb)
+            if self._cgroups is not None:
+                # On cgroup v1 only a sandboxed attempt has its processes capped, as ever: a
+                # separate pids cgroup each; on v2 the one cgroup caps them at no extra cost.
+                cgroup, pids = self._cgroups.create(
+                    name,
+                    inv.memory_limit_mb,
+                    self._max_processes,
+                    v1_pids=self.sandbox is not None,
+                )
+            limits_processes = isinstance(cgroup, UnifiedCgroup) or pids is not None
             if self.sandbox is not None:
-                policy = self.sandbox.policy
-                if self._pids_parent is not None:
-                    pids = PidsCgroup.create(self._pids_parent, name, policy.max_processes)
-                elif not self.sandbox.rootless:  # a rootless one limits them inside itself
-                    max_processes = policy.max_processes
                 self.sandbox.prepare_output(inv.out_dir)
                 readable_by_hooks(inv.in_dir, inv.files_root)
                 command = self.sandbox.wrap(
@@ -168,8 +188,19 @@ class LocalRunner:
                 env = self.sandbox.environment(inv.env)
             setup = _child_setup(
                 cgroup_procs=[group.procs_file for group in (cgroup, pids) if group is not None],
-                address_space=None if cgroup else inv.memory_limit_mb * BYTES_PER_MB,
-                max_processes=max_processes,
+                address_space=(
+                    inv.memory_limit_mb * BYTES_PER_MB if self.limit_mode == "rlimit" else None
+                ),
+                # Without a cgroup to count them, a sandboxed hook's processes are capped by
+                # RLIMIT_NPROC, which binds once the sandbox has dropped to its user.
+                # A rootless sandbox caps them inside its own user namespace instead.
+                max_processes=(
+                    self._max_processes
+                    if self.sandbox is not None
+                    and not self.sandbox.rootless
+                    and not limits_processes
+                    else None
+                ),
                 orchestrator=os.getpid(),
             )
             process, hook_log = _start_logged(command, env, inv.log_path, setup)
@@ -192,7 +223,7 @@ class LocalAttempt:
         process: subprocess.Popen[bytes],
         hook_log: PipeToHookLog,
         inv: Invocation,
-        cgroup: MemoryCgroup | None,
+        cgroup: MemoryCgroup | UnifiedCgroup | None,
         pids: PidsCgroup | None,
         mode: LimitMode,
         sandboxed: bool,
@@ -219,6 +250,8 @@ class LocalAttempt:
     def wait(self, timeout: float) -> AttemptExit | None:
         if self._exit is not None:
             return self._exit
+        if self._cgroup is not None:
+            self._cgroup.sample_usage()
         remaining = self._deadline - time.monotonic()
         if not self._exited(max(0.0, min(timeout, remaining))):
             if time.monotonic() < self._deadline:
@@ -296,12 +329,16 @@ def kill_leftovers(marker: AttemptMarker) -> None:
     # the pgid to what is left of our group.
     if not marker.process.pid_reused():
         _killpg(marker.process.pid)
-    for recorded, root in ((marker.cgroup, CGROUP_ROOT), (marker.pids_cgroup, PIDS_ROOT)):
-        if recorded is None:
-            continue
-        path = Path(os.path.normpath(recorded))
-        if path.parent.is_relative_to(root) and path.name.startswith(NAME_PREFIX):
-            Cgroup(path).remove()
+    recorded = [path for path in (marker.cgroup, marker.pids_cgroup) if path is not None]
+    if not recorded:
+        return
+    try:
+        cgroups: AttemptCgroups | None = attempt_cgroups(settings().cgroup_parent)
+    except MemoryLimitsUnavailable:
+        cgroups = None
+    for path in (Path(os.path.normpath(entry)) for entry in recorded):
+        if cgroups is not None and cgroups.owns(path):
+            (UnifiedCgroup if cgroups.version == 2 else Cgroup)(path).remove()
         else:
             log.warning("not touching %s: not a cgroup this runner creates", path)
 

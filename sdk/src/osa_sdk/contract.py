@@ -126,6 +126,6 @@ MAX_FEATURE_BYTES_PER_BATCH = 32 * BYTES_PER_MB
 EXIT_CONTRACT_ERROR = 2
 
 # Exit code with which a hook says "I ran out of memory" when no kernel OOM killer is
-# watching it (the RLIMIT_AS fallback turns an over-limit allocation into MemoryError).
+# watching it (OSA_HOOK_MEMORY_LIMITS=rlimit turns an over-limit allocation into MemoryError).
 # The engine treats it like an OOM kill: the records left are retried with more memory.
 EXIT_MEMORY_ERROR = 99
