@@ -84,7 +84,7 @@ def plan(
     import dagster as dg
 
     from osa_dagster.definitions import defs
-    from osa_dagster.defs.planning import (
+    from osa_dagster.defs.jobs import (
         PLANNED_BATCHES_METADATA,
         SKIPPED_METADATA,
         PlanConfig,
@@ -135,8 +135,9 @@ def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
     per run at most); return the partitions of the runs that failed."""
     from osa_dagster.definitions import defs
     from osa_dagster.defs.assets import partitions_per_run
+    from osa_dagster.defs.batch_sensors import contiguous_chunks
     from osa_dagster.defs.dagster_private import partition_range_tags
-    from osa_dagster.defs.planning import contiguous_chunks, ingest_job_name
+    from osa_dagster.defs.jobs import ingest_job_name
     from osa_dagster.defs.run_worker import worker_tags
 
     convention = _convention(convention_name)
