@@ -25,7 +25,12 @@ holds its lease, a row of `batch_leases` in the records database:
   process or a database it could not reach) fails its step with `LeaseLost` when the work
   ends, so that its result is not reported.
 
-A step holds at most one lease at a time, so leases cannot deadlock. No Dagster here.
+Leases cannot deadlock. A step either holds one lease at a time (each partition of its
+range in turn), never waiting for one while it holds another, or holds the leases of its
+whole range at once (`hold_all`, for a step that works its batches together), taking them
+in one global order, sorted by batch, whatever order it names them in. So a holder that
+waits holds only leases that come before the one it waits for, and the holder of that one
+never waits for any of them: no two holders wait for each other. No Dagster here.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 from sqlalchemy import ColumnElement, delete, text, update
@@ -166,6 +171,35 @@ class BatchLeases:
                 f"step's lease over while it worked (it was presumed dead after "
                 f"{self.timeout_s:g} s without a heartbeat); its result is not reported"
             )
+
+    @contextmanager
+    def hold_all(
+        self,
+        convention: str,
+        batches: Iterable[str],
+        *,
+        step: str,
+        run_id: str | None = None,
+        wait_s: float,
+        on_wait: Callable[[LeaseHolding], None] | None = None,
+    ) -> Iterator[list[Lease]]:
+        """Hold the leases of all `batches` for the body, as `hold` holds one, taking them
+        in sorted order: every holder of several takes them in this one order, so two holders
+        of overlapping sets never each hold what the other waits for."""
+        with ExitStack() as held:
+            yield [
+                held.enter_context(
+                    self.hold(
+                        convention,
+                        batch,
+                        step=step,
+                        run_id=run_id,
+                        wait_s=wait_s,
+                        on_wait=on_wait,
+                    )
+                )
+                for batch in sorted(set(batches))
+            ]
 
     def _acquire(
         self,
