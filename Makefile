@@ -39,6 +39,7 @@ test: $(STAMP) sandbox-tools
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The hook images for the Docker runner (needs a Docker engine and debootstrap; cached).
 images: $(STAMP)

@@ -19,10 +19,18 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from osa_sdk.types import OutcomeStatus
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    # Imported where they are used, to keep `osa --help` fast.
+    import dagster as dg
+    from osa_sdk.types import RecordRef
+
+    from osa_dagster.conventions.base import Convention
+    from osa_dagster.records import DeadLetterRow, RecordsDatabase
 
 # Small batches so that the demo shows several partitions; the pdb convention's own
 # memory ladder already makes the bundled ribosome (6ZU5) OOM at the base and pass above.
@@ -39,7 +47,7 @@ class CommandError(Exception):
     """Something the person running the command can fix; the message says what, in one line."""
 
 
-def _instance():  # noqa: ANN202 - dagster's type, imported lazily to keep --help fast
+def _instance() -> dg.DagsterInstance:
     import dagster as dg
 
     if not os.environ.get("DAGSTER_HOME"):
@@ -49,13 +57,13 @@ def _instance():  # noqa: ANN202 - dagster's type, imported lazily to keep --hel
     return dg.DagsterInstance.get()
 
 
-def _conventions():  # noqa: ANN202
+def _conventions() -> dict[str, Convention]:
     from osa_dagster.conventions.registry import load_conventions
 
     return load_conventions()
 
 
-def _convention(name: str):  # noqa: ANN202
+def _convention(name: str) -> Convention:
     conventions = _conventions()
     if name not in conventions:
         raise CommandError(f"no convention {name!r}; known: {', '.join(sorted(conventions))}")
@@ -100,7 +108,7 @@ def plan(
         "source": source,
     }
     op_config = {k: v for k, v in config.items() if v is not None}
-    PlanConfig(**op_config)
+    PlanConfig.model_validate(op_config)
     job = defs.resolve_job_def(plan_job_name(convention))
     op_name = f"{convention.name}_plan_batches"
     result = job.execute_in_process(
@@ -120,14 +128,16 @@ def plan(
     for row in skipped.records:
         print(f"skipped {row.data['file']}: {row.data['reason']}", file=sys.stderr)
     planned = metadata.data
+    assert isinstance(planned, dict)
     new = set(planned["new"])
     return [PlannedBatch(partition=key, new=key in new) for key in planned["batches"]]
 
 
 def _partitions(convention_name: str) -> list[str]:
-    from osa_dagster.defs.assets import batch_partitions
+    from osa_dagster.defs.assets import batch_partitions_name
 
-    return _instance().get_dynamic_partitions(batch_partitions(_convention(convention_name)).name)
+    name = batch_partitions_name(_convention(convention_name))
+    return list(_instance().get_dynamic_partitions(name))
 
 
 def materialize(convention_name: str, partitions: Sequence[str]) -> list[str]:
@@ -190,7 +200,7 @@ def _check_data_dir() -> None:
         )
 
 
-def _reading_database():  # noqa: ANN202
+def _reading_database() -> RecordsDatabase | None:
     """The records database opened for reading, or None if there is none yet."""
     from osa_dagster.records import DatabaseNotReadable, RecordsDatabase, database_url_from_env
 
@@ -371,7 +381,7 @@ def list_records(
         )
 
 
-def retry_overrides(convention, letters) -> str:  # noqa: ANN001 - Convention, DeadLetterRow
+def retry_overrides(convention: Convention, letters: Sequence[DeadLetterRow]) -> str:
     """OSA_HOOK_MEMORY for a retry of the dead letters: the overrides in force, with each
     poison hook's cap raised to at least twice the limit its records failed at. The base in
     force is kept, so the ladder the retry climbs is the one in force, up to the new cap."""
@@ -488,7 +498,7 @@ def demo(fresh: bool) -> int:
     return EXIT_FAILED if failed else 0
 
 
-def _records_in_batches(convention_name: str):  # noqa: ANN202
+def _records_in_batches(convention_name: str) -> Iterator[RecordRef]:
     from osa_dagster.batch.plan import load_manifest, planned_partitions
     from osa_dagster.storage import BatchLayout, store_from_env
 

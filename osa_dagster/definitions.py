@@ -26,7 +26,7 @@ def convention_definitions(convention: Convention, kinds: AssetKinds) -> dg.Defi
     ingest = ingest_job(convention)
     return dg.Definitions.merge(
         convention_assets(convention, partitions, kinds),
-        dg.Definitions(jobs=[plan_job(convention, partitions), ingest]),
+        dg.Definitions(jobs=[plan_job(convention), ingest]),
         batch_sensors(convention, partitions, ingest),
         convention_automation(convention, partitions),
         convention_deposits(convention),

@@ -42,8 +42,9 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import ColumnElement, delete, text, update
+from sqlalchemy import ColumnElement, CursorResult, Result, delete, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -248,7 +249,7 @@ class BatchLeases:
             inserted = session.execute(
                 _insert_if_absent(session).values(convention=convention, batch=batch, **values)
             )
-            if inserted.rowcount == 1:
+            if _rows_changed(inserted) == 1:
                 return Lease(self._holding(convention, batch, values), took_over=None)
             row = session.get(BatchLease, (convention, batch))
             if row is None:
@@ -266,7 +267,7 @@ class BatchLeases:
                 .values(**values)
                 .execution_options(synchronize_session=False)
             )
-            if taken.rowcount != 1:
+            if _rows_changed(taken) != 1:
                 return None  # another taker won: look again
         log.warning(
             "batch %s of convention %s: took the lease of %s over (%s)",
@@ -314,7 +315,7 @@ class BatchLeases:
                     exc_info=True,
                 )
                 continue
-            if renewed.rowcount != 1:
+            if _rows_changed(renewed) != 1:
                 log.error(
                     "batch %s of convention %s: another process took this lease over",
                     holding.batch,
@@ -330,6 +331,12 @@ class BatchLeases:
                 .where(*_mine(holding))
                 .execution_options(synchronize_session=False)
             )
+
+
+def _rows_changed(result: Result[Any]) -> int:
+    """How many rows an INSERT, UPDATE or DELETE changed: its result is a CursorResult."""
+    assert isinstance(result, CursorResult)
+    return result.rowcount
 
 
 def _mine(holding: LeaseHolding) -> tuple[ColumnElement[bool], ...]:

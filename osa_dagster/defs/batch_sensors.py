@@ -77,7 +77,7 @@ class BatchOrder:
     def of(
         cls, instance: dg.DagsterInstance, partitions: dg.DynamicPartitionsDefinition
     ) -> "BatchOrder":
-        keys = instance.get_dynamic_partitions(partitions.name)
+        keys = partitions.get_partition_keys(dynamic_partitions_store=instance)
         return cls(keys=keys, position={key: n for n, key in enumerate(keys)})
 
     def covered_by(self, run: dg.DagsterRun) -> list[str]:
@@ -231,7 +231,7 @@ def batch_sensors(
         "OSA_PARTITIONS_PER_RUN adjacent ones per run.",
     )
     def new_batches(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-        keys = context.instance.get_dynamic_partitions(partitions.name)
+        keys = partitions.get_partition_keys(dynamic_partitions_store=context.instance)
         # Keys come back in the order they were added, so the cursor is a count; the run
         # key makes a repeated request a no-op should the cursor ever lag.
         seen = int(context.cursor or 0)

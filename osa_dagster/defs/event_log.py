@@ -32,6 +32,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 from osa_dagster.defs.dagster_private import (
     INDEX_SHARD_NAME,
@@ -82,6 +83,10 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
           config:
             base_dir: .data/dagster/storage/history/runs/
     """
+
+    # The observer the first watch starts: Dagster sets None in its __init__, which is all
+    # a checker infers of it.
+    _obs: BaseObserver | None  # type: ignore[assignment]
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None) -> None:
         self._engines: OrderedDict[str, Engine] = OrderedDict()

@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 
 from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.conventions.base import Convention
-from osa_dagster.defs.assets import features_key
+from osa_dagster.defs.assets import batch_partitions_name, features_key
 from osa_dagster.defs.dagster_private import UnresolvedAssetJobDefinition, retry_all_steps_tags
 from osa_dagster.defs.executors import ingest_executor
 from osa_dagster.defs.resources import ArtifactStoreResource
@@ -88,9 +88,7 @@ def ingest_job_name(convention: Convention) -> str:
     return f"{convention.name}_ingest"
 
 
-def plan_job(
-    convention: Convention, partitions: dg.DynamicPartitionsDefinition
-) -> dg.JobDefinition:
+def plan_job(convention: Convention) -> dg.JobDefinition:
     """Discovers the convention's records and adds a partition per batch it froze."""
 
     @dg.op(name=f"{convention.name}_plan_batches")
@@ -111,7 +109,9 @@ def plan_job(
             replan=config.replan,
         )
         # Re-adding known keys is harmless: the instance ignores keys it already has.
-        context.instance.add_dynamic_partitions(partitions.name, result.partitions)
+        context.instance.add_dynamic_partitions(
+            batch_partitions_name(convention), result.partitions
+        )
         context.log.info(
             f"planned {result.records} records in {len(result.partitions)} batches, "
             f"{len(result.new_partitions)} of them new; {result.already_planned} records "

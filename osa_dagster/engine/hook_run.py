@@ -54,6 +54,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -244,7 +245,7 @@ class _HookRun:
         self.cancel = cancel
         self.batch = batch
         self.history = history
-        self.sizes = {r.id: r.size_mb for r in batch.records}
+        self.sizes: dict[str, float] = {r.id: r.size_mb for r in batch.records}
         self.runner = runner
         self.checkpoints = checkpoints
         self.workdir = workdir
@@ -331,7 +332,7 @@ class _HookRun:
         if history is None:
             return {}
         policy = self.spec.memory
-        lanes = {
+        lanes: dict[str, int] = {
             r.id: start
             for r in self.batch.records
             if (start := history.predict(policy, r.size_mb)) > policy.base_mb
@@ -640,7 +641,7 @@ class _HookRun:
         else:
             self._error([r.id for r in left], f"OOM at {limit} MB", retryable=False)
 
-    def _error(self, record_ids: list[str], reason: str, *, retryable: bool) -> None:
+    def _error(self, record_ids: Sequence[str], reason: str, *, retryable: bool) -> None:
         attempt = self.checkpoint.attempts[-1]
         for record_id in record_ids:
             self.checkpoint.outcomes[record_id] = RecordOutcome(

@@ -237,13 +237,13 @@ def _parse(file_name: str, raw: bytes) -> _Parsed | None:
         if file_name == REJECTIONS_FILE:
             rejected = RejectionLine.model_validate_json(raw)
             return rejected.id, {"status": OutcomeStatus.REJECTED, "reason": rejected.reason}, None
-        errored = ErrorLine.model_validate_json(raw)
+        error_line = ErrorLine.model_validate_json(raw)
         return (
-            errored.id,
+            error_line.id,
             {
                 "status": OutcomeStatus.ERRORED,
-                "reason": errored.error,
-                "retryable": errored.retryable,
+                "reason": error_line.error,
+                "retryable": error_line.retryable,
             },
             None,
         )

@@ -117,17 +117,16 @@ class LocalRunner:
         sandbox: SandboxMode | None = None,
         sandbox_policy: SandboxPolicy | None = None,
     ) -> None:
-        if mode == "auto":
-            mode = memory_limit_mode()
-            if mode == "rlimit":
-                _warn_limits_approximate()
+        limit_mode: LimitMode = memory_limit_mode() if mode == "auto" else mode
+        if mode == "auto" and limit_mode == "rlimit":
+            _warn_limits_approximate()
         elif mode == "cgroup" and usable_parent() is None:
             raise RuntimeError(
                 "cgroup memory limits requested, but no cgroup v1 memory controller is usable"
             )
-        self.limit_mode: LimitMode = mode
+        self.limit_mode = limit_mode
         self.inherit_env = tuple(inherit_env)
-        self._cgroup_parent = usable_parent() if mode == "cgroup" else None
+        self._cgroup_parent = usable_parent() if limit_mode == "cgroup" else None
         if sandbox is None or sandbox_policy is None:
             configured = settings()
             uid, gid = configured.hook_sandbox_ids
