@@ -47,6 +47,7 @@ test-cgroup2: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The hook images for the Docker runner (needs a Docker engine and debootstrap; cached).
 images: $(STAMP)

@@ -55,8 +55,8 @@ def child(kind: str, partitions: int, batch_size: int, big_records: int, big_mb:
 
     from osa_dagster.definitions import build_definitions
     from osa_dagster.defs.assets import partitions_per_run
+    from osa_dagster.defs.batch_sensors import contiguous_chunks
     from osa_dagster.defs.dagster_private import partition_range_tags
-    from osa_dagster.defs.planning import contiguous_chunks
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     name = sc.NAME if kind == "partitions" else sc.BIG_NAME

@@ -53,7 +53,7 @@ from dagster._core.storage.tags import (  # noqa: E402
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from osa_dagster.defs.planning import contiguous_chunks  # noqa: E402
+from osa_dagster.defs.batch_sensors import contiguous_chunks  # noqa: E402
 from osa_dagster.engine.capacity import default_slots  # noqa: E402
 from osa_dagster.settings import Settings  # noqa: E402
 

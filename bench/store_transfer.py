@@ -161,7 +161,7 @@ def run_batch(convention: Convention, store: TimedStore, db: RecordsDatabase) ->
     # A benchmark of a batch that went wrong measures nothing: check that it went through.
     expected = convention.ingester_config["records"]
     if not (
-        progress.done
+        progress.checkpoint.complete
         and len(raw.records) == expected
         and len(published.passed_all) == expected
         and features.rows_per_hook[hook.name] == expected

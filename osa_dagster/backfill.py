@@ -340,7 +340,7 @@ class DagsterWebserver:
 
     def convention_runs(self, convention: str) -> list[RunState]:
         """The runs tagged with the convention and those of the implicit asset job."""
-        from osa_dagster.defs.planning import CONVENTION_TAG
+        from osa_dagster.defs.jobs import CONVENTION_TAG
 
         filters = [
             {"tags": [{"key": CONVENTION_TAG, "value": convention}]},
@@ -429,7 +429,7 @@ def launch_convention_backfill(
 
     Returns the backfill id (None when nothing was selected) and the batches it covers.
     """
-    from osa_dagster.defs.planning import CONVENTION_TAG
+    from osa_dagster.defs.jobs import CONVENTION_TAG
 
     webserver = DagsterWebserver(url)
     state = webserver.convention_partitions(convention, with_statuses=selection.failed_or_missing)

@@ -24,9 +24,13 @@ from typing import TYPE_CHECKING, Any
 from osa_sdk.types import OutcomeStatus
 from pydantic import BaseModel
 
-if TYPE_CHECKING:  # imported lazily where used, to keep --help fast
+if TYPE_CHECKING:
+    # Imported where they are used, to keep `osa --help` fast.
     import dagster as dg
+    from osa_sdk.types import RecordRef
 
+    from osa_dagster.conventions.base import Convention
+    from osa_dagster.records import DeadLetterRow, RecordsDatabase
 
 # Small batches so that the demo shows several partitions; the pdb convention's own
 # memory ladder already makes the bundled ribosome (6ZU5) OOM at the base and pass above.
@@ -43,7 +47,7 @@ class CommandError(Exception):
     """Something the person running the command can fix; the message says what, in one line."""
 
 
-def _instance():  # noqa: ANN202 - dagster's type, imported lazily to keep --help fast
+def _instance() -> dg.DagsterInstance:
     import dagster as dg
 
     if not os.environ.get("DAGSTER_HOME"):
@@ -53,13 +57,13 @@ def _instance():  # noqa: ANN202 - dagster's type, imported lazily to keep --hel
     return dg.DagsterInstance.get()
 
 
-def _conventions():  # noqa: ANN202
+def _conventions() -> dict[str, Convention]:
     from osa_dagster.conventions.registry import load_conventions
 
     return load_conventions()
 
 
-def _convention(name: str):  # noqa: ANN202
+def _convention(name: str) -> Convention:
     conventions = _conventions()
     if name not in conventions:
         raise CommandError(f"no convention {name!r}; known: {', '.join(sorted(conventions))}")
@@ -115,7 +119,7 @@ def plan(
     import dagster as dg
 
     from osa_dagster.definitions import defs
-    from osa_dagster.defs.planning import (
+    from osa_dagster.defs.jobs import (
         PLANNED_BATCHES_METADATA,
         SKIPPED_METADATA,
         PlanConfig,
@@ -131,7 +135,7 @@ def plan(
         "source": source,
     }
     op_config = {k: v for k, v in config.items() if v is not None}
-    PlanConfig(**op_config)
+    PlanConfig.model_validate(op_config)
     if source is not None:
         try:
             convention.choose_source(source)
@@ -151,10 +155,11 @@ def plan(
     assert isinstance(skipped, dg.TableMetadataValue)
     for row in skipped.records:
         print(f"skipped {row.data['file']}: {row.data['reason']}", file=sys.stderr)
-    new, records = set(planned.data["new"]), planned.data["records"]
+    data = planned.data
+    assert isinstance(data, dict)
+    new, records = set(data["new"]), data["records"]
     batches = [
-        PlannedBatch(partition=key, records=records[key], new=key in new)
-        for key in planned.data["batches"]
+        PlannedBatch(partition=key, records=records[key], new=key in new) for key in data["batches"]
     ]
     return Plan(
         convention=convention.name,
@@ -171,9 +176,10 @@ def plan(
 
 
 def _partitions(convention_name: str) -> list[str]:
-    from osa_dagster.defs.assets import batch_partitions
+    from osa_dagster.defs.assets import batch_partitions_name
 
-    return _instance().get_dynamic_partitions(batch_partitions(_convention(convention_name)).name)
+    name = batch_partitions_name(_convention(convention_name))
+    return list(_instance().get_dynamic_partitions(name))
 
 
 def _check_before_ingest(convention_name: str, partitions: Sequence[str]) -> None:
@@ -201,8 +207,9 @@ def materialize(
     line; the runs before it stand."""
     from osa_dagster.definitions import defs
     from osa_dagster.defs.assets import partitions_per_run
+    from osa_dagster.defs.batch_sensors import contiguous_chunks
     from osa_dagster.defs.dagster_private import partition_range_tags
-    from osa_dagster.defs.planning import contiguous_chunks, ingest_job_name
+    from osa_dagster.defs.jobs import ingest_job_name
     from osa_dagster.defs.run_worker import worker_tags
 
     convention = _convention(convention_name)
@@ -292,7 +299,7 @@ def _step_errors(result: dg.ExecuteInProcessResult) -> Iterator[tuple[str, Any]]
     """(step, its error as Dagster keeps it: a SerializableErrorInfo) of every failed step."""
     for event in result.all_events:
         if event.is_step_failure:
-            yield event.step_key, event.step_failure_data.error
+            yield str(event.step_key), event.step_failure_data.error
 
 
 def _causes(error: Any) -> Iterator[Any]:
@@ -341,7 +348,7 @@ def _check_data_dir() -> None:
         )
 
 
-def _reading_database():  # noqa: ANN202
+def _reading_database() -> RecordsDatabase | None:
     """The records database opened for reading, or None if there is none yet."""
     from osa_dagster.records import DatabaseNotReadable, RecordsDatabase, database_url_from_env
 
@@ -525,7 +532,7 @@ def list_records(
         )
 
 
-def retry_overrides(convention, letters) -> str:  # noqa: ANN001 - Convention, DeadLetterRow
+def retry_overrides(convention: Convention, letters: Sequence[DeadLetterRow]) -> str:
     """OSA_HOOK_MEMORY for a retry of the dead letters: the overrides in force, with each
     poison hook's cap raised to at least twice the limit its records failed at. The base in
     force is kept, so the ladder the retry climbs is the one in force, up to the new cap."""
@@ -652,7 +659,7 @@ def demo(fresh: bool, *, debug: bool = False) -> int:
     return EXIT_FAILED if failed else 0
 
 
-def _records_in_batches(convention_name: str):  # noqa: ANN202
+def _records_in_batches(convention_name: str) -> Iterator[RecordRef]:
     from osa_dagster.batch.plan import load_manifest, planned_partitions
     from osa_dagster.storage import BatchLayout, store_from_env
 

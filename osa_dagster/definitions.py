@@ -9,10 +9,12 @@ from osa_dagster.conventions.base import Convention
 from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.defs.assets import batch_partitions, convention_assets
 from osa_dagster.defs.automation import convention_automation
+from osa_dagster.defs.batch_sensors import batch_sensors
 from osa_dagster.defs.beta_features import known_beta_features_quiet
 from osa_dagster.defs.deposits import convention_deposits
+from osa_dagster.defs.executors import ingest_executor
 from osa_dagster.defs.io_manager import IO_MANAGER_KEY, BatchViewsIOManager
-from osa_dagster.defs.planning import convention_jobs, ingest_executor
+from osa_dagster.defs.jobs import ingest_job, plan_job
 from osa_dagster.defs.resources import AssetKinds, Resources, asset_kinds
 from osa_dagster.settings import Settings
 
@@ -21,9 +23,11 @@ def convention_definitions(convention: Convention, kinds: AssetKinds) -> dg.Defi
     """Everything one convention brings: its batch graph with its checks, planning and ingest
     jobs, sensors and schedules, and the validation of deposited records."""
     partitions = batch_partitions(convention)
+    ingest = ingest_job(convention)
     return dg.Definitions.merge(
         convention_assets(convention, partitions, kinds),
-        convention_jobs(convention, partitions),
+        dg.Definitions(jobs=[plan_job(convention), ingest]),
+        batch_sensors(convention, partitions, ingest),
         convention_automation(convention, partitions),
         convention_deposits(convention),
     )

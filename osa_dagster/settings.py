@@ -145,8 +145,8 @@ class Settings(BaseModel):
         except ValidationError as error:
             first = error.errors()[0]
             field_name = str(first["loc"][0]) if first["loc"] else ""
-            field = cls.model_fields.get(field_name)
-            variable = field.alias if field and field.alias else field_name
+            failed = cls.model_fields.get(field_name)
+            variable = failed.alias if failed and failed.alias else field_name
             shown = env.get(variable, "")
             raise SettingsError(f"{variable}={shown!r}: {first['msg']}") from None
         return settings.model_copy(update={"data_dir": data_dir(env)})

@@ -15,7 +15,7 @@ from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.definitions import build_definitions
 from osa_dagster.defs.assets import batch_partitions
 from osa_dagster.defs.automation import convention_automation
-from osa_dagster.defs.planning import contiguous_chunks
+from osa_dagster.defs.batch_sensors import contiguous_chunks
 from osa_dagster.defs.resources import default_resources
 from osa_dagster.engine.runners import sandbox as sandbox_module
 

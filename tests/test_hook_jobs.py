@@ -54,7 +54,8 @@ def test_a_failed_job_stops_no_other(monkeypatch: pytest.MonkeyPatch):
         )
     }
     done = results[fetched].progress
-    assert done is not None and done.done and done.checkpoint.counts()["passed"] == 2
+    assert done is not None and done.checkpoint.complete
+    assert done.checkpoint.counts()["passed"] == 2
     assert isinstance(results[unfetched].error, BatchInputError)
     assert "no records.jsonl" in str(results[unfetched].error)
     assert capacity.read().entries == []

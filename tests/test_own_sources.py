@@ -21,7 +21,7 @@ from osa_dagster.conventions.geo.ingester import DEFAULT_FOLDER as GEO_DATA
 from osa_dagster.conventions.pdb.ingester import DEFAULT_MIRROR, entry_path
 from osa_dagster.conventions.uniprot.ingester import DEFAULT_FLAT_FILE
 from osa_dagster.definitions import build_definitions
-from osa_dagster.defs.planning import SKIPPED_METADATA
+from osa_dagster.defs.jobs import SKIPPED_METADATA
 from osa_dagster.records import Record, RecordsDatabase, database_url_from_env
 
 pytestmark = pytest.mark.slow

@@ -30,8 +30,8 @@ from dagster._core.storage.tags import (
 from dagster._daemon.monitoring.run_monitoring import monitor_started_run
 
 from osa_dagster.definitions import build_definitions
+from osa_dagster.defs.batch_sensors import MAX_RESUMES, RESUMED_FROM_TAG, RESUMES_TAG
 from osa_dagster.defs.dagster_private import partition_range_tags
-from osa_dagster.defs.planning import MAX_RESUMES, RESUMED_FROM_TAG, RESUMES_TAG
 from tests.conftest import REPO
 
 CONVENTION = "toy"

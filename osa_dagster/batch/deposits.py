@@ -576,7 +576,7 @@ def _copy_files(folder: int, record_dir: Path, caps: DepositCaps) -> int | str:
 
 def _names(folder: int) -> list[str] | None:
     """The names in `folder`, sorted; None past MAX_DEPOSIT_FILES."""
-    names = []
+    names: list[str] = []
     with os.scandir(folder) as entries:
         for entry in entries:
             if len(names) == MAX_DEPOSIT_FILES:

@@ -13,12 +13,9 @@ from osa_dagster.batch import BatchInputError
 from osa_dagster.batch.plan import load_manifest
 from osa_dagster.batch.stores import UnreadableState, parse_stored
 from osa_dagster.conventions.base import Convention
-from osa_dagster.records.models import Record
+from osa_dagster.records.models import MAX_SOURCE_ID_CHARS
 from osa_dagster.storage.layout import BatchLayout, Manifest
 from osa_dagster.storage.store import ArtifactStore
-
-# The longest source id the records database holds (records.source_id).
-MAX_SOURCE_ID_CHARS = Record.__table__.c.source_id.type.length
 
 
 def source_id_error(source_id: str) -> str | None:

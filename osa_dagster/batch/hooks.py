@@ -71,14 +71,13 @@ def run_batch_hook(
     partition: str,
     runner: Runner,
     *,
-    stop_after_oom: bool = True,
     checkpoint_every_s: float = 1.0,
     checkpoint_every_records: int = 1,
     predict_memory: bool = True,
     capacity: HookCapacity | None = None,
     cancel: threading.Event | None = None,
 ) -> HookProgress:
-    """Advance one hook over the batch, resuming from its checkpoint in the store (a
+    """Run one hook over the batch to its end, resuming from its checkpoint in the store (a
     checkpoint that cannot be read is set aside: see `set_aside_unreadable_checkpoint`).
 
     The checkpoint is saved to the store while the hook runs, after `checkpoint_every_records`
@@ -105,7 +104,6 @@ def run_batch_hook(
             workdir,
             checkpoint_every_s=checkpoint_every_s,
             checkpoint_every_records=checkpoint_every_records,
-            stop_after_oom=stop_after_oom,
             history=StoreMemoryHistoryIO(store, memory_history_key(convention.name, hook_name))
             if predict_memory
             else None,
@@ -193,7 +191,6 @@ def _run_job(
             store,
             job.partition,
             runner,
-            stop_after_oom=False,
             capacity=capacity,
             cancel=cancel,
         )

@@ -25,7 +25,12 @@ holds its lease, a row of `batch_leases` in the records database:
   process or a database it could not reach) fails its step with `LeaseLost` when the work
   ends, so that its result is not reported.
 
-A step holds at most one lease at a time, so leases cannot deadlock. No Dagster here.
+Leases cannot deadlock. A step either holds one lease at a time (each partition of its
+range in turn), never waiting for one while it holds another, or holds the leases of its
+whole range at once (`hold_all`, for a step that works its batches together), taking them
+in one global order, sorted by batch, whatever order it names them in. So a holder that
+waits holds only leases that come before the one it waits for, and the holder of that one
+never waits for any of them: no two holders wait for each other. No Dagster here.
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import ColumnElement, delete, text, update
+from sqlalchemy import ColumnElement, CursorResult, Result, delete, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -167,6 +173,35 @@ class BatchLeases:
                 f"{self.timeout_s:g} s without a heartbeat); its result is not reported"
             )
 
+    @contextmanager
+    def hold_all(
+        self,
+        convention: str,
+        batches: Iterable[str],
+        *,
+        step: str,
+        run_id: str | None = None,
+        wait_s: float,
+        on_wait: Callable[[LeaseHolding], None] | None = None,
+    ) -> Iterator[list[Lease]]:
+        """Hold the leases of all `batches` for the body, as `hold` holds one, taking them
+        in sorted order: every holder of several takes them in this one order, so two holders
+        of overlapping sets never each hold what the other waits for."""
+        with ExitStack() as held:
+            yield [
+                held.enter_context(
+                    self.hold(
+                        convention,
+                        batch,
+                        step=step,
+                        run_id=run_id,
+                        wait_s=wait_s,
+                        on_wait=on_wait,
+                    )
+                )
+                for batch in sorted(set(batches))
+            ]
+
     def _acquire(
         self,
         convention: str,
@@ -214,7 +249,7 @@ class BatchLeases:
             inserted = session.execute(
                 _insert_if_absent(session).values(convention=convention, batch=batch, **values)
             )
-            if inserted.rowcount == 1:
+            if _rows_changed(inserted) == 1:
                 return Lease(self._holding(convention, batch, values), took_over=None)
             row = session.get(BatchLease, (convention, batch))
             if row is None:
@@ -232,7 +267,7 @@ class BatchLeases:
                 .values(**values)
                 .execution_options(synchronize_session=False)
             )
-            if taken.rowcount != 1:
+            if _rows_changed(taken) != 1:
                 return None  # another taker won: look again
         log.warning(
             "batch %s of convention %s: took the lease of %s over (%s)",
@@ -290,7 +325,7 @@ class BatchLeases:
                 log.debug("the lease renewal's error", exc_info=True)
                 continue
             renewed_at = time.monotonic()
-            if renewed.rowcount != 1:
+            if _rows_changed(renewed) != 1:
                 log.error(
                     "batch %s of convention %s: another process took this lease over",
                     holding.batch,
@@ -312,6 +347,12 @@ def _first_line(error: Exception) -> str:
     """An error in one line: SQLAlchemy's carry the statement and a link on the next ones."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+def _rows_changed(result: Result[Any]) -> int:
+    """How many rows an INSERT, UPDATE or DELETE changed: its result is a CursorResult."""
+    assert isinstance(result, CursorResult)
+    return result.rowcount
 
 
 def _mine(holding: LeaseHolding) -> tuple[ColumnElement[bool], ...]:

@@ -100,7 +100,7 @@ class HttpResponse:
         header = self.headers.get("Link")
         if not header:
             return {}
-        links = {}
+        links: dict[str, str] = {}
         for link in requests.utils.parse_header_links(header):
             url = link.get("url")
             if not url:

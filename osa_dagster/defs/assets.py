@@ -80,8 +80,12 @@ def backfill_policy() -> dg.BackfillPolicy:
     return dg.BackfillPolicy.multi_run(max_partitions_per_run=partitions_per_run())
 
 
+def batch_partitions_name(convention: Convention) -> str:
+    return f"{convention.name}_batches"
+
+
 def batch_partitions(convention: Convention) -> dg.DynamicPartitionsDefinition:
-    return dg.DynamicPartitionsDefinition(name=f"{convention.name}_batches")
+    return dg.DynamicPartitionsDefinition(name=batch_partitions_name(convention))
 
 
 def materialize_each_partition(

@@ -1,7 +1,7 @@
 """Ingests that start themselves: a weekly incremental plan per convention, and a watch of
 the upstream that plans each change as it appears.
 
-Both only plan (add partitions); the `<convention>_new_batches` sensor (defs/planning.py)
+Both only plan (add partitions); the `<convention>_new_batches` sensor (defs/batch_sensors.py)
 then requests the ingest runs of every new partition, so no partition gets two.
 """
 
@@ -11,7 +11,7 @@ import dagster as dg
 
 from osa_dagster.batch.plan import WatchCursor, watch_upstream
 from osa_dagster.conventions.base import Convention
-from osa_dagster.defs.planning import plan_job_name
+from osa_dagster.defs.jobs import plan_job_name
 from osa_dagster.defs.resources import ArtifactStoreResource
 from osa_dagster.settings import Settings
 

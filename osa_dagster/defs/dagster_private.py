@@ -6,6 +6,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
 from dagster._core.definitions.metadata.metadata_set import UriMetadataSet
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 from dagster._core.event_api import EventHandlerFn
 from dagster._core.events import DagsterEvent, JobFailureData, RunFailureReason
 from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES
@@ -113,6 +114,7 @@ __all__ = [
     "SqliteScheduleStorage",
     "StepDelegatingExecutor",
     "StepDependencyConfig",
+    "UnresolvedAssetJobDefinition",
     "UriMetadataSet",
     "WorkerStatus",
     "ended_backfill",

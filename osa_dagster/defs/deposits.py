@@ -94,7 +94,7 @@ def convention_deposits(
         for refused in refuse_misnamed_deposits(store, convention.name):
             context.log.warning(f"deposit folder {refused!r} refused: not a deposit name")
         pending = pending_deposits(store, convention.name)
-        known = set(context.instance.get_dynamic_partitions(partitions.name))
+        known = set(partitions.get_partition_keys(dynamic_partitions_store=context.instance))
         new = [name for name in pending if name not in known]
         return dg.SensorResult(
             run_requests=[dg.RunRequest(run_key=name, partition_key=name) for name in new],

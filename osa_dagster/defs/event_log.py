@@ -32,6 +32,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 from osa_dagster.defs.dagster_private import (
     INDEX_SHARD_NAME,
@@ -86,6 +87,10 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
     A relative `base_dir` is in the data folder, as with the other storages of
     defs/instance_storage.py.
     """
+
+    # The observer the first watch starts: Dagster sets None in its __init__, which is all
+    # a checker infers of it.
+    _obs: BaseObserver | None  # type: ignore[assignment]
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None) -> None:
         self._engines: OrderedDict[str, Engine] = OrderedDict()

@@ -1,13 +1,43 @@
 """Every step that works a batch holds the batch's lease (osa_dagster/batch/lease.py)."""
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 import dagster as dg
 
 from osa_dagster.batch.lease import BatchLeases, Lease, LeaseHolding
 from osa_dagster.records import RecordsDatabase
 from osa_dagster.settings import settings
+
+
+class _LeaseLog:
+    """Says in the run's log when the step `step` had to wait for another run's batch, or
+    took a dead holder's lease over."""
+
+    def __init__(self, context: dg.AssetExecutionContext, step: str, wait_s: float) -> None:
+        self.context = context
+        self.step = step
+        self.wait_s = wait_s
+        self.waited: set[str] = set()
+
+    def waiting(self, holding: LeaseHolding) -> None:
+        self.waited.add(holding.batch)
+        self.context.log.info(
+            f"{self.step}: batch {holding.batch} is being worked by {holding.describe()}; "
+            f"waiting for it (at most {self.wait_s:g} s)"
+        )
+
+    def acquired(self, lease: Lease) -> None:
+        batch = lease.holding.batch
+        if lease.took_over is not None:
+            self.context.log.warning(
+                f"{self.step}: batch {batch}: took over the lease of "
+                f"{lease.took_over.describe()}, which is dead"
+            )
+        elif batch in self.waited:
+            self.context.log.info(
+                f"{self.step}: batch {batch}: waited {lease.waited_s:.1f} s for it"
+            )
 
 
 @contextmanager
@@ -21,31 +51,11 @@ def batch_lease(
     """Hold `batch` of `convention` for this run's step `step`, saying in the run's log
     when it had to wait for another run, or took a dead holder's lease over."""
     wait_s = settings().lease_wait_s
-    waited = False
-
-    def waiting(holding: LeaseHolding) -> None:
-        nonlocal waited
-        waited = True
-        context.log.info(
-            f"{step}: batch {batch} is being worked by {holding.describe()}; waiting for it "
-            f"(at most {wait_s:g} s)"
-        )
-
+    log = _LeaseLog(context, step, wait_s)
     with BatchLeases(db).hold(
-        convention,
-        batch,
-        step=step,
-        run_id=context.run.run_id,
-        wait_s=wait_s,
-        on_wait=waiting,
+        convention, batch, step=step, run_id=context.run.run_id, wait_s=wait_s, on_wait=log.waiting
     ) as lease:
-        if lease.took_over is not None:
-            context.log.warning(
-                f"{step}: batch {batch}: took over the lease of {lease.took_over.describe()}, "
-                "which is dead"
-            )
-        elif waited:
-            context.log.info(f"{step}: batch {batch}: waited {lease.waited_s:.1f} s for it")
+        log.acquired(lease)
         yield lease
 
 
@@ -56,7 +66,8 @@ def leased_partitions(
     step: str,
 ) -> Iterator[str]:
     """The run's partitions in order, each yielded while its lease is held: whatever the
-    loop does with a partition, no other run works that batch meanwhile."""
+    loop does with a partition, no other run works that batch meanwhile. One lease at a
+    time, none held while waiting for the next."""
     for partition in context.partition_keys:
         with batch_lease(context, db, convention, partition, step):
             yield partition
@@ -67,10 +78,17 @@ def hold_partitions(
     context: dg.AssetExecutionContext, db: RecordsDatabase, convention: str, step: str
 ) -> Iterator[list[Lease]]:
     """Hold the leases of all the run's partitions at once, for a step that works them
-    together. Every step that holds several takes them in sorted order, and a step that
-    holds one at a time never waits while holding it: no two runs can wait for each other."""
-    with ExitStack() as held:
-        yield [
-            held.enter_context(batch_lease(context, db, convention, partition, step))
-            for partition in sorted(context.partition_keys)
-        ]
+    together, in the one order every such step takes them (BatchLeases.hold_all)."""
+    wait_s = settings().lease_wait_s
+    log = _LeaseLog(context, step, wait_s)
+    with BatchLeases(db).hold_all(
+        convention,
+        context.partition_keys,
+        step=step,
+        run_id=context.run.run_id,
+        wait_s=wait_s,
+        on_wait=log.waiting,
+    ) as leases:
+        for lease in leases:
+            log.acquired(lease)
+        yield leases

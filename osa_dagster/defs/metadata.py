@@ -202,7 +202,7 @@ def memory_history_metadata(history: MemoryHistory | None) -> dict[str, Any]:
     if history is None or not (history.fits or history.ooms):
         return {}
     rows = [(f"{f.size_mb:.2f}", "fitted", f"{f.need_mb:.0f}") for f in history.fits]
-    rows += [(f"{o.size_mb:.2f}", "OOM-killed", o.limit_mb) for o in history.ooms]
+    rows += [(f"{o.size_mb:.2f}", "OOM-killed", str(o.limit_mb)) for o in history.ooms]
     rows.sort(key=lambda row: -float(row[0]))
     return {
         "memory_history": markdown_table(

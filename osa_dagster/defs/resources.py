@@ -18,7 +18,7 @@ from pydantic import Field
 from sqlalchemy.engine import make_url
 
 from osa_dagster.batch.hooks import machine_capacity
-from osa_dagster.engine import HookCapacity, LocalRunner, Runner
+from osa_dagster.engine import HookCapacity, LocalRunner, MemoryLimitsUnavailable, Runner
 from osa_dagster.engine.runners.docker import DockerRunner
 from osa_dagster.engine.runners.local import require_promised_isolation
 from osa_dagster.engine.runners.sandbox import SandboxMode, SandboxUnavailable
@@ -97,12 +97,16 @@ class HookRunnerResource(dg.ConfigurableResource):
 
     def get(self) -> Runner:
         """The runner; a dg.Failure, before any hook runs, when local hooks cannot have the
-        sandbox that OSA_HOOK_SANDBOX promises."""
+        sandbox or the real memory limits that the settings promise."""
         if self.kind == "local":
             try:
                 return LocalRunner(sandbox=self.sandbox)
             except SandboxUnavailable as unavailable:
                 raise dg.Failure(description=str(unavailable), allow_retries=False) from None
+            except MemoryLimitsUnavailable as unavailable:
+                raise dg.Failure(
+                    description=f"hook memory limits: {unavailable}", allow_retries=False
+                ) from None
         if self.kind == "docker":
             return DockerRunner()
         # Imported here: the kubernetes client takes ~0.65 s to import, which every run and
@@ -148,6 +152,8 @@ def hooks_refusal(settings: Settings | None = None) -> str | None:
         require_promised_isolation(settings or Settings.from_env())
     except SandboxUnavailable as unavailable:
         return str(unavailable)
+    except MemoryLimitsUnavailable as unavailable:
+        return f"hook memory limits: {unavailable}"
     return None
 
 

@@ -76,7 +76,9 @@ def recording_worker(executor_def: dg.ExecutorDefinition) -> dg.ExecutorDefiniti
 
     return dg.ExecutorDefinition(
         name=executor_def.name,
-        config_schema=executor_def.config_schema,
+        # A definition's schema is taken as it is, though the annotation names only the
+        # user-facing forms (convert_user_facing_definition_config_schema).
+        config_schema=executor_def.config_schema,  # type: ignore[arg-type]
         requirements=executor_def.get_requirements,
         executor_creation_fn=create_recording,
         description=executor_def.description,

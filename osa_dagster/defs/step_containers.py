@@ -88,7 +88,7 @@ class StepContainersRemoved(Executor):
 
 @dg.executor(
     name="docker",
-    config_schema=docker_executor.config_schema,
+    config_schema=docker_executor.config_schema.as_field(),
     requirements=docker_executor.get_requirements,
 )
 def removing_docker_executor(init_context: dg.InitExecutorContext) -> Executor:

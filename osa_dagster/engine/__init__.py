@@ -1,7 +1,7 @@
 """Run one hook over one batch of records: runners, memory escalation, checkpoint, outcomes.
 
 Pure Python without Dagster, so that the engine can be tested, benchmarked and reused on its
-own; the Dagster layer (osa_dagster.defs) calls `advance_hook` from a step.
+own; the Dagster layer (osa_dagster.defs) runs it from a step, through osa_dagster.batch.
 """
 
 from osa_dagster.engine.capacity import Admission, Cancelled, HookCapacity

@@ -1,7 +1,8 @@
 """Run one hook over one batch: attempts, memory escalation on OOM, and the checkpoint.
 
-`advance_hook` does one step (at most one attempt when `stop_after_oom`) so that an
-orchestrator can give each memory limit its own retry; `run_hook` loops it to the end.
+`run_hook` runs the hook until every record of the batch has an outcome, climbing the
+memory ladder as far as it must in one call, so that an OOM holds back no other hook or
+batch; `advance_hook` does the same and also tells which attempts the call made.
 
 While an attempt runs, its output is read every POLL_S and the checkpoint is saved when
 `checkpoint_every_records` new outcomes have arrived since the last save, or when
@@ -21,11 +22,9 @@ cap) is OOM-killed, the record it was on (`AttemptRecord.first_unfinished`) is t
 The next attempt runs the suspect alone at the cap: if it runs out of memory alone it is
 errored as poison ("poison: OOM alone at N MB", with its size and the peak seen), otherwise it
 gets its real outcome; either way the records after it then go on at the cap, and the next
-OOM there names the next suspect. Nothing settled runs twice. These attempts keep the limit,
-so they run within the `advance_hook` call that reached the cap: with `stop_after_oom` a call
-still ends after each OOM that raises the limit (one Dagster retry per rung of the ladder),
-never for an isolation. A poison outcome is reopened by a later run whose ladder now goes
-above the limit it failed at (its cap was raised), starting at the next rung above it.
+OOM there names the next suspect. Nothing settled runs twice. A poison outcome is reopened by
+a later run whose ladder now goes above the limit it failed at (its cap was raised), starting
+at the next rung above it.
 
 Size-aware starting memory (lanes). Given a `MemoryHistoryIO`, a new batch's checkpoint
 records, for each record whose size the hook's history (engine/memory_history.py) says needs
@@ -36,12 +35,10 @@ records from the base, then each group of large records in its own attempt at it
 rung (`AttemptRecord.lane == "large"`). An OOM raises the limit of the records that attempt
 left (the main ladder's, or their lane's) to the next rung, and once the main ladder reaches a
 lane's rung their records run together. Isolation at the cap is the same in every lane.
-Dagster retries: a lane's first attempt is not a climb, so it runs in the call that finished
-the level below it and never consumes a retry; only an OOM that raises a limit ends the call.
 Since the lowest level runs first and a climb leaves nothing at the level it left, every
-climb raises the lowest pending level: a batch still climbs at most len(ladder) - 1 times,
-the bound of the Dagster retries. Without a history (or with an empty one) nothing is in a
-lane and the engine behaves as plain doubling. The history learns from the whole checkpoint
+climb raises the lowest pending level: a batch still climbs at most len(ladder) - 1 times.
+Without a history (or with an empty one) nothing is in a lane and the engine behaves as
+plain doubling. The history learns from the whole checkpoint
 at the end of every call (idempotently), so later batches start from what this one saw.
 """
 
@@ -54,6 +51,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -119,9 +117,7 @@ class HookBatch:
 
 @dataclass(frozen=True)
 class HookProgress:
-    checkpoint: Checkpoint
-    done: bool
-    next_memory_mb: int | None  # the limit of the next attempt when not done
+    checkpoint: Checkpoint  # complete: every record has an outcome
     attempts_this_call: list[AttemptRecord]
     """Attempts recorded by this call, so a caller can report each exactly once."""
 
@@ -139,23 +135,19 @@ def run_hook(
     capacity: HookCapacity | None = None,
     cancel: threading.Event | None = None,
 ) -> Checkpoint:
-    """Run the hook until every record of the batch has an outcome."""
-    while not (
-        progress := advance_hook(
-            spec,
-            batch,
-            runner,
-            checkpoints,
-            workdir,
-            checkpoint_every_s=checkpoint_every_s,
-            checkpoint_every_records=checkpoint_every_records,
-            history=history,
-            capacity=capacity,
-            cancel=cancel,
-        )
-    ).done:
-        log.info("hook %s: continuing at %s MB", spec.name, progress.next_memory_mb)
-    return progress.checkpoint
+    """Run the hook until every record of the batch has an outcome (see advance_hook)."""
+    return advance_hook(
+        spec,
+        batch,
+        runner,
+        checkpoints,
+        workdir,
+        checkpoint_every_s=checkpoint_every_s,
+        checkpoint_every_records=checkpoint_every_records,
+        history=history,
+        capacity=capacity,
+        cancel=cancel,
+    ).checkpoint
 
 
 def advance_hook(
@@ -167,16 +159,16 @@ def advance_hook(
     *,
     checkpoint_every_s: float = 1.0,
     checkpoint_every_records: int = 1,
-    stop_after_oom: bool = True,
     history: MemoryHistoryIO | None = None,
     capacity: HookCapacity | None = None,
     cancel: threading.Event | None = None,
 ) -> HookProgress:
-    """Run attempts of the hook until the batch is done, or until an OOM if `stop_after_oom`.
+    """Run attempts of the hook, up its memory ladder, until every record of the batch has
+    an outcome; the checkpoint, and the attempts of this call (resuming a checkpoint, the
+    attempts of earlier calls are in it too).
 
-    Not done means: the last attempt ran out of memory, and the next call runs the records
-    left with `next_memory_mb`. The checkpoint settings are explained in the module doc, and
-    so is `history`: starting large records at the memory their size is known to need.
+    The checkpoint settings are explained in the module doc, and so is `history`: starting
+    large records at the memory their size is known to need.
     With `capacity`, each attempt first waits for a slot and room for its memory limit in
     the machine's budget (engine/capacity.py) and holds them until its hook has exited.
     Setting `cancel` (from another thread) kills the running hook and raises `Cancelled`;
@@ -201,28 +193,16 @@ def advance_hook(
     )
     known_attempts = len(run.checkpoint.attempts)
 
-    def progress(done: bool, next_memory_mb: int | None = None) -> HookProgress:
-        if history is not None:
-            update_history(history, spec.name, run.checkpoint.attempts)
-        return HookProgress(
-            run.checkpoint, done, next_memory_mb, run.checkpoint.attempts[known_attempts:]
-        )
-
     if run.checkpoint.running is not None:
         run.recover_interrupted()
-    while True:
-        pending = run.pending()
-        if not pending:
-            run.checkpoint.complete = True
-            checkpoints.save(run.checkpoint)
-            return progress(done=True)
+    while pending := run.pending():
         todo, memory, lane = run.next_records(pending)
-        exit_ = run.attempt(todo, memory, lane)
-        next_memory = run.settle(todo, exit_)
-        # Only a climb of the ladder ends the call: isolating poison records at the top of
-        # the ladder keeps the limit, so it goes on in this call (see the module doc).
-        if next_memory is not None and stop_after_oom:
-            return progress(done=False, next_memory_mb=next_memory)
+        run.settle(todo, run.attempt(todo, memory, lane))
+    run.checkpoint.complete = True
+    checkpoints.save(run.checkpoint)
+    if history is not None:
+        update_history(history, spec.name, run.checkpoint.attempts)
+    return HookProgress(run.checkpoint, run.checkpoint.attempts[known_attempts:])
 
 
 class _HookRun:
@@ -244,7 +224,7 @@ class _HookRun:
         self.cancel = cancel
         self.batch = batch
         self.history = history
-        self.sizes = {r.id: r.size_mb for r in batch.records}
+        self.sizes: dict[str, float] = {r.id: r.size_mb for r in batch.records}
         self.runner = runner
         self.checkpoints = checkpoints
         self.workdir = workdir
@@ -331,7 +311,7 @@ class _HookRun:
         if history is None:
             return {}
         policy = self.spec.memory
-        lanes = {
+        lanes: dict[str, int] = {
             r.id: start
             for r in self.batch.records
             if (start := history.predict(policy, r.size_mb)) > policy.base_mb
@@ -552,11 +532,9 @@ class _HookRun:
         )
         self.checkpoint.running = None
 
-    def settle(self, todo: list[HookRecord], exit_: AttemptExit) -> int | None:
-        """Decide what the records the attempt left unsettled become; save.
-
-        Returns the next memory limit after an OOM below the top of the ladder, else None.
-        """
+    def settle(self, todo: list[HookRecord], exit_: AttemptExit) -> None:
+        """Decide what the records the attempt left unsettled become: after an OOM below the
+        top of the ladder, the next rung's; save."""
         self.checkpoint.suspect = None  # a lone attempt, whatever its end, has had its say
         left = [r for r in todo if r.id not in self.checkpoint.outcomes]
         left_ids = [r.id for r in left]
@@ -582,7 +560,7 @@ class _HookRun:
                 else:
                     self.checkpoint.lanes.update(dict.fromkeys(left_ids, next_memory))
                 self.checkpoints.save(self.checkpoint)
-                return next_memory
+                return
             self._out_of_memory_at_cap(left)
         elif exit_.failure is not None:
             self._error(
@@ -607,7 +585,6 @@ class _HookRun:
                 left_ids, "no outcome: the hook exited 0 without writing one", retryable=False
             )
         self.checkpoints.save(self.checkpoint)
-        return None
 
     def _out_of_memory_at_cap(self, left: list[HookRecord]) -> None:
         """An OOM at the top of the ladder: poison if alone, else isolate the suspect."""
@@ -644,7 +621,7 @@ class _HookRun:
         else:
             self._error([r.id for r in left], f"OOM at {limit} MB", retryable=False)
 
-    def _error(self, record_ids: list[str], reason: str, *, retryable: bool) -> None:
+    def _error(self, record_ids: Sequence[str], reason: str, *, retryable: bool) -> None:
         attempt = self.checkpoint.attempts[-1]
         for record_id in record_ids:
             self.checkpoint.outcomes[record_id] = RecordOutcome(

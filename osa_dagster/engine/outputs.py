@@ -221,7 +221,8 @@ def harvest(
         if anomaly is not None:
             checkpoint.note(anomaly)
         rows = len(fields.get("features", ()))
-        if rows and not _within_batch_caps(reader, rows, len(raw)):
+        line_bytes = raw.size if isinstance(raw, OversizedLine) else len(raw)
+        if rows and not _within_batch_caps(reader, rows, line_bytes):
             break  # refused: nothing this attempt writes from here on counts
         outcome = RecordOutcome(**fields, attempt=attempt, memory_limit_mb=memory_limit_mb)
         _merge(checkpoint, batch_ids, record_id, outcome)
@@ -286,13 +287,13 @@ def _parse(file_name: str, raw: bytes) -> _Parsed | None:
         if file_name == REJECTIONS_FILE:
             rejected = RejectionLine.model_validate_json(raw)
             return rejected.id, {"status": OutcomeStatus.REJECTED, "reason": rejected.reason}, None
-        errored = ErrorLine.model_validate_json(raw)
+        error_line = ErrorLine.model_validate_json(raw)
         return (
-            errored.id,
+            error_line.id,
             {
                 "status": OutcomeStatus.ERRORED,
-                "reason": errored.error,
-                "retryable": errored.retryable,
+                "reason": error_line.error,
+                "retryable": error_line.retryable,
             },
             None,
         )

@@ -8,6 +8,9 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# The longest upstream id a record may have (records.source_id).
+MAX_SOURCE_ID_CHARS = 512
+
 
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON}
@@ -22,7 +25,7 @@ class Record(Base):
 
     srn: Mapped[str] = mapped_column(String(96), primary_key=True)
     convention: Mapped[str] = mapped_column(String(64), index=True)
-    source_id: Mapped[str] = mapped_column(String(512))
+    source_id: Mapped[str] = mapped_column(String(MAX_SOURCE_ID_CHARS))
     partition: Mapped[str] = mapped_column(String(255), index=True)
     record_metadata: Mapped[dict[str, Any]] = mapped_column("metadata")
     published_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -52,7 +55,7 @@ class DeadLetter(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     convention: Mapped[str] = mapped_column(String(64), index=True)
-    source_id: Mapped[str] = mapped_column(String(512))
+    source_id: Mapped[str] = mapped_column(String(MAX_SOURCE_ID_CHARS))
     hook: Mapped[str] = mapped_column(String(64))
     partition: Mapped[str] = mapped_column(String(255), index=True)
     size_mb: Mapped[float | None]

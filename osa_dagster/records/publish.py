@@ -98,7 +98,7 @@ def publish_records(
     published_at = datetime.now(UTC)
     with db.session() as session, session.begin():
         before = _srns_in(session, convention, source_ids)
-        fresh = [
+        fresh: list[dict[str, Any]] = [
             {
                 "srn": make_srn(domain),
                 "convention": convention,
@@ -135,8 +135,8 @@ def store_features(db: RecordsDatabase, *, hook: str, features: Sequence[Feature
             session.execute(
                 delete(Feature).where(Feature.hook == hook, Feature.record_srn.in_(chunk))
             )
-        for chunk in _chunks(values):
-            session.execute(insert(Feature), list(chunk))
+        for rows in _chunks(values):
+            session.execute(insert(Feature), list(rows))
     return len(values)
 
 

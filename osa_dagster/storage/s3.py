@@ -510,6 +510,6 @@ class S3Store:
                         failed.append((relative, error))
                 if not failed:
                     return
-                relative, error = failed[0]
-                self._wait(operation, names[relative], error, attempt)
+                relative, first_error = failed[0]
+                self._wait(operation, names[relative], first_error, attempt)
                 pending = [relative for relative, _ in failed]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, text, update
 
-from osa_dagster.batch.lease import BatchHeld, BatchLeases, LeaseLost
+from osa_dagster.batch.lease import BatchHeld, BatchLeases, LeaseHolding, LeaseLost
 from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.records import RecordsDatabase
 from osa_dagster.records.models import BatchLease
@@ -140,6 +140,41 @@ def test_a_waiting_step_gets_the_batch_when_its_holder_releases_it(db: RecordsDa
     thread.join(30)
     [lease] = got
     assert lease.took_over is None and lease.holding.token != first.holding.token
+
+
+def test_holders_of_overlapping_batches_named_in_opposite_orders_both_get_them(
+    db: RecordsDatabase,
+):
+    """Were leases taken in the order each holder names them, `first` would hold b1 and b2
+    and wait for b3 while `second` held b4 and b3 and waited for b2: each for the other."""
+    leases = _leases(db)
+    told: dict[str, list[str]] = {"first": [], "second": []}
+    waiting = {"first": threading.Event(), "second": threading.Event()}
+    held: dict[str, list[str]] = {}
+
+    def hold_all(name: str, batches: list[str]) -> None:
+        def on_wait(holding: LeaseHolding) -> None:
+            told[name].append(holding.batch)
+            waiting[name].set()
+
+        with leases.hold_all("conv", batches, step=name, wait_s=300, on_wait=on_wait) as got:
+            held[name] = [lease.holding.batch for lease in got]
+
+    with leases.hold("conv", "b3", step="blocker", wait_s=0):
+        first = threading.Thread(target=hold_all, args=("first", ["b1", "b2", "b3"]))
+        first.start()
+        assert waiting["first"].wait(30)  # holds b1 and b2, waits for b3
+        second = threading.Thread(target=hold_all, args=("second", ["b4", "b3", "b2"]))
+        second.start()
+        assert waiting["second"].wait(30)
+        # The second waits for the first's b2 before it takes anything: b4 is free.
+        assert told == {"first": ["b3"], "second": ["b2"]}
+        assert leases.current("conv", "b4") is None
+        assert leases.current("conv", "b2").step == "first"
+    first.join(60)
+    second.join(60)
+    assert held == {"first": ["b1", "b2", "b3"], "second": ["b2", "b3", "b4"]}
+    assert [leases.current("conv", b) for b in ("b1", "b2", "b3", "b4")] == [None] * 4
 
 
 def test_a_sigkilled_holders_lease_is_taken_over_at_once(db: RecordsDatabase):

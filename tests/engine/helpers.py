@@ -138,7 +138,6 @@ class Harness:
         spec: HookSpec,
         records: list[HookRecord],
         *,
-        stop_after_oom: bool = True,
         history: MemoryHistoryIO | None = None,
     ) -> HookProgress:
         return advance_hook(
@@ -148,7 +147,6 @@ class Harness:
             self.checkpoints,
             self.workdir,
             checkpoint_every_s=POLL_S,
-            stop_after_oom=stop_after_oom,
             history=history,
         )
 

@@ -35,10 +35,9 @@ def test_oom_escalates_memory_and_never_redoes_finished_records(
     harness.runner = LocalRunner(mode)
     spec = harness.spec(base_mb=128, cap_mb=512)
 
-    first = harness.advance(spec, big_batch())
+    checkpoint = harness.run(spec, big_batch())
 
-    assert (first.done, first.next_memory_mb) == (False, 256)
-    oom = first.checkpoint.attempts[0]
+    oom = checkpoint.attempts[0]
     assert (oom.memory_limit_mb, oom.oom_killed, oom.limit_mode) == (128, True, mode)
     assert (oom.records_in, oom.records_done, oom.first_unfinished) == (5, 2, "big")
     if mode == "cgroup":
@@ -46,8 +45,6 @@ def test_oom_escalates_memory_and_never_redoes_finished_records(
         assert oom.peak_memory_mb == pytest.approx(128, abs=1)
     else:
         assert oom.returncode == 99  # EXIT_MEMORY_ERROR: the hook met MemoryError
-
-    checkpoint = harness.run(spec, big_batch())
 
     log = [(a.memory_limit_mb, a.oom_killed, a.records_in) for a in checkpoint.attempts]
     assert log == [(128, True, 5), (256, True, 3), (512, False, 3)]
@@ -67,13 +64,13 @@ def test_oom_escalates_memory_and_never_redoes_finished_records(
     assert harness.ledger_counts() == dict.fromkeys(["a", "b", "big", "c", "d"], 1)
 
 
-def test_without_stop_after_oom_one_call_climbs_the_ladder(harness: Harness) -> None:
+def test_one_call_climbs_the_ladder(harness: Harness) -> None:
     harness.runner = LocalRunner("rlimit")  # MemoryError exits: no cgroup needed
 
-    progress = harness.advance(harness.spec(), big_batch(), stop_after_oom=False)
+    progress = harness.advance(harness.spec(), big_batch())
 
-    assert (progress.done, progress.next_memory_mb) == (True, None)
-    assert [a.memory_limit_mb for a in progress.checkpoint.attempts] == [128, 256, 512]
+    assert progress.checkpoint.complete
+    assert [a.memory_limit_mb for a in progress.attempts_this_call] == [128, 256, 512]
     assert progress.checkpoint.counts()["passed"] == 5
 
 
@@ -112,7 +109,7 @@ def test_plain_sigkill_is_retried_later_without_escalation(harness: Harness) -> 
 
     first = harness.advance(spec, records)
 
-    assert first.done
+    assert first.checkpoint.complete
     checkpoint = first.checkpoint
     killed = checkpoint.attempts[0]
     assert (killed.returncode, killed.oom_killed) == (-9, False)
@@ -138,7 +135,7 @@ def test_a_finished_batch_runs_nothing_again(harness: Harness) -> None:
 
     again = harness.advance(spec, records)
 
-    assert again.done and len(again.checkpoint.attempts) == 1
+    assert again.checkpoint.complete and len(again.checkpoint.attempts) == 1
     assert again.checkpoint.counts() == {"passed": 0, "rejected": 1, "errored": 1}
     assert harness.ledger_counts() == {"a": 1, "b": 1}
 

@@ -611,9 +611,7 @@ def test_kill_leftovers_finds_the_job_by_name_and_pods_by_label(
 # --- the engine on top ----------------------------------------------------------------------
 
 
-def engine_run(
-    fake: FakeKubeApi, staging: StoreStaging, tmp_path: Path, *, stop_after_oom: bool
-) -> Any:
+def engine_run(fake: FakeKubeApi, staging: StoreStaging, tmp_path: Path) -> Any:
     files_root = tmp_path / "batch-files"
     write_files(files_root, RECORDS)
     spec = HookSpec(
@@ -630,7 +628,6 @@ def engine_run(
         make_runner(fake, staging),
         FileCheckpointIO(tmp_path / "checkpoint.json"),
         tmp_path / "work",
-        stop_after_oom=stop_after_oom,
     )
 
 
@@ -640,9 +637,9 @@ def test_engine_escalates_memory_on_oomkilled_only(
     player = PodPlayer(tmp_path / "pod")
     survives = PodPlayer(tmp_path / "pod2", hook=lambda record: {"n": 1})
     fake.queue(fake_api.oom_killed(player.play()), fake_api.success(survives.play()))
-    progress = engine_run(fake, staging, tmp_path, stop_after_oom=False)
+    progress = engine_run(fake, staging, tmp_path)
 
-    assert progress.done
+    assert progress.checkpoint.complete
     memory = [job["spec"]["template"]["spec"]["containers"][0]["resources"] for job in fake.created]
     assert [m["limits"]["memory"] for m in memory] == ["1024Mi", "2048Mi"]
     # Records run smallest first; the second attempt got only those without an outcome.
@@ -660,9 +657,9 @@ def test_engine_never_escalates_on_eviction(
     fake: FakeKubeApi, staging: StoreStaging, tmp_path: Path
 ) -> None:
     fake.queue(fake_api.evicted(PodPlayer(tmp_path / "pod").play(final=False)))
-    progress = engine_run(fake, staging, tmp_path, stop_after_oom=True)
+    progress = engine_run(fake, staging, tmp_path)
 
-    assert progress.done and len(fake.created) == 1
+    assert progress.checkpoint.complete and len(fake.created) == 1
     assert progress.checkpoint.next_memory_mb == 1024
     outcomes = progress.checkpoint.outcomes
     assert outcomes["pdb:1UBI"].status is OutcomeStatus.PASSED

@@ -170,7 +170,7 @@ def test_large_records_start_at_the_predicted_level(
     records = batch("b-", (55.0, 65.0), LARGE_ALLOC_MB)
     progress = second.advance(second.spec(**POLICY), records, history=history)
 
-    assert progress.done
+    assert progress.checkpoint.complete
     assert log(progress.checkpoint.attempts) == [
         (128, False, None, 4),  # the small ones, from the base
         (512, False, LARGE_LANE, 2),  # the large ones, in their own attempt at 4x the base
@@ -191,25 +191,17 @@ def test_without_history_the_ladder_is_plain_doubling(
 ) -> None:
     require_cgroups()
     records = batch("a-", (50.0, 60.0), LARGE_ALLOC_MB)
-    calls = []
-    # No history at all, then an empty one: the same calls and attempts as before lanes.
+    attempts = []
+    # No history at all, then an empty one: the same attempts as before lanes.
     for name, io in (("none", None), ("empty", history)):
         harness = harness_for(tmp_path, name)
-        spec = harness.spec(**POLICY)
-        steps = []
-        while not (progress := harness.advance(spec, records, history=io)).done:
-            steps.append((progress.next_memory_mb, log(progress.attempts_this_call)))
-        steps.append((None, log(progress.attempts_this_call)))
+        progress = harness.advance(harness.spec(**POLICY), records, history=io)
         assert progress.checkpoint.lanes == {}
-        calls.append(steps)
+        attempts.append(log(progress.attempts_this_call))
     assert (
-        calls[0]
-        == calls[1]
-        == [
-            (256, [(128, True, None, 6)]),
-            (512, [(256, True, None, 2)]),
-            (None, [(512, False, None, 2)]),
-        ]
+        attempts[0]
+        == attempts[1]
+        == [(128, True, None, 6), (256, True, None, 2), (512, False, None, 2)]
     )
 
 
@@ -243,22 +235,19 @@ def test_a_prediction_too_low_still_escalates_on_oom(
     first = harness_for(tmp_path, "first")
     first.run(first.spec(**POLICY), batch("a-", (50.0,), 150), history=history)
 
-    # These need 400 MB: the lane starts at 256, is OOM-killed and climbs, one call per rung.
+    # These need 400 MB: the lane starts at 256, is OOM-killed and climbs alone.
     second = harness_for(tmp_path, "second")
-    spec = second.spec(**POLICY)
     records = batch("b-", (55.0, 60.0), LARGE_ALLOC_MB)
-    step = second.advance(spec, records, history=history)
+    progress = second.advance(second.spec(**POLICY), records, history=history)
 
-    assert (step.done, step.next_memory_mb) == (False, 512)
-    assert log(step.attempts_this_call) == [(128, False, None, 4), (256, True, LARGE_LANE, 2)]
-    assert step.checkpoint.lanes == {"b-L0": 512, "b-L1": 512}
-    assert step.checkpoint.next_memory_mb == 128  # the main ladder did not climb
-
-    last = second.advance(spec, records, history=history)
-
-    assert last.done
-    assert log(last.attempts_this_call) == [(512, False, LARGE_LANE, 2)]
-    assert last.checkpoint.counts()["passed"] == 6
+    assert log(progress.attempts_this_call) == [
+        (128, False, None, 4),
+        (256, True, LARGE_LANE, 2),
+        (512, False, LARGE_LANE, 2),
+    ]
+    assert progress.checkpoint.lanes == {"b-L0": 512, "b-L1": 512}
+    assert progress.checkpoint.next_memory_mb == 128  # the main ladder did not climb
+    assert progress.checkpoint.counts()["passed"] == 6
     # The history learnt the OOM: the next batch's records of this size start at 512 MB.
     learnt = history.load()
     assert learnt is not None

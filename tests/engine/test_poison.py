@@ -32,14 +32,10 @@ def test_only_the_poison_records_are_errored_as_poison(harness: Harness) -> None
     require_cgroups()
     spec = harness.spec(base_mb=128, cap_mb=256)
 
-    # The climb from 128 to 256 MB still ends the call: it is what a Dagster retry is for.
-    first = harness.advance(spec, poisoned_batch())
-    assert (first.done, first.next_memory_mb) == (False, 256)
+    progress = harness.advance(spec, poisoned_batch())
 
-    second = harness.advance(spec, poisoned_batch())
-
-    assert second.done
-    checkpoint = second.checkpoint
+    checkpoint = progress.checkpoint
+    assert checkpoint.complete
     log = [
         (a.memory_limit_mb, a.oom_killed, a.isolation, a.records_in, a.first_unfinished)
         for a in checkpoint.attempts
@@ -52,7 +48,7 @@ def test_only_the_poison_records_are_errored_as_poison(harness: Harness) -> None
         (256, True, True, 1, "p2"),
         (256, False, False, 2, None),
     ]
-    assert [a.number for a in second.attempts_this_call] == [2, 3, 4, 5, 6]
+    assert [a.number for a in progress.attempts_this_call] == [1, 2, 3, 4, 5, 6]
     statuses = {rid: o.status for rid, o in checkpoint.outcomes.items()}
     assert statuses == {**REAL_OUTCOMES, "p1": ERRORED, "p2": ERRORED}
     assert set(checkpoint.poison()) == {"p1", "p2"}
@@ -110,11 +106,11 @@ def test_a_raised_cap_reopens_only_the_poison_records(harness: Harness) -> None:
 
     # The same cap again: poison is final there, nothing runs.
     again = harness.advance(harness.spec(base_mb=128, cap_mb=256), poisoned_batch())
-    assert again.done and again.attempts_this_call == []
+    assert again.checkpoint.complete and again.attempts_this_call == []
 
     raised = harness.advance(harness.spec(base_mb=128, cap_mb=1024), poisoned_batch())
 
-    assert raised.done
+    assert raised.checkpoint.complete
     # Straight to the rung above the old cap, not from the base again.
     assert [(a.memory_limit_mb, a.records_in) for a in raised.attempts_this_call] == [(512, 2)]
     checkpoint = raised.checkpoint

@@ -44,9 +44,13 @@ def instance(fault_env: Path) -> Iterator[dg.DagsterInstance]:
         yield instance
 
 
-def plan(instance: dg.DagsterInstance, convention: str) -> list[str]:
+def plan(instance: dg.DagsterInstance, convention: str, batch_size: int | None = None) -> list[str]:
     defs = build_definitions()
-    result = defs.resolve_job_def(f"{convention}_plan").execute_in_process(instance=instance)
+    config = {"batch_size": batch_size} if batch_size else {}
+    result = defs.resolve_job_def(f"{convention}_plan").execute_in_process(
+        run_config={"ops": {f"{convention}_plan_batches": {"config": config}}},
+        instance=instance,
+    )
     assert result.success
     return instance.get_dynamic_partitions(f"{convention}_batches")
 

@@ -1,6 +1,6 @@
-"""Two `osa materialize` of one convention at once, and one SIGKILLed: the batch lease makes
-the second wait for the first instead of killing its hook, and the next run take a dead
-run's lease over at once."""
+"""Two `osa materialize` of one convention at once, of the same batch or of overlapping
+ranges, and one SIGKILLed: the batch lease makes the second wait for the first instead of
+killing its hook, and the next run take a dead run's lease over at once."""
 
 from __future__ import annotations
 
@@ -81,6 +81,62 @@ def test_two_materializations_at_once_wait_for_each_other_and_kill_nothing(
     assert published(CONVENTION) == dict.fromkeys(ids, 1)
     assert feature_rows() == 8
     assert _holder_step(key) is None  # both runs released it
+
+
+def _output_until(process: subprocess.Popen[str], text: str) -> list[str]:
+    """The lines `process` printed, up to the first that holds `text`."""
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if text in line:
+            return seen
+    pytest.fail(f"never printed {text!r}:\n" + "".join(seen))
+
+
+@pytest.mark.slow
+def test_two_runs_over_overlapping_ranges_both_succeed_and_work_each_batch_once(
+    instance, ledger: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("OSA_FAULTS_RECORDS", "8")
+    monkeypatch.setenv("OSA_FAULTS_SLEEP_S", "0.05")
+    gate = tmp_path / "gate"
+    monkeypatch.setenv(ENV_GATE, str(gate))
+    keys = plan(instance, CONVENTION, batch_size=2)
+    assert len(keys) == 4
+
+    first_log = tmp_path / "first.log"
+    with first_log.open("w") as log:
+        first = subprocess.Popen(
+            [*MATERIALIZE, *keys[:3]], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        )
+    # The first run's hook step holds batches 1-3 at once, its hooks held at the gate.
+    assert eventually(
+        lambda: [_holder_step(key) for key in keys[:3]] == [HOOK_STEP] * 3, timeout_s=180
+    )
+    second = subprocess.Popen(
+        [*MATERIALIZE, *keys[1:]],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = _output_until(second, f"batch {keys[1]} is being worked by run")
+    # It waits for batch 2 holding none of its batches, not even batch 4, which nobody has.
+    assert _holder_step(keys[3]) is None
+    gate.touch()  # let the first run's hooks go on
+
+    rest, _ = second.communicate(timeout=600)
+    assert first.wait(timeout=600) == 0, first_log.read_text()
+    assert second.returncode == 0, "".join(seen) + rest
+
+    ids = record_ids(8)
+    assert ledger_counts(ledger) == dict.fromkeys(ids, 1)  # no record ran twice
+    # The second run found batches 2 and 3 finished: its hook step attempted none again.
+    assert {key: _attempts(key) for key in keys} == {key: [(0, False)] for key in keys}
+    assert published(CONVENTION) == dict.fromkeys(ids, 1)
+    assert feature_rows() == 8
+    assert [_holder_step(key) for key in keys] == [None] * 4  # every lease released
 
 
 @pytest.mark.slow

@@ -373,8 +373,7 @@ def _drive(settings: dict[str, Any]) -> dict[str, Any]:
 
     def run(conv: Convention, hook_name: str, partition: str) -> tuple[Checkpoint, float]:
         started = time.monotonic()
-        while not (progress := run_batch_hook(conv, hook_name, store, partition, runner)).done:
-            pass
+        progress = run_batch_hook(conv, hook_name, store, partition, runner)
         return progress.checkpoint, time.monotonic() - started
 
     ids = [*REJECTED_BY_VALIDATOR, *HONEST, *ATTACKS]

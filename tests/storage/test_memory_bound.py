@@ -154,7 +154,7 @@ def _child(records: int, file_mb: float) -> dict[str, Any]:
     raw = fetch_raw_batch(convention, store, partition)
     peak("raw_batch")
     progress = run_batch_hook(convention, "file_digest", store, partition, LocalRunner())
-    assert progress.done, progress
+    assert progress.checkpoint.complete, progress
     peak("hook")
     published = publish_batch(convention, store, db, partition, domain="memory-test")
     peak("published")

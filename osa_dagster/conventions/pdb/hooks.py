@@ -154,12 +154,15 @@ def contact_summary(polymers: list[gemmi.ResidueSpan]) -> dict[str, int]:
                 (a for name in REPRESENTATIVE_ATOMS if (a := residue.find_atom(name, "*"))),
                 None,
             )
-            if atom is None:
+            label_seq = residue.label_seq
+            position = label_seq if label_seq is not None else residue.seqid.num
+            # Without a number (gemmi leaves it unset for none read from a file) a residue
+            # has no sequence separation to count.
+            if atom is None or position is None:
                 continue
             coordinates.append((atom.pos.x, atom.pos.y, atom.pos.z))
             chain_index.append(index)
-            seq = residue.label_seq
-            sequence_position.append(seq if seq is not None else residue.seqid.num)
+            sequence_position.append(position)
 
     xyz = np.asarray(coordinates, dtype=np.float64).reshape(-1, 3)
     contacts = contact_map(xyz, CONTACT_CUTOFF_A)

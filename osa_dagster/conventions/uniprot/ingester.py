@@ -199,7 +199,8 @@ def _date(text: str | None) -> date | None:
 
 def organism_name(parsed: SwissProt.Record) -> str | None:
     """The OS line without its final full stop: "Homo sapiens (Human)"."""
-    return parsed.organism.rstrip(".") or None
+    # Biopython gathers the OS lines in a list, then joins them into this string.
+    return parsed.organism.rstrip(".") or None  # type: ignore[attr-defined]
 
 
 def taxonomy_id(parsed: SwissProt.Record) -> int | None:
@@ -231,7 +232,7 @@ def entry_metadata(text: bytes, *, release: str | None, source: str) -> UniProtE
     return UniProtEntryMetadata(
         accession=parsed.accessions[0],
         entry_name=parsed.entry_name or None,
-        reviewed={"Reviewed": True, "Unreviewed": False}.get(parsed.data_class),
+        reviewed={"Reviewed": True, "Unreviewed": False}.get(parsed.data_class or ""),
         organism=organism_name(parsed) if complete else None,
         taxonomy_id=taxonomy_id(parsed) if complete else None,
         sequence_length=parsed.sequence_length,

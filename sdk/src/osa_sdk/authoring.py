@@ -290,4 +290,8 @@ def hook(
     """Make a function a hook: ``@hook`` (named after the function) or ``@hook(name="...")``."""
     if fn is not None:
         return Hook(fn, getattr(fn, "__name__", ""))
-    return lambda f: Hook(f, name or getattr(f, "__name__", ""))
+
+    def named(f: HookFunction) -> Hook:
+        return Hook(f, name or str(getattr(f, "__name__", "")))
+
+    return named

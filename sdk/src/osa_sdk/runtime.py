@@ -293,7 +293,7 @@ def run_ingest(ingester: Ingester, refs: Sequence[RecordRef], out_dir: Path) -> 
     max_mb = ingester.max_file_mb
     ctx = FetchContext(files_root, max_mb, ids)
     report = IngestReport(max_file_mb=max_mb)
-    expected, returned = set(ids), set()
+    expected, returned = set(ids), set[str]()
     kept: dict[str, set[str]] = {}  # files_dir -> file paths of every record written
     with records_path.open("w", encoding="utf-8") as out:
         for fetched in ingester.fetch(refs, ctx):

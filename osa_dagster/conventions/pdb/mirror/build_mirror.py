@@ -18,6 +18,7 @@ import bz2
 import gzip
 from dataclasses import dataclass
 from datetime import datetime
+from importlib.metadata import version
 from pathlib import Path
 
 import gemmi
@@ -265,7 +266,7 @@ def sources_md(built: list[Built]) -> str:
         )
     licences = "\n".join(f"  - {name}: {licence}" for _, name, licence in PACKAGES.values())
     return (
-        HEADER.format(gemmi_version=gemmi.__version__, rejections=rejections)
+        HEADER.format(gemmi_version=version("gemmi"), rejections=rejections)
         + "\n".join(rows)
         + "\n"
         + FOOTER.format(
