@@ -17,8 +17,9 @@ from osa_dagster.defs.checks import CHECKS
 from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
 from osa_dagster.storage import BatchLayout, store_from_env
 from osa_dagster.storage.layout import memory_history_key
-from tests.fixtures.check_status import all_check_statuses, check_statuses
+from tests.fixtures.check_status import all_check_statuses, check_statuses, verdicts_by_run
 from tests.fixtures.toy_convention import TOY_IDS
+from tests.ui.conftest import make_site
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -426,6 +427,56 @@ def test_range_runs_give_every_partition_its_check_verdict_run_after_run(defs, i
     assert _ingest(defs, instance, "toy", keys[1]).success
     statuses = all_check_statuses(instance, "toy")
     assert statuses == {check: dict.fromkeys(keys, "SUCCEEDED") for check in statuses}
+
+
+def _every_check_passed_on(partitions: list[str]) -> dict[tuple[str, str], dict[str, str]]:
+    assets = {"published": "published_records", "features": "features"}
+    return {
+        (assets[spec.asset], spec.name): dict.fromkeys(partitions, "SUCCEEDED") for spec in CHECKS
+    }
+
+
+def test_each_run_records_a_verdict_per_partition_and_none_without_one(defs, instance):
+    keys = _plan(defs, instance, "toy", limit=15, batch_size=5)
+    one = _ingest(defs, instance, "toy", keys[1])  # as the sensor and the UI launch one batch
+    assert one.success
+    ranged = _ingest_range(defs, instance, "toy", keys)  # as `osa materialize` and backfills
+    assert ranged.success
+    # The checks are partitioned like their assets: each run's execution history holds one
+    # verdict per check and partition it covered, and nothing without a partition (which the
+    # UI would list as "Skipped").
+    assert verdicts_by_run(instance, "toy") == {
+        one.run_id: _every_check_passed_on([keys[1]]),
+        ranged.run_id: _every_check_passed_on(keys),
+    }
+    graph = defs.resolve_asset_graph()
+    partitions = graph.get(dg.AssetKey(["toy", "published_records"])).partitions_def
+    for key in graph.asset_check_keys:
+        if key.asset_key.path[0] == "toy":
+            assert graph.get_check_spec(key).partitions_def == partitions, key
+
+
+def test_osa_materialize_records_a_verdict_per_partition_and_none_without_one(tmp_path: Path):
+    site = make_site(tmp_path)
+    site.env["OSA_CONVENTIONS"] = "tests.fixtures.toy_convention"
+    keys = site.plan("toy", "--limit", "15", "--batch-size", "5")
+    site.env["OSA_PARTITIONS_PER_RUN"] = "2"
+    site.osa("materialize", "toy")
+    with dg.DagsterInstance.from_config(str(site.home)) as instance:
+        runs = {
+            run.run_id: (
+                run.tags["dagster/asset_partition_range_start"],
+                run.tags["dagster/asset_partition_range_end"],
+            )
+            for run in instance.get_runs(dg.RunsFilter(job_name="toy_ingest"))
+        }
+        assert sorted(runs.values()) == [(keys[0], keys[1]), (keys[2], keys[2])]
+        first_two = next(run for run, span in runs.items() if span[0] == keys[0])
+        last = next(run for run, span in runs.items() if span[0] == keys[2])
+        assert verdicts_by_run(instance, "toy") == {
+            first_two: _every_check_passed_on(keys[:2]),
+            last: _every_check_passed_on(keys[2:]),
+        }
 
 
 def test_a_corrupted_table_fails_only_its_partitions_check_in_a_range_run(defs, instance):

@@ -281,7 +281,7 @@ def _published_asset(
         io_manager_key=IO_MANAGER_KEY,
         description="Records that passed every hook, published once per (convention, source id) "
         "with an SRN.",
-        check_specs=check_specs("published", published_key(convention)),
+        check_specs=check_specs("published", published_key(convention), partitions),
     )
     def published_records(
         context: dg.AssetExecutionContext,
@@ -315,7 +315,7 @@ def _features_asset(
         kinds={kinds.database},
         io_manager_key=IO_MANAGER_KEY,
         description="Each hook's feature rows of the published records, stored by SRN.",
-        check_specs=check_specs("features", features_key(convention)),
+        check_specs=check_specs("features", features_key(convention), partitions),
     )
     def features(
         context: dg.AssetExecutionContext,

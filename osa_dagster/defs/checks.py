@@ -1,18 +1,17 @@
 """Asset checks on every partition: the archive's invariants, visible in the UI.
 
-Each check is evaluated in the step of the asset it guards, for every batch the step works,
-right after the work and under the same lease (published_records' four after publishing,
-features' one after storing the features), and is recorded as that batch's evaluation
-whatever covered it (a sensor's run of one batch, a range run of `osa materialize` or an
-asset backfill, the UI). Dagster plans a check of a range run as one PLANNED row per
-partition (run id, partition) in its `asset_check_executions` table, but turns an
-`AssetCheckResult` into a single evaluation without a partition: the per-partition rows stay
-PLANNED and read as "Skipped" once the run ends. So the step yields Dagster's
-`AssetCheckEvaluation` itself, one per check and partition, each naming its partition and
-the materialisation it judged: every PLANNED row gets its verdict under the run's own id,
-and a later run's rows are its own (reported as runless events instead, they collide from
-the second run on, on the table's unique index (asset_key, check_name, run_id '',
-partition)).
+Each check is partitioned like the asset it guards (`AssetCheckSpec.partitions_def`), so a
+run plans one execution per check and partition it covers, and the UI shows each check's
+verdict per batch (its Partitions tab: Passed, Failed, Missing). Each check is evaluated in
+the step of the asset it guards, for every batch the step works, right after the work and
+under the same lease (published_records' checks after publishing, features' one after
+storing the features), whatever covered the batch (a sensor's run of one batch, a range run
+of `osa materialize` or an asset backfill, the UI). Dagster turns an `AssetCheckResult` of a
+range step into one evaluation without a partition, so the step yields Dagster's
+`AssetCheckEvaluation` itself, one per check and partition, each naming its partition and the
+materialisation it judged: each planned execution gets its verdict under the run's own id.
+(Unpartitioned, a check was planned once per run without a partition, and that execution,
+never evaluated, was listed as "Skipped" after every run.)
 
 A step of their own per check cost, for every batch, a lease, a look-up of the
 materialisation and an audit each: five of them were most of Dagster's cost per batch. In
@@ -167,10 +166,15 @@ CHECKS = (
 )
 
 
-def check_specs(asset: GuardedAsset, key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
-    """The checks of `asset` (whose key is `key`), for its decorator."""
+def check_specs(
+    asset: GuardedAsset, key: dg.AssetKey, partitions: dg.PartitionsDefinition
+) -> list[dg.AssetCheckSpec]:
+    """The checks of `asset` (whose key is `key`), for its decorator: partitioned like the
+    asset, so that each batch has its own verdicts."""
     return [
-        dg.AssetCheckSpec(spec.name, asset=key, description=spec.description)
+        dg.AssetCheckSpec(
+            spec.name, asset=key, description=spec.description, partitions_def=partitions
+        )
         for spec in CHECKS
         if spec.asset == asset
     ]
