@@ -1,4 +1,5 @@
-"""Asset checks on every partition: the archive's invariants, visible in the UI.
+"""Asset checks on every partition: the archive's invariants, and flags for a curator,
+visible in the UI.
 
 Each check is partitioned like the asset it guards (`AssetCheckSpec.partitions_def`), so a
 run plans one execution per check and partition it covers, and the UI shows each check's
@@ -28,6 +29,7 @@ import dagster as dg
 from osa_dagster.batch.audit import BatchAudit, audit_batch
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.dagster_private import AssetCheckEvaluationTargetMaterializationData
+from osa_dagster.defs.metadata import attempt_origin
 from osa_dagster.records import DeadLetterRow, RecordsDatabase, list_dead_letters
 from osa_dagster.storage.store import ArtifactStore
 
@@ -47,12 +49,18 @@ class BatchFacts:
     """What a check of one partition looks at, read when first asked for."""
 
     def __init__(
-        self, convention: Convention, store: ArtifactStore, db: RecordsDatabase, partition: str
+        self,
+        convention: Convention,
+        store: ArtifactStore,
+        db: RecordsDatabase,
+        partition: str,
+        run_id: str,
     ) -> None:
         self.convention = convention
         self.store = store
         self.db = db
         self.partition = partition
+        self.run_id = run_id  # the run judging the batch
 
     @cached_property
     def audit(self) -> BatchAudit:
@@ -116,6 +124,52 @@ def _no_dead_letters(facts: BatchFacts) -> Verdict:
     )
 
 
+def _no_oom_kills(facts: BatchFacts) -> Verdict:
+    kills = [
+        (hook, attempt)
+        for hook, checkpoint in facts.audit.verdicts.checkpoints.items()
+        for attempt in checkpoint.oom_attempts()
+    ]
+    this_run = [attempt for _, attempt in kills if attempt.run_id == facts.run_id]
+    named = [
+        f"{hook} at {attempt.memory_limit_mb} MB on {attempt.first_unfinished or '(unknown)'} "
+        f"({attempt_origin(attempt, facts.run_id)})"
+        for hook, attempt in kills
+    ]
+    earlier = len(kills) - len(this_run)
+    return Verdict(
+        passed=not kills,
+        metadata={
+            "oom_kills": len(kills),
+            "oom_kills_this_run": len(this_run),
+            "examples": ", ".join(named[:PREVIEW]) or "-",
+        },
+        description=f"hook attempts OOM-killed on this batch, their records retried with more "
+        f"memory: {len(kills)} ({len(this_run)} in this run, {earlier} in earlier runs whose "
+        "checkpoints this run reused)"
+        if kills
+        else None,
+    )
+
+
+def _every_record_passed(facts: BatchFacts) -> Verdict:
+    failed = facts.audit.verdicts.failed
+    return Verdict(
+        passed=not failed,
+        metadata={
+            "rejected": facts.audit.counts["rejected"],
+            "errored": facts.audit.counts["errored"],
+            "examples": ", ".join(
+                f"{v.source_id} ({v.hook}: {v.outcome})" for v in failed[:PREVIEW]
+            )
+            or "-",
+        },
+        description=f"records that did not pass every hook, not published: {len(failed)}"
+        if failed
+        else None,
+    )
+
+
 @dataclass(frozen=True)
 class CheckDef:
     name: str
@@ -123,6 +177,8 @@ class CheckDef:
     severity: dg.AssetCheckSeverity
     description: str
     verdict: Callable[[BatchFacts], Verdict]
+    # A flag marks batches for a curator to look at (a warning); it guards no invariant.
+    flag: bool = False
 
 
 CHECKS = (
@@ -162,6 +218,29 @@ CHECKS = (
         "No record of the batch ran out of memory alone at its hook's cap (a dead letter); a "
         "warning names them: raise the cap and re-run the batch.",
         _no_dead_letters,
+    ),
+    # Flags rather than invariants: a batch whose hooks needed more memory, or whose records
+    # did not all pass, is complete and right, and these warnings let a curator list them.
+    CheckDef(
+        "no_oom_kills",
+        "published",
+        dg.AssetCheckSeverity.WARN,
+        "No hook attempt was OOM-killed on the batch. A warning counts and names the kills "
+        "(hook, memory limit, the record it was on) and says which happened in this run and "
+        "which in earlier runs whose checkpoints this run reused; the records were retried "
+        "with more memory.",
+        _no_oom_kills,
+        flag=True,
+    ),
+    CheckDef(
+        "every_record_passed",
+        "published",
+        dg.AssetCheckSeverity.WARN,
+        "Every record of the batch passed every hook. A warning counts the rejected and "
+        "errored records and names them, with the first hook that did not pass each and why; "
+        "they are not published.",
+        _every_record_passed,
+        flag=True,
     ),
 )
 

@@ -171,6 +171,7 @@ def advance_hook(
     history: MemoryHistoryIO | None = None,
     capacity: HookCapacity | None = None,
     cancel: threading.Event | None = None,
+    run_id: str | None = None,
 ) -> HookProgress:
     """Run attempts of the hook until the batch is done, or until an OOM if `stop_after_oom`.
 
@@ -180,7 +181,8 @@ def advance_hook(
     With `capacity`, each attempt first waits for a slot and room for its memory limit in
     the machine's budget (engine/capacity.py) and holds them until its hook has exited.
     Setting `cancel` (from another thread) kills the running hook and raises `Cancelled`;
-    the checkpoint keeps what was done.
+    the checkpoint keeps what was done. `run_id` (the orchestrator's run) is recorded on
+    each attempt this call makes (`AttemptRecord.run_id`).
     """
     if checkpoint_every_records < 1 or checkpoint_every_s <= 0:
         raise ValueError(
@@ -198,6 +200,7 @@ def advance_hook(
         history,
         capacity,
         cancel,
+        run_id,
     )
     known_attempts = len(run.checkpoint.attempts)
 
@@ -238,8 +241,10 @@ class _HookRun:
         history: MemoryHistoryIO | None = None,
         capacity: HookCapacity | None = None,
         cancel: threading.Event | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.spec = spec
+        self.run_id = run_id
         self.capacity = capacity
         self.cancel = cancel
         self.batch = batch
@@ -423,6 +428,7 @@ class _HookRun:
             isolation=self.checkpoint.suspect is not None,
             lane=lane,
             queued_s=queued_s,
+            run_id=self.run_id,
         )
         self.checkpoint.running = flight
         # Saved before waiting: if we die now, the next run finds and kills the hook.
@@ -544,6 +550,7 @@ class _HookRun:
                 first_unfinished_size_mb=(
                     self.sizes.get(first_unfinished) if oom and first_unfinished else None
                 ),
+                run_id=flight.run_id,
             )
         )
         self.checkpoint.running = None
