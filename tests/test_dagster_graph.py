@@ -131,6 +131,8 @@ def test_an_oom_climbs_the_ladder_within_the_hook_step(defs, instance):
     # killed at 128 MB, by name.
     assert f"| {TOY_IDS[4]} | 0.00 | OOM-killed | 128 |" in meta["memory_history_this_batch"]
     assert f"| {TOY_IDS[4]} | 0.00 | OOM-killed | 128 |" in meta["memory_history_all_batches"]
+    # The fits name their record too: the batch's largest record, which passed at 256 MB.
+    assert "| fitted |" in meta["memory_history_this_batch"]
     assert (meta["oom_attempts"], meta["oom_attempts_this_run"], meta["attempts_reused"]) == (
         1,
         1,

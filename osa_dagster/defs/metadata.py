@@ -220,7 +220,9 @@ def memory_history_metadata(history: MemoryHistory | None, batch: Iterable[str])
     if history is None or not (history.fits or history.ooms):
         return {}
     header = ("record", "record size MB", "outcome", "memory MB (peak or limit)")
-    rows = [("-", f"{f.size_mb:.2f}", "fitted", f"{f.need_mb:.0f}") for f in history.fits]
+    rows = [
+        (f.record or "-", f"{f.size_mb:.2f}", "fitted", f"{f.need_mb:.0f}") for f in history.fits
+    ]
     rows += [(o.record or "-", f"{o.size_mb:.2f}", "OOM-killed", o.limit_mb) for o in history.ooms]
     rows.sort(key=lambda row: -float(row[1]))
     ours = set(batch)

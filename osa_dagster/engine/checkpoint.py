@@ -81,6 +81,7 @@ class AttemptRecord(BaseModel):
     # hook settled, and the size of the record it was on when OOM-killed.
     max_size_mb_done: float | None = None
     first_unfinished_size_mb: float | None = None
+    largest_done: str | None = None  # the record of `max_size_mb_done`
     # The orchestrator's run that made the attempt, when it named one (`advance_hook`'s
     # `run_id`): a run that resumes a checkpoint tells its own attempts from earlier runs'.
     run_id: str | None = None

@@ -526,6 +526,7 @@ class _HookRun:
     ) -> None:
         """Log the attempt (`exit_` None: interrupted, its end unknown) and clear `running`."""
         settled = [rid for rid, o in self.checkpoint.outcomes.items() if o.attempt == flight.number]
+        largest = max(settled, key=lambda rid: (self.sizes[rid], rid), default=None)
         oom = exit_ is not None and exit_.out_of_memory
         self.checkpoint.attempts.append(
             AttemptRecord(
@@ -546,7 +547,8 @@ class _HookRun:
                 isolation=flight.isolation,
                 lane=flight.lane,
                 queued_s=flight.queued_s,
-                max_size_mb_done=max((self.sizes[rid] for rid in settled), default=None),
+                max_size_mb_done=None if largest is None else self.sizes[largest],
+                largest_done=largest,
                 first_unfinished_size_mb=(
                     self.sizes.get(first_unfinished) if oom and first_unfinished else None
                 ),

@@ -3,9 +3,9 @@ memory of the next batch's large records.
 
 Two kinds of evidence come out of every attempt (see `AttemptRecord`):
 
-- a fit: the largest record the hook settled ran within `need_mb` (the attempt's measured
-  peak when it ended without an OOM, else its limit). Records are assumed to need no less
-  memory when they are larger, so every record of that size or smaller fits too.
+- a fit: the largest record the hook settled (`record`) ran within `need_mb` (the attempt's
+  measured peak when it ended without an OOM, else its limit). Records are assumed to need
+  no less memory when they are larger, so every record of that size or smaller fits too.
 - an OOM: the attempt was killed while on a record (`record`) of `size_mb` at `limit_mb`,
   so that record and every larger one need more than `limit_mb`.
 
@@ -45,6 +45,7 @@ class Fit(BaseModel):
 
     size_mb: float
     need_mb: float
+    record: str | None = None  # the record of that size (None in older histories)
 
 
 class Oom(BaseModel):
@@ -77,7 +78,13 @@ class MemoryHistory(BaseModel):
                     else None
                 )
                 need = attempt.memory_limit_mb if measured is None else measured
-                fits.append(Fit(size_mb=attempt.max_size_mb_done, need_mb=round(need, 1)))
+                fits.append(
+                    Fit(
+                        size_mb=attempt.max_size_mb_done,
+                        need_mb=round(need, 1),
+                        record=attempt.largest_done,
+                    )
+                )
             if attempt.oom_killed and attempt.first_unfinished_size_mb is not None:
                 ooms.append(
                     Oom(
@@ -112,9 +119,12 @@ class MemoryHistory(BaseModel):
 def _fit_frontier(fits: list[Fit]) -> list[Fit]:
     """Fits not dominated by a fit of a record at least as large in no more memory."""
     kept: list[Fit] = []
-    # Largest first, and for equal sizes the smallest need first: keep each fit that needs
-    # less than every larger one kept so far.
-    for fit in sorted(set(fits), key=lambda f: (-f.size_mb, f.need_mb)):
+    # Largest first, and for equal sizes the smallest need first (then one naming its record,
+    # as for OOMs): keep each fit that needs less than every larger one kept so far.
+    ranked = sorted(
+        set(fits), key=lambda f: (-f.size_mb, f.need_mb, f.record is None, f.record or "")
+    )
+    for fit in ranked:
         if not kept or fit.need_mb < kept[-1].need_mb:
             kept.append(fit)
     return sorted(kept, key=lambda f: f.size_mb)[-MAX_ENTRIES:]
