@@ -76,6 +76,8 @@ from osa_dagster.settings import Settings  # noqa: E402
 from osa_dagster.storage import store_from_env  # noqa: E402
 
 CONVENTION = "bench_overhead"
+# The bare loop has no Dagster run: its attempts and verdicts are labelled with this one.
+BARE_RUN = "bare-loop"
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 VARIANTS = ("dagster", "runs of 20", "single run", "stock log", "bare same", "bare steps")
 
@@ -169,7 +171,7 @@ def run_bare(same_work: bool) -> float:
     jobs = [HookJob(key, spec.name) for key in keys for spec in convention.hooks]
     workers = hook_workers(capacity, len(jobs))
     for result in run_hook_jobs(
-        convention, store, runner, jobs, workers=workers, capacity=capacity
+        convention, store, runner, jobs, workers=workers, capacity=capacity, run_id=BARE_RUN
     ):
         assert result.progress is not None, result.error
     # With same_work, what the assets compute besides the steps: the archive's count for the
@@ -178,11 +180,11 @@ def run_bare(same_work: bool) -> float:
         publish_batch(convention, store, db, key, domain="bench")
         if same_work:
             count_published(db, convention.name)
-            judge("published", BatchFacts(convention, store, db, key))
+            judge("published", BatchFacts(convention, store, db, key, BARE_RUN))
     for key in keys:
         store_batch_features(convention, store, db, key)
         if same_work:
-            judge("features", BatchFacts(convention, store, db, key))
+            judge("features", BatchFacts(convention, store, db, key, BARE_RUN))
     return time.perf_counter() - started
 
 

@@ -17,8 +17,9 @@ from osa_dagster.defs.checks import CHECKS
 from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
 from osa_dagster.storage import BatchLayout, store_from_env
 from osa_dagster.storage.layout import memory_history_key
-from tests.fixtures.check_status import all_check_statuses, check_statuses
+from tests.fixtures.check_status import all_check_statuses, check_statuses, verdicts_by_run
 from tests.fixtures.toy_convention import TOY_IDS
+from tests.ui.conftest import make_site
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,9 +129,17 @@ def test_an_oom_climbs_the_ladder_within_the_hook_step(defs, instance):
     assert attempts == [(128, True), (256, False)]
     meta = _metadata(result, "toy_oom", "hook_outcomes", "hungry")
     assert meta["passed"] == 6
-    # The history the prediction uses is shown: the record that was killed at 128 MB.
-    assert "| OOM-killed | 128 |" in meta["memory_history"]
-    assert meta["oom_attempts"] == 1
+    # The history the prediction uses is shown, this batch's part apart: the record that was
+    # killed at 128 MB, by name.
+    assert f"| {TOY_IDS[4]} | 0.00 | OOM-killed | 128 |" in meta["memory_history_this_batch"]
+    assert f"| {TOY_IDS[4]} | 0.00 | OOM-killed | 128 |" in meta["memory_history_all_batches"]
+    # The fits name their record too: the batch's largest record, which passed at 256 MB.
+    assert "| fitted |" in meta["memory_history_this_batch"]
+    assert (meta["oom_attempts"], meta["oom_attempts_this_run"], meta["attempts_reused"]) == (
+        1,
+        1,
+        0,
+    )
     # The records done before the kill were not run again: the second attempt got only the rest.
     assert (
         observations[1]["records_in"].value
@@ -143,6 +152,50 @@ def test_an_oom_climbs_the_ladder_within_the_hook_step(defs, instance):
     assert learnt is not None and learnt.hook == "hungry"
     assert [o.limit_mb for o in learnt.ooms] == [128]
     assert learnt.fits
+
+
+def _verdict(result: dg.ExecuteInProcessResult, check: str) -> dg.AssetCheckEvaluation:
+    [verdict] = [c for c in result.get_asset_check_evaluations() if c.check_name == check]
+    return verdict
+
+
+def test_a_re_run_that_reuses_checkpoints_shows_no_new_oom(defs, instance):
+    [key] = _plan(defs, instance, "toy_oom")
+    first = _ingest(defs, instance, "toy_oom", key)
+    assert first.success
+    flagged = _verdict(first, "no_oom_kills")
+    assert (flagged.passed, flagged.severity) == (False, dg.AssetCheckSeverity.WARN)
+    assert flagged.partition == key
+    assert (flagged.metadata["oom_kills"].value, flagged.metadata["oom_kills_this_run"].value) == (
+        1,
+        1,
+    )
+    assert f"hungry at 128 MB on {TOY_IDS[4]} (this run)" in flagged.metadata["examples"].value
+
+    again = _ingest(defs, instance, "toy_oom", key)
+    assert again.success
+    # Nothing ran again: no attempt was observed, and the log marks both as reused.
+    assert not [
+        e for e in again.all_events if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION
+    ]
+    meta = _metadata(again, "toy_oom", "hook_outcomes", "hungry")
+    assert (meta["oom_attempts"], meta["oom_attempts_this_run"], meta["attempts_reused"]) == (
+        1,
+        0,
+        2,
+    )
+    earlier = f"reused: earlier run {first.run_id[:8]}"
+    assert re.findall(r"^\| (\d) \| ([^|]+) \|", meta["attempt_log"], re.M) == [
+        ("1", earlier),
+        ("2", earlier),
+    ]
+    assert "this run" not in meta["attempt_log"]
+    # The batch is still flagged (it needed more memory), as an OOM of an earlier run.
+    flagged = _verdict(again, "no_oom_kills")
+    assert not flagged.passed
+    assert flagged.metadata["oom_kills_this_run"].value == 0
+    assert "1 (0 in this run, 1 in earlier runs" in (flagged.description or "")
+    assert f"on {TOY_IDS[4]} ({earlier})" in flagged.metadata["examples"].value
 
 
 @pytest.mark.slow
@@ -248,6 +301,8 @@ def test_asset_checks_pass_on_every_ingest(defs, instance):
         "counts_add_up": True,
         "published_records_have_features": True,
         "no_dead_letters": True,
+        "no_oom_kills": True,
+        "every_record_passed": False,  # a flag: record 5 (5 kB) is rejected
     }
 
 
@@ -270,6 +325,8 @@ def test_a_corrupted_records_table_fails_a_check_in_the_next_run(defs, instance)
         "counts_add_up": True,
         "published_records_have_features": True,
         "no_dead_letters": True,
+        "no_oom_kills": True,
+        "every_record_passed": False,  # a flag: record 5 (5 kB) is rejected
     }
 
 
@@ -399,7 +456,10 @@ def test_one_run_over_a_partition_range_keeps_per_partition_metadata(defs, insta
     assert {m.metadata["published"].value for m in published} == {4}
     assert {m.metadata["records_in"].value for m in published} == {5}
     checks = result.get_asset_check_evaluations()
-    assert all(c.passed for c in checks)
+    # Every batch's record 5 is rejected, which the flag every_record_passed warns of.
+    assert {(c.check_name, c.passed) for c in checks} == {
+        (spec.name, spec.name != "every_record_passed") for spec in CHECKS
+    }
     # One verdict per check and partition, each about its own partition.
     assert sorted((c.check_name, c.partition) for c in checks) == sorted(
         (spec.name, key) for spec in CHECKS for key in keys
@@ -428,6 +488,61 @@ def test_range_runs_give_every_partition_its_check_verdict_run_after_run(defs, i
     assert _ingest(defs, instance, "toy", keys[1]).success
     statuses = all_check_statuses(instance, "toy")
     assert statuses == {check: dict.fromkeys(keys, "SUCCEEDED") for check in statuses}
+
+
+def _toy_verdicts(partitions: list[str]) -> dict[tuple[str, str], dict[str, str]]:
+    """What a run records of toy batches: every check passes but the flag every_record_passed
+    (each batch's record 5 is rejected)."""
+    assets = {"published": "published_records", "features": "features"}
+    return {
+        (assets[spec.asset], spec.name): dict.fromkeys(
+            partitions, "FAILED" if spec.name == "every_record_passed" else "SUCCEEDED"
+        )
+        for spec in CHECKS
+    }
+
+
+def test_each_run_records_a_verdict_per_partition_and_none_without_one(defs, instance):
+    keys = _plan(defs, instance, "toy", limit=15, batch_size=5)
+    one = _ingest(defs, instance, "toy", keys[1])  # as the sensor and the UI launch one batch
+    assert one.success
+    ranged = _ingest_range(defs, instance, "toy", keys)  # as `osa materialize` and backfills
+    assert ranged.success
+    # The checks are partitioned like their assets: each run's execution history holds one
+    # verdict per check and partition it covered, and nothing without a partition (which the
+    # UI would list as "Skipped").
+    assert verdicts_by_run(instance, "toy") == {
+        one.run_id: _toy_verdicts([keys[1]]),
+        ranged.run_id: _toy_verdicts(keys),
+    }
+    graph = defs.resolve_asset_graph()
+    partitions = graph.get(dg.AssetKey(["toy", "published_records"])).partitions_def
+    for key in graph.asset_check_keys:
+        if key.asset_key.path[0] == "toy":
+            assert graph.get_check_spec(key).partitions_def == partitions, key
+
+
+def test_osa_materialize_records_a_verdict_per_partition_and_none_without_one(tmp_path: Path):
+    site = make_site(tmp_path)
+    site.env["OSA_CONVENTIONS"] = "tests.fixtures.toy_convention"
+    keys = site.plan("toy", "--limit", "15", "--batch-size", "5")
+    site.env["OSA_PARTITIONS_PER_RUN"] = "2"
+    site.osa("materialize", "toy")
+    with dg.DagsterInstance.from_config(str(site.home)) as instance:
+        runs = {
+            run.run_id: (
+                run.tags["dagster/asset_partition_range_start"],
+                run.tags["dagster/asset_partition_range_end"],
+            )
+            for run in instance.get_runs(dg.RunsFilter(job_name="toy_ingest"))
+        }
+        assert sorted(runs.values()) == [(keys[0], keys[1]), (keys[2], keys[2])]
+        first_two = next(run for run, span in runs.items() if span[0] == keys[0])
+        last = next(run for run, span in runs.items() if span[0] == keys[2])
+        assert verdicts_by_run(instance, "toy") == {
+            first_two: _toy_verdicts(keys[:2]),
+            last: _toy_verdicts(keys[2:]),
+        }
 
 
 def test_a_corrupted_table_fails_only_its_partitions_check_in_a_range_run(defs, instance):

@@ -9,7 +9,7 @@ from osa_sdk.types import OutcomeStatus
 
 from osa_dagster.batch.fetch import read_ingest_report
 from osa_dagster.batch.plan import load_manifest
-from osa_dagster.batch.publish import batch_verdicts
+from osa_dagster.batch.publish import BatchVerdicts, batch_verdicts
 from osa_dagster.conventions.base import Convention
 from osa_dagster.records import RecordsDatabase, find_srns
 from osa_dagster.records.queries import (
@@ -30,6 +30,8 @@ class BatchAudit:
     missing_features: dict[str, list[str]]
     """hook -> published records lacking that hook's feature rows (hooks that always emit)."""
     counts: dict[str, int]
+    verdicts: BatchVerdicts
+    """Why each record did not pass, and the hooks' checkpoints the audit read."""
 
     @property
     def counts_add_up(self) -> bool:
@@ -71,4 +73,5 @@ def audit_batch(
             "errored": statuses[OutcomeStatus.ERRORED],
             "skipped": len(report.skipped_oversize) + len(report.failed) + len(report.missing),
         },
+        verdicts=verdicts,
     )

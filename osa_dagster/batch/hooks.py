@@ -76,6 +76,7 @@ def run_batch_hook(
     predict_memory: bool = True,
     capacity: HookCapacity | None = None,
     cancel: threading.Event | None = None,
+    run_id: str | None = None,
 ) -> HookProgress:
     """Run one hook over the batch to its end, resuming from its checkpoint in the store (a
     checkpoint that cannot be read is set aside: see `set_aside_unreadable_checkpoint`).
@@ -85,7 +86,7 @@ def run_batch_hook(
     `predict_memory`, the hook's memory history in the store (`memory_history_key`) starts
     a new batch's large records at the memory their size needed before, and learns from
     this batch's attempts; without it, the ladder starts every record at the base.
-    `capacity` and `cancel` are the engine's (osa_dagster.engine.hook_run.advance_hook).
+    `capacity`, `cancel` and `run_id` are the engine's (osa_dagster.engine.hook_run.advance_hook).
     """
     spec = convention.hook(hook_name)
     layout = BatchLayout(convention.name, partition)
@@ -109,6 +110,7 @@ def run_batch_hook(
             else None,
             capacity=capacity,
             cancel=cancel,
+            run_id=run_id,
         )
 
 
@@ -182,6 +184,7 @@ def _run_job(
     job: HookJob,
     capacity: HookCapacity | None,
     cancel: threading.Event,
+    run_id: str | None,
 ) -> HookJobResult:
     set_aside = set_aside_unreadable_checkpoint(convention, store, job.partition, job.hook)
     try:
@@ -193,6 +196,7 @@ def _run_job(
             runner,
             capacity=capacity,
             cancel=cancel,
+            run_id=run_id,
         )
     except Exception as error:  # the job's end, reported beside the others'
         return HookJobResult(job, None, error, set_aside)
@@ -225,6 +229,7 @@ def run_hook_jobs(
     *,
     workers: int,
     capacity: HookCapacity | None,
+    run_id: str | None = None,
 ) -> Iterator[HookJobResult]:
     """Run every job to its end (the whole memory ladder) in `workers` threads, yielding
     each result as it ends. The hooks of a batch depend only on its raw records, and the
@@ -237,13 +242,13 @@ def run_hook_jobs(
     first (`set_aside_unreadable_checkpoint`), as a lone run of the hook does. Closing the
     iterator early (the run was terminated) cancels the jobs: running hooks are killed,
     their checkpoints keep what they did, and it returns when every thread has stopped.
-    Jobs start largest batch first (`largest_first`).
+    Jobs start largest batch first (`largest_first`). Their attempts record `run_id`.
     """
     cancel = threading.Event()
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="osa-hooks")
     try:
         futures = [
-            pool.submit(_run_job, convention, store, runner, job, capacity, cancel)
+            pool.submit(_run_job, convention, store, runner, job, capacity, cancel, run_id)
             for job in largest_first(convention, store, jobs)
         ]
         for future in as_completed(futures):

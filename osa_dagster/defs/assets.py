@@ -105,7 +105,8 @@ def materialize_each_partition(
     for partition in leased_partitions(context, db, convention.name, label):
         context.add_asset_metadata(dict(step(partition)), partition_key=partition)
         if checked is not None:
-            judged[partition] = judge(checked, BatchFacts(convention, store, db, partition))
+            facts = BatchFacts(convention, store, db, partition, context.run_id)
+            judged[partition] = judge(checked, facts)
     yield dg.MaterializeResult()
     yield from check_evaluations(context.instance, context.asset_key, judged)
     # The checks' own outputs, so that Dagster sees each check as having run.
@@ -231,6 +232,7 @@ def _hooks_asset(
                 jobs,
                 workers=hook_workers(capacity, len(jobs)),
                 capacity=capacity,
+                run_id=context.run_id,
             ):
                 job, key = result.job, hook_key(convention, convention.hook(result.job.hook))
                 set_aside = set_aside_metadata(result.set_aside) if result.set_aside else {}
@@ -253,11 +255,12 @@ def _hooks_asset(
                         asset_key=key, partition=job.partition, metadata=attempt_metadata(attempt)
                     )
                 history = load_memory_history(convention, store, job.hook)
+                checkpoint = result.progress.checkpoint
                 context.add_asset_metadata(
                     {
                         ISOLATION_METADATA: hook_runner.isolation(),
-                        **hook_metadata(result.progress.checkpoint),
-                        **memory_history_metadata(history),
+                        **hook_metadata(checkpoint, context.run_id),
+                        **memory_history_metadata(history, checkpoint.outcomes),
                         **set_aside,
                         **artifact_uri(
                             store, BatchLayout(convention.name, job.partition).checkpoint(job.hook)
@@ -287,7 +290,7 @@ def _published_asset(
         io_manager_key=IO_MANAGER_KEY,
         description="Records that passed every hook, published once per (convention, source id) "
         "with an SRN.",
-        check_specs=check_specs("published", published_key(convention)),
+        check_specs=check_specs("published", published_key(convention), partitions),
     )
     def published_records(
         context: dg.AssetExecutionContext,
@@ -321,7 +324,7 @@ def _features_asset(
         kinds={kinds.database},
         io_manager_key=IO_MANAGER_KEY,
         description="Each hook's feature rows of the published records, stored by SRN.",
-        check_specs=check_specs("features", features_key(convention)),
+        check_specs=check_specs("features", features_key(convention), partitions),
     )
     def features(
         context: dg.AssetExecutionContext,

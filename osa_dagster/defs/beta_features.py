@@ -19,6 +19,8 @@ import dagster as dg
 KNOWN_BETA_FEATURES: tuple[tuple[type[Warning], str], ...] = (
     # defs/assets.py: runs over ranges of adjacent batches.
     (dg.BetaWarning, "Parameter `backfill_policy` of function `asset`"),
+    # defs/checks.py: checks partitioned like their assets, a verdict per batch.
+    (dg.PreviewWarning, "Specifying a partitions_def on an AssetCheckSpec"),
 )
 
 

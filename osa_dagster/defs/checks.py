@@ -1,18 +1,18 @@
-"""Asset checks on every partition: the archive's invariants, visible in the UI.
+"""Asset checks on every partition: the archive's invariants, and flags for a curator,
+visible in the UI.
 
-Each check is evaluated in the step of the asset it guards, for every batch the step works,
-right after the work and under the same lease (published_records' four after publishing,
-features' one after storing the features), and is recorded as that batch's evaluation
-whatever covered it (a sensor's run of one batch, a range run of `osa materialize` or an
-asset backfill, the UI). Dagster plans a check of a range run as one PLANNED row per
-partition (run id, partition) in its `asset_check_executions` table, but turns an
-`AssetCheckResult` into a single evaluation without a partition: the per-partition rows stay
-PLANNED and read as "Skipped" once the run ends. So the step yields Dagster's
-`AssetCheckEvaluation` itself, one per check and partition, each naming its partition and
-the materialisation it judged: every PLANNED row gets its verdict under the run's own id,
-and a later run's rows are its own (reported as runless events instead, they collide from
-the second run on, on the table's unique index (asset_key, check_name, run_id '',
-partition)).
+Each check is partitioned like the asset it guards (`AssetCheckSpec.partitions_def`), so a
+run plans one execution per check and partition it covers, and the UI shows each check's
+verdict per batch (its Partitions tab: Passed, Failed, Missing). Each check is evaluated in
+the step of the asset it guards, for every batch the step works, right after the work and
+under the same lease (published_records' checks after publishing, features' one after
+storing the features), whatever covered the batch (a sensor's run of one batch, a range run
+of `osa materialize` or an asset backfill, the UI). Dagster turns an `AssetCheckResult` of a
+range step into one evaluation without a partition, so the step yields Dagster's
+`AssetCheckEvaluation` itself, one per check and partition, each naming its partition and the
+materialisation it judged: each planned execution gets its verdict under the run's own id.
+(Unpartitioned, a check was planned once per run without a partition, and that execution,
+never evaluated, was listed as "Skipped" after every run.)
 
 A step of their own per check cost, for every batch, a lease, a look-up of the
 materialisation and an audit each: five of them were most of Dagster's cost per batch. In
@@ -29,6 +29,7 @@ import dagster as dg
 from osa_dagster.batch.audit import BatchAudit, audit_batch
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.dagster_private import AssetCheckEvaluationTargetMaterializationData
+from osa_dagster.defs.metadata import attempt_origin
 from osa_dagster.records import DeadLetterRow, RecordsDatabase, list_dead_letters
 from osa_dagster.storage.store import ArtifactStore
 
@@ -48,12 +49,18 @@ class BatchFacts:
     """What a check of one partition looks at, read when first asked for."""
 
     def __init__(
-        self, convention: Convention, store: ArtifactStore, db: RecordsDatabase, partition: str
+        self,
+        convention: Convention,
+        store: ArtifactStore,
+        db: RecordsDatabase,
+        partition: str,
+        run_id: str,
     ) -> None:
         self.convention = convention
         self.store = store
         self.db = db
         self.partition = partition
+        self.run_id = run_id  # the run judging the batch
 
     @cached_property
     def audit(self) -> BatchAudit:
@@ -117,6 +124,52 @@ def _no_dead_letters(facts: BatchFacts) -> Verdict:
     )
 
 
+def _no_oom_kills(facts: BatchFacts) -> Verdict:
+    kills = [
+        (hook, attempt)
+        for hook, checkpoint in facts.audit.verdicts.checkpoints.items()
+        for attempt in checkpoint.oom_attempts()
+    ]
+    this_run = [attempt for _, attempt in kills if attempt.run_id == facts.run_id]
+    named = [
+        f"{hook} at {attempt.memory_limit_mb} MB on {attempt.first_unfinished or '(unknown)'} "
+        f"({attempt_origin(attempt, facts.run_id)})"
+        for hook, attempt in kills
+    ]
+    earlier = len(kills) - len(this_run)
+    return Verdict(
+        passed=not kills,
+        metadata={
+            "oom_kills": len(kills),
+            "oom_kills_this_run": len(this_run),
+            "examples": ", ".join(named[:PREVIEW]) or "-",
+        },
+        description=f"hook attempts OOM-killed on this batch, their records retried with more "
+        f"memory: {len(kills)} ({len(this_run)} in this run, {earlier} in earlier runs whose "
+        "checkpoints this run reused)"
+        if kills
+        else None,
+    )
+
+
+def _every_record_passed(facts: BatchFacts) -> Verdict:
+    failed = facts.audit.verdicts.failed
+    return Verdict(
+        passed=not failed,
+        metadata={
+            "rejected": facts.audit.counts["rejected"],
+            "errored": facts.audit.counts["errored"],
+            "examples": ", ".join(
+                f"{v.source_id} ({v.hook}: {v.outcome})" for v in failed[:PREVIEW]
+            )
+            or "-",
+        },
+        description=f"records that did not pass every hook, not published: {len(failed)}"
+        if failed
+        else None,
+    )
+
+
 @dataclass(frozen=True)
 class CheckDef:
     name: str
@@ -124,6 +177,8 @@ class CheckDef:
     severity: dg.AssetCheckSeverity
     description: str
     verdict: Callable[[BatchFacts], Verdict]
+    # A flag marks batches for a curator to look at (a warning); it guards no invariant.
+    flag: bool = False
 
 
 CHECKS = (
@@ -164,13 +219,41 @@ CHECKS = (
         "warning names them: raise the cap and re-run the batch.",
         _no_dead_letters,
     ),
+    # Flags rather than invariants: a batch whose hooks needed more memory, or whose records
+    # did not all pass, is complete and right, and these warnings let a curator list them.
+    CheckDef(
+        "no_oom_kills",
+        "published",
+        dg.AssetCheckSeverity.WARN,
+        "No hook attempt was OOM-killed on the batch. A warning counts and names the kills "
+        "(hook, memory limit, the record it was on) and says which happened in this run and "
+        "which in earlier runs whose checkpoints this run reused; the records were retried "
+        "with more memory.",
+        _no_oom_kills,
+        flag=True,
+    ),
+    CheckDef(
+        "every_record_passed",
+        "published",
+        dg.AssetCheckSeverity.WARN,
+        "Every record of the batch passed every hook. A warning counts the rejected and "
+        "errored records and names them, with the first hook that did not pass each and why; "
+        "they are not published.",
+        _every_record_passed,
+        flag=True,
+    ),
 )
 
 
-def check_specs(asset: GuardedAsset, key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
-    """The checks of `asset` (whose key is `key`), for its decorator."""
+def check_specs(
+    asset: GuardedAsset, key: dg.AssetKey, partitions: dg.PartitionsDefinition
+) -> list[dg.AssetCheckSpec]:
+    """The checks of `asset` (whose key is `key`), for its decorator: partitioned like the
+    asset, so that each batch has its own verdicts."""
     return [
-        dg.AssetCheckSpec(spec.name, asset=key, description=spec.description)
+        dg.AssetCheckSpec(
+            spec.name, asset=key, description=spec.description, partitions_def=partitions
+        )
         for spec in CHECKS
         if spec.asset == asset
     ]

@@ -79,9 +79,18 @@ def attempt_metadata(attempt: AttemptRecord) -> dict[str, Any]:
     }
 
 
-def attempt_row(attempt: AttemptRecord) -> list[Any]:
+def attempt_origin(attempt: AttemptRecord, run_id: str) -> str:
+    """Which run made the attempt: this one, or an earlier one whose checkpoint this run
+    reused (its attempts are not new, and its OOMs were retried back then)."""
+    if attempt.run_id == run_id:
+        return "this run"
+    return "reused: earlier run" + (f" {attempt.run_id[:8]}" if attempt.run_id else "")
+
+
+def attempt_row(attempt: AttemptRecord, run_id: str) -> list[Any]:
     return [
         attempt.number,
+        attempt_origin(attempt, run_id),
         attempt.lane or "main",
         attempt.memory_limit_mb,
         _mb(attempt.peak_memory_mb),
@@ -95,6 +104,7 @@ def attempt_row(attempt: AttemptRecord) -> list[Any]:
 
 ATTEMPT_HEADER = (
     "attempt",
+    "run",
     "lane",
     "limit MB",
     "peak MB",
@@ -125,9 +135,11 @@ def raw_batch_metadata(summary: RawBatchSummary) -> dict[str, Any]:
     return metadata
 
 
-def hook_metadata(checkpoint: Checkpoint) -> dict[str, Any]:
+def hook_metadata(checkpoint: Checkpoint, run_id: str) -> dict[str, Any]:
+    """A hook's work on a batch as of the run `run_id`: every attempt, told apart by run."""
     counts = checkpoint.counts()
     ooms = [a for a in checkpoint.attempts if a.oom_killed]
+    reused = [a for a in checkpoint.attempts if a.run_id != run_id]
     peaks = [a.peak_memory_mb for a in checkpoint.attempts if a.peak_memory_mb is not None]
     metadata: dict[str, Any] = {
         "records_in": len(checkpoint.outcomes),
@@ -137,9 +149,13 @@ def hook_metadata(checkpoint: Checkpoint) -> dict[str, Any]:
         "poison": len(checkpoint.poison()),
         "attempts": len(checkpoint.attempts),
         "oom_attempts": len(ooms),
+        "oom_attempts_this_run": sum(1 for a in ooms if a.run_id == run_id),
+        "attempts_reused": len(reused),
         "memory_limits_mb": " -> ".join(str(a.memory_limit_mb) for a in checkpoint.attempts) or "-",
         "peak_memory_mb": round(max(peaks, default=0.0), 1),
-        "attempt_log": markdown_table(ATTEMPT_HEADER, map(attempt_row, checkpoint.attempts)),
+        "attempt_log": markdown_table(
+            ATTEMPT_HEADER, (attempt_row(a, run_id) for a in checkpoint.attempts)
+        ),
     }
     anomalies = {name: n for name, n in checkpoint.anomalies.items() if n}
     if anomalies:
@@ -197,18 +213,28 @@ def features_metadata(summary: FeaturesSummary) -> dict[str, Any]:
     }
 
 
-def memory_history_metadata(history: MemoryHistory | None) -> dict[str, Any]:
-    """What the hook's memory prediction has learnt, largest records first."""
+def memory_history_metadata(history: MemoryHistory | None, batch: Iterable[str]) -> dict[str, Any]:
+    """What the hook's memory prediction has learnt, largest records first: from this batch's
+    records (`batch`), and from every batch of the convention, which is what starts a new
+    batch's large records above the base."""
     if history is None or not (history.fits or history.ooms):
         return {}
-    rows = [(f"{f.size_mb:.2f}", "fitted", f"{f.need_mb:.0f}") for f in history.fits]
-    rows += [(f"{o.size_mb:.2f}", "OOM-killed", str(o.limit_mb)) for o in history.ooms]
-    rows.sort(key=lambda row: -float(row[0]))
-    return {
-        "memory_history": markdown_table(
-            ("record size MB", "outcome", "memory MB (peak or limit)"), rows[:PREVIEW_ROWS]
-        )
+    header = ("record", "record size MB", "outcome", "memory MB (peak or limit)")
+    rows = [
+        (f.record or "-", f"{f.size_mb:.2f}", "fitted", f"{f.need_mb:.0f}") for f in history.fits
+    ]
+    rows += [
+        (o.record or "-", f"{o.size_mb:.2f}", "OOM-killed", str(o.limit_mb)) for o in history.ooms
+    ]
+    rows.sort(key=lambda row: -float(row[1]))
+    ours = set(batch)
+    this_batch = [row for row in rows if row[0] in ours]
+    metadata: dict[str, Any] = {
+        "memory_history_all_batches": markdown_table(header, rows[:PREVIEW_ROWS]),
     }
+    if this_batch:
+        metadata["memory_history_this_batch"] = markdown_table(header, this_batch[:PREVIEW_ROWS])
+    return metadata
 
 
 def deposit_metadata(result: DepositResult, location: str) -> dict[str, Any]:

@@ -82,6 +82,10 @@ class AttemptRecord(BaseModel):
     # hook settled, and the size of the record it was on when OOM-killed.
     max_size_mb_done: float | None = None
     first_unfinished_size_mb: float | None = None
+    largest_done: str | None = None  # the record of `max_size_mb_done`
+    # The orchestrator's run that made the attempt, when it named one (`advance_hook`'s
+    # `run_id`): a run that resumes a checkpoint tells its own attempts from earlier runs'.
+    run_id: str | None = None
 
 
 class InFlightAttempt(BaseModel):
@@ -95,6 +99,7 @@ class InFlightAttempt(BaseModel):
     isolation: bool = False
     lane: str | None = None
     queued_s: float | None = None
+    run_id: str | None = None
     # Bytes of each output file already merged into the outcomes, so that after a crash the
     # rest of the output is merged exactly once.
     offsets: dict[str, int] = Field(default_factory=dict)

@@ -162,6 +162,7 @@ def advance_hook(
     history: MemoryHistoryIO | None = None,
     capacity: HookCapacity | None = None,
     cancel: threading.Event | None = None,
+    run_id: str | None = None,
 ) -> HookProgress:
     """Run attempts of the hook, up its memory ladder, until every record of the batch has
     an outcome; the checkpoint, and the attempts of this call (resuming a checkpoint, the
@@ -172,7 +173,8 @@ def advance_hook(
     With `capacity`, each attempt first waits for a slot and room for its memory limit in
     the machine's budget (engine/capacity.py) and holds them until its hook has exited.
     Setting `cancel` (from another thread) kills the running hook and raises `Cancelled`;
-    the checkpoint keeps what was done.
+    the checkpoint keeps what was done. `run_id` (the orchestrator's run) is recorded on
+    each attempt this call makes (`AttemptRecord.run_id`).
     """
     if checkpoint_every_records < 1 or checkpoint_every_s <= 0:
         raise ValueError(
@@ -190,6 +192,7 @@ def advance_hook(
         history,
         capacity,
         cancel,
+        run_id,
     )
     known_attempts = len(run.checkpoint.attempts)
 
@@ -218,8 +221,10 @@ class _HookRun:
         history: MemoryHistoryIO | None = None,
         capacity: HookCapacity | None = None,
         cancel: threading.Event | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.spec = spec
+        self.run_id = run_id
         self.capacity = capacity
         self.cancel = cancel
         self.batch = batch
@@ -403,6 +408,7 @@ class _HookRun:
             isolation=self.checkpoint.suspect is not None,
             lane=lane,
             queued_s=queued_s,
+            run_id=self.run_id,
         )
         self.checkpoint.running = flight
         # Saved before waiting: if we die now, the next run finds and kills the hook.
@@ -504,6 +510,7 @@ class _HookRun:
     ) -> None:
         """Log the attempt (`exit_` None: interrupted, its end unknown) and clear `running`."""
         settled = [rid for rid, o in self.checkpoint.outcomes.items() if o.attempt == flight.number]
+        largest = max(settled, key=lambda rid: (self.sizes[rid], rid), default=None)
         oom = exit_ is not None and exit_.out_of_memory
         self.checkpoint.attempts.append(
             AttemptRecord(
@@ -524,10 +531,12 @@ class _HookRun:
                 isolation=flight.isolation,
                 lane=flight.lane,
                 queued_s=flight.queued_s,
-                max_size_mb_done=max((self.sizes[rid] for rid in settled), default=None),
+                max_size_mb_done=None if largest is None else self.sizes[largest],
+                largest_done=largest,
                 first_unfinished_size_mb=(
                     self.sizes.get(first_unfinished) if oom and first_unfinished else None
                 ),
+                run_id=flight.run_id,
             )
         )
         self.checkpoint.running = None

@@ -3,11 +3,11 @@ memory of the next batch's large records.
 
 Two kinds of evidence come out of every attempt (see `AttemptRecord`):
 
-- a fit: the largest record the hook settled ran within `need_mb` (the attempt's measured
-  peak when it ended without an OOM, else its limit). Records are assumed to need no less
-  memory when they are larger, so every record of that size or smaller fits too.
-- an OOM: the attempt was killed while on a record of `size_mb` at `limit_mb`, so that
-  record and every larger one need more than `limit_mb`.
+- a fit: the largest record the hook settled (`record`) ran within `need_mb` (the attempt's
+  measured peak when it ended without an OOM, else its limit). Records are assumed to need
+  no less memory when they are larger, so every record of that size or smaller fits too.
+- an OOM: the attempt was killed while on a record (`record`) of `size_mb` at `limit_mb`,
+  so that record and every larger one need more than `limit_mb`.
 
 For a record of size s, `predict` starts at the rung above the largest limit at which a record
 of size <= s was OOM-killed (the base without such an OOM), unless a record of size >= s is
@@ -45,6 +45,7 @@ class Fit(BaseModel):
 
     size_mb: float
     need_mb: float
+    record: str | None = None  # the record of that size (None in older histories)
 
 
 class Oom(BaseModel):
@@ -52,6 +53,9 @@ class Oom(BaseModel):
 
     size_mb: float
     limit_mb: int
+    # The record the hook was on when it was killed (None in histories from before it was
+    # kept): the one a curator looks at.
+    record: str | None = None
 
 
 class MemoryHistory(BaseModel):
@@ -74,10 +78,20 @@ class MemoryHistory(BaseModel):
                     else None
                 )
                 need = attempt.memory_limit_mb if measured is None else measured
-                fits.append(Fit(size_mb=attempt.max_size_mb_done, need_mb=round(need, 1)))
+                fits.append(
+                    Fit(
+                        size_mb=attempt.max_size_mb_done,
+                        need_mb=round(need, 1),
+                        record=attempt.largest_done,
+                    )
+                )
             if attempt.oom_killed and attempt.first_unfinished_size_mb is not None:
                 ooms.append(
-                    Oom(size_mb=attempt.first_unfinished_size_mb, limit_mb=attempt.memory_limit_mb)
+                    Oom(
+                        size_mb=attempt.first_unfinished_size_mb,
+                        limit_mb=attempt.memory_limit_mb,
+                        record=attempt.first_unfinished,
+                    )
                 )
         fits = _fit_frontier(fits)
         ooms = _oom_frontier(ooms)
@@ -105,9 +119,12 @@ class MemoryHistory(BaseModel):
 def _fit_frontier(fits: list[Fit]) -> list[Fit]:
     """Fits not dominated by a fit of a record at least as large in no more memory."""
     kept: list[Fit] = []
-    # Largest first, and for equal sizes the smallest need first: keep each fit that needs
-    # less than every larger one kept so far.
-    for fit in sorted(set(fits), key=lambda f: (-f.size_mb, f.need_mb)):
+    # Largest first, and for equal sizes the smallest need first (then one naming its record,
+    # as for OOMs): keep each fit that needs less than every larger one kept so far.
+    ranked = sorted(
+        set(fits), key=lambda f: (-f.size_mb, f.need_mb, f.record is None, f.record or "")
+    )
+    for fit in ranked:
         if not kept or fit.need_mb < kept[-1].need_mb:
             kept.append(fit)
     return sorted(kept, key=lambda f: f.size_mb)[-MAX_ENTRIES:]
@@ -116,7 +133,12 @@ def _fit_frontier(fits: list[Fit]) -> list[Fit]:
 def _oom_frontier(ooms: list[Oom]) -> list[Oom]:
     """OOMs not dominated by an OOM of a record at most as large at no lower limit."""
     kept: list[Oom] = []
-    for oom in sorted(set(ooms), key=lambda o: (o.size_mb, -o.limit_mb)):
+    # Of equal ones, the one that names its record (then the first record by name) is kept,
+    # so that learning an attempt again changes nothing.
+    ranked = sorted(
+        set(ooms), key=lambda o: (o.size_mb, -o.limit_mb, o.record is None, o.record or "")
+    )
+    for oom in ranked:
         if not kept or oom.limit_mb > kept[-1].limit_mb:
             kept.append(oom)
     return kept[:MAX_ENTRIES]

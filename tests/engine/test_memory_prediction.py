@@ -17,6 +17,7 @@ from osa_dagster.engine import (
     MemoryHistory,
     MemoryPolicy,
 )
+from osa_dagster.engine.memory_history import Oom
 from osa_dagster.storage import FileSystemStore
 from osa_dagster.storage.layout import memory_history_key
 
@@ -61,6 +62,7 @@ def attempt(
         limit_mode="cgroup",
         max_size_mb_done=done_size,
         first_unfinished_size_mb=oom_size,
+        largest_done=None if done_size is None else f"size-{done_size:g}",
     )
 
 
@@ -133,6 +135,18 @@ def test_learning_is_idempotent_and_the_history_stays_small(tmp_path: Path) -> N
     io.save(history)
     assert io.load() == history
     assert (tmp_path / "history" / "pdb" / "h.json").is_file()
+
+
+def test_an_oom_names_the_record_it_was_on_and_names_stay_stable() -> None:
+    history = learnt_four_times_base()
+    assert [(o.record, o.size_mb, o.limit_mb) for o in history.ooms] == [("x", 50.0, 256)]
+    assert [(f.record, f.size_mb) for f in history.fits] == [("size-1", 1.0), ("size-60", 60.0)]
+    # A history kept before records were named: learning the same attempt names its record,
+    # and learning it again changes nothing.
+    unnamed = MemoryHistory(hook="h", ooms=[Oom(size_mb=50.0, limit_mb=256)])
+    assert unnamed.learn([attempt(2, 256, oom=True, oom_size=50.0)])
+    assert [o.record for o in unnamed.ooms] == ["x"]
+    assert not unnamed.learn([attempt(2, 256, oom=True, oom_size=50.0)])
 
 
 # --- with a hook, real cgroup OOM kills -------------------------------------------------

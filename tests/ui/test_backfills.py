@@ -29,7 +29,7 @@ from osa_dagster.backfill import (
 )
 from osa_dagster.conventions.pdb.ingester import mirror_entries
 from osa_dagster.records import Record, RecordsDatabase, database_url_from_env
-from tests.fixtures.check_status import all_check_statuses
+from tests.fixtures.check_status import all_check_statuses, verdicts_by_run
 from tests.test_pdb_end_to_end import MIRROR, expected_publishable
 from tests.ui.conftest import CODE_LOCATION, DagsterSite, dagster_server, make_site
 
@@ -100,6 +100,12 @@ def partition_span(run: dg.DagsterRun) -> tuple[str, str]:
     )
 
 
+def covered_partitions(running: RunningDagster, run: dg.DagsterRun) -> list[str]:
+    first, last = partition_span(run)
+    order = running.partitions
+    return order[order.index(first) : order.index(last) + 1]
+
+
 def published_source_ids(running: RunningDagster, monkeypatch: pytest.MonkeyPatch) -> set[str]:
     monkeypatch.setenv("OSA_DATA_DIR", str(running.site.data))
     db = RecordsDatabase(database_url_from_env())
@@ -145,6 +151,16 @@ def test_job_backfill_then_asset_backfill_of_the_rest(
         assert instance.get_materialized_partitions(features) == set(running_dagster.partitions)
         # Job runs and the asset backfill's range run alike: every partition has its verdict.
         statuses = all_check_statuses(instance, "pdb")
+        # Each run, launched by the daemon, recorded every check's verdict of each batch it
+        # covered, and no execution without a partition.
+        verdicts = verdicts_by_run(instance, "pdb")
+        current = all_check_statuses(instance, "pdb", flags=True)
+        covered = {run.run_id: covered_partitions(running_dagster, run) for run in runs}
+        covered[backfill_runs[0].run_id] = rest
+        assert verdicts == {
+            run: {check: {p: current[check][p] for p in partitions} for check in current}
+            for run, partitions in covered.items()
+        }
     every_passed = dict.fromkeys(running_dagster.partitions, "SUCCEEDED")
     assert statuses == dict.fromkeys(statuses, every_passed)
 

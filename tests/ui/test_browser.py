@@ -1,6 +1,7 @@
 """The Dagster UI as a curator sees it, in a real (headless) Chromium: the pdb convention's
-asset graph, its partitions with their status, and the materialisation metadata of a batch
-with a rejected record and of one whose hook was OOM-killed and retried with more memory.
+asset graph, its partitions with their status, the materialisation metadata of a batch
+with a rejected record and of one whose hook was OOM-killed and retried with more memory
+(then run again, reusing its checkpoints), and each batch's verdict of every check.
 
 Screenshots go to $OSA_TEST_ARTIFACTS (default .test-artifacts/ui/ in the repo)."""
 
@@ -18,6 +19,7 @@ from osa_dagster.conventions.pdb import EXTRACT_FEATURES
 from osa_dagster.conventions.pdb.ingester import mirror_entries
 from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.defs.assets import batch_partitions, convention_assets
+from osa_dagster.defs.checks import CHECKS
 from osa_dagster.defs.resources import asset_kinds
 from osa_dagster.settings import Settings
 from tests.test_pdb_end_to_end import MIRROR, expected_publishable
@@ -61,11 +63,14 @@ class IngestedSite:
 
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngestedSite]:
-    """The bundled mirror planned in batches of 10, two of them ingested, and the webserver."""
+    """The bundled mirror planned in batches of 10, two of them ingested, the OOM batch a
+    second time (its hooks' checkpoints are finished, so nothing runs again), and the
+    webserver."""
     site = make_site(tmp_path_factory.mktemp("browser"))
     partitions = site.plan("pdb", "--batch-size", str(BATCH_SIZE))
     materialised = [partitions[REJECTING_BATCH], partitions[OOM_BATCH]]
     site.osa("materialize", "pdb", *materialised)
+    site.osa("materialize", "pdb", partitions[OOM_BATCH])
     command = [sys.executable, "-m", "dagster_webserver"]
     with dagster_server(site, command, "dagster-webserver") as url:
         yield IngestedSite(url=url, partitions=partitions, materialised=materialised)
@@ -80,7 +85,7 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def page(chromium: str, ingested: IngestedSite) -> Iterator[Page]:
     try:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import expect, sync_playwright
     except ImportError:
         pytest.fail("playwright is not installed: pip install playwright (no browser download)")
     with sync_playwright() as playwright:
@@ -89,6 +94,8 @@ def page(chromium: str, ingested: IngestedSite) -> Iterator[Page]:
         )
         page = browser.new_page(viewport=VIEWPORT, base_url=ingested.url)
         page.set_default_timeout(UI_TIMEOUT_MS)
+        # Assertions wait as long as actions do: a loaded machine renders the graph slowly.
+        expect.set_options(timeout=UI_TIMEOUT_MS)
         yield page
         browser.close()
 
@@ -181,3 +188,71 @@ def test_a_batch_whose_hook_was_oom_killed(page, ingested: IngestedSite):
         expect(attempts).to_contain_text("OOM killed")
         expect(attempts).to_contain_text(OOM_RECORD)
         expect(attempts).to_contain_text("exit 0")
+        # The latest materialisation is the second run's, which reused both attempts: the log
+        # says so, and counts no OOM of its own.
+        expect(metadata_value(page, "oom_attempts_this_run")).to_have_text("0")
+        expect(metadata_value(page, "attempts_reused")).to_have_text("2")
+        expect(attempts.get_by_text("reused: earlier run")).to_have_count(2)
+        expect(attempts).not_to_contain_text("this run")
+        # The memory history names the record each OOM was charged to, this batch's apart.
+        expect(metadata_value(page, "memory_history_this_batch")).to_contain_text(OOM_RECORD)
+        expect(metadata_value(page, "memory_history_all_batches")).to_contain_text("OOM-killed")
+
+
+def open_check_tab(page: Page, check: str, tab: str) -> None:
+    """The check's page under published_records or features, on its own tab `tab`."""
+    asset = "features" if check == "published_records_have_features" else "published_records"
+    page.goto(f"/assets/pdb/{asset}?view=checks&checkDetail={check}")
+    page.get_by_role("tablist").filter(has_text="Execution history").get_by_text(
+        tab, exact=True
+    ).click()
+
+
+# What the checks' Partitions tabs show: the invariants pass on both ingested batches, and
+# each flag warns on the batch it is about.
+FLAGGED = {"every_record_passed": REJECTING_BATCH, "no_oom_kills": OOM_BATCH}
+
+
+def test_each_batch_has_its_own_verdict_of_every_check(page, ingested: IngestedSite):
+    from playwright.sync_api import expect
+
+    missing = len(ingested.partitions) - len(ingested.materialised)
+    for spec in CHECKS:
+        with screenshot_after(page, f"05_check_partitions_{spec.name}"):
+            open_check_tab(page, spec.name, "Partitions")
+            failed = 1 if spec.name in FLAGGED else 0
+            for status, count in [
+                ("Passed", len(ingested.materialised) - failed),
+                ("Failed", failed),
+                ("Missing", missing),
+                ("Skipped", 0),
+                ("Execution Failed", 0),
+            ]:
+                expect(page.get_by_text(f"{status} ({count})", exact=True)).to_be_visible()
+
+
+def test_a_flagged_batch_says_why(page, ingested: IngestedSite):
+    from playwright.sync_api import expect
+
+    with screenshot_after(page, "06_no_oom_kills_of_the_re_run_batch"):
+        open_check_tab(page, "no_oom_kills", "Partitions")
+        page.get_by_text(ingested.partitions[OOM_BATCH], exact=True).first.click()
+        expect(page.get_by_text("Failed", exact=True).last).to_be_visible()
+        expect(page.get_by_text(f"on {OOM_RECORD} (reused: earlier run")).to_be_visible()
+    with screenshot_after(page, "07_every_record_passed_of_the_rejecting_batch"):
+        open_check_tab(page, "every_record_passed", "Partitions")
+        page.get_by_text(ingested.partitions[REJECTING_BATCH], exact=True).first.click()
+        expect(page.get_by_text(f"{REJECTED_RECORD} (validate_structure: rejected")).to_be_visible()
+
+
+def test_every_execution_of_a_check_names_its_batch(page, ingested: IngestedSite):
+    from playwright.sync_api import expect
+
+    with screenshot_after(page, "08_counts_add_up_execution_history"):
+        open_check_tab(page, "counts_add_up", "Execution history")
+        rejecting, oom = ingested.partitions[REJECTING_BATCH], ingested.partitions[OOM_BATCH]
+        # Three runs: one of each batch, then the OOM batch again; nothing without a batch.
+        expect(page.get_by_role("row").filter(has_text="Passed")).to_have_count(3)
+        expect(page.get_by_role("row").filter(has_text=oom)).to_have_count(2)
+        expect(page.get_by_role("row").filter(has_text=rejecting)).to_have_count(1)
+        expect(page.get_by_text("Skipped")).to_have_count(0)
