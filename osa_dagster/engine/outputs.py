@@ -222,7 +222,9 @@ def harvest(
             checkpoint.note(anomaly)
         rows = len(fields.get("features", ()))
         line_bytes = raw.size if isinstance(raw, OversizedLine) else len(raw)
-        if rows and not _within_batch_caps(reader, rows, line_bytes):
+        # Only rows of the batch's own records are kept, so only they count against its caps:
+        # a line naming another id is dropped as an anomaly, whatever it holds.
+        if rows and record_id in batch_ids and not _within_batch_caps(reader, rows, line_bytes):
             break  # refused: nothing this attempt writes from here on counts
         outcome = RecordOutcome(**fields, attempt=attempt, memory_limit_mb=memory_limit_mb)
         _merge(checkpoint, batch_ids, record_id, outcome)
