@@ -70,9 +70,11 @@ cp /bin/busybox /stage2 /root/run/osa-vm/
 exec switch_root /root /run/osa-vm/stage2
 """
 
-# PID 1 on the host's /: controllers for the root's children, the command, its status.
+# PID 1 on the host's /: the loopback device (tests listen on 127.0.0.1), controllers for
+# the root's children, the command, its status.
 STAGE2 = """#!/run/osa-vm/busybox sh
 control=/run/osa-vm/control
+/run/osa-vm/busybox ip link set lo up
 echo "+memory +pids +cpu +io" > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null \\
     || echo "+memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
 /bin/sh $control/command.sh > $control/stdout 2> $control/stderr < /dev/null

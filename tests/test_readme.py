@@ -69,6 +69,7 @@ RUN_ELSEWHERE = {
     "make test": "CI runs it; it runs this test",
     "make test-cgroup2": "CI runs it after `make test`: tests/engine/test_cgroup_kernel.py in "
     "a cgroup v2 guest",
+    "make demo-cgroup2": "the demo in a cgroup v2 guest, by hand: minutes under emulation",
     "make k8s-check ARGS=...": "needs a real Kubernetes cluster",
     "make bench": "benchmarks, run by hand (bench/RESULTS.md)",
     "OSA_CONVENTIONS=mylab.conventions make ui": "a user's module; tests load "

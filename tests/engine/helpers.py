@@ -27,6 +27,7 @@ from osa_dagster.engine import (
     run_hook,
 )
 from osa_dagster.engine.cgroup import MemoryLimitsUnavailable, attempt_cgroups
+from osa_dagster.engine.runners.sandbox import SandboxPolicy, SandboxUnavailable, find_sandbox
 from osa_dagster.settings import settings
 from tests.fixtures.services import unavailable
 
@@ -43,6 +44,15 @@ def require_cgroups() -> None:
         attempt_cgroups(settings().cgroup_parent)
     except MemoryLimitsUnavailable as missing:
         unavailable(str(missing))
+
+
+def require_sandbox() -> None:
+    """Skip where hooks cannot be sandboxed (no bubblewrap, user namespaces closed); on CI,
+    fail: the sandbox is on by default, so its tests must run there."""
+    try:
+        find_sandbox(SandboxPolicy())
+    except SandboxUnavailable as reason:
+        unavailable(str(reason))
 
 
 def alive(pid: int) -> bool:

@@ -3,6 +3,10 @@
 Marked `cgroup_kernel`: the cgroup v2 lane (`make test-cgroup2`) runs these inside a
 virtual machine whose kernel mounts cgroup v2 only, as root and again as an unprivileged
 user in a delegated cgroup; the main suite runs them on the host, which may be cgroup v1.
+
+Hooks run sandboxed, as they do by default, in every test but those that watch the hook
+from outside (its pids, files in the test's folder, the cgroup files it reads), which say
+so with sandbox="off".
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from osa_dagster.engine.cgroup import (
 from osa_dagster.engine.runners.local import LocalAttempt
 from osa_dagster.engine.runners.sandbox import SandboxPolicy
 
-from .helpers import Harness, alive, eventually, record, require_cgroups
+from .helpers import Harness, alive, eventually, record, require_cgroups, require_sandbox
 
 pytestmark = pytest.mark.cgroup_kernel
 
@@ -58,6 +62,11 @@ def invocation(
     )
 
 
+def sandboxed() -> LocalRunner:
+    require_sandbox()
+    return LocalRunner(sandbox="on")
+
+
 def python(code: str) -> tuple[str, ...]:
     return (sys.executable, "-c", code)
 
@@ -78,8 +87,10 @@ def memory_cgroup_of(cgroups: AttemptCgroups, proc_cgroup: Path) -> Path:
 
 
 def test_an_oom_killed_hook_climbs_its_ladder_and_resumes_from_its_checkpoint(
-    cgroups: AttemptCgroups, harness: Harness
+    cgroups: AttemptCgroups, tmp_path: Path
 ) -> None:
+    # Unsandboxed: the test hook counts what it did in a ledger in the test's folder.
+    harness = Harness(tmp_path, LocalRunner(sandbox="off"))
     records = [record("small", 1, alloc_mb=20), record("big", 2, alloc_mb=200), record("after", 3)]
 
     checkpoint = harness.run(harness.spec(base_mb=128, cap_mb=256), records)
@@ -100,14 +111,14 @@ def test_an_oom_killed_hook_climbs_its_ladder_and_resumes_from_its_checkpoint(
 def test_a_hook_within_its_limit_reports_its_peak(cgroups: AttemptCgroups, tmp_path: Path) -> None:
     code = "b = bytearray(100 * 2**20); b[::4096] = b'1' * len(b[::4096])"
 
-    exit_ = finish(LocalRunner().start(invocation(tmp_path, *python(code), memory_mb=256)))
+    exit_ = finish(sandboxed().start(invocation(tmp_path, *python(code), memory_mb=256)))
 
     assert (exit_.returncode, exit_.oom_killed) == (0, False)
     assert exit_.peak_memory_mb is not None and 100 <= exit_.peak_memory_mb < 256
 
 
 def test_a_timeout_and_a_cancel_are_not_oom_kills(cgroups: AttemptCgroups, tmp_path: Path) -> None:
-    runner = LocalRunner()
+    runner = sandboxed()
     timed_out = finish(runner.start(invocation(tmp_path, "sleep", "600", timeout_s=1)))
     cancelled = runner.start(invocation(tmp_path, "sleep", "600"))
     assert cancelled.wait(0.1) is None
@@ -127,7 +138,9 @@ def test_a_detached_grandchild_neither_escapes_nor_outlives_its_attempt(
         "setsid sh -c 'sleep 600 & echo $! > grandchild.pid' < /dev/null;"
         "cat /proc/$(cat grandchild.pid)/cgroup > grandchild.cgroup"
     )
-    attempt = LocalRunner().start(invocation(tmp_path, "sh", "-c", script))
+    # Unsandboxed: the test follows the grandchild by its pid, which a sandbox's pid
+    # namespace would renumber.
+    attempt = LocalRunner(sandbox="off").start(invocation(tmp_path, "sh", "-c", script))
     cgroup = attempt.marker.cgroup
 
     exit_ = finish(attempt)
@@ -177,14 +190,17 @@ def test_the_budget_follows_the_cgroup_limit(cgroups: AttemptCgroups, tmp_path: 
     code = "from osa_dagster.engine.capacity import default_budget_mb; print(default_budget_mb())"
     limit_mb = 300
 
-    exit_ = finish(LocalRunner().start(invocation(tmp_path, *python(code), memory_mb=limit_mb)))
+    # Unsandboxed: the hook reads its cgroup's limits in /sys, which a sandbox does not show.
+    runner = LocalRunner(sandbox="off")
+
+    exit_ = finish(runner.start(invocation(tmp_path, *python(code), memory_mb=limit_mb)))
 
     assert exit_.returncode == 0, exit_.stderr_tail
     assert int(exit_.stderr_tail.split()[-1]) == int(limit_mb * MB * DEFAULT_BUDGET_FRACTION) // MB
 
 
 HOSTILE = """
-import errno, json, os, sys
+import ctypes, errno, json, os, sys, tempfile
 from pathlib import Path
 top = Path(sys.argv[1])
 line = [l for l in open("/proc/self/cgroup") if sys.argv[2] in l][0]
@@ -201,6 +217,11 @@ for name, path, value in (
         tried[name] = "done"
     except OSError as error:
         tried[name] = errno.errorcode[error.errno]
+# A cgroup file system of its own to write through, where the sandbox shows none.
+libc = ctypes.CDLL(None, use_errno=True)
+for fstype in ("cgroup2", "sysfs"):
+    mounted = libc.mount(b"none", tempfile.mkdtemp().encode(), fstype.encode(), 0, None) == 0
+    tried[f"mount_{fstype}"] = "done" if mounted else errno.errorcode[ctypes.get_errno()]
 print(json.dumps(tried), flush=True)
 bytearray(512 * 2**20)
 """
@@ -209,24 +230,28 @@ bytearray(512 * 2**20)
 def test_a_hook_can_neither_raise_its_limit_nor_leave_its_cgroup(
     cgroups: AttemptCgroups, tmp_path: Path
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip(
-            "a hook that runs as the orchestrator's own user owns its cgroup: only a hook "
-            "of another user (the sandbox's, which needs root) is held by it"
-        )
-    setpriv = shutil.which("setpriv")
-    assert setpriv is not None
     if cgroups.version == 2:
         where = (str(UNIFIED_ROOT), "0::", "memory.max")
     else:
         where = (str(CGROUP_ROOT), ":memory:", "memory.limit_in_bytes")
-    as_nobody = (setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
-    command = (*as_nobody, *python(HOSTILE), *where)
+    if os.geteuid() == 0:
+        # Unsandboxed, as another user: the cgroup files' own permissions hold the hook.
+        setpriv = shutil.which("setpriv")
+        assert setpriv is not None
+        as_nobody = (setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+        runner, command = LocalRunner(sandbox="off"), (*as_nobody, *python(HOSTILE), *where)
+        refusals = {"EACCES", "EPERM", "EROFS"}
+    else:
+        # Rootless, the sandbox's user is this one outside, which owns the delegated cgroup's
+        # files: only the sandbox holds the hook. It shows the hierarchy because the command
+        # names it, read-only (EROFS; ENOENT where it shows none), and lets it mount nothing.
+        runner, command = sandboxed(), (*python(HOSTILE), *where)
+        refusals = {"EROFS", "ENOENT", "EPERM"}
 
-    exit_ = finish(LocalRunner().start(invocation(tmp_path, *command, memory_mb=128)))
+    exit_ = finish(runner.start(invocation(tmp_path, *command, memory_mb=128)))
 
     refused = json.loads(exit_.stderr_tail.splitlines()[0])
-    assert set(refused.values()) <= {"EACCES", "EPERM", "EROFS"}, refused
+    assert len(refused) == 5 and set(refused.values()) <= refusals, refused
     # Still in its cgroup, under its limit: killed by the kernel past 128 MB.
     assert (exit_.returncode, exit_.oom_killed) == (-9, True)
 
@@ -240,7 +265,7 @@ def test_memory_error_is_not_an_oom_kill(cgroups: AttemptCgroups, tmp_path: Path
         "bytearray(400 * 2**20)\n"
     )
 
-    exit_ = finish(LocalRunner().start(invocation(tmp_path, *python(code), memory_mb=1024)))
+    exit_ = finish(sandboxed().start(invocation(tmp_path, *python(code), memory_mb=1024)))
 
     assert "MemoryError" in exit_.stderr_tail
     assert (exit_.returncode, exit_.oom_killed, exit_.out_of_memory) == (1, False, False)
@@ -249,7 +274,7 @@ def test_memory_error_is_not_an_oom_kill(cgroups: AttemptCgroups, tmp_path: Path
 def test_an_attempt_cgroup_has_its_limits_in_the_kernel(
     cgroups: AttemptCgroups, tmp_path: Path
 ) -> None:
-    attempt = LocalRunner().start(invocation(tmp_path, "sleep", "600", memory_mb=96))
+    attempt = sandboxed().start(invocation(tmp_path, "sleep", "600", memory_mb=96))
     assert attempt.marker.cgroup is not None
     group = Path(attempt.marker.cgroup)
     try:
@@ -305,7 +330,7 @@ def test_cgroup_v2_attempts_go_where_osa_cgroup_parent_says(
     named = cgroups.parent / f"named-parent-{os.getpid()}"
     monkeypatch.setenv("OSA_CGROUP_PARENT", str(named))
     try:
-        attempt = LocalRunner().start(invocation(tmp_path, "true"))
+        attempt = sandboxed().start(invocation(tmp_path, "true"))
         assert attempt.marker.cgroup is not None
         assert Path(attempt.marker.cgroup).parent == named
         assert finish(attempt).returncode == 0

@@ -14,7 +14,7 @@ from osa_dagster.engine.cgroup import AttemptCgroups, MemoryLimitsUnavailable
 from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.engine.runners import local as runners_module
 
-from .helpers import alive, eventually, require_cgroups
+from .helpers import alive, eventually, require_cgroups, require_sandbox
 
 
 def invocation(
@@ -55,9 +55,10 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
 @pytest.mark.cgroup_kernel
 def test_kernel_oom_kill_is_reported_with_its_peak(tmp_path: Path) -> None:
     require_cgroups()
+    require_sandbox()
     command = (sys.executable, "-c", "bytearray(300 * 2**20)")
 
-    exit_ = LocalRunner("cgroup").start(invocation(tmp_path, *command)).wait(30)
+    exit_ = LocalRunner("cgroup", sandbox="on").start(invocation(tmp_path, *command)).wait(30)
 
     assert exit_ is not None
     assert (exit_.returncode, exit_.oom_killed, exit_.out_of_memory) == (-9, True, True)
@@ -98,7 +99,9 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path, runner: LocalRunn
 def test_processes_that_left_the_session_die_with_the_cgroup(tmp_path: Path) -> None:
     require_cgroups()
     script = "setsid sleep 30 & echo $! > child.pid"
-    attempt = LocalRunner("cgroup").start(invocation(tmp_path, "sh", "-c", script))
+    # Unsandboxed: the test follows the child by its pid, which a sandbox would renumber.
+    runner = LocalRunner("cgroup", sandbox="off")
+    attempt = runner.start(invocation(tmp_path, "sh", "-c", script))
 
     exit_ = attempt.wait(5)
 
@@ -152,7 +155,8 @@ import sys, time
 from pathlib import Path
 from osa_dagster.engine import Invocation, LocalRunner
 root = Path(sys.argv[1])
-attempt = LocalRunner("cgroup").start(Invocation(
+# Unsandboxed: the test follows the escaped child by its pid, which a sandbox would renumber.
+attempt = LocalRunner("cgroup", sandbox="off").start(Invocation(
     command=("sh", "-c", "setsid sleep 30 & echo $! > child.pid; sleep 30"), env={},
     in_dir=root, out_dir=root, files_root=root, memory_limit_mb=64, timeout_s=60,
     log_path=root / "hook.log"))

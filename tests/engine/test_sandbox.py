@@ -1,6 +1,9 @@
 """The local runner's sandbox: how OSA_HOOK_SANDBOX chooses it, and what an attempt inside
 sees, as root and as an ordinary user (rootless: the last test runs this file again as
-uid 65534). The attacks themselves are tried in tests/faults/test_hostile_hooks.py."""
+uid 65534). The attacks themselves are tried in tests/faults/test_hostile_hooks.py.
+
+The tests marked `cgroup_kernel` run in the cgroup v2 lane too (`make test-cgroup2`): a
+sandboxed attempt in its cgroup v2, as root and rootless in a delegated cgroup."""
 
 from __future__ import annotations
 
@@ -18,13 +21,13 @@ from pathlib import Path
 import pytest
 
 from osa_dagster.engine import AttemptMarker, Invocation, LocalRunner, kill_leftovers
+from osa_dagster.engine.cgroup import attempt_cgroups
 from osa_dagster.engine.runners import local as local_module
 from osa_dagster.engine.runners import sandbox as sandbox_module
-from osa_dagster.engine.runners.sandbox import SandboxPolicy, SandboxUnavailable, find_sandbox
+from osa_dagster.engine.runners.sandbox import SandboxPolicy, SandboxUnavailable
 from osa_dagster.settings import Settings, SettingsError
-from tests.fixtures.services import unavailable
 
-from .helpers import require_cgroups
+from .helpers import require_cgroups, require_sandbox
 
 # What a sandboxed hook reports about itself, as JSON on stdout; argv: a port listening on
 # the host, a private folder and the code folder; OTHER_BATCH: another batch's folder (not
@@ -60,10 +63,7 @@ print(json.dumps({
 
 @pytest.fixture
 def sandboxed() -> None:
-    try:
-        find_sandbox(SandboxPolicy())
-    except SandboxUnavailable as reason:
-        unavailable(str(reason))
+    require_sandbox()
 
 
 @pytest.fixture
@@ -119,6 +119,7 @@ def run_introspection(
     return json.loads((tmp_path / "hook.log").read_text().splitlines()[-1])
 
 
+@pytest.mark.cgroup_kernel
 def test_a_sandboxed_hook_is_nobody_with_no_network_and_sees_no_private_folder(
     sandboxed: None, tmp_path: Path, listener: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -247,6 +248,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.cgroup_kernel
 def test_a_dead_orchestrators_sandboxed_attempt_leaves_no_cgroup_behind(
     sandboxed: None, tmp_path: Path
 ) -> None:
@@ -258,15 +260,19 @@ def test_a_dead_orchestrators_sandboxed_attempt_leaves_no_cgroup_behind(
     )
     assert orchestrator.stdout is not None
     marker = AttemptMarker.model_validate_json(orchestrator.stdout.readline())
-    assert marker.cgroup is not None and marker.pids_cgroup is not None
-    assert Path(marker.pids_cgroup, "cgroup.procs").read_text().split()  # the hook is in it
+    # cgroup v1 caps a sandboxed attempt's processes in a pids cgroup of its own; v2 in the
+    # attempt's one cgroup.
+    cgroups = [Path(c) for c in (marker.cgroup, marker.pids_cgroup) if c is not None]
+    assert marker.cgroup is not None and (marker.pids_cgroup is None) == (
+        attempt_cgroups().version == 2
+    )
+    assert all((c / "cgroup.procs").read_text().split() for c in cgroups)  # the hook is in them
     orchestrator.kill()
     orchestrator.wait()
 
     kill_leftovers(marker)  # what the next run does with the checkpoint's marker
 
-    assert not Path(marker.cgroup).exists()
-    assert not Path(marker.pids_cgroup).exists()
+    assert not any(c.exists() for c in cgroups)
 
 
 def test_inputs_staged_in_a_private_folder_are_readable_by_the_hook(
@@ -318,6 +324,7 @@ def nobodys_folder() -> Iterator[Path]:
         yield Path(folder)
 
 
+@pytest.mark.cgroup_kernel
 def test_the_sandbox_holds_for_an_ordinary_user_too(nobodys_folder: Path) -> None:
     """This file again, as uid 65534: the rootless sandbox (an unprivileged user namespace)
     must pass every test that does not need root's cgroups."""
@@ -330,6 +337,10 @@ def test_the_sandbox_holds_for_an_ordinary_user_too(nobodys_folder: Path) -> Non
     env = {
         "PATH": os.environ["PATH"],
         "HOME": str(work),
+        # Started by root, in root's cgroup, this user has no cgroup of its own (cgroup v1 is
+        # never delegated; on v2 nothing is delegated to it here): its attempts are limited by
+        # rlimits. The rootless sandbox in a delegated cgroup v2 is the lane's second run.
+        "OSA_HOOK_MEMORY_LIMITS": "rlimit",
         "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "sdk" / "src"), *packages]),
         # What is under test is the sandbox: an ordinary user has no memory cgroup of its own
         # here (cgroup v1, nothing delegated), and limits would refuse every hook otherwise.
