@@ -342,9 +342,6 @@ def test_the_sandbox_holds_for_an_ordinary_user_too(nobodys_folder: Path) -> Non
         # rlimits. The rootless sandbox in a delegated cgroup v2 is the lane's second run.
         "OSA_HOOK_MEMORY_LIMITS": "rlimit",
         "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "sdk" / "src"), *packages]),
-        # What is under test is the sandbox: an ordinary user has no memory cgroup of its own
-        # here (cgroup v1, nothing delegated), and limits would refuse every hook otherwise.
-        "OSA_HOOK_MEMORY_LIMITS": "off",
     }
     result = subprocess.run(
         [
