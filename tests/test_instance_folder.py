@@ -54,7 +54,8 @@ def test_cli_dagster_and_dg_share_the_instance_from_any_folder(
         env["OSA_DATA_DIR"] = str(data)
 
     plan = [str(BIN / "osa"), "plan", "toy", "--limit", "4", "--batch-size", "2", "--json"]
-    first, second = (b["partition"] for b in json.loads(run(plan, env, planned_in).stdout))
+    planned = json.loads(run(plan, env, planned_in).stdout)
+    first, second = (batch["partition"] for batch in planned["batches"])
     materialize = ["asset", "materialize", "-m", "osa_dagster.definitions", "--select"]
     run([str(BIN / "dagster"), *materialize, "group:toy", "--partition", first], env, elsewhere)
     run([str(BIN / "dg"), "launch", "--assets", "group:toy", "--partition", second], env, REPO)
