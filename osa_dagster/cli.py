@@ -59,8 +59,9 @@ def _instance() -> dg.DagsterInstance:
 
 def _conventions() -> dict[str, Convention]:
     from osa_dagster.conventions.registry import load_conventions
+    from osa_dagster.settings import Settings
 
-    return load_conventions()
+    return load_conventions(Settings.from_env())
 
 
 def _convention(name: str) -> Convention:
@@ -187,15 +188,16 @@ def _check_before_ingest(convention_name: str, partitions: Sequence[str]) -> Non
     manifest of each, and the records database. Either unusable would fail runs, one after
     the other, in a wall of tracebacks."""
     from osa_dagster.batch.plan import load_manifest
-    from osa_dagster.records import RecordsDatabase, database_url_from_env
-    from osa_dagster.storage import BatchLayout, store_from_env
+    from osa_dagster.records import RecordsDatabase, database_url
+    from osa_dagster.settings import Settings
+    from osa_dagster.storage import BatchLayout, artifact_store
 
     if not partitions:
         return  # nothing will run: nothing to open, or to make
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     for partition in partitions:
         load_manifest(store, BatchLayout(convention_name, partition))
-    RecordsDatabase(database_url_from_env()).engine.dispose()
+    RecordsDatabase(database_url(Settings.from_env())).engine.dispose()
 
 
 def materialize(
@@ -350,10 +352,11 @@ def _check_data_dir() -> None:
 
 def _reading_database() -> RecordsDatabase | None:
     """The records database opened for reading, or None if there is none yet."""
-    from osa_dagster.records import DatabaseNotReadable, RecordsDatabase, database_url_from_env
+    from osa_dagster.records import DatabaseNotReadable, RecordsDatabase, database_url
+    from osa_dagster.settings import Settings
 
     _check_data_dir()
-    db = RecordsDatabase(database_url_from_env(), read_only=True)
+    db = RecordsDatabase(database_url(Settings.from_env()), read_only=True)
     try:
         db.engine  # noqa: B018 - opening it here reports a missing or old database at once
     except DatabaseNotReadable as error:
@@ -411,11 +414,12 @@ def _finished_batches(convention_name: str, partitions: Sequence[str] = ()) -> I
     from osa_dagster.batch.fetch import read_ingest_report
     from osa_dagster.batch.plan import planned_partitions
     from osa_dagster.batch.publish import batch_verdicts
-    from osa_dagster.storage import BatchLayout, store_from_env
+    from osa_dagster.settings import Settings
+    from osa_dagster.storage import BatchLayout, artifact_store
 
     convention = _convention(convention_name)
     _check_data_dir()
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     planned = planned_partitions(store, convention.name)
     unknown = sorted(set(partitions) - set(planned))
     if unknown:
@@ -624,10 +628,11 @@ def _print_listing(
 
 def database_schema(action: str) -> int:
     """Upgrade the records database to the newest revision, or tell where it is."""
-    from osa_dagster.records import RecordsDatabase, database_url_from_env
+    from osa_dagster.records import RecordsDatabase, database_url
     from osa_dagster.records.schema import current_revision, head_revision, upgrade
+    from osa_dagster.settings import Settings
 
-    engine = RecordsDatabase(database_url_from_env()).engine  # opening upgrades already
+    engine = RecordsDatabase(database_url(Settings.from_env())).engine  # opening upgrades already
     if action == "upgrade":
         upgrade(engine)
     revision = current_revision(engine)
@@ -661,9 +666,10 @@ def demo(fresh: bool, *, debug: bool = False) -> int:
 
 def _records_in_batches(convention_name: str) -> Iterator[RecordRef]:
     from osa_dagster.batch.plan import load_manifest, planned_partitions
-    from osa_dagster.storage import BatchLayout, store_from_env
+    from osa_dagster.settings import Settings
+    from osa_dagster.storage import BatchLayout, artifact_store
 
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     for partition in planned_partitions(store, convention_name):
         yield from load_manifest(store, BatchLayout(convention_name, partition)).refs
 
@@ -952,9 +958,10 @@ def _records_database_file(url: str | None) -> str:
     adds: SQLite's read-only URI form (file:...?mode=ro) or a password."""
     from sqlalchemy.engine import make_url
 
-    from osa_dagster.records import database_url_from_env
+    from osa_dagster.records import database_url
+    from osa_dagster.settings import Settings
 
-    parsed = make_url(url or database_url_from_env())
+    parsed = make_url(url or database_url(Settings.from_env()))
     if parsed.get_backend_name() == "sqlite" and parsed.database:
         return str(Path(parsed.database.removeprefix("file:")).resolve())
     return parsed.render_as_string(hide_password=True)

@@ -42,7 +42,7 @@ def build_definitions() -> dg.Definitions:
     kinds = asset_kinds(settings)
     with known_beta_features_quiet():
         return dg.Definitions.merge(
-            *(convention_definitions(c, kinds) for c in load_conventions().values()),
+            *(convention_definitions(c, kinds) for c in load_conventions(settings).values()),
             dg.Definitions(
                 resources={**resources.by_key(), IO_MANAGER_KEY: views},
                 # Also for the implicit asset job that asset backfills and UI materialisations

@@ -50,7 +50,7 @@ def docker_step_executor() -> dg.ExecutorDefinition:
     docker_host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     if docker_host.startswith("unix://"):
         mounts[docker_host.removeprefix("unix://")] = "rw"
-    for convention in load_conventions().values():
+    for convention in load_conventions(settings).values():
         if convention.location and convention.location.startswith("/"):
             mounts.setdefault(convention.location, "ro")
     volumes = {path: {"bind": path, "mode": mode} for path, mode in mounts.items()}
