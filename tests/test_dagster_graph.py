@@ -645,7 +645,7 @@ def test_replanned_records_count_once_in_the_summary(defs, instance):
     keys = _plan(defs, instance, "toy", limit=10, batch_size=4, replan=True)
     assert len(keys) == 5  # 2 batches of 5 and 3 of at most 4, over the same 10 records
     assert _ingest_range(defs, instance, "toy", keys).success
-    totals = summary("toy")
+    totals = summary(Settings.from_env(), "toy")
     # Each record is counted once, though two batches hold it: passed in either, it is in
     # the archive (the toy hook rejects the 5th record of a batch, so both sizes differ).
     counts = totals.model_dump()
