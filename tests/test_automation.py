@@ -45,7 +45,8 @@ def watch(small_mirror: Path):
     convention = load_conventions(Settings.from_env())["pdb"].model_copy(
         update={"ingester_config": {"mirror": str(small_mirror)}}
     )
-    (sensor,) = convention_automation(convention, batch_partitions(convention)).sensors or []
+    partitions = batch_partitions(convention)
+    (sensor,) = convention_automation(convention, partitions, Settings.from_env()).sensors or []
     return sensor
 
 
