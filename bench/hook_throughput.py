@@ -27,6 +27,7 @@ from osa_sdk.types import HookRecord, Reject  # noqa: E402
 from osa_dagster.batch.fetch import fetch_raw_batch  # noqa: E402
 from osa_dagster.batch.plan import plan_ingest  # noqa: E402
 from osa_dagster.conventions.registry import load_conventions  # noqa: E402
+from osa_dagster.settings import Settings  # noqa: E402
 from osa_dagster.storage import BatchLayout, FileSystemStore  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def main() -> None:
     print("{:<32}{:>8}{:>8}{:>10}{:>14}{:>9}".format(*header))
     with tempfile.TemporaryDirectory(prefix="osa-bench-") as tmp:
         store = FileSystemStore(Path(tmp))
-        for convention in load_conventions().values():
+        for convention in load_conventions(Settings.from_env()).values():
             plan = plan_ingest(convention, store, batch_size=1_000_000)
             (partition,) = plan.partitions
             records = [

@@ -42,6 +42,7 @@ from osa_dagster.engine import (  # noqa: E402
     MemoryPolicy,
     run_hook,
 )
+from osa_dagster.settings import Settings  # noqa: E402
 
 SIZE_SHIFT = 1.03
 
@@ -67,7 +68,7 @@ def run_batch(root: Path, records: list[HookRecord], history: MemoryHistoryIO | 
         HookBatch(records=records, files_root=root / "files"),
         # Unsandboxed: the hooks count their runs in a ledger file of ours (the sandbox's
         # cost is runner_overhead.py's to measure).
-        LocalRunner(sandbox="off"),
+        LocalRunner.from_settings(Settings.from_env(), sandbox="off"),
         FileCheckpointIO(root / "checkpoint.json"),
         root / "work",
         history=history,
@@ -107,7 +108,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
     ladder = MemoryPolicy(base_mb=BASE_MB, cap_mb=CAP_MB).ladder()
-    print(f"memory limits: {LocalRunner().limit_mode}; ladder {ladder} MB")
+    print(
+        f"memory limits: {LocalRunner.from_settings(Settings.from_env()).limit_mode}; "
+        f"ladder {ladder} MB"
+    )
     runs = []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="osa-bench-predict-") as tmp:

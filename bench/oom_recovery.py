@@ -45,6 +45,7 @@ from osa_dagster.engine import (  # noqa: E402
     MemoryPolicy,
     run_hook,
 )
+from osa_dagster.settings import Settings  # noqa: E402
 
 HOOK = (sys.executable, str(REPO / "tests" / "engine" / "hooks" / "behave.py"))
 BASE_MB, CAP_MB = 128, 1024
@@ -79,7 +80,7 @@ def run(records: list[HookRecord], root: Path, policy: MemoryPolicy, checkpoint:
         HookBatch(records=records, files_root=root / "files"),
         # Unsandboxed: the hooks count their runs in a ledger file of ours (the sandbox's
         # cost is runner_overhead.py's to measure).
-        LocalRunner(sandbox="off"),
+        LocalRunner.from_settings(Settings.from_env(), sandbox="off"),
         FileCheckpointIO(root / checkpoint),
         root / f"work-{checkpoint}",
     )
@@ -143,7 +144,8 @@ def main() -> None:
     print(
         f"1 batch of {args.records} records (each {SMALL_MB} MB, {SLEEP_S * 1000:.0f} ms), "
         f"record #{args.position} in run order needs {OOM_MB} MB; base {BASE_MB} MB, "
-        f"LocalRunner({LocalRunner().limit_mode}); {args.runs} runs per variant, "
+        f"LocalRunner({LocalRunner.from_settings(Settings.from_env()).limit_mode}); "
+        f"{args.runs} runs per variant, "
         f"{os.cpu_count()} CPUs"
     )
     floor = statistics.median(r["wall"] for r in results["no OOM"])

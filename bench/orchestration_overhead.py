@@ -68,12 +68,12 @@ from osa_dagster.engine import LocalRunner, memory_limit_mode  # noqa: E402
 from osa_dagster.records import (  # noqa: E402
     Feature,
     Record,
-    database_url_from_env,
+    database_url,
     open_database,
 )
 from osa_dagster.records.queries import count_published  # noqa: E402
 from osa_dagster.settings import Settings  # noqa: E402
-from osa_dagster.storage import store_from_env  # noqa: E402
+from osa_dagster.storage import artifact_store  # noqa: E402
 
 CONVENTION = "bench_overhead"
 # The bare loop has no Dagster run: its attempts and verdicts are labelled with this one.
@@ -85,12 +85,12 @@ VARIANTS = ("dagster", "runs of 20", "single run", "stock log", "bare same", "ba
 def _convention() -> Convention:
     from osa_dagster.conventions.registry import load_conventions
 
-    return load_conventions()[CONVENTION]
+    return load_conventions(Settings.from_env())[CONVENTION]
 
 
 def _outputs_check(expected: int) -> None:
     """A benchmark of runs that went wrong measures nothing."""
-    db = open_database(database_url_from_env())
+    db = open_database(database_url(Settings.from_env()))
     with db.session() as session:
         records = session.scalar(select(func.count()).select_from(Record))
         features = session.scalar(select(func.count()).select_from(Feature))
@@ -160,10 +160,10 @@ def run_bare(same_work: bool) -> float:
     """The steps over every partition in the order one range run takes them, the hooks run
     as the Dagster step runs them (run_hook_jobs, within the same machine capacity)."""
     convention = _convention()
-    store = store_from_env()
-    db = open_database(database_url_from_env())
+    store = artifact_store(Settings.from_env())
+    db = open_database(database_url(Settings.from_env()))
     keys = plan_ingest(convention, store).partitions
-    runner = LocalRunner()
+    runner = LocalRunner.from_settings(Settings.from_env())
     capacity = machine_capacity(Settings.from_env())
     started = time.perf_counter()
     for key in keys:
@@ -236,7 +236,8 @@ def main() -> None:
 
     print(
         f"{args.records} records in {partitions} partitions, trivial SDK hook under "
-        f"LocalRunner({memory_limit_mode()}), SQLite records DB and Dagster instance; "
+        f"LocalRunner({memory_limit_mode(Settings.from_env())}), "
+        "SQLite records DB and Dagster instance; "
         f"{args.runs} runs per variant (no warm-up: one-time imports are < 1% of a run), "
         f"{os.cpu_count()} CPUs"
     )

@@ -254,7 +254,8 @@ def main() -> None:
         loads.append(_load())
 
     print(
-        f"{default_slots()} CPUs, local runner ({overhead.memory_limit_mode()}), SQLite; "
+        f"{default_slots()} CPUs, "
+        f"local runner ({overhead.memory_limit_mode(Settings.from_env())}), SQLite; "
         f"median of {args.runs} runs; load average (1, 5, 15 min) at each round and at the "
         f"end: {' | '.join(loads)}"
     )

@@ -45,7 +45,8 @@ from sqlalchemy import func, select  # noqa: E402
 
 from osa_dagster.defs.assets import partitions_per_run  # noqa: E402
 from osa_dagster.engine import memory_limit_mode  # noqa: E402
-from osa_dagster.records import Feature, Record, database_url_from_env, open_database  # noqa: E402
+from osa_dagster.records import Feature, Record, database_url, open_database  # noqa: E402
+from osa_dagster.settings import Settings  # noqa: E402
 from tests.fixtures.scale_convention import ENV_BATCH_SIZE, ENV_RECORDS, NAME  # noqa: E402
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -112,7 +113,7 @@ def end_to_end(defs: dg.Definitions, scratch: Path, records: int) -> tuple[float
             for key in keys:
                 assert job.execute_in_process(partition_key=key, instance=instance).success
             elapsed = time.perf_counter() - started
-        db = open_database(database_url_from_env())
+        db = open_database(database_url(Settings.from_env()))
         with db.session() as session:
             published = session.scalar(select(func.count()).select_from(Record))
             features = session.scalar(select(func.count()).select_from(Feature))
@@ -166,7 +167,7 @@ def main() -> None:
     print(
         f"\nend to end: {args.e2e_records:,} records in {e2e_partitions} partitions, one "
         f"in-process `{NAME}_ingest` run per partition, trivial SDK hook under "
-        f"LocalRunner({memory_limit_mode()}), SQLite records DB (1 run)"
+        f"LocalRunner({memory_limit_mode(Settings.from_env())}), SQLite records DB (1 run)"
     )
     print(
         f"  {e2e_s:.1f} s, {args.e2e_records / e2e_s:.1f} records/s, "

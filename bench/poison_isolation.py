@@ -40,6 +40,7 @@ from osa_dagster.engine import (  # noqa: E402
     MemoryPolicy,
     run_hook,
 )
+from osa_dagster.settings import Settings  # noqa: E402
 
 HOOK = (sys.executable, str(REPO / "tests" / "engine" / "hooks" / "behave.py"))
 BASE_MB, CAP_MB = 128, 1024
@@ -77,7 +78,7 @@ def run_once(isolate: bool) -> Checkpoint:
             HookBatch(records=batch_records(), files_root=root / "files"),
             # Unsandboxed: the hooks count their runs in a ledger file of ours (the sandbox's
             # cost is runner_overhead.py's to measure).
-            LocalRunner(sandbox="off"),
+            LocalRunner.from_settings(Settings.from_env(), sandbox="off"),
             FileCheckpointIO(root / "checkpoint.json"),
             root / "work",
         )
@@ -102,7 +103,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
     ladder = MemoryPolicy(base_mb=BASE_MB, cap_mb=CAP_MB).ladder()
-    print(f"memory limits: {LocalRunner().limit_mode}; ladder {ladder} MB")
+    print(
+        f"memory limits: {LocalRunner.from_settings(Settings.from_env()).limit_mode}; "
+        f"ladder {ladder} MB"
+    )
     for isolate in (False, True):
         runs = [figures(run_once(isolate)) for _ in range(args.runs)]
         print(f"\nisolation {'on' if isolate else 'off'} ({args.runs} runs, median)")

@@ -32,7 +32,7 @@ from osa_dagster.engine import Invocation, LocalRunner, MemoryLimitsUnavailable,
 from osa_dagster.engine.cgroup import attempt_cgroups
 from osa_dagster.engine.runners.docker import DockerRunner
 from osa_dagster.engine.runners.sandbox import SandboxUnavailable
-from osa_dagster.settings import MemoryLimits
+from osa_dagster.settings import MemoryLimits, Settings
 
 COMMANDS = {"python": [sys.executable, "-c", "pass"], "true": ["true"]}
 
@@ -70,10 +70,10 @@ def main() -> None:
             hierarchy = f"no cgroup ({missing})"
             modes.remove("cgroup")
         for mode in modes:
-            runner = LocalRunner(mode, sandbox="off")
+            runner = LocalRunner.from_settings(Settings.from_env(), mode, sandbox="off")
             launchers[f"LocalRunner({mode})"] = _runner_launcher(runner, invocation)
         try:
-            sandboxed = LocalRunner(modes[0], sandbox="on")
+            sandboxed = LocalRunner.from_settings(Settings.from_env(), modes[0], sandbox="on")
         except SandboxUnavailable as reason:
             print(f"sandboxed LocalRunner not timed: {reason}")
         else:

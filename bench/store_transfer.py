@@ -42,7 +42,8 @@ from osa_dagster.batch.publish import publish_batch, store_batch_features  # noq
 from osa_dagster.conventions.base import Convention  # noqa: E402
 from osa_dagster.engine import LocalRunner  # noqa: E402
 from osa_dagster.records import RecordsDatabase  # noqa: E402
-from osa_dagster.storage import store_from_env  # noqa: E402
+from osa_dagster.settings import Settings  # noqa: E402
+from osa_dagster.storage import artifact_store  # noqa: E402
 from osa_dagster.storage.s3 import S3Store  # noqa: E402
 from osa_dagster.storage.store import ArtifactStore  # noqa: E402
 from tests.fixtures.big_files_convention import CONVENTIONS, sized  # noqa: E402
@@ -56,7 +57,7 @@ BACKENDS = ("filesystem", "s3")
 @contextlib.contextmanager
 def local_seaweedfs(workdir: Path) -> Iterator[dict[str, str]]:
     """A SeaweedFS server for the length of the block; yields the variables that point
-    store_from_env at it (without a prefix: each run adds its own)."""
+    artifact_store at it (without a prefix: each run adds its own)."""
     try:
         # Where the launcher lives for development and demos...
         from osa_dagster.storage.local_s3 import SeaweedFS
@@ -151,7 +152,7 @@ def run_batch(convention: Convention, store: TimedStore, db: RecordsDatabase) ->
 
     [partition] = step("plan", lambda: plan_ingest(convention, store).partitions)
     raw = step("raw_batch", lambda: fetch_raw_batch(convention, store, partition))
-    runner = LocalRunner()
+    runner = LocalRunner.from_settings(Settings.from_env())
     [hook] = convention.hooks
     progress = step("hook", lambda: run_batch_hook(convention, hook.name, store, partition, runner))
     published = step(
@@ -181,7 +182,7 @@ def one_run(
         os.environ.update(s3_env, OSA_STORAGE=f"{s3_env['OSA_STORAGE']}/bench/{run_dir.name}")
     else:
         os.environ["OSA_STORAGE"] = str(run_dir / "artifacts")
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     assert isinstance(store, S3Store) == (backend == "s3"), store
     db = RecordsDatabase(f"sqlite:///{run_dir / 'records.db'}")
     try:

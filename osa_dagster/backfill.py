@@ -484,10 +484,10 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_backfill_command(args: argparse.Namespace) -> int:
+def run_backfill_command(args: argparse.Namespace, configured: Settings) -> int:
     """`osa backfill`: launch, print the backfill's id and page, optionally wait for it."""
     # Found as the instance is: from the environment (DAGSTER_HOME, OSA_WEBSERVER_URL).
-    args.url = args.url or Settings.from_env().webserver_url
+    args.url = args.url or configured.webserver_url
     try:
         selection = PartitionSelection(
             keys=args.keys, first=args.first, last=args.last, failed_or_missing=args.failed
@@ -538,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_backfill_arguments(parser)
-    return run_backfill_command(parser.parse_args(argv))
+    return run_backfill_command(parser.parse_args(argv), Settings.from_env())
 
 
 if __name__ == "__main__":

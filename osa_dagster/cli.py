@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from osa_dagster.conventions.base import Convention
     from osa_dagster.records import DeadLetterRow, RecordsDatabase
+    from osa_dagster.settings import Settings
 
 # Small batches so that the demo shows several partitions; the pdb convention's own
 # memory ladder already makes the bundled ribosome (6ZU5) OOM at the base and pass above.
@@ -57,14 +58,14 @@ def _instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.get()
 
 
-def _conventions() -> dict[str, Convention]:
+def _conventions(configured: Settings) -> dict[str, Convention]:
     from osa_dagster.conventions.registry import load_conventions
 
-    return load_conventions()
+    return load_conventions(configured)
 
 
-def _convention(name: str) -> Convention:
-    conventions = _conventions()
+def _convention(configured: Settings, name: str) -> Convention:
+    conventions = _conventions(configured)
     if name not in conventions:
         raise CommandError(f"no convention {name!r}; known: {', '.join(sorted(conventions))}")
     return conventions[name]
@@ -101,6 +102,7 @@ class Plan(BaseModel):
 
 
 def plan(
+    configured: Settings,
     convention_name: str,
     limit: int | None,
     since: str | None,
@@ -126,7 +128,7 @@ def plan(
         plan_job_name,
     )
 
-    convention = _convention(convention_name)
+    convention = _convention(configured, convention_name)
     config = {
         "limit": limit,
         "since": since,
@@ -175,31 +177,33 @@ def plan(
     )
 
 
-def _partitions(convention_name: str) -> list[str]:
+def _partitions(configured: Settings, convention_name: str) -> list[str]:
     from osa_dagster.defs.assets import batch_partitions_name
 
-    name = batch_partitions_name(_convention(convention_name))
+    name = batch_partitions_name(_convention(configured, convention_name))
     return list(_instance().get_dynamic_partitions(name))
 
 
-def _check_before_ingest(convention_name: str, partitions: Sequence[str]) -> None:
+def _check_before_ingest(
+    configured: Settings, convention_name: str, partitions: Sequence[str]
+) -> None:
     """What every run of these partitions needs, looked at before the first is launched: the
     manifest of each, and the records database. Either unusable would fail runs, one after
     the other, in a wall of tracebacks."""
     from osa_dagster.batch.plan import load_manifest
-    from osa_dagster.records import RecordsDatabase, database_url_from_env
-    from osa_dagster.storage import BatchLayout, store_from_env
+    from osa_dagster.records import RecordsDatabase, database_url
+    from osa_dagster.storage import BatchLayout, artifact_store
 
     if not partitions:
         return  # nothing will run: nothing to open, or to make
-    store = store_from_env()
+    store = artifact_store(configured)
     for partition in partitions:
         load_manifest(store, BatchLayout(convention_name, partition))
-    RecordsDatabase(database_url_from_env()).engine.dispose()
+    RecordsDatabase(database_url(configured)).engine.dispose()
 
 
 def materialize(
-    convention_name: str, partitions: Sequence[str], *, debug: bool = False
+    configured: Settings, convention_name: str, partitions: Sequence[str], *, debug: bool = False
 ) -> list[str]:
     """Run the ingest job over the partitions, adjacent ones together (OSA_PARTITIONS_PER_RUN
     per run at most); return the partitions of the runs that failed. A run that fails for a
@@ -212,14 +216,14 @@ def materialize(
     from osa_dagster.defs.jobs import ingest_job_name
     from osa_dagster.defs.run_worker import worker_tags
 
-    convention = _convention(convention_name)
-    known = _partitions(convention_name)
+    convention = _convention(configured, convention_name)
+    known = _partitions(configured, convention_name)
     unknown = sorted(set(partitions) - set(known))
     if unknown:
         raise CommandError(
             f"{convention_name} has no partition {', '.join(unknown)}: plan it first"
         )
-    _check_before_ingest(convention.name, partitions)
+    _check_before_ingest(configured, convention.name, partitions)
     job = defs.resolve_job_def(ingest_job_name(convention))
     failed: list[str] = []
     chunks = contiguous_chunks(known, set(known) - set(partitions), partitions_per_run())
@@ -334,12 +338,9 @@ def _step_failures(result: dg.ExecuteInProcessResult) -> list[str]:
 # --- reading commands: they open the store and the database read-only ---------------
 
 
-def _check_data_dir() -> None:
+def _check_data_dir(current: Settings) -> None:
     """The data folder must exist when a reading command looks in it: made by reading, an
     empty folder would look like an archive with nothing in it."""
-    from osa_dagster.settings import settings
-
-    current = settings()
     uses_data_dir = not (current.storage and current.database_url)
     if uses_data_dir and not current.data_dir.is_dir():
         raise CommandError(
@@ -348,12 +349,12 @@ def _check_data_dir() -> None:
         )
 
 
-def _reading_database() -> RecordsDatabase | None:
+def _reading_database(configured: Settings) -> RecordsDatabase | None:
     """The records database opened for reading, or None if there is none yet."""
-    from osa_dagster.records import DatabaseNotReadable, RecordsDatabase, database_url_from_env
+    from osa_dagster.records import DatabaseNotReadable, RecordsDatabase, database_url
 
-    _check_data_dir()
-    db = RecordsDatabase(database_url_from_env(), read_only=True)
+    _check_data_dir(configured)
+    db = RecordsDatabase(database_url(configured), read_only=True)
     try:
         db.engine  # noqa: B018 - opening it here reports a missing or old database at once
     except DatabaseNotReadable as error:
@@ -404,18 +405,20 @@ SUMMARY_LABELS = {
 }
 
 
-def _finished_batches(convention_name: str, partitions: Sequence[str] = ()) -> Iterator[Any]:
+def _finished_batches(
+    configured: Settings, convention_name: str, partitions: Sequence[str] = ()
+) -> Iterator[Any]:
     """(partition, verdicts, ingest report) of every batch whose hooks all finished, in
     planning order; `partitions` narrows them (an unknown one is an error)."""
     from osa_dagster.batch import BatchInputError
     from osa_dagster.batch.fetch import read_ingest_report
     from osa_dagster.batch.plan import planned_partitions
     from osa_dagster.batch.publish import batch_verdicts
-    from osa_dagster.storage import BatchLayout, store_from_env
+    from osa_dagster.storage import BatchLayout, artifact_store
 
-    convention = _convention(convention_name)
-    _check_data_dir()
-    store = store_from_env()
+    convention = _convention(configured, convention_name)
+    _check_data_dir(configured)
+    store = artifact_store(configured)
     planned = planned_partitions(store, convention.name)
     unknown = sorted(set(partitions) - set(planned))
     if unknown:
@@ -432,7 +435,7 @@ def _finished_batches(convention_name: str, partitions: Sequence[str] = ()) -> I
         yield partition, verdicts, report
 
 
-def summary(convention_name: str) -> ConventionSummary:
+def summary(configured: Settings, convention_name: str) -> ConventionSummary:
     """Counts per record, not per hook or batch: a record rejected by two hooks, or planned in
     two batches, counts once; a record that passed in any batch counts as passed."""
     from osa_dagster.records.queries import count_feature_rows, count_published
@@ -444,7 +447,7 @@ def summary(convention_name: str) -> ConventionSummary:
         if outcomes.get(record) != "records_passed":
             outcomes[record] = outcome
 
-    for _, verdicts, report in _finished_batches(convention_name):
+    for _, verdicts, report in _finished_batches(configured, convention_name):
         totals.batches_planned += 1
         if verdicts is None:
             continue
@@ -463,7 +466,7 @@ def summary(convention_name: str) -> ConventionSummary:
         )
     for field in outcomes.values():
         setattr(totals, field, getattr(totals, field) + 1)
-    db = _reading_database()
+    db = _reading_database(configured)
     if db is not None:
         totals.records_in_archive = count_published(db, convention_name)
         totals.feature_rows = count_feature_rows(db, convention_name)
@@ -475,10 +478,12 @@ def print_summary(totals: ConventionSummary) -> None:
         print(f"{label:32} {getattr(totals, field)}")
 
 
-def not_passed(convention_name: str, partitions: Sequence[str]) -> list[BatchOutcome]:
+def not_passed(
+    configured: Settings, convention_name: str, partitions: Sequence[str]
+) -> list[BatchOutcome]:
     """The records of finished batches that were rejected or errored, with their reasons."""
     outcomes = []
-    for partition, verdicts, _ in _finished_batches(convention_name, partitions):
+    for partition, verdicts, _ in _finished_batches(configured, convention_name, partitions):
         outcomes += [
             BatchOutcome(partition=partition, **asdict(verdict))
             for verdict in (verdicts.failed if verdicts else [])
@@ -487,13 +492,17 @@ def not_passed(convention_name: str, partitions: Sequence[str]) -> list[BatchOut
 
 
 def list_records(
-    convention_name: str | None, limit: int, with_features: bool, as_json: bool
+    configured: Settings,
+    convention_name: str | None,
+    limit: int,
+    with_features: bool,
+    as_json: bool,
 ) -> None:
     from osa_dagster.records.queries import count_published, published_records
 
     if convention_name is not None:
-        _convention(convention_name)
-    db = _reading_database()
+        _convention(configured, convention_name)
+    db = _reading_database(configured)
     records = (
         []
         if db is None
@@ -532,15 +541,15 @@ def list_records(
         )
 
 
-def retry_overrides(convention: Convention, letters: Sequence[DeadLetterRow]) -> str:
+def retry_overrides(
+    configured: Settings, convention: Convention, letters: Sequence[DeadLetterRow]
+) -> str:
     """OSA_HOOK_MEMORY for a retry of the dead letters: the overrides in force, with each
     poison hook's cap raised to at least twice the limit its records failed at. The base in
     force is kept, so the ladder the retry climbs is the one in force, up to the new cap."""
-    from osa_dagster.settings import Settings
-
     overrides = {
         target: (override.base_mb, override.cap_mb)
-        for target, override in Settings.from_env().hook_memory.items()
+        for target, override in configured.hook_memory.items()
     }
     policies = {spec.name: spec.memory for spec in convention.hooks}
     caps: dict[str, int] = {}
@@ -561,7 +570,9 @@ def _osa_command() -> str:
     return shlex.quote(invoked) if Path(invoked).name == "osa" else "osa"
 
 
-def dead_letters(convention_name: str, partitions_only: bool, as_json: bool) -> None:
+def dead_letters(
+    configured: Settings, convention_name: str, partitions_only: bool, as_json: bool
+) -> None:
     """List the convention's poison records, and how to run them again with a higher cap.
 
     A poison outcome is reopened by the next run of its batch whose memory ladder goes above
@@ -570,8 +581,8 @@ def dead_letters(convention_name: str, partitions_only: bool, as_json: bool) -> 
     """
     from osa_dagster.records import list_dead_letters
 
-    convention = _convention(convention_name)
-    db = _reading_database()
+    convention = _convention(configured, convention_name)
+    db = _reading_database(configured)
     letters = [] if db is None else list_dead_letters(db, convention.name)
     partitions = list(dict.fromkeys(letter.partition for letter in letters))
     if as_json:
@@ -593,7 +604,7 @@ def dead_letters(convention_name: str, partitions_only: bool, as_json: bool) -> 
             f"{letter.source_id:32} {letter.hook:20} {size:>8} {letter.limit_mb:>8} "
             f"{peak:>8}  {letter.partition}"
         )
-    overrides = shlex.quote(retry_overrides(convention, letters))
+    overrides = shlex.quote(retry_overrides(configured, convention, letters))
     print(
         f"\n{len(letters)} poison records in {len(partitions)} batches. To run them again with"
         f" a higher cap (only they run again):\n  OSA_HOOK_MEMORY={overrides}"
@@ -601,11 +612,11 @@ def dead_letters(convention_name: str, partitions_only: bool, as_json: bool) -> 
     )
 
 
-def dead_letter_partitions(convention_name: str) -> list[str]:
+def dead_letter_partitions(configured: Settings, convention_name: str) -> list[str]:
     """The batches holding the convention's dead letters, each once."""
     from osa_dagster.records import list_dead_letters
 
-    db = _reading_database()
+    db = _reading_database(configured)
     letters = [] if db is None else list_dead_letters(db, convention_name)
     return list(dict.fromkeys(letter.partition for letter in letters))
 
@@ -622,12 +633,12 @@ def _print_listing(
     _print_json({**context, things: items, "truncated": truncated})
 
 
-def database_schema(action: str) -> int:
+def database_schema(configured: Settings, action: str) -> int:
     """Upgrade the records database to the newest revision, or tell where it is."""
-    from osa_dagster.records import RecordsDatabase, database_url_from_env
+    from osa_dagster.records import RecordsDatabase, database_url
     from osa_dagster.records.schema import current_revision, head_revision, upgrade
 
-    engine = RecordsDatabase(database_url_from_env()).engine  # opening upgrades already
+    engine = RecordsDatabase(database_url(configured)).engine  # opening upgrades already
     if action == "upgrade":
         upgrade(engine)
     revision = current_revision(engine)
@@ -635,21 +646,23 @@ def database_schema(action: str) -> int:
     return 0 if revision == head_revision() else EXIT_FAILED
 
 
-def demo(fresh: bool, *, debug: bool = False) -> int:
+def demo(configured: Settings, fresh: bool, *, debug: bool = False) -> int:
     if fresh:
-        from osa_dagster.settings import data_dir
-
-        shutil.rmtree(data_dir(), ignore_errors=True)
+        shutil.rmtree(configured.data_dir, ignore_errors=True)
     started = time.monotonic()
-    planned = plan("pdb", limit=None, since=None, batch_size=DEMO_BATCH_SIZE, debug=debug)
+    planned = plan(
+        configured, "pdb", limit=None, since=None, batch_size=DEMO_BATCH_SIZE, debug=debug
+    )
     print(f"planned {len(planned.batches)} batches of the bundled PDB mirror")
-    failed = materialize("pdb", [batch.partition for batch in planned.batches], debug=debug)
+    failed = materialize(
+        configured, "pdb", [batch.partition for batch in planned.batches], debug=debug
+    )
     elapsed = time.monotonic() - started
-    totals = summary("pdb")
+    totals = summary(configured, "pdb")
     print("\nsummary of the pdb convention")
     for field, label in SUMMARY_LABELS.items():
         print(f"  {label:32} {getattr(totals, field)}")
-    records_in = sum(1 for _ in _records_in_batches("pdb"))
+    records_in = sum(1 for _ in _records_in_batches(configured, "pdb"))
     print(f"  {'wall time (s)':32} {elapsed:.1f}")
     print(f"  {'records per second':32} {records_in / elapsed:.2f}")
     print(
@@ -659,11 +672,11 @@ def demo(fresh: bool, *, debug: bool = False) -> int:
     return EXIT_FAILED if failed else 0
 
 
-def _records_in_batches(convention_name: str) -> Iterator[RecordRef]:
+def _records_in_batches(configured: Settings, convention_name: str) -> Iterator[RecordRef]:
     from osa_dagster.batch.plan import load_manifest, planned_partitions
-    from osa_dagster.storage import BatchLayout, store_from_env
+    from osa_dagster.storage import BatchLayout, artifact_store
 
-    store = store_from_env()
+    store = artifact_store(configured)
     for partition in planned_partitions(store, convention_name):
         yield from load_manifest(store, BatchLayout(convention_name, partition)).refs
 
@@ -766,10 +779,11 @@ RUNS_HOOKS_HERE = ("materialize", "demo", "stack")
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from osa_dagster.settings import settings
+    from osa_dagster.settings import Settings
 
-    # Every variable is checked before any work: a malformed one anywhere is named at once.
-    configured = settings()
+    # Parsed once, here, and passed down: every variable is checked before any work, and a
+    # malformed one anywhere is named at once.
+    configured = Settings.from_env()
     if args.command in RUNS_HOOKS_HERE:
         from osa_dagster.engine.runners.local import require_promised_isolation
 
@@ -779,17 +793,18 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "backfill":
         from osa_dagster.backfill import run_backfill_command
 
-        return run_backfill_command(args)
+        return run_backfill_command(args, configured)
     if args.command == "stack":
         from osa_dagster.stack import run_stack_command
 
         return run_stack_command(args)
     if args.command == "db":
-        return database_schema(args.action)
+        return database_schema(configured, args.action)
     if args.command == "demo":
-        return demo(fresh=not args.keep, debug=args.debug)
+        return demo(configured, fresh=not args.keep, debug=args.debug)
     if args.command == "plan":
         planned = plan(
+            configured,
             args.convention,
             args.limit,
             args.since,
@@ -809,22 +824,24 @@ def run_command(args: argparse.Namespace) -> int:
         if args.dead_letters:
             if args.partitions:
                 raise CommandError("give either partitions or --dead-letters, not both")
-            keys = dead_letter_partitions(_convention(args.convention).name)
+            keys = dead_letter_partitions(configured, _convention(configured, args.convention).name)
             if not keys:
                 print(f"{args.convention} has no dead letters: nothing to run")
                 return 0
         else:
-            keys = args.partitions or _partitions(args.convention)
-        return EXIT_FAILED if materialize(args.convention, keys, debug=args.debug) else 0
+            keys = args.partitions or _partitions(configured, args.convention)
+        return (
+            EXIT_FAILED if materialize(configured, args.convention, keys, debug=args.debug) else 0
+        )
     if args.command == "summary":
-        totals = summary(args.convention)
+        totals = summary(configured, args.convention)
         if args.json:
             _print_json(totals.model_dump())
         else:
             print_summary(totals)
         return 0
     if args.command == "rejections":
-        outcomes = not_passed(args.convention, args.partitions)
+        outcomes = not_passed(configured, args.convention, args.partitions)
         if args.json:
             rejections = [outcome.model_dump() for outcome in outcomes]
             _print_listing("rejections", rejections, convention=args.convention)
@@ -835,9 +852,11 @@ def run_command(args: argparse.Namespace) -> int:
             )
         return 0
     if args.command == "dead-letters":
-        dead_letters(args.convention, args.partitions, args.json)
+        dead_letters(configured, args.convention, args.partitions, args.json)
         return 0
-    list_records(args.convention, _positive(args.limit, "--limit"), args.features, args.json)
+    list_records(
+        configured, args.convention, _positive(args.limit, "--limit"), args.features, args.json
+    )
     return 0
 
 
@@ -952,9 +971,10 @@ def _records_database_file(url: str | None) -> str:
     adds: SQLite's read-only URI form (file:...?mode=ro) or a password."""
     from sqlalchemy.engine import make_url
 
-    from osa_dagster.records import database_url_from_env
+    from osa_dagster.records import database_url
+    from osa_dagster.settings import Settings
 
-    parsed = make_url(url or database_url_from_env())
+    parsed = make_url(url or database_url(Settings.from_env()))
     if parsed.get_backend_name() == "sqlite" and parsed.database:
         return str(Path(parsed.database.removeprefix("file:")).resolve())
     return parsed.render_as_string(hide_password=True)

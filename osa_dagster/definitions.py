@@ -19,16 +19,18 @@ from osa_dagster.defs.resources import AssetKinds, Resources, asset_kinds
 from osa_dagster.settings import Settings
 
 
-def convention_definitions(convention: Convention, kinds: AssetKinds) -> dg.Definitions:
+def convention_definitions(
+    convention: Convention, kinds: AssetKinds, settings: Settings
+) -> dg.Definitions:
     """Everything one convention brings: its batch graph with its checks, planning and ingest
     jobs, sensors and schedules, and the validation of deposited records."""
     partitions = batch_partitions(convention)
-    ingest = ingest_job(convention)
+    ingest = ingest_job(convention, settings)
     return dg.Definitions.merge(
         convention_assets(convention, partitions, kinds),
         dg.Definitions(jobs=[plan_job(convention), ingest]),
         batch_sensors(convention, partitions, ingest),
-        convention_automation(convention, partitions),
+        convention_automation(convention, partitions, settings),
         convention_deposits(convention),
     )
 
@@ -42,12 +44,15 @@ def build_definitions() -> dg.Definitions:
     kinds = asset_kinds(settings)
     with known_beta_features_quiet():
         return dg.Definitions.merge(
-            *(convention_definitions(c, kinds) for c in load_conventions().values()),
+            *(
+                convention_definitions(c, kinds, settings)
+                for c in load_conventions(settings).values()
+            ),
             dg.Definitions(
                 resources={**resources.by_key(), IO_MANAGER_KEY: views},
                 # Also for the implicit asset job that asset backfills and UI materialisations
                 # run: otherwise Dagster's default gives every step its own process.
-                executor=ingest_executor(),
+                executor=ingest_executor(settings),
             ),
         )
 

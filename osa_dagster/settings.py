@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DEFAULT_DATA_DIR = Path(".data")
+DEFAULT_DEPOSIT_MAX_MB = 2048.0
 PLAN_CRON_PREFIX = "OSA_PLAN_CRON_"
 # OSA_DOMAIN is the <domain> of SRNs, urn:osa:<domain>:rec:<uuid>: a DNS name, whose
 # letters, digits, hyphens and dots are all a URN may hold there without escaping.
@@ -75,7 +76,9 @@ class Settings(BaseModel):
     partitions_per_run: int = Field(20, ge=1, alias="OSA_PARTITIONS_PER_RUN")
     deposits: str = Field("", alias="OSA_DEPOSITS")
     """Where records are deposited for validation; empty: <data_dir>/deposits."""
-    deposit_max_mb: float = Field(2048.0, gt=0, allow_inf_nan=False, alias="OSA_DEPOSIT_MAX_MB")
+    deposit_max_mb: float = Field(
+        DEFAULT_DEPOSIT_MAX_MB, gt=0, allow_inf_nan=False, alias="OSA_DEPOSIT_MAX_MB"
+    )
     """MB that one deposit's files may add up to, by their apparent sizes (a sparse file
     counts in full); each file is also held to its convention's max_file_mb."""
     executor: Literal["in_process", "multiprocess", "docker"] = Field(

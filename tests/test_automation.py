@@ -18,6 +18,7 @@ from osa_dagster.defs.automation import convention_automation
 from osa_dagster.defs.batch_sensors import contiguous_chunks
 from osa_dagster.defs.resources import default_resources
 from osa_dagster.engine.runners import sandbox as sandbox_module
+from osa_dagster.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +42,11 @@ def small_mirror(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def watch(small_mirror: Path):
-    convention = load_conventions()["pdb"].model_copy(
+    convention = load_conventions(Settings.from_env())["pdb"].model_copy(
         update={"ingester_config": {"mirror": str(small_mirror)}}
     )
-    (sensor,) = convention_automation(convention, batch_partitions(convention)).sensors or []
+    partitions = batch_partitions(convention)
+    (sensor,) = convention_automation(convention, partitions, Settings.from_env()).sensors or []
     return sensor
 
 

@@ -14,8 +14,9 @@ from sqlalchemy import func, select
 from osa_dagster.batch.stores import StoreMemoryHistoryIO
 from osa_dagster.definitions import build_definitions
 from osa_dagster.defs.checks import CHECKS
-from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
-from osa_dagster.storage import BatchLayout, store_from_env
+from osa_dagster.records import Feature, Record, RecordsDatabase, database_url
+from osa_dagster.settings import Settings
+from osa_dagster.storage import BatchLayout, artifact_store
 from osa_dagster.storage.layout import memory_history_key
 from tests.fixtures.check_status import all_check_statuses, check_statuses, verdicts_by_run
 from tests.fixtures.toy_convention import TOY_IDS
@@ -49,7 +50,7 @@ def _ingest(defs, instance, convention: str, key: str) -> dg.ExecuteInProcessRes
 
 
 def _counts() -> tuple[int, int]:
-    db = RecordsDatabase(database_url_from_env())
+    db = RecordsDatabase(database_url(Settings.from_env()))
     with db.session() as session:
         return (
             session.scalar(select(func.count()).select_from(Record)),
@@ -147,7 +148,9 @@ def test_an_oom_climbs_the_ladder_within_the_hook_step(defs, instance):
     )
     assert _counts() == (6, 6)
     # The hook's memory history in the store learnt the OOM and the fits, for the next batch.
-    history = StoreMemoryHistoryIO(store_from_env(), memory_history_key("toy_oom", "hungry"))
+    history = StoreMemoryHistoryIO(
+        artifact_store(Settings.from_env()), memory_history_key("toy_oom", "hungry")
+    )
     learnt = history.load()
     assert learnt is not None and learnt.hook == "hungry"
     assert [o.limit_mb for o in learnt.ooms] == [128]
@@ -311,7 +314,7 @@ def test_a_corrupted_records_table_fails_a_check_in_the_next_run(defs, instance)
 
     [key, *_] = _plan(defs, instance, "toy", limit=5, batch_size=5)
     assert _ingest(defs, instance, "toy", key).success
-    db = RecordsDatabase(database_url_from_env())
+    db = RecordsDatabase(database_url(Settings.from_env()))
     with db.session() as session, session.begin():
         # Record 5 (5 kB) was rejected: make it look as if this batch had published it.
         session.execute(
@@ -335,18 +338,20 @@ def test_the_audit_names_what_a_corrupted_table_lost(defs, instance):
 
     from osa_dagster.batch.audit import audit_batch
     from osa_dagster.conventions.registry import load_conventions
-    from osa_dagster.storage import store_from_env
+    from osa_dagster.storage import artifact_store
 
     [key, *_] = _plan(defs, instance, "toy", limit=5, batch_size=5)
     assert _ingest(defs, instance, "toy", key).success
-    db = RecordsDatabase(database_url_from_env())
+    db = RecordsDatabase(database_url(Settings.from_env()))
     with db.session() as session, session.begin():
         srns = dict(session.execute(select(Record.source_id, Record.srn)).all())
         session.execute(
             delete(Feature).where(Feature.record_srn.in_([srns[TOY_IDS[1]], srns[TOY_IDS[2]]]))
         )
         session.execute(delete(Record).where(Record.srn == srns[TOY_IDS[1]]))
-    audit = audit_batch(load_conventions()["toy"], store_from_env(), db, key)
+    audit = audit_batch(
+        load_conventions(Settings.from_env())["toy"], artifact_store(Settings.from_env()), db, key
+    )
     assert audit.passed_not_published_once == [TOY_IDS[1]]
     assert audit.missing_features == {"check_size": [TOY_IDS[2]]}
     assert audit.published_but_failed == []
@@ -387,7 +392,7 @@ def test_poison_records_are_dead_lettered_and_rerun_with_a_raised_cap(
     assert check_statuses(instance, "toy_poison", "published_records", "no_dead_letters") == {
         key: "FAILED"
     }
-    db = RecordsDatabase(database_url_from_env())
+    db = RecordsDatabase(database_url(Settings.from_env()))
     letters = list_dead_letters(db, "toy_poison")
     assert {(d.source_id, d.hook, d.partition, d.limit_mb) for d in letters} == {
         (rid, "hungry", key, 256) for rid in poison
@@ -550,7 +555,7 @@ def test_a_corrupted_table_fails_only_its_partitions_check_in_a_range_run(defs, 
 
     keys = _plan(defs, instance, "toy", limit=15, batch_size=5)
     assert _ingest_range(defs, instance, "toy", keys).success
-    db = RecordsDatabase(database_url_from_env())
+    db = RecordsDatabase(database_url(Settings.from_env()))
     with db.session() as session, session.begin():
         # Record 5 of the first batch was rejected: make it look as if it had been published.
         session.execute(
@@ -588,7 +593,7 @@ def _truncate(store, key: str) -> bytes:
 def test_a_truncated_checkpoint_is_set_aside_and_its_hook_runs_the_batch_again(defs, instance):
     [key] = _plan(defs, instance, "toy", limit=5, batch_size=5)
     assert _ingest(defs, instance, "toy", key).success
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     checkpoint = BatchLayout("toy", key).checkpoint("check_size")
     truncated = _truncate(store, checkpoint)
 
@@ -620,12 +625,12 @@ def test_publishing_over_a_truncated_checkpoint_names_it_and_what_to_do(defs, in
 
     [key] = _plan(defs, instance, "toy", limit=5, batch_size=5)
     assert _ingest(defs, instance, "toy", key).success
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     checkpoint = BatchLayout("toy", key).checkpoint("check_size")
     _truncate(store, checkpoint)
-    db = RecordsDatabase(database_url_from_env())
+    db = RecordsDatabase(database_url(Settings.from_env()))
     with pytest.raises(BatchInputError) as error:
-        publish_batch(load_conventions()["toy"], store, db, key, domain="test")
+        publish_batch(load_conventions(Settings.from_env())["toy"], store, db, key, domain="test")
     [line] = str(error.value).splitlines()
     assert key in line and store.describe(checkpoint) in line and "Invalid JSON: EOF" in line
     assert "materialise its hook_outcomes again" in line
@@ -640,7 +645,7 @@ def test_replanned_records_count_once_in_the_summary(defs, instance):
     keys = _plan(defs, instance, "toy", limit=10, batch_size=4, replan=True)
     assert len(keys) == 5  # 2 batches of 5 and 3 of at most 4, over the same 10 records
     assert _ingest_range(defs, instance, "toy", keys).success
-    totals = summary("toy")
+    totals = summary(Settings.from_env(), "toy")
     # Each record is counted once, though two batches hold it: passed in either, it is in
     # the archive (the toy hook rejects the 5th record of a batch, so both sizes differ).
     counts = totals.model_dump()
@@ -652,7 +657,7 @@ def test_replanned_records_count_once_in_the_summary(defs, instance):
 
 def test_a_truncated_manifest_fails_its_run_in_one_line_naming_it(defs, instance):
     [key] = _plan(defs, instance, "toy", limit=5, batch_size=5)
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     manifest = BatchLayout("toy", key).manifest
     _truncate(store, manifest)
 

@@ -16,7 +16,8 @@ from osa_dagster.conventions.pdb.ingester import DEFAULT_MIRROR, entry_path
 from osa_dagster.definitions import build_definitions
 from osa_dagster.defs.resources import default_resources
 from osa_dagster.engine.runners import sandbox as sandbox_module
-from osa_dagster.storage.store import FileSystemStore, deposits_store_from_env
+from osa_dagster.settings import Settings
+from osa_dagster.storage.store import FileSystemStore, deposits_store
 from tests.engine.helpers import require_cgroups
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ def entry_bytes(pdb_id: str) -> bytes:
 def validated():
     """Four deposits, validated through the sensor and the deposit job."""
     require_cgroups()
-    store = deposits_store_from_env()
+    store = deposits_store(Settings.from_env())
     write_deposit(store, "pdb", "good", {"1a28.cif.gz": entry_bytes("1A28")}, {"source_id": "1A28"})
     write_deposit(store, "pdb", "big", {"6zu5.cif.gz": entry_bytes("6ZU5")})
     write_deposit(store, "pdb", "broken", {"x.cif.gz": b"\x1f\x8b not really gzip"})
@@ -137,7 +138,7 @@ def no_bubblewrap(tmp_path, monkeypatch):
 
 
 def test_without_the_sandbox_deposits_wait_and_a_run_fails_in_one_line(no_bubblewrap):
-    store = deposits_store_from_env()
+    store = deposits_store(Settings.from_env())
     write_deposit(store, "pdb", "good", {"1a28.cif.gz": entry_bytes("1A28")}, {"source_id": "1A28"})
     defs = build_definitions()
     with dg.instance_for_test() as instance:
@@ -164,7 +165,7 @@ def test_without_the_sandbox_deposits_wait_and_a_run_fails_in_one_line(no_bubble
 def test_hooks_run_unsandboxed_only_when_turned_off_and_say_so(monkeypatch):
     require_cgroups()
     monkeypatch.setenv("OSA_HOOK_SANDBOX", "off")
-    store = deposits_store_from_env()
+    store = deposits_store(Settings.from_env())
     write_deposit(store, "pdb", "good", {"1a28.cif.gz": entry_bytes("1A28")}, {"source_id": "1A28"})
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("pdb_deposits", ["good"])

@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import select
 
 from osa_dagster.definitions import build_definitions
-from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
+from osa_dagster.records import Feature, Record, RecordsDatabase, database_url
+from osa_dagster.settings import Settings
 
 DATA = Path(__file__).resolve().parents[1] / "osa_dagster/conventions/geo/data"
 BATCH_SIZE = 2
@@ -45,7 +46,7 @@ def ingested(tmp_path_factory: pytest.TempPathFactory):
             results = {
                 key: job.execute_in_process(partition_key=key, instance=instance) for key in keys
             }
-            yield results, RecordsDatabase(database_url_from_env())
+            yield results, RecordsDatabase(database_url(Settings.from_env()))
 
 
 def test_every_partition_materialises(ingested):

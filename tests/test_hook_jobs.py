@@ -15,7 +15,7 @@ from osa_dagster.conventions.base import Convention
 from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.engine import HookCapacity, LocalRunner
 from osa_dagster.settings import Settings
-from osa_dagster.storage import BatchLayout, store_from_env
+from osa_dagster.storage import BatchLayout, artifact_store
 from tests.engine.helpers import alive, eventually
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,22 +35,27 @@ def slow_hook(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def _two_batches_one_fetched(convention: Convention) -> list[str]:
     """Two batches of two records; only the first is fetched, so the second's job fails."""
-    keys = plan_ingest(convention, store_from_env(), batch_size=2).partitions
-    fetch_raw_batch(convention, store_from_env(), keys[0])
+    keys = plan_ingest(convention, artifact_store(Settings.from_env()), batch_size=2).partitions
+    fetch_raw_batch(convention, artifact_store(Settings.from_env()), keys[0])
     return keys
 
 
 @pytest.mark.usefixtures("slow_hook")
 def test_a_failed_job_stops_no_other(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OSA_FAULTS_SLEEP_S", "0")
-    convention = load_conventions()["faults_ledger"]
+    convention = load_conventions(Settings.from_env())["faults_ledger"]
     fetched, unfetched = _two_batches_one_fetched(convention)
     capacity = machine_capacity(Settings.from_env())
     jobs = [HookJob(unfetched, "ledger"), HookJob(fetched, "ledger")]
     results = {
         r.job.partition: r
         for r in run_hook_jobs(
-            convention, store_from_env(), LocalRunner(), jobs, workers=2, capacity=capacity
+            convention,
+            artifact_store(Settings.from_env()),
+            LocalRunner.from_settings(Settings.from_env()),
+            jobs,
+            workers=2,
+            capacity=capacity,
         )
     }
     done = results[fetched].progress
@@ -64,14 +69,14 @@ def test_a_failed_job_stops_no_other(monkeypatch: pytest.MonkeyPatch):
 @pytest.mark.usefixtures("slow_hook")
 def test_closing_the_jobs_early_kills_their_hooks(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OSA_FAULTS_SLEEP_S", "600")
-    convention = load_conventions()["faults_ledger"]
+    convention = load_conventions(Settings.from_env())["faults_ledger"]
     fetched, unfetched = _two_batches_one_fetched(convention)
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     capacity = HookCapacity(Settings.from_env().hook_ledger_path, slots=2, budget_mb=4096)
     jobs = run_hook_jobs(
         convention,
         store,
-        LocalRunner(),
+        LocalRunner.from_settings(Settings.from_env()),
         [HookJob(unfetched, "ledger"), HookJob(fetched, "ledger")],
         workers=2,
         capacity=capacity,
@@ -95,8 +100,10 @@ def test_closing_the_jobs_early_kills_their_hooks(monkeypatch: pytest.MonkeyPatc
 def test_the_jobs_of_the_largest_batch_start_first():
     """Batches are planned smallest records first: started in that order, the largest batch
     would run last, alone. An unfetched batch (its job fails at once) goes last."""
-    convention = load_conventions()["pdb"]  # the bundled mirror: real entries, real sizes
-    store = store_from_env()
+    convention = load_conventions(Settings.from_env())[
+        "pdb"
+    ]  # the bundled mirror: real entries, real sizes
+    store = artifact_store(Settings.from_env())
     keys = plan_ingest(convention, store, batch_size=10).partitions
     *fetched, unfetched = keys
     for key in fetched:

@@ -22,7 +22,8 @@ from osa_dagster.conventions.pdb.ingester import DEFAULT_MIRROR, entry_path
 from osa_dagster.conventions.uniprot.ingester import DEFAULT_FLAT_FILE
 from osa_dagster.definitions import build_definitions
 from osa_dagster.defs.jobs import SKIPPED_METADATA
-from osa_dagster.records import Record, RecordsDatabase, database_url_from_env
+from osa_dagster.records import Record, RecordsDatabase, database_url
+from osa_dagster.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,7 @@ def plan_and_ingest(
     job = defs.resolve_job_def(f"{convention}_ingest")
     for key in instance.get_dynamic_partitions(f"{convention}_batches"):
         assert job.execute_in_process(partition_key=key, instance=instance).success
-    with RecordsDatabase(database_url_from_env()).session() as session:
+    with RecordsDatabase(database_url(Settings.from_env())).session() as session:
         query = select(Record.source_id).where(Record.convention == convention)
         published = set(session.scalars(query))
     return skipped, published

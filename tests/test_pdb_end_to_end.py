@@ -11,7 +11,8 @@ from sqlalchemy import select
 
 from osa_dagster.conventions.pdb.ingester import mirror_entries
 from osa_dagster.definitions import build_definitions
-from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
+from osa_dagster.records import Feature, Record, RecordsDatabase, database_url
+from osa_dagster.settings import Settings
 
 MIRROR = Path(__file__).resolve().parents[1] / "osa_dagster/conventions/pdb/mirror"
 BATCH_SIZE = 10
@@ -59,7 +60,8 @@ def ingested(tmp_path_factory: pytest.TempPathFactory):
             results = {
                 key: job.execute_in_process(partition_key=key, instance=instance) for key in keys
             }
-            yield base / "data", instance, job, results, RecordsDatabase(database_url_from_env())
+            db = RecordsDatabase(database_url(Settings.from_env()))
+            yield base / "data", instance, job, results, db
 
 
 def test_every_partition_materialises(ingested):

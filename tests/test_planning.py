@@ -6,14 +6,15 @@ from osa_sdk.types import RecordRef
 from osa_dagster.batch import BatchInputError
 from osa_dagster.batch.fetch import fetch_raw_batch, read_ingest_report, read_raw_records
 from osa_dagster.batch.plan import load_manifest, plan_ingest, plan_refs, planned_partitions
-from osa_dagster.storage import BatchLayout, Manifest, store_from_env
+from osa_dagster.settings import Settings
+from osa_dagster.storage import BatchLayout, Manifest, artifact_store
 from tests.fixtures.toy_convention import CONVENTIONS, TOY_IDS
 
 TOY = CONVENTIONS[0]
 
 
 def test_limit_is_exact_and_counts_records_not_batches():
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     result = plan_ingest(TOY, store, limit=12, batch_size=5)
     assert result.records == 12
     sizes = [len(load_manifest(store, BatchLayout("toy", k)).refs) for k in result.partitions]
@@ -27,7 +28,7 @@ def test_limit_is_exact_and_counts_records_not_batches():
 
 
 def test_planning_twice_adds_nothing_and_keeps_manifests_frozen():
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     first = plan_ingest(TOY, store, batch_size=5, since=datetime(2024, 1, 1, tzinfo=UTC))
     manifest_bytes = {k: store.read_bytes(BatchLayout("toy", k).manifest) for k in first.partitions}
     again = plan_ingest(TOY, store, batch_size=5)
@@ -44,7 +45,7 @@ def test_planning_twice_adds_nothing_and_keeps_manifests_frozen():
 
 
 def test_another_batch_size_plans_nothing_new_unless_asked_to_replan():
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     a = plan_ingest(TOY, store, batch_size=5)
     assert plan_ingest(TOY, store, batch_size=7).partitions == []
     b = plan_ingest(TOY, store, batch_size=7, replan=True)
@@ -52,7 +53,7 @@ def test_another_batch_size_plans_nothing_new_unless_asked_to_replan():
 
 
 def test_only_records_new_or_at_a_new_version_are_planned():
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     plan_refs(TOY, store, [RecordRef(source_id="a", version="1"), RecordRef(source_id="b")])
     again = plan_refs(
         TOY,
@@ -70,7 +71,7 @@ def test_only_records_new_or_at_a_new_version_are_planned():
 
 
 def test_a_truncated_manifest_fails_naming_it_and_planning_again_rewrites_it():
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     [key] = plan_ingest(TOY, store, limit=5, batch_size=5).partitions
     layout = BatchLayout("toy", key)
     intact = store.read_bytes(layout.manifest)
@@ -92,7 +93,7 @@ def test_a_truncated_manifest_fails_naming_it_and_planning_again_rewrites_it():
     ("limit", "batch_size", "message"), [(0, 5, "limit"), (-3, 5, "limit"), (5, 0, "batch_size")]
 )
 def test_bad_plan_arguments_fail_before_any_work(limit, batch_size, message):
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     with pytest.raises(ValueError, match=message):
         plan_ingest(TOY, store, limit=limit, batch_size=batch_size)
     assert planned_partitions(store, "toy") == []
@@ -100,12 +101,12 @@ def test_bad_plan_arguments_fail_before_any_work(limit, batch_size, message):
 
 def test_unknown_partition_is_a_clear_error():
     with pytest.raises(BatchInputError, match="no manifest"):
-        fetch_raw_batch(TOY, store_from_env(), "no-such-batch")
+        fetch_raw_batch(TOY, artifact_store(Settings.from_env()), "no-such-batch")
 
 
 def test_oversized_records_are_skipped_and_counted():
     convention = TOY.model_copy(update={"ingester_config": {"oversize": [TOY_IDS[1]]}})
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     key = plan_ingest(convention, store, limit=5, batch_size=5).partitions[0]
     summary = fetch_raw_batch(convention, store, key)
     assert [s.source_id for s in summary.report.skipped_oversize] == [TOY_IDS[1]]
@@ -121,7 +122,7 @@ def test_oversized_records_are_skipped_and_counted():
     ],
 )
 def test_malformed_raw_records_name_the_batch_and_line(bad_line, message):
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     key = plan_ingest(TOY, store, limit=3, batch_size=3).partitions[0]
     fetch_raw_batch(TOY, store, key)
     layout = BatchLayout("toy", key)
@@ -134,7 +135,7 @@ def test_malformed_raw_records_name_the_batch_and_line(bad_line, message):
 
 
 def test_a_truncated_ingest_report_names_the_batch_the_file_and_what_to_do():
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     [key] = plan_ingest(TOY, store, limit=3, batch_size=3).partitions
     fetch_raw_batch(TOY, store, key)
     layout = BatchLayout("toy", key)

@@ -15,8 +15,9 @@ import pytest
 from osa_dagster.cli import main
 from osa_dagster.definitions import build_definitions
 from osa_dagster.local_postgres import PgCluster
-from osa_dagster.records import PoisonRecord, RecordsDatabase, database_url_from_env
+from osa_dagster.records import PoisonRecord, RecordsDatabase, database_url
 from osa_dagster.records.dead_letters import replace_dead_letters
+from osa_dagster.settings import Settings
 from tests.fixtures.check_status import all_check_statuses
 from tests.fixtures.toy_convention import TOY_IDS
 from tests.ui.conftest import DagsterSite, make_site
@@ -95,7 +96,7 @@ def test_the_retry_keeps_the_memory_settings_in_force(
     toy_conventions, monkeypatch, capsys, in_force: str, printed: dict[str, str]
 ):
     monkeypatch.setenv("OSA_HOOK_MEMORY", in_force)
-    db = RecordsDatabase(database_url_from_env())
+    db = RecordsDatabase(database_url(Settings.from_env()))
     replace_dead_letters(db, convention="toy_poison", partition="p1", poison=_poison(256))
 
     assert main(["dead-letters", "toy_poison"]) == 0

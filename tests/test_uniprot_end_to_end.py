@@ -15,7 +15,8 @@ from sqlalchemy import select
 
 from osa_dagster.conventions.uniprot.ingester import DEFAULT_FLAT_FILE
 from osa_dagster.definitions import build_definitions
-from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
+from osa_dagster.records import Feature, Record, RecordsDatabase, database_url
+from osa_dagster.settings import Settings
 
 BATCH_SIZE = 25
 
@@ -53,7 +54,7 @@ def ingested(tmp_path_factory: pytest.TempPathFactory):
             results = {
                 key: job.execute_in_process(partition_key=key, instance=instance) for key in keys
             }
-            yield results, RecordsDatabase(database_url_from_env())
+            yield results, RecordsDatabase(database_url(Settings.from_env()))
 
 
 def test_every_partition_materialises(ingested) -> None:

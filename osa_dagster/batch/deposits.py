@@ -1,7 +1,7 @@
 """Validating one record deposited by a person, with a convention's hooks and the same engine.
 
 A deposit is a folder in the deposits store (a drop folder by default, an S3 prefix in
-production; see storage.store.deposits_store_from_env):
+production; see storage.store.deposits_store):
 
     <convention>/<deposit>/files/...       the record's files
     <convention>/<deposit>/deposit.json    written last: {"source_id": ..., "metadata": {...}}
@@ -41,7 +41,7 @@ from osa_dagster.atomic_files import write_atomically_at
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import FileCheckpointIO, HookBatch, HookCapacity, Runner, run_hook
 from osa_dagster.regular_files import copy_data, open_folder, open_folder_below, open_regular
-from osa_dagster.settings import Settings
+from osa_dagster.settings import DEFAULT_DEPOSIT_MAX_MB
 from osa_dagster.storage.store import ArtifactStore, FileSystemStore
 
 DEPOSIT_FILE = "deposit.json"
@@ -240,17 +240,16 @@ def validate_deposit(
     deposit: str,
     runner: Runner,
     capacity: HookCapacity | None = None,
-    max_mb: float | None = None,
+    max_mb: float = DEFAULT_DEPOSIT_MAX_MB,
 ) -> DepositResult:
     """Run the deposit through the convention's hooks and write its result.json; each
     attempt within `capacity` (the machine's slots and memory budget) when given. The
-    deposit's files may add up to `max_mb` (None: OSA_DEPOSIT_MAX_MB). The result is
+    deposit's files may add up to `max_mb` (OSA_DEPOSIT_MAX_MB). The result is
     returned as written; a deposit whose folder was replaced while it was validated gets
     an errored one saying so, and none at all if a link now stands in its place."""
     if not DEPOSIT_NAME.fullmatch(deposit):
         raise ValueError(f"{deposit!r} is not a deposit name (letters, digits, '.', '_', '-')")
-    total_mb = Settings.from_env().deposit_max_mb if max_mb is None else max_mb
-    caps = DepositCaps.of(convention, total_mb)
+    caps = DepositCaps.of(convention, max_mb)
     prefix = deposit_prefix(convention.name, deposit)
     with tempfile.TemporaryDirectory(prefix="osa-deposit-") as tmp:
         work = Path(tmp)

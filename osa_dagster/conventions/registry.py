@@ -66,9 +66,12 @@ def _with_memory_overrides(convention: Convention, settings: Settings) -> Conven
     return convention.model_copy(update={"hooks": tuple(hooks)})
 
 
-def load_conventions(extra_modules: Iterable[str] | None = None) -> dict[str, Convention]:
-    """Every available convention by name; names must be unique across modules."""
-    settings = Settings.from_env()
+def load_conventions(
+    settings: Settings, extra_modules: Iterable[str] | None = None
+) -> dict[str, Convention]:
+    """Every available convention by name, with the settings' sources and memory overrides;
+    names must be unique across modules. The modules are the bundled ones and
+    `extra_modules` (None: the settings' OSA_CONVENTIONS)."""
     if extra_modules is None:
         extra_modules = settings.conventions
     modules = [*BUNDLED_MODULES, *(m.strip() for m in extra_modules if m.strip())]

@@ -18,9 +18,9 @@ from osa_dagster.settings import Settings
 DEFAULT_PLAN_CRON = "0 3 * * 1"  # Mondays at 03:00 UTC: PDB releases on Wednesdays
 
 
-def plan_cron(convention: Convention) -> str:
+def plan_cron(convention: Convention, settings: Settings) -> str:
     """OSA_PLAN_CRON_<CONVENTION> (e.g. OSA_PLAN_CRON_PDB="0 3 * * 3"), else weekly."""
-    return Settings.from_env().plan_cron.get(convention.name, DEFAULT_PLAN_CRON)
+    return settings.plan_cron.get(convention.name, DEFAULT_PLAN_CRON)
 
 
 def last_successful_plan_start(instance: dg.DagsterInstance, job_name: str) -> datetime | None:
@@ -37,13 +37,13 @@ def last_successful_plan_start(instance: dg.DagsterInstance, job_name: str) -> d
 
 
 def convention_automation(
-    convention: Convention, partitions: dg.DynamicPartitionsDefinition
+    convention: Convention, partitions: dg.DynamicPartitionsDefinition, settings: Settings
 ) -> dg.Definitions:
     plan_job = plan_job_name(convention)
 
     @dg.schedule(
         name=f"{convention.name}_weekly_plan",
-        cron_schedule=plan_cron(convention),
+        cron_schedule=plan_cron(convention, settings),
         job_name=plan_job,
         execution_timezone="UTC",
         default_status=dg.DefaultScheduleStatus.RUNNING,
@@ -62,7 +62,7 @@ def convention_automation(
 
     @dg.sensor(
         name=f"{convention.name}_upstream_changes",
-        minimum_interval_seconds=Settings.from_env().watch_interval_s,
+        minimum_interval_seconds=settings.watch_interval_s,
         default_status=dg.DefaultSensorStatus.STOPPED,
         description=(
             f"Watches the {convention.name} upstream and plans every new or changed record "
@@ -73,7 +73,7 @@ def convention_automation(
         context: dg.SensorEvaluationContext, artifact_store: ArtifactStoreResource
     ) -> dg.SensorResult:
         cursor = WatchCursor.model_validate_json(context.cursor) if context.cursor else None
-        overlap = timedelta(hours=Settings.from_env().watch_overlap_h)
+        overlap = timedelta(hours=settings.watch_overlap_h)
         result, cursor = watch_upstream(
             convention, artifact_store.get(), cursor, now=datetime.now(UTC), overlap=overlap
         )

@@ -59,7 +59,14 @@ def convention_deposits(
             deposit,
             deposit_key(convention).to_user_string(),
         ):
-            result = validate_deposit(convention, store, deposit, runner, hook_runner.capacity())
+            result = validate_deposit(
+                convention,
+                store,
+                deposit,
+                runner,
+                hook_runner.capacity(),
+                max_mb=deposits.max_mb,
+            )
         prefix = deposit_prefix(convention.name, result.deposit)
         location = store.describe(f"{prefix}/{RESULT_FILE}")
         context.log.info(f"deposit {result.deposit}: {result.status.value} {result.reason or ''}")

@@ -8,7 +8,7 @@ import dagster as dg
 from osa_dagster import __version__
 from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.defs.run_worker import recording_worker
-from osa_dagster.settings import Settings, data_dir
+from osa_dagster.settings import Settings
 
 # What a step container needs from the orchestrator's environment, besides every OSA_*
 # variable (all of them: a step loads the same definitions and settings).
@@ -22,18 +22,18 @@ STEP_ENV_VARS = (
 )
 
 
-def ingest_executor() -> dg.ExecutorDefinition:
+def ingest_executor(settings: Settings) -> dg.ExecutorDefinition:
     """In-process by default: hooks already run in their own processes or containers, and a
     process per step costs seconds per partition. OSA_EXECUTOR=multiprocess isolates steps
     in processes, OSA_EXECUTOR=docker in containers (see docker_step_executor)."""
-    choice = Settings.from_env().executor
+    choice = settings.executor
     if choice == "docker":
-        return recording_worker(docker_step_executor())
+        return recording_worker(docker_step_executor(settings))
     executors = {"in_process": dg.in_process_executor, "multiprocess": dg.multiprocess_executor}
     return recording_worker(executors[choice])
 
 
-def docker_step_executor() -> dg.ExecutorDefinition:
+def docker_step_executor(settings: Settings) -> dg.ExecutorDefinition:
     """dagster_docker's executor: every step in its own container of OSA_STEP_IMAGE, removed
     when the step ends (see step_containers).
 
@@ -45,12 +45,12 @@ def docker_step_executor() -> dg.ExecutorDefinition:
     """
     from osa_dagster.defs.step_containers import STEP_LABEL, removing_docker_executor
 
-    settings = Settings.from_env()
-    mounts = {path: "rw" for path in (os.environ.get("DAGSTER_HOME", ""), str(data_dir())) if path}
+    data_dir = str(settings.data_dir)
+    mounts = {path: "rw" for path in (os.environ.get("DAGSTER_HOME", ""), data_dir) if path}
     docker_host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     if docker_host.startswith("unix://"):
         mounts[docker_host.removeprefix("unix://")] = "rw"
-    for convention in load_conventions().values():
+    for convention in load_conventions(settings).values():
         if convention.location and convention.location.startswith("/"):
             mounts.setdefault(convention.location, "ro")
     volumes = {path: {"bind": path, "mode": mode} for path, mode in mounts.items()}
@@ -61,7 +61,7 @@ def docker_step_executor() -> dg.ExecutorDefinition:
             "env_vars": [
                 name for name in os.environ if name in STEP_ENV_VARS or name.startswith("OSA_")
             ],
-            "container_kwargs": {"volumes": volumes, "labels": {STEP_LABEL: str(data_dir())}},
+            "container_kwargs": {"volumes": volumes, "labels": {STEP_LABEL: data_dir}},
         },
         name="docker",
     )

@@ -16,6 +16,7 @@ from osa_dagster.defs.dagster_private import UnresolvedAssetJobDefinition, retry
 from osa_dagster.defs.executors import ingest_executor
 from osa_dagster.defs.resources import ArtifactStoreResource
 from osa_dagster.defs.run_worker import recording_worker
+from osa_dagster.settings import Settings
 
 SKIPPED_METADATA = "skipped_files"
 PLANNED_BATCHES_METADATA = "planned_batches"
@@ -152,12 +153,12 @@ def plan_job(convention: Convention) -> dg.JobDefinition:
     return job
 
 
-def ingest_job(convention: Convention) -> UnresolvedAssetJobDefinition:
+def ingest_job(convention: Convention, settings: Settings) -> UnresolvedAssetJobDefinition:
     """Every asset of one batch, up to its features, over a partition or a range of them."""
     return dg.define_asset_job(
         name=ingest_job_name(convention),
         selection=dg.AssetSelection.assets(features_key(convention)).upstream(),
-        executor_def=ingest_executor(),
+        executor_def=ingest_executor(settings),
         description=f"Fetch, check, publish and store features of one {convention.name} batch.",
         # The production profile limits concurrent runs per convention on this tag. A retry
         # (of a run whose worker died) runs every step again: finished ones cost a re-fetch

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -21,11 +23,11 @@ from osa_dagster.batch.hooks import machine_capacity
 from osa_dagster.engine import HookCapacity, LocalRunner, MemoryLimitsUnavailable, Runner
 from osa_dagster.engine.runners.docker import DockerRunner
 from osa_dagster.engine.runners.local import require_promised_isolation
-from osa_dagster.engine.runners.sandbox import SandboxMode, SandboxUnavailable
-from osa_dagster.records import RecordsDatabase, open_database
-from osa_dagster.settings import RunnerKind, Settings
+from osa_dagster.engine.runners.sandbox import SandboxMode, SandboxPolicy, SandboxUnavailable
+from osa_dagster.records import RecordsDatabase, open_database, shown_database_url
+from osa_dagster.settings import DEFAULT_DEPOSIT_MAX_MB, MemoryLimits, RunnerKind, Settings
 from osa_dagster.storage import ArtifactStore
-from osa_dagster.storage.store import store_at
+from osa_dagster.storage.store import s3_retry, store_at
 
 PASSWORD_VARIABLE = "OSA_DATABASE_PASSWORD"
 URL_VARIABLE = "OSA_DATABASE_URL"
@@ -33,24 +35,45 @@ URL_VARIABLE = "OSA_DATABASE_URL"
 ISOLATION_METADATA = "hook_isolation"
 
 
-class ArtifactStoreResource(dg.ConfigurableResource):
+class S3AccessResource(dg.ConfigurableResource):
+    """How a store on S3 is reached: the server and the patience of its retries."""
+
+    s3_endpoint_url: str | None = Field(
+        default=None, description="OSA_S3_ENDPOINT_URL: an S3-compatible server; None: AWS."
+    )
+    s3_retry_attempts: int = Field(default=8, description="OSA_S3_RETRY_ATTEMPTS.")
+    s3_retry_max_wait_s: float = Field(default=8.0, description="OSA_S3_RETRY_MAX_WAIT_S.")
+
+    def store(self, location: str) -> ArtifactStore:
+        return store_at(
+            location,
+            endpoint_url=self.s3_endpoint_url,
+            retry=s3_retry(self.s3_retry_attempts, self.s3_retry_max_wait_s),
+        )
+
+
+class ArtifactStoreResource(S3AccessResource):
     """Batch artifacts (OSA_STORAGE): a folder, or s3://bucket/prefix on the S3 server of
     OSA_S3_ENDPOINT_URL (AWS when unset)."""
 
     location: str = Field(description="A folder, or s3://bucket/prefix.")
 
     def get(self) -> ArtifactStore:
-        return store_at(self.location)
+        return self.store(self.location)
 
 
-class DepositsResource(dg.ConfigurableResource):
+class DepositsResource(S3AccessResource):
     """Where single records are deposited for validation (OSA_DEPOSITS): a folder or
     s3://bucket/prefix."""
 
     location: str = Field(description="A folder, or s3://bucket/prefix.")
+    max_mb: float = Field(
+        default=DEFAULT_DEPOSIT_MAX_MB,
+        description="OSA_DEPOSIT_MAX_MB: MB that one deposit's files may add up to.",
+    )
 
     def get(self) -> ArtifactStore:
-        return store_at(self.location)
+        return self.store(self.location)
 
 
 class RecordsDatabaseResource(dg.ConfigurableResource):
@@ -73,7 +96,7 @@ class RecordsDatabaseResource(dg.ConfigurableResource):
         return self.domain
 
 
-class HookRunnerResource(dg.ConfigurableResource):
+class HookRunnerResource(S3AccessResource):
     """Where hooks run (OSA_HOOK_RUNNER): "local" processes under cgroup limits, "docker"
     containers or "kubernetes" Jobs (each hook's image, sandboxed). Kubernetes stages
     inputs and outputs through the S3 artifact store under `staging/`."""
@@ -82,6 +105,21 @@ class HookRunnerResource(dg.ConfigurableResource):
     sandbox: SandboxMode = Field(
         default="on",
         description="OSA_HOOK_SANDBOX: local hooks sandboxed (on), or unsandboxed (off).",
+    )
+    sandbox_user: str = Field(
+        default="65534:65534", description="OSA_HOOK_SANDBOX_USER: uid:gid of sandboxed hooks."
+    )
+    private_folders: list[str] = Field(
+        default_factory=list,
+        description="This machine's data folders, which no sandboxed hook sees.",
+    )
+    memory_limits: MemoryLimits = Field(
+        default="cgroup",
+        description="OSA_HOOK_MEMORY_LIMITS: cgroup (a real limit), rlimit or off.",
+    )
+    cgroup_parent: str | None = Field(
+        default=None,
+        description="OSA_CGROUP_PARENT: the cgroup that local hooks' cgroups are made in.",
     )
     k8s_namespace: str = Field(default="default", description="OSA_K8S_NAMESPACE.")
     k8s_staging_secret: str | None = Field(
@@ -100,7 +138,17 @@ class HookRunnerResource(dg.ConfigurableResource):
         sandbox or the real memory limits that the settings promise."""
         if self.kind == "local":
             try:
-                return LocalRunner(sandbox=self.sandbox)
+                uid, _, gid = self.sandbox_user.partition(":")
+                return LocalRunner(
+                    self.memory_limits,
+                    sandbox=self.sandbox,
+                    sandbox_policy=SandboxPolicy(
+                        uid=int(uid),
+                        gid=int(gid),
+                        private=tuple(Path(folder) for folder in self.private_folders),
+                    ),
+                    cgroup_parent=Path(self.cgroup_parent) if self.cgroup_parent else None,
+                )
             except SandboxUnavailable as unavailable:
                 raise dg.Failure(description=str(unavailable), allow_retries=False) from None
             except MemoryLimitsUnavailable as unavailable:
@@ -119,7 +167,7 @@ class HookRunnerResource(dg.ConfigurableResource):
 
         return KubernetesRunner(
             StoreStaging(
-                store_at(self.staging_store),
+                self.store(self.staging_store),
                 "staging",
                 pod_endpoint_url=self.k8s_s3_endpoint_url,
             ),
@@ -169,13 +217,8 @@ class AssetKinds:
     """Where hooks run: "python" (local processes), "docker" or "kubernetes"."""
 
 
-def database_url(settings: Settings) -> str:
-    """OSA_DATABASE_URL, or the SQLite file in the data folder (not created here)."""
-    return settings.database_url or f"sqlite:///{settings.data_dir / 'records.db'}"
-
-
 def asset_kinds(settings: Settings) -> AssetKinds:
-    backend = make_url(database_url(settings)).get_backend_name()
+    backend = make_url(shown_database_url(settings)).get_backend_name()
     return AssetKinds(
         database="postgres" if backend == "postgresql" else backend,
         store="s3" if settings.artifacts_location.lower().startswith("s3:") else None,
@@ -184,7 +227,7 @@ def asset_kinds(settings: Settings) -> AssetKinds:
 
 
 def _records_database(settings: Settings) -> RecordsDatabaseResource:
-    url = database_url(settings)
+    url = shown_database_url(settings)
     password = dg.EnvVar(PASSWORD_VARIABLE) if settings.database_password else None
     if make_url(url).password is not None:
         return RecordsDatabaseResource(url=dg.EnvVar(URL_VARIABLE), domain=settings.domain)
@@ -202,18 +245,30 @@ class Resources:
 
     @classmethod
     def of(cls, settings: Settings) -> Resources:
+        s3_access: dict[str, Any] = {
+            "s3_endpoint_url": settings.s3_endpoint_url,
+            "s3_retry_attempts": settings.s3_retry_attempts,
+            "s3_retry_max_wait_s": settings.s3_retry_max_wait_s,
+        }
         return cls(
-            artifact_store=ArtifactStoreResource(location=settings.artifacts_location),
+            artifact_store=ArtifactStoreResource(location=settings.artifacts_location, **s3_access),
             records_db=_records_database(settings),
             hook_runner=HookRunnerResource(
                 kind=settings.hook_runner,
                 sandbox=settings.hook_sandbox,
+                sandbox_user=settings.hook_sandbox_user,
+                private_folders=[str(folder) for folder in settings.local_data_folders],
+                memory_limits=settings.hook_memory_limits,
+                cgroup_parent=str(settings.cgroup_parent) if settings.cgroup_parent else None,
                 k8s_namespace=settings.k8s_namespace,
                 k8s_staging_secret=settings.k8s_staging_secret,
                 k8s_s3_endpoint_url=settings.k8s_s3_endpoint_url,
                 staging_store=settings.artifacts_location,
+                **s3_access,
             ),
-            deposits=DepositsResource(location=settings.deposits_location),
+            deposits=DepositsResource(
+                location=settings.deposits_location, max_mb=settings.deposit_max_mb, **s3_access
+            ),
         )
 
     def by_key(self) -> dict[str, dg.ConfigurableResource]:

@@ -4,8 +4,9 @@ from osa_dagster.records.database import (
     DatabaseNotReadable,
     RecordsDatabase,
     RecordsDatabaseUnusable,
-    database_url_from_env,
+    database_url,
     open_database,
+    shown_database_url,
 )
 from osa_dagster.records.dead_letters import (
     DeadLetterRow,
@@ -37,12 +38,13 @@ __all__ = [
     "RecordToPublish",
     "RecordsDatabase",
     "RecordsDatabaseUnusable",
-    "database_url_from_env",
+    "database_url",
     "find_srns",
     "list_dead_letters",
     "make_srn",
     "open_database",
     "publish_records",
     "replace_dead_letters",
+    "shown_database_url",
     "store_features",
 ]

@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from osa_dagster.records.schema import current_revision, head_revision, upgrade
-from osa_dagster.settings import Settings, data_dir
+from osa_dagster.settings import Settings
 
 
 class DatabaseNotReadable(RuntimeError):
@@ -24,16 +24,20 @@ class RecordsDatabaseUnusable(RuntimeError):
     the one-line message names it and says why."""
 
 
-def database_url_from_env() -> str:
-    """OSA_DATABASE_URL (with OSA_DATABASE_PASSWORD, if set), else a SQLite file in the data
-    folder."""
-    settings = Settings.from_env()
-    if settings.database_url and settings.database_password:
-        url = make_url(settings.database_url).set(password=settings.database_password)
+def database_url(configured: Settings) -> str:
+    """The settings' OSA_DATABASE_URL with OSA_DATABASE_PASSWORD, if set, in it; see
+    `shown_database_url`."""
+    shown = shown_database_url(configured)
+    if configured.database_url and configured.database_password:
+        url = make_url(shown).set(password=configured.database_password)
         return url.render_as_string(hide_password=False)
-    if settings.database_url:
-        return settings.database_url
-    return f"sqlite:///{data_dir() / 'records.db'}"
+    return shown
+
+
+def shown_database_url(configured: Settings) -> str:
+    """The settings' OSA_DATABASE_URL as set, without OSA_DATABASE_PASSWORD; unset, a SQLite
+    file in the data folder."""
+    return configured.database_url or f"sqlite:///{configured.data_dir / 'records.db'}"
 
 
 def _sqlite_file(url: str) -> Path | None:

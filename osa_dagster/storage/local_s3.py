@@ -178,7 +178,7 @@ class SeaweedFS:
                 raise
 
     def environment(self, prefix: str = DEFAULT_PREFIX) -> dict[str, str]:
-        """The variables that point `store_from_env` at this server, under `prefix`."""
+        """The variables that point `artifact_store` at this server, under `prefix`."""
         location = f"s3://{self.bucket}/{prefix.strip('/')}".rstrip("/")
         return {
             "OSA_STORAGE": location,

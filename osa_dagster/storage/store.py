@@ -16,7 +16,10 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from osa_dagster.atomic_files import write_atomically
+from osa_dagster.retrying import RetryPolicy
 from osa_dagster.settings import Settings
+
+DEFAULT_RETRY = RetryPolicy()
 
 
 class StoreKeyError(ValueError):
@@ -121,36 +124,47 @@ class FileSystemStore:
         return str(self.path(key))
 
 
-def store_from_env() -> ArtifactStore:
-    """The store named by OSA_STORAGE (see `store_at`); default <data dir>/artifacts."""
-    return store_at(Settings.from_env().artifacts_location)
+def artifact_store(configured: Settings) -> ArtifactStore:
+    """The store of the settings' OSA_STORAGE (see `store_at`); default <data dir>/artifacts."""
+    return _configured_store(configured.artifacts_location, configured)
 
 
-def deposits_store_from_env() -> ArtifactStore:
-    """Where people deposit single records to validate: OSA_DEPOSITS (a folder or an S3
-    prefix, as `store_at` reads it); default <data dir>/deposits, a drop folder."""
-    return store_at(Settings.from_env().deposits_location)
+def deposits_store(configured: Settings) -> ArtifactStore:
+    """Where people deposit single records to validate: the settings' OSA_DEPOSITS (a folder
+    or an S3 prefix, as `store_at` reads it); default <data dir>/deposits, a drop folder."""
+    return _configured_store(configured.deposits_location, configured)
 
 
-def store_at(location: str) -> ArtifactStore:
+def _configured_store(location: str, configured: Settings) -> ArtifactStore:
+    return store_at(
+        location,
+        endpoint_url=configured.s3_endpoint_url,
+        retry=s3_retry(configured.s3_retry_attempts, configured.s3_retry_max_wait_s),
+    )
+
+
+def s3_retry(attempts: int, max_wait_s: float) -> RetryPolicy:
+    """OSA_S3_RETRY_ATTEMPTS and OSA_S3_RETRY_MAX_WAIT_S as a retry policy."""
+    return RetryPolicy(attempts=attempts, max_delay=max_wait_s)
+
+
+def store_at(
+    location: str, *, endpoint_url: str | None = None, retry: RetryPolicy = DEFAULT_RETRY
+) -> ArtifactStore:
     """The store at `location`: a folder (optionally file://...) or s3://bucket[/prefix].
 
-    For S3: OSA_S3_ENDPOINT_URL points at an S3-compatible server (path-style addressing
-    then), the region is AWS_REGION or AWS_DEFAULT_REGION (default us-east-1), and
-    credentials come from boto3's default chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
-    profiles, instance roles), and transient failures are retried as OSA_S3_RETRY_ATTEMPTS
-    and OSA_S3_RETRY_MAX_WAIT_S say (see s3.RetryPolicy for the defaults).
+    For S3: `endpoint_url` (OSA_S3_ENDPOINT_URL; None: AWS) points at an S3-compatible
+    server (path-style addressing then), the region is AWS_REGION or AWS_DEFAULT_REGION
+    (default us-east-1), and credentials come from boto3's default chain
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles, instance roles), and transient
+    failures are retried as `retry` says.
     """
     if location.lower().startswith("s3:"):
         # Imported here so that the filesystem default does not pay for importing boto3.
-        from osa_dagster.storage.s3 import RetryPolicy, S3Store, make_s3_client, parse_s3_url
+        from osa_dagster.storage.s3 import S3Store, make_s3_client, parse_s3_url
 
         bucket, prefix = parse_s3_url(location)
-        settings = Settings.from_env()
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        client = make_s3_client(endpoint_url=settings.s3_endpoint_url, region=region or "us-east-1")
-        retry = RetryPolicy(
-            attempts=settings.s3_retry_attempts, max_delay=settings.s3_retry_max_wait_s
-        )
+        client = make_s3_client(endpoint_url=endpoint_url, region=region or "us-east-1")
         return S3Store(bucket, prefix, client, retry=retry)
     return FileSystemStore(Path(location.removeprefix("file://")))

@@ -14,7 +14,8 @@ import docker
 import pytest
 from sqlalchemy import func, select
 
-from osa_dagster.records import Record, RecordsDatabase, database_url_from_env
+from osa_dagster.records import Record, RecordsDatabase, database_url
+from osa_dagster.settings import Settings
 from tests.conftest import use_instance_profile
 
 pytestmark = pytest.mark.slow
@@ -55,7 +56,7 @@ def test_a_partition_materialises_with_every_step_in_a_container(tmp_path, step_
     # with its checks).
     assert len(launched) == 4
     assert all("Docker container" in (e.message or e.user_message) for e in launched)
-    db = RecordsDatabase(database_url_from_env())
+    db = RecordsDatabase(database_url(Settings.from_env()))
     with db.session() as session:
         assert session.scalar(select(func.count()).select_from(Record)) >= 4
 

@@ -8,7 +8,8 @@ from sqlalchemy import select
 
 from osa_dagster.conventions.pdb.ingester import mirror_entries
 from osa_dagster.definitions import build_definitions
-from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
+from osa_dagster.records import Feature, Record, RecordsDatabase, database_url
+from osa_dagster.settings import Settings
 from tests.test_pdb_end_to_end import MIRROR, expected_publishable
 
 pytestmark = pytest.mark.slow
@@ -32,7 +33,7 @@ def ingested_in_docker(tmp_path_factory, docker_client, pdb_hook_image):
                 job.execute_in_process(partition_key=key, instance=instance)
                 for key in instance.get_dynamic_partitions("pdb_batches")
             ]
-            yield results, RecordsDatabase(database_url_from_env())
+            yield results, RecordsDatabase(database_url(Settings.from_env()))
 
 
 def test_the_mirror_is_published_through_hook_containers(ingested_in_docker):

@@ -30,6 +30,7 @@ from osa_dagster.conventions.geo.ingester import (
     GeoRecordMetadata,
 )
 from osa_dagster.conventions.http import UpstreamError
+from osa_dagster.settings import Settings
 from tests.conventions.fake_upstream import FakeUpstream, ReceivedRequest, Reply
 
 FILES = {
@@ -496,9 +497,9 @@ def test_fetch_downloads_family_files_and_errors_only_a_404(
 def test_osa_sources_switches_geo_to_ncbi_with_the_same_hooks(monkeypatch) -> None:
     from osa_dagster.conventions.registry import ConventionError, load_conventions
 
-    assert load_conventions()["geo"].ingester is GeoFolderIngester
+    assert load_conventions(Settings.from_env())["geo"].ingester is GeoFolderIngester
     monkeypatch.setenv("OSA_SOURCES", "geo=ncbi")
-    geo = load_conventions()["geo"]
+    geo = load_conventions(Settings.from_env())["geo"]
     assert (geo.ingester, geo.source) == (GeoEutilsIngester, "ncbi")
     assert geo.hooks == CONVENTIONS[0].hooks
     monkeypatch.setenv("OSA_SOURCES", "geo=ftp")
@@ -506,7 +507,7 @@ def test_osa_sources_switches_geo_to_ncbi_with_the_same_hooks(monkeypatch) -> No
         ConventionError,
         match=r"geo: 'ftp' is not one of its sources \['folder', 'ncbi'\], nor a folder or file",
     ):
-        load_conventions()
+        load_conventions(Settings.from_env())
     monkeypatch.setenv("OSA_SOURCES", "nosuch=ncbi")
     with pytest.raises(ConventionError, match="conventions that do not exist"):
-        load_conventions()
+        load_conventions(Settings.from_env())

@@ -22,7 +22,8 @@ from osa_dagster.conventions.http import UpstreamError
 from osa_dagster.conventions.pdb.ingester import DEFAULT_MIRROR, PdbEntryMetadata, entry_path
 from osa_dagster.conventions.pdb.rcsb import RcsbIngester
 from osa_dagster.definitions import build_definitions
-from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
+from osa_dagster.records import Feature, Record, RecordsDatabase, database_url
+from osa_dagster.settings import Settings
 from tests.conventions.fake_upstream import FakeUpstream, ReceivedRequest, Reply
 from tests.fixtures.pdb_api_convention import (
     FILES_PATH,
@@ -309,7 +310,7 @@ def test_the_asset_graph_publishes_entries_fetched_through_the_api(pdb_api_conve
 
     expected = {i for i in SERVED if expected_publishable(entry_path(DEFAULT_MIRROR, i))}
     assert "1OSM" not in expected and len(expected) == len(SERVED) - 1
-    db = RecordsDatabase(database_url_from_env())
+    db = RecordsDatabase(database_url(Settings.from_env()))
     with db.session() as session:
         published = set(
             session.scalars(select(Record.source_id).where(Record.convention == "pdb_api"))

@@ -31,6 +31,7 @@ from osa_dagster.conventions.uniprot.ingester import (
 )
 from osa_dagster.conventions.uniprot.measure import measure
 from osa_dagster.conventions.uniprot.rest import UniProtRestIngester
+from osa_dagster.settings import Settings
 from tests.conventions.fake_upstream import FakeUpstream, Reply
 
 SEARCH = "/uniprotkb/search"
@@ -470,7 +471,7 @@ def test_something_else_than_an_entry_is_rejected(tmp_path: Path) -> None:
 
 
 def test_the_convention_loads_by_module_name() -> None:
-    conventions = load_conventions(["osa_dagster.conventions.uniprot"])
+    conventions = load_conventions(Settings.from_env(), ["osa_dagster.conventions.uniprot"])
     uniprot = conventions["uniprot"]
     assert uniprot == CONVENTIONS[0]
     assert [h.name for h in uniprot.hooks] == ["validate_sequence", "extract_features"]

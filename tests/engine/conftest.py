@@ -8,6 +8,7 @@ import pytest
 
 from osa_dagster.engine import LocalRunner
 from osa_dagster.engine.cgroup import NAME_PREFIX, MemoryLimitsUnavailable, attempt_cgroups
+from osa_dagster.settings import Settings
 
 from .helpers import Harness
 
@@ -34,4 +35,4 @@ def no_cgroup_left() -> Iterator[None]:
 
 @pytest.fixture
 def harness(tmp_path: Path) -> Harness:
-    return Harness(tmp_path, LocalRunner())
+    return Harness(tmp_path, LocalRunner.from_settings(Settings.from_env()))

@@ -16,6 +16,7 @@ from osa_sdk.types import OutcomeStatus
 
 from osa_dagster.engine import Cancelled, Checkpoint, FileCheckpointIO, LocalRunner, run_hook
 from osa_dagster.engine.capacity import HookCapacity
+from osa_dagster.settings import Settings
 
 from .helpers import BEHAVE, HOOKS, Harness, alive, eventually, record, require_cgroups
 
@@ -90,11 +91,12 @@ from pathlib import Path
 from osa_sdk.types import HookRecord
 from osa_dagster.engine import FileCheckpointIO, HookBatch, HookSpec, LocalRunner, run_hook
 from osa_dagster.engine.capacity import HookCapacity
+from osa_dagster.settings import Settings
 args = json.loads(sys.argv[1])
 run_hook(
     HookSpec.model_validate(args["spec"]),
     HookBatch([HookRecord.model_validate(r) for r in args["records"]], Path(args["files_root"])),
-    LocalRunner(),
+    LocalRunner.from_settings(Settings.from_env()),
     FileCheckpointIO(Path(args["checkpoint"])),
     Path(args["workdir"]),
     capacity=HookCapacity(Path(args["ledger"]), slots=2, budget_mb=args["budget_mb"]),
@@ -183,7 +185,7 @@ def test_a_burst_of_climbing_attempts_never_holds_more_than_the_budget(tmp_path:
     require_cgroups()
     capacity = HookCapacity(tmp_path / "capacity.json", slots=BATCHES, budget_mb=BUDGET_MB)
     journal = tmp_path / "journal.txt"
-    runner = LocalRunner()
+    runner = LocalRunner.from_settings(Settings.from_env())
     harnesses = [Harness(tmp_path / f"batch-{n}", runner) for n in range(BATCHES)]
 
     def run(harness: Harness) -> Checkpoint:

@@ -32,6 +32,7 @@ from osa_dagster.engine.cgroup import (
 )
 from osa_dagster.engine.runners.local import LocalAttempt
 from osa_dagster.engine.runners.sandbox import SandboxPolicy
+from osa_dagster.settings import Settings
 
 from .helpers import Harness, alive, eventually, record, require_cgroups, require_sandbox
 
@@ -64,7 +65,7 @@ def invocation(
 
 def sandboxed() -> LocalRunner:
     require_sandbox()
-    return LocalRunner(sandbox="on")
+    return LocalRunner.from_settings(Settings.from_env(), sandbox="on")
 
 
 def python(code: str) -> tuple[str, ...]:
@@ -90,7 +91,7 @@ def test_an_oom_killed_hook_climbs_its_ladder_and_resumes_from_its_checkpoint(
     cgroups: AttemptCgroups, tmp_path: Path
 ) -> None:
     # Unsandboxed: the test hook counts what it did in a ledger in the test's folder.
-    harness = Harness(tmp_path, LocalRunner(sandbox="off"))
+    harness = Harness(tmp_path, LocalRunner.from_settings(Settings.from_env(), sandbox="off"))
     records = [record("small", 1, alloc_mb=20), record("big", 2, alloc_mb=200), record("after", 3)]
 
     checkpoint = harness.run(harness.spec(base_mb=128, cap_mb=256), records)
@@ -140,7 +141,9 @@ def test_a_detached_grandchild_neither_escapes_nor_outlives_its_attempt(
     )
     # Unsandboxed: the test follows the grandchild by its pid, which a sandbox's pid
     # namespace would renumber.
-    attempt = LocalRunner(sandbox="off").start(invocation(tmp_path, "sh", "-c", script))
+    attempt = LocalRunner.from_settings(Settings.from_env(), sandbox="off").start(
+        invocation(tmp_path, "sh", "-c", script)
+    )
     cgroup = attempt.marker.cgroup
 
     exit_ = finish(attempt)
@@ -172,7 +175,8 @@ def test_the_process_limit_holds(cgroups: AttemptCgroups, tmp_path: Path) -> Non
         "print(started, flush=True)\n"
     )
     # cgroup v2 caps every attempt's processes; cgroup v1 a sandboxed attempt's only.
-    runner = LocalRunner(
+    runner = LocalRunner.from_settings(
+        Settings.from_env(),
         sandbox="off" if cgroups.version == 2 else "on",
         sandbox_policy=SandboxPolicy(max_processes=max_processes),
     )
@@ -191,7 +195,7 @@ def test_the_budget_follows_the_cgroup_limit(cgroups: AttemptCgroups, tmp_path: 
     limit_mb = 300
 
     # Unsandboxed: the hook reads its cgroup's limits in /sys, which a sandbox does not show.
-    runner = LocalRunner(sandbox="off")
+    runner = LocalRunner.from_settings(Settings.from_env(), sandbox="off")
 
     exit_ = finish(runner.start(invocation(tmp_path, *python(code), memory_mb=limit_mb)))
 
@@ -239,7 +243,10 @@ def test_a_hook_can_neither_raise_its_limit_nor_leave_its_cgroup(
         setpriv = shutil.which("setpriv")
         assert setpriv is not None
         as_nobody = (setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
-        runner, command = LocalRunner(sandbox="off"), (*as_nobody, *python(HOSTILE), *where)
+        runner, command = (
+            LocalRunner.from_settings(Settings.from_env(), sandbox="off"),
+            (*as_nobody, *python(HOSTILE), *where),
+        )
         refusals = {"EACCES", "EPERM", "EROFS"}
     else:
         # Rootless, the sandbox's user is this one outside, which owns the delegated cgroup's
@@ -340,4 +347,4 @@ def test_cgroup_v2_attempts_go_where_osa_cgroup_parent_says(
 
     monkeypatch.setenv("OSA_CGROUP_PARENT", str(tmp_path))
     with pytest.raises(MemoryLimitsUnavailable, match="not a cgroup below the cgroup v2 mount"):
-        LocalRunner()
+        LocalRunner.from_settings(Settings.from_env())

@@ -8,6 +8,7 @@ import pytest
 from osa_sdk.types import HookRecord, OutcomeStatus
 
 from osa_dagster.engine import LocalRunner
+from osa_dagster.settings import Settings
 
 from .helpers import SHELL_HOOK, Harness, record, require_cgroups
 
@@ -32,7 +33,7 @@ def test_oom_escalates_memory_and_never_redoes_finished_records(
 ) -> None:
     if mode == "cgroup":
         require_cgroups()
-    harness.runner = LocalRunner(mode)
+    harness.runner = LocalRunner.from_settings(Settings.from_env(), mode)
     spec = harness.spec(base_mb=128, cap_mb=512)
 
     checkpoint = harness.run(spec, big_batch())
@@ -65,7 +66,9 @@ def test_oom_escalates_memory_and_never_redoes_finished_records(
 
 
 def test_one_call_climbs_the_ladder(harness: Harness) -> None:
-    harness.runner = LocalRunner("rlimit")  # MemoryError exits: no cgroup needed
+    harness.runner = LocalRunner.from_settings(
+        Settings.from_env(), "rlimit"
+    )  # MemoryError exits: no cgroup needed
 
     progress = harness.advance(harness.spec(), big_batch())
 

@@ -18,6 +18,7 @@ from osa_dagster.engine import (
     MemoryPolicy,
 )
 from osa_dagster.engine.memory_history import Oom
+from osa_dagster.settings import Settings
 from osa_dagster.storage import FileSystemStore
 from osa_dagster.storage.layout import memory_history_key
 
@@ -158,7 +159,7 @@ def history(tmp_path: Path) -> FileMemoryHistoryIO:
 
 
 def harness_for(tmp_path: Path, name: str) -> Harness:
-    return Harness(tmp_path / name, LocalRunner())
+    return Harness(tmp_path / name, LocalRunner.from_settings(Settings.from_env()))
 
 
 @pytest.mark.slow

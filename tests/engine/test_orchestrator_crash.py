@@ -15,12 +15,13 @@ ORCHESTRATOR = """
 import json, sys
 from pathlib import Path
 from osa_sdk.types import HookRecord
+from osa_dagster.settings import Settings
 from osa_dagster.engine import FileCheckpointIO, HookBatch, HookSpec, LocalRunner, run_hook
 args = json.loads(sys.argv[1])
 run_hook(
     HookSpec.model_validate(args["spec"]),
     HookBatch([HookRecord.model_validate(r) for r in args["records"]], Path(args["files_root"])),
-    LocalRunner(),
+    LocalRunner.from_settings(Settings.from_env()),
     FileCheckpointIO(Path(args["checkpoint"])),
     Path(args["workdir"]),
     checkpoint_every_s=0.05,

@@ -13,6 +13,7 @@ from osa_dagster.engine import AttemptMarker, Invocation, LocalRunner, kill_left
 from osa_dagster.engine.cgroup import AttemptCgroups, MemoryLimitsUnavailable
 from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.engine.runners import local as runners_module
+from osa_dagster.settings import Settings
 
 from .helpers import alive, eventually, require_cgroups, require_sandbox
 
@@ -41,7 +42,7 @@ def read_pid(path: Path) -> int:
 def runner(request: pytest.FixtureRequest) -> LocalRunner:
     if request.param == "cgroup":
         require_cgroups()
-    return LocalRunner(request.param)
+    return LocalRunner.from_settings(Settings.from_env(), request.param)
 
 
 @pytest.fixture
@@ -58,7 +59,11 @@ def test_kernel_oom_kill_is_reported_with_its_peak(tmp_path: Path) -> None:
     require_sandbox()
     command = (sys.executable, "-c", "bytearray(300 * 2**20)")
 
-    exit_ = LocalRunner("cgroup", sandbox="on").start(invocation(tmp_path, *command)).wait(30)
+    exit_ = (
+        LocalRunner.from_settings(Settings.from_env(), "cgroup", sandbox="on")
+        .start(invocation(tmp_path, *command))
+        .wait(30)
+    )
 
     assert exit_ is not None
     assert (exit_.returncode, exit_.oom_killed, exit_.out_of_memory) == (-9, True, True)
@@ -100,7 +105,7 @@ def test_processes_that_left_the_session_die_with_the_cgroup(tmp_path: Path) -> 
     require_cgroups()
     script = "setsid sleep 30 & echo $! > child.pid"
     # Unsandboxed: the test follows the child by its pid, which a sandbox would renumber.
-    runner = LocalRunner("cgroup", sandbox="off")
+    runner = LocalRunner.from_settings(Settings.from_env(), "cgroup", sandbox="off")
     attempt = runner.start(invocation(tmp_path, "sh", "-c", script))
 
     exit_ = attempt.wait(5)
@@ -131,11 +136,14 @@ def test_without_cgroups_the_runner_refuses_unless_told_not_to_limit(
 
     monkeypatch.setattr(runners_module, "attempt_cgroups", none_here)
     with pytest.raises(MemoryLimitsUnavailable, match="no cgroup memory controller"):
-        LocalRunner()
+        LocalRunner.from_settings(Settings.from_env())
 
     monkeypatch.setenv("OSA_HOOK_MEMORY_LIMITS", "off")
     runners_module._warn_limits_not_enforced.cache_clear()
-    runners = [LocalRunner(), LocalRunner()]
+    runners = [
+        LocalRunner.from_settings(Settings.from_env()),
+        LocalRunner.from_settings(Settings.from_env()),
+    ]
     # Twice its limit, and nothing stops it: the attempt says that nothing was enforced.
     exit_ = (
         runners[0]
@@ -154,9 +162,10 @@ ORCHESTRATOR = """
 import sys, time
 from pathlib import Path
 from osa_dagster.engine import Invocation, LocalRunner
+from osa_dagster.settings import Settings
 root = Path(sys.argv[1])
 # Unsandboxed: the test follows the escaped child by its pid, which a sandbox would renumber.
-attempt = LocalRunner("cgroup", sandbox="off").start(Invocation(
+attempt = LocalRunner.from_settings(Settings.from_env(), "cgroup", sandbox="off").start(Invocation(
     command=("sh", "-c", "setsid sleep 30 & echo $! > child.pid; sleep 30"), env={},
     in_dir=root, out_dir=root, files_root=root, memory_limit_mb=64, timeout_s=60,
     log_path=root / "hook.log"))

@@ -130,7 +130,9 @@ def test_a_sandboxed_hook_is_nobody_with_no_network_and_sees_no_private_folder(
     (private / "records.db").write_text("the records database")
     monkeypatch.setenv("PYTHONPATH", str(code))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-hooks")
-    runner = LocalRunner(sandbox="on", sandbox_policy=SandboxPolicy(private=(private,)))
+    runner = LocalRunner.from_settings(
+        Settings.from_env(), sandbox="on", sandbox_policy=SandboxPolicy(private=(private,))
+    )
 
     seen = run_introspection(
         tmp_path / "a", runner, listener.getsockname()[1], private, network=False
@@ -153,7 +155,7 @@ def test_a_sandboxed_hook_is_nobody_with_no_network_and_sees_no_private_folder(
 def test_a_hook_that_opts_in_reaches_the_network(
     sandboxed: None, tmp_path: Path, listener: socket.socket
 ) -> None:
-    runner = LocalRunner(sandbox="on")
+    runner = LocalRunner.from_settings(Settings.from_env(), sandbox="on")
     seen = run_introspection(
         tmp_path, runner, listener.getsockname()[1], Path("/tmp"), network=True
     )
@@ -162,7 +164,7 @@ def test_a_hook_that_opts_in_reaches_the_network(
 
 def test_on_refuses_to_run_without_the_sandbox_in_one_line(no_tools: None) -> None:
     with pytest.raises(SandboxUnavailable) as refused:
-        LocalRunner(sandbox="on")
+        LocalRunner.from_settings(Settings.from_env(), sandbox="on")
     message = str(refused.value)
     assert "\n" not in message
     drop = "prlimit" if os.geteuid() else "setpriv"
@@ -180,7 +182,10 @@ def test_off_never_looks_for_the_sandbox_and_says_so_once(
     no_tools: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING):
-        runners = [LocalRunner(sandbox="off"), LocalRunner(sandbox="off")]
+        runners = [
+            LocalRunner.from_settings(Settings.from_env(), sandbox="off"),
+            LocalRunner.from_settings(Settings.from_env(), sandbox="off"),
+        ]
     assert [r.sandbox for r in runners] == [None, None]
     assert len([r for r in caplog.records if "UNSANDBOXED" in r.message]) == 1
 
@@ -238,8 +243,9 @@ ORCHESTRATOR = """
 import json, sys, time
 from pathlib import Path
 from osa_dagster.engine import Invocation, LocalRunner
+from osa_dagster.settings import Settings
 root = Path(sys.argv[1])
-attempt = LocalRunner("cgroup", sandbox="on").start(Invocation(
+attempt = LocalRunner.from_settings(Settings.from_env(), "cgroup", sandbox="on").start(Invocation(
     command=("sleep", "600"), env={}, in_dir=root / "in", out_dir=root / "out",
     files_root=root / "files", memory_limit_mb=128, timeout_s=600, log_path=root / "hook.log",
 ))
@@ -282,7 +288,7 @@ def test_inputs_staged_in_a_private_folder_are_readable_by_the_hook(
     for name in ("in", "out", "files"):
         (tmp_path / name).mkdir(mode=0o700)
     (tmp_path / "files" / "data.txt").write_text("staged\n")
-    attempt = LocalRunner(sandbox="on").start(
+    attempt = LocalRunner.from_settings(Settings.from_env(), sandbox="on").start(
         Invocation(
             command=("cat", "/osa/files/data.txt"),
             env={},

@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy import func, select
 
 from osa_dagster.definitions import build_definitions
-from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
+from osa_dagster.records import Feature, Record, RecordsDatabase, database_url
+from osa_dagster.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,7 +84,7 @@ def check_results(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
 
 def published(convention: str, url: str | None = None) -> Counter[str]:
     """How many rows of the records table each source id of the convention has."""
-    db = RecordsDatabase(url or database_url_from_env())
+    db = RecordsDatabase(url or database_url(Settings.from_env()))
     try:
         with db.session() as session:
             rows = session.execute(
@@ -95,7 +96,7 @@ def published(convention: str, url: str | None = None) -> Counter[str]:
 
 
 def feature_rows(url: str | None = None) -> int:
-    db = RecordsDatabase(url or database_url_from_env())
+    db = RecordsDatabase(url or database_url(Settings.from_env()))
     try:
         with db.session() as session:
             return session.scalar(select(func.count()).select_from(Feature)) or 0

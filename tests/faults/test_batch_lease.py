@@ -14,8 +14,9 @@ import pytest
 from osa_dagster.batch.hooks import load_hook_checkpoints
 from osa_dagster.batch.lease import BatchLeases
 from osa_dagster.conventions.registry import load_conventions
-from osa_dagster.records import RecordsDatabase, database_url_from_env
-from osa_dagster.storage import store_from_env
+from osa_dagster.records import RecordsDatabase, database_url
+from osa_dagster.settings import Settings
+from osa_dagster.storage import artifact_store
 from tests.engine.helpers import eventually
 from tests.fixtures.fault_convention import ENV_GATE, record_ids
 
@@ -27,7 +28,7 @@ MATERIALIZE = [sys.executable, "-m", "osa_dagster.cli", "materialize", CONVENTIO
 
 
 def _holder_step(key: str) -> str | None:
-    db = RecordsDatabase(database_url_from_env())
+    db = RecordsDatabase(database_url(Settings.from_env()))
     try:
         holding = BatchLeases(db).current(CONVENTION, key)
         return holding.step if holding else None
@@ -37,8 +38,9 @@ def _holder_step(key: str) -> str | None:
 
 def _attempts(key: str) -> list[tuple[int | None, bool]]:
     """(returncode, interrupted) of every attempt of the ledger hook on the batch."""
-    convention = load_conventions()[CONVENTION]
-    [checkpoint] = load_hook_checkpoints(convention, store_from_env(), key).values()
+    convention = load_conventions(Settings.from_env())[CONVENTION]
+    store = artifact_store(Settings.from_env())
+    [checkpoint] = load_hook_checkpoints(convention, store, key).values()
     return [(a.returncode, a.interrupted) for a in checkpoint.attempts]
 
 

@@ -30,6 +30,7 @@ from osa_sdk.types import OutcomeStatus
 
 from osa_dagster.engine import LocalRunner
 from osa_dagster.engine.runners.base import HOOK_LOG_MAX_BYTES, dropped_marker
+from osa_dagster.settings import Settings
 from tests.engine.helpers import Harness, record
 from tests.fixtures.flooding_hooks import HEAD_LINE, TAIL_ERROR
 
@@ -54,7 +55,7 @@ def features_line_bytes(record_id: str, rows: int) -> int:
 def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
     # The flood is about what the engine takes from a hook, the same sandboxed or not.
     monkeypatch.setenv("OSA_HOOK_SANDBOX", "off")
-    return Harness(tmp_path, LocalRunner())
+    return Harness(tmp_path, LocalRunner.from_settings(Settings.from_env()))
 
 
 def test_the_probes_three_million_rows_on_one_line_error_their_record_only(
@@ -212,7 +213,7 @@ def _peak_rss_mb() -> float:
 
 def _drive(settings: dict[str, Any]) -> dict[str, Any]:
     os.environ["OSA_HOOK_SANDBOX"] = "off"
-    harness = Harness(Path(settings["root"]), LocalRunner())
+    harness = Harness(Path(settings["root"]), LocalRunner.from_settings(Settings.from_env()))
     # The flood goes through the output folder: its own cap is not what this test is about.
     spec = harness.spec(FLOOD, **settings["config"]).model_copy(
         update={"max_output_mb": 4 * bytes_to_mb(100 * MAX_OUTCOME_LINE_BYTES)}

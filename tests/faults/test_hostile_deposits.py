@@ -38,6 +38,7 @@ from osa_dagster.engine import LocalRunner
 from osa_dagster.engine.runners.base import AttemptMarker, Invocation, RunningAttempt
 from osa_dagster.engine.spec import HookSpec, MemoryPolicy, sdk_hook_command
 from osa_dagster.regular_files import copy_data
+from osa_dagster.settings import Settings
 from osa_dagster.storage.store import FileSystemStore
 from tests.fixtures.hostile_convention import PeakGrowth
 from tests.fixtures.toy_convention import ToyIngester
@@ -116,7 +117,9 @@ def test_a_file_that_is_not_a_regular_file_is_refused_unopened(
     write_deposit(store, CONVENTION, case, {"good.txt": b"deposited"})
     make(folder(store, case) / FILES_DIR, tmp_path)
 
-    result = validate_deposit(convention(), store, case, LocalRunner())
+    result = validate_deposit(
+        convention(), store, case, LocalRunner.from_settings(Settings.from_env())
+    )
 
     assert (result.status, result.reason) == (
         OutcomeStatus.REJECTED,
@@ -131,7 +134,9 @@ def test_a_linked_files_folder_is_refused(store: FileSystemStore, tmp_path: Path
     write_deposit(store, CONVENTION, "linked", {})
     (folder(store, "linked") / FILES_DIR).symlink_to(credentials(tmp_path))
 
-    result = validate_deposit(convention(), store, "linked", LocalRunner())
+    result = validate_deposit(
+        convention(), store, "linked", LocalRunner.from_settings(Settings.from_env())
+    )
 
     assert result.reason == "malformed deposit: files/ is a symlink: deposit the files themselves"
     assert "not-for-depositors" not in (folder(store, "linked") / RESULT_FILE).read_text()
@@ -144,7 +149,9 @@ def test_a_linked_deposit_json_is_refused(store: FileSystemStore, tmp_path: Path
     (folder(store, "linked-request") / "deposit.json").unlink()
     (folder(store, "linked-request") / "deposit.json").symlink_to(elsewhere)
 
-    result = validate_deposit(convention(), store, "linked-request", LocalRunner())
+    result = validate_deposit(
+        convention(), store, "linked-request", LocalRunner.from_settings(Settings.from_env())
+    )
 
     assert result.reason == "malformed deposit: deposit.json is a symlink, not a regular file"
 
@@ -154,7 +161,9 @@ def test_a_huge_deposit_json_is_refused_unread(store: FileSystemStore) -> None:
     os.truncate(folder(store, "huge") / "deposit.json", 400 * BYTES_PER_MB)  # sparse: no disk used
 
     with PeakGrowth() as growth:
-        result = validate_deposit(convention(), store, "huge", LocalRunner())
+        result = validate_deposit(
+            convention(), store, "huge", LocalRunner.from_settings(Settings.from_env())
+        )
 
     assert result.reason == (
         "malformed deposit: deposit.json is 400.0 MB, over the 4 MB it may be: put data in files/"
@@ -178,7 +187,9 @@ def test_a_folder_the_sensor_cannot_take_gets_a_result_saying_why(
         assert result.reason.startswith(f"malformed deposit: the folder name {name!r} cannot")
     # Refused once: a second tick finds nothing more to say.
     assert refuse_misnamed_deposits(store, CONVENTION) == []
-    honest = validate_deposit(convention(), store, "honest", LocalRunner())
+    honest = validate_deposit(
+        convention(), store, "honest", LocalRunner.from_settings(Settings.from_env())
+    )
     assert honest.status is OutcomeStatus.PASSED, honest.reason
 
 
@@ -211,7 +222,9 @@ def test_a_linked_deposit_folder_is_neither_read_nor_written_through(
     (store.root / CONVENTION).mkdir(parents=True)
     folder(store, "linked").symlink_to(target)
 
-    result = validate_deposit(convention(), store, "linked", LocalRunner())
+    result = validate_deposit(
+        convention(), store, "linked", LocalRunner.from_settings(Settings.from_env())
+    )
 
     assert tree(target) == before  # no result.json where the link points
     assert (result.status, result.reason) == (
@@ -227,7 +240,7 @@ class SwappingRunner:
     the validator would do it."""
 
     def __init__(self, swap: Callable[[], None]) -> None:
-        self.runner = LocalRunner()
+        self.runner = LocalRunner.from_settings(Settings.from_env())
         self.swap: Callable[[], None] | None = swap
 
     def start(self, inv: Invocation) -> RunningAttempt:
@@ -293,7 +306,9 @@ def test_result_json_is_written_in_place_of_a_planted_symlink(
     write_deposit(store, CONVENTION, "planted", {"good.txt": b"deposited"})
     (folder(store, "planted") / RESULT_FILE).symlink_to(target)
 
-    result = validate_deposit(convention(), store, "planted", LocalRunner())
+    result = validate_deposit(
+        convention(), store, "planted", LocalRunner.from_settings(Settings.from_env())
+    )
 
     assert result.status is OutcomeStatus.PASSED, result.reason
     assert target.read_text() == "the depositor's"
@@ -325,7 +340,9 @@ def test_a_sparse_file_over_the_cap_is_refused_by_its_apparent_size(
     os.truncate(big, 1024 * BYTES_PER_MB)  # 1 GB that takes no disk
     start = written_bytes()
 
-    result = validate_deposit(convention(), store, "sparse", LocalRunner())
+    result = validate_deposit(
+        convention(), store, "sparse", LocalRunner.from_settings(Settings.from_env())
+    )
 
     assert (result.status, result.reason) == (
         OutcomeStatus.REJECTED,
@@ -342,7 +359,11 @@ def test_files_under_their_own_cap_are_refused_over_the_deposit_s(
     write_deposit(store, CONVENTION, "heavy", {n: b"x" * third for n in ("a", "b", "c", "d")})
 
     result = validate_deposit(
-        convention(ingester=Uncapped), store, "heavy", LocalRunner(), max_mb=1
+        convention(ingester=Uncapped),
+        store,
+        "heavy",
+        LocalRunner.from_settings(Settings.from_env()),
+        max_mb=1,
     )
 
     assert result.reason == (
@@ -361,7 +382,11 @@ def test_a_sparse_file_under_the_cap_is_copied_with_its_holes(store: FileSystemS
     start = written_bytes()
 
     result = validate_deposit(
-        convention(ingester=Uncapped), store, "holes", LocalRunner(), max_mb=400
+        convention(ingester=Uncapped),
+        store,
+        "holes",
+        LocalRunner.from_settings(Settings.from_env()),
+        max_mb=400,
     )
 
     assert result.status is OutcomeStatus.PASSED, result.reason
@@ -395,7 +420,9 @@ def test_a_file_name_that_is_not_utf8_gets_a_result_and_is_done(store: FileSyste
     Path(os.fsdecode(files + b"/r\xe9sum\xe9.txt")).write_bytes(b"deposited")
     assert pending_deposits(store, CONVENTION) == ["latin1"]
 
-    result = validate_deposit(convention(), store, "latin1", LocalRunner())
+    result = validate_deposit(
+        convention(), store, "latin1", LocalRunner.from_settings(Settings.from_env())
+    )
 
     assert (result.status, result.reason) == (
         OutcomeStatus.REJECTED,
@@ -455,7 +482,9 @@ def test_metadata_that_is_not_strict_json_is_refused(
 ) -> None:
     write_deposit(store, CONVENTION, "loose", {"good.txt": b"deposited"}, request_text)
 
-    result = validate_deposit(convention(), store, "loose", LocalRunner())
+    result = validate_deposit(
+        convention(), store, "loose", LocalRunner.from_settings(Settings.from_env())
+    )
 
     assert (result.status, result.reason) == (
         OutcomeStatus.REJECTED,
@@ -496,10 +525,14 @@ def test_the_sensor_looks_one_level_into_each_deposit(
 
     with nested_folders(folder(store, "deep") / FILES_DIR, 1500):
         assert pending_deposits(store, CONVENTION) == ["deep", "fifo-request", "honest"]
-        deep = validate_deposit(convention(), store, "deep", LocalRunner())
+        deep = validate_deposit(
+            convention(), store, "deep", LocalRunner.from_settings(Settings.from_env())
+        )
 
     assert deep.reason == "malformed deposit: files/a is a folder: deposit regular files only"
-    fifo = validate_deposit(convention(), store, "fifo-request", LocalRunner())
+    fifo = validate_deposit(
+        convention(), store, "fifo-request", LocalRunner.from_settings(Settings.from_env())
+    )
     assert fifo.reason == "malformed deposit: deposit.json is a FIFO, not a regular file"
     assert pending_deposits(store, CONVENTION) == ["honest"]
 
@@ -514,7 +547,9 @@ def test_a_linked_convention_folder_is_refused_loudly(
 
     with pytest.raises(ConventionFolderError, match=f"{CONVENTION} is a symlink: deposits are"):
         pending_deposits(store, CONVENTION)
-    result = validate_deposit(convention(), store, "taken", LocalRunner())
+    result = validate_deposit(
+        convention(), store, "taken", LocalRunner.from_settings(Settings.from_env())
+    )
 
     assert result.reason == (
         f"malformed deposit: {CONVENTION} is a symlink: deposit a folder, not a link to one"
@@ -533,7 +568,9 @@ def test_a_deposit_of_too_many_files_is_refused_before_they_are_listed(
     finally:
         os.close(files)
 
-    result = validate_deposit(convention(), store, "many", LocalRunner())
+    result = validate_deposit(
+        convention(), store, "many", LocalRunner.from_settings(Settings.from_env())
+    )
 
     assert result.reason == (
         f"malformed deposit: files/ holds more than {MAX_DEPOSIT_FILES} files, the most a "

@@ -320,6 +320,7 @@ def _drive(settings: dict[str, Any]) -> dict[str, Any]:
     from osa_dagster.engine import Checkpoint, LocalRunner, Runner
     from osa_dagster.engine.spec import HookSpec, MemoryPolicy, sdk_hook_command
     from osa_dagster.records import Feature, RecordsDatabase
+    from osa_dagster.settings import Settings
     from osa_dagster.storage.layout import BatchLayout
     from osa_dagster.storage.store import FileSystemStore
 
@@ -369,7 +370,7 @@ def _drive(settings: dict[str, Any]) -> dict[str, Any]:
 
         runner = DockerRunner()
     else:
-        runner = LocalRunner()
+        runner = LocalRunner.from_settings(Settings.from_env())
 
     def run(conv: Convention, hook_name: str, partition: str) -> tuple[Checkpoint, float]:
         started = time.monotonic()

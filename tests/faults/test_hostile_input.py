@@ -43,7 +43,7 @@ from osa_dagster.engine import LocalRunner
 from osa_dagster.engine.cgroup import NAME_PREFIX, MemoryCgroup, own_memory_cgroup
 from osa_dagster.settings import Settings
 from osa_dagster.storage.layout import BatchLayout
-from osa_dagster.storage.store import FileSystemStore, store_from_env
+from osa_dagster.storage.store import FileSystemStore, artifact_store
 from tests.engine.helpers import Harness, alive, eventually, record, require_cgroups
 from tests.fixtures import hostile_convention as hostile
 from tests.fixtures.fault_convention import NumberedIngester
@@ -81,8 +81,8 @@ def all_paths(root: Path) -> set[Path]:
 
 def definite_statuses(convention: str, partition: str) -> dict[str, tuple[str, str]]:
     """id -> (status, reason) of every ref of the batch, from what the pipeline stored."""
-    spec = load_conventions()[convention]
-    store = store_from_env()
+    spec = load_conventions(Settings.from_env())[convention]
+    store = artifact_store(Settings.from_env())
     report = read_ingest_report(store, BatchLayout(convention, partition))
     statuses: dict[str, tuple[str, str]] = {}
     for failed in (*report.failed, *report.missing):
@@ -121,7 +121,7 @@ def run_hostile_ids_graph(instance, tmp_path: Path) -> tuple[str, dict[str, tupl
     if not result.success:
         raise RunFailed(failed_steps(result))
 
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     assert isinstance(store, FileSystemStore)
     batch = store.path(BatchLayout("hostile_ids", key).raw).parent
     ledger = Settings.from_env().hook_ledger_path  # the machine's slots and memory budget
@@ -149,7 +149,7 @@ def run_hostile_ids_graph(instance, tmp_path: Path) -> tuple[str, dict[str, tupl
 
 def check_files_of_fetched_records(key: str, fetched: list[str]) -> None:
     """Each fetched record's files, and nothing else, in a folder named by files_dir_for."""
-    files_root = store_from_env().path(BatchLayout("hostile_ids", key).raw_files)
+    files_root = artifact_store(Settings.from_env()).path(BatchLayout("hostile_ids", key).raw_files)
     on_disk = {str(p.relative_to(files_root)) for p in files_root.rglob("*") if p.is_file()}
     expected = {f"{files_dir_for(i)}/{hostile.DATA_FILE}" for i in fetched}
     if hostile.LONGEST_NAME_ID in fetched:
@@ -334,7 +334,8 @@ def test_a_100_mb_line_of_records_jsonl_goes_through_the_graph_in_bounded_memory
     statuses = definite_statuses("hostile_huge", huge)
     assert statuses == {hostile.HUGE_ID: ("passed", "")}
     assert published("hostile_huge")[hostile.HUGE_ID] == 1
-    records_jsonl = store_from_env().path(BatchLayout("hostile_huge", huge).raw_records)
+    store = artifact_store(Settings.from_env())
+    records_jsonl = store.path(BatchLayout("hostile_huge", huge).raw_records)
     assert line_mb <= records_jsonl.stat().st_size / MB < line_mb + 1
     # Measured: about 3.8 times the line (the file read whole, decoded, split and parsed by
     # read_raw_records; the hook's copy of the line; the database insert). Linear, not more.
@@ -448,7 +449,7 @@ def test_a_child_that_outlives_its_hook_is_killed_and_does_not_hold_the_attempt(
     tmp_path: Path, mode: str
 ):
     require_cgroups()
-    harness = Harness(tmp_path, LocalRunner(mode="cgroup", sandbox="off"))
+    harness = Harness(tmp_path, LocalRunner("cgroup", sandbox="off"))
     pid_file = tmp_path / "daemon.pid"
     spec = harness.spec(DAEMON, timeout_s=30, mode=mode, pid_file=str(pid_file))
     ids = ["hostile:1", "hostile:2"]
@@ -465,7 +466,7 @@ def test_a_child_that_outlives_its_hook_is_killed_and_does_not_hold_the_attempt(
 
 
 def test_without_cgroups_a_daemonised_child_is_killed_too(tmp_path: Path):
-    harness = Harness(tmp_path, LocalRunner(mode="rlimit", sandbox="off"))
+    harness = Harness(tmp_path, LocalRunner("rlimit", sandbox="off"))
     pid_file = tmp_path / "daemon.pid"
     spec = harness.spec(DAEMON, timeout_s=30, mode="setsid", pid_file=str(pid_file))
 

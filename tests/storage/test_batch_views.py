@@ -19,9 +19,10 @@ from sqlalchemy import select
 
 from osa_dagster.batch.views import HookOutcomes, PublishedRecords, RawRecords
 from osa_dagster.definitions import build_definitions
-from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
+from osa_dagster.records import Feature, Record, RecordsDatabase, database_url
+from osa_dagster.settings import Settings
 from osa_dagster.storage.layout import BatchLayout
-from osa_dagster.storage.store import ArtifactStore, store_from_env
+from osa_dagster.storage.store import ArtifactStore, artifact_store
 from tests.fixtures.toy_convention import TOY_IDS
 
 from .servers import S3Endpoint
@@ -78,7 +79,7 @@ def test_a_notebook_loads_a_batch_by_asset_key(artifacts_on, tmp_path: Path) -> 
     assert isinstance(raw, RawRecords)
     assert isinstance(outcomes, HookOutcomes)
     assert isinstance(published, PublishedRecords)
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     assert type(store).__name__ == ("S3Store" if artifacts_on == "seaweedfs" else "FileSystemStore")
     assert outcomes.location.startswith("s3://" if artifacts_on == "seaweedfs" else "/")
     layout = BatchLayout("toy", key)
@@ -106,7 +107,7 @@ def test_a_notebook_loads_a_batch_by_asset_key(artifacts_on, tmp_path: Path) -> 
     assert rejected[1].reason == "5000 bytes is a multiple of 5000"
 
     # The published records and their features are the rows of the records database.
-    with RecordsDatabase(database_url_from_env()).session() as session:
+    with RecordsDatabase(database_url(Settings.from_env())).session() as session:
         rows = session.execute(
             select(Record.source_id, Record.srn, Feature.data)
             .join(Feature, Feature.record_srn == Record.srn)

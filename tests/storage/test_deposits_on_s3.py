@@ -22,6 +22,7 @@ from osa_dagster.batch.deposits import (
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import LocalRunner
 from osa_dagster.engine.spec import HookSpec, MemoryPolicy, sdk_hook_command
+from osa_dagster.settings import Settings
 from osa_dagster.storage.s3 import S3Store
 from tests.fixtures.toy_convention import ToyIngester
 
@@ -106,7 +107,9 @@ def test_a_deposit_on_s3_gets_its_verdict(
     write_deposit(store, CONVENTION, "one", files, request_text)
     assert pending_deposits(store, CONVENTION) == ["one"]
 
-    result = validate_deposit(convention(), store, "one", LocalRunner())
+    result = validate_deposit(
+        convention(), store, "one", LocalRunner.from_settings(Settings.from_env())
+    )
 
     assert (result.status, result.reason) == (status, reason)
     assert store.staged == ([f"{CONVENTION}/one"] if staged else [])

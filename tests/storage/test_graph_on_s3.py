@@ -10,8 +10,9 @@ import pytest
 from sqlalchemy import func, select
 
 from osa_dagster.definitions import build_definitions
-from osa_dagster.records import Feature, Record, RecordsDatabase, database_url_from_env
-from osa_dagster.storage import store_from_env
+from osa_dagster.records import Feature, Record, RecordsDatabase, database_url
+from osa_dagster.settings import Settings
+from osa_dagster.storage import artifact_store
 from osa_dagster.storage.s3 import S3Store
 
 from .servers import S3Endpoint
@@ -46,11 +47,11 @@ def test_graph_runs_with_every_artifact_in_s3(on_seaweedfs, tmp_path, isolated_d
     (tmp_path / "dagster").mkdir()
     results = _run_all("toy", tmp_path, limit=10, batch_size=5)
     assert all(r.success for r in results)
-    with RecordsDatabase(database_url_from_env()).session() as session:
+    with RecordsDatabase(database_url(Settings.from_env())).session() as session:
         assert session.scalar(select(func.count()).select_from(Record)) == 8
         assert session.scalar(select(func.count()).select_from(Feature)) == 8
 
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     assert isinstance(store, S3Store)
     assert len(list(store.list_keys("manifests/toy"))) == 2
     keys = list(store.list_keys("batches/toy"))
@@ -72,7 +73,7 @@ def test_an_oom_climb_resumes_from_a_checkpoint_in_s3(on_seaweedfs, tmp_path):
     ]
     # The second attempt, one rung up, ran only what the checkpoint in S3 did not hold.
     assert [mb for mb, _ in limits] == [128, 256] and limits[1][1] < limits[0][1]
-    with RecordsDatabase(database_url_from_env()).session() as session:
+    with RecordsDatabase(database_url(Settings.from_env())).session() as session:
         assert session.scalar(select(func.count()).select_from(Record)) == 6
 
 
@@ -91,6 +92,6 @@ def test_every_partition_of_the_pdb_mirror_on_s3(seaweedfs: S3Endpoint, monkeypa
     assert len(results) == -(-len(entries) // 10)
     assert all(r.success for r in results)
     expected = {pdb_id for pdb_id, path in entries if expected_publishable(path)}
-    with RecordsDatabase(database_url_from_env()).session() as session:
+    with RecordsDatabase(database_url(Settings.from_env())).session() as session:
         published = set(session.scalars(select(Record.source_id)))
     assert published == expected

@@ -130,17 +130,18 @@ def _child(records: int, file_mb: float) -> dict[str, Any]:
     from osa_dagster.batch.plan import plan_ingest
     from osa_dagster.batch.publish import publish_batch, store_batch_features
     from osa_dagster.engine import LocalRunner
-    from osa_dagster.records import RecordsDatabase, database_url_from_env
-    from osa_dagster.storage import store_from_env
+    from osa_dagster.records import RecordsDatabase, database_url
+    from osa_dagster.settings import Settings
+    from osa_dagster.storage import artifact_store
     from osa_dagster.storage.s3 import S3Store
     from tests.fixtures.big_files_convention import CONVENTIONS, sized
 
     [big_files] = [c for c in CONVENTIONS if c.name == "big_files"]
     convention = sized(big_files, records=records, file_mb=file_mb)
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     # Without OSA_STORAGE the filesystem store would be measured instead: fail, not pass.
     assert isinstance(store, S3Store), store
-    db = RecordsDatabase(database_url_from_env())
+    db = RecordsDatabase(database_url(Settings.from_env()))
 
     peak_after: dict[str, float] = {}
 
@@ -153,7 +154,9 @@ def _child(records: int, file_mb: float) -> dict[str, Any]:
     peak("plan")
     raw = fetch_raw_batch(convention, store, partition)
     peak("raw_batch")
-    progress = run_batch_hook(convention, "file_digest", store, partition, LocalRunner())
+    progress = run_batch_hook(
+        convention, "file_digest", store, partition, LocalRunner.from_settings(Settings.from_env())
+    )
     assert progress.checkpoint.complete, progress
     peak("hook")
     published = publish_batch(convention, store, db, partition, domain="memory-test")

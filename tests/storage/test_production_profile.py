@@ -11,7 +11,8 @@ from sqlalchemy import select
 from osa_dagster.conventions.pdb.ingester import mirror_entries
 from osa_dagster.definitions import build_definitions
 from osa_dagster.local_postgres import PgCluster
-from osa_dagster.records import Record, RecordsDatabase, database_url_from_env
+from osa_dagster.records import Record, RecordsDatabase, database_url
+from osa_dagster.settings import Settings
 from tests.conftest import use_instance_profile
 from tests.test_pdb_end_to_end import MIRROR, expected_publishable
 
@@ -89,7 +90,7 @@ def test_the_bundled_mirror_ingests_with_instance_and_records_on_postgres(produc
         assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
         stored = instance.get_materialized_partitions(dg.AssetKey(["pdb", "features"]))
         assert stored == set(keys)
-    db = RecordsDatabase(database_url_from_env())
+    db = RecordsDatabase(database_url(Settings.from_env()))
     assert db.engine.dialect.name == "postgresql"
     expected = {pdb_id for pdb_id, path in mirror_entries(MIRROR) if expected_publishable(path)}
     with db.session() as session:

@@ -28,7 +28,8 @@ from osa_dagster.batch.stores import StoreCheckpointIO
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import HookSpec, LocalRunner, MemoryPolicy
 from osa_dagster.engine.spec import sdk_hook_command
-from osa_dagster.storage import BatchLayout, store_from_env
+from osa_dagster.settings import Settings
+from osa_dagster.storage import BatchLayout, artifact_store
 from osa_dagster.storage.s3 import RetryPolicy, S3Store
 from tests.engine.helpers import alive, eventually
 from tests.fixtures.services import unavailable
@@ -79,19 +80,21 @@ from osa_dagster.batch.fetch import fetch_raw_batch
 from osa_dagster.batch.hooks import run_batch_hook
 from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.engine import LocalRunner
-from osa_dagster.storage import store_from_env
+from osa_dagster.settings import Settings
+from osa_dagster.storage import artifact_store
 from tests.storage.test_s3_resilience import HOOK, ledger_convention
 
 args = json.loads(sys.argv[1])
 convention = ledger_convention(Path(args["ledger"]), args["records"], args["sleep_s"])
-store = store_from_env()
+store = artifact_store(Settings.from_env())
 if args["fetch"]:
     [partition] = plan_ingest(convention, store).partitions
     fetch_raw_batch(convention, store, partition)
 else:
     partition = args["partition"]
 run_batch_hook(
-    convention, HOOK, store, partition, LocalRunner(sandbox="off"),
+    convention, HOOK, store, partition,
+    LocalRunner.from_settings(Settings.from_env(), sandbox="off"),
     checkpoint_every_records=2, checkpoint_every_s=0.5,
 )
 """
@@ -244,7 +247,7 @@ def test_the_retry_budget_comes_from_the_environment(
     monkeypatch.setenv("OSA_STORAGE", "s3://bucket/p")
     monkeypatch.setenv("OSA_S3_RETRY_ATTEMPTS", attempts)
     monkeypatch.setenv("OSA_S3_RETRY_MAX_WAIT_S", max_wait)
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     assert isinstance(store, S3Store)
     assert store.retry == expected
 
@@ -257,7 +260,7 @@ def test_a_retry_budget_that_cannot_work_is_refused_by_name(
     monkeypatch.setenv("OSA_S3_RETRY_ATTEMPTS", attempts)
     monkeypatch.setenv("OSA_S3_RETRY_MAX_WAIT_S", max_wait)
     with pytest.raises(ValueError, match=r"OSA_S3_RETRY_(ATTEMPTS|MAX_WAIT_S)=") as bad:
-        store_from_env()
+        artifact_store(Settings.from_env())
     assert repr(attempts or max_wait) in str(bad.value)
 
 
@@ -323,7 +326,7 @@ def test_the_hook_step_rides_out_a_restart_of_the_s3_server(
     monkeypatch.setenv("OSA_S3_RETRY_ATTEMPTS", "30")
     monkeypatch.setenv("OSA_S3_RETRY_MAX_WAIT_S", "1")
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # the hook process imports the toy convention
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     assert isinstance(store, S3Store)
     assert store.retry == RetryPolicy(attempts=30, max_delay=1.0)
 
@@ -345,7 +348,13 @@ def test_the_hook_step_rides_out_a_restart_of_the_s3_server(
     monkeypatch.setattr(store, "write_bytes", timed_write)
     restarter = Restarter(own_seaweedfs, ledger, after=2)
     with caplog.at_level(logging.WARNING, logger="osa_dagster.storage.s3"):
-        progress = run_batch_hook(convention, HOOK, store, partition, LocalRunner(sandbox="off"))
+        progress = run_batch_hook(
+            convention,
+            HOOK,
+            store,
+            partition,
+            LocalRunner.from_settings(Settings.from_env(), sandbox="off"),
+        )
     restarter.join()
 
     assert progress.checkpoint.complete

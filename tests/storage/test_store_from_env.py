@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from osa_dagster.storage import FileSystemStore, store_from_env
+from osa_dagster.settings import Settings
+from osa_dagster.storage import FileSystemStore, artifact_store
 from osa_dagster.storage.s3 import S3Store
 
 from .servers import S3Endpoint
@@ -17,7 +18,7 @@ def test_s3_location_with_endpoint(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OSA_STORAGE", "s3://archive-bucket/osa/prod/")
     monkeypatch.setenv("OSA_S3_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     assert isinstance(store, S3Store)
     assert (store.bucket, store.prefix) == ("archive-bucket", "osa/prod")
     assert store.client.meta.endpoint_url == "http://127.0.0.1:9"
@@ -30,7 +31,7 @@ def test_s3_location_with_endpoint(monkeypatch: pytest.MonkeyPatch):
 def test_s3_location_without_prefix_or_endpoint(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OSA_STORAGE", "s3://archive-bucket")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     assert isinstance(store, S3Store)
     assert store.prefix == ""
     assert store.client.meta.region_name == "ap-south-1"
@@ -39,7 +40,7 @@ def test_s3_location_without_prefix_or_endpoint(monkeypatch: pytest.MonkeyPatch)
 
 def test_region_defaults_to_us_east_1(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OSA_STORAGE", "s3://archive-bucket/p")
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     assert isinstance(store, S3Store)
     assert store.client.meta.region_name == "us-east-1"
 
@@ -59,14 +60,14 @@ def test_region_defaults_to_us_east_1(monkeypatch: pytest.MonkeyPatch):
 def test_malformed_s3_location_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, value: str):
     monkeypatch.setenv("OSA_STORAGE", value)
     with pytest.raises(ValueError, match="OSA_STORAGE") as failure:
-        store_from_env()
+        artifact_store(Settings.from_env())
     assert repr(value) in str(failure.value)
 
 
 def test_credentials_in_the_location_are_not_echoed(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OSA_STORAGE", "s3://AKIDEXAMPLE:hunter2secret@bucket/p")
     with pytest.raises(ValueError, match="OSA_STORAGE") as failure:
-        store_from_env()
+        artifact_store(Settings.from_env())
     assert "hunter2secret" not in str(failure.value)
     assert "AKIDEXAMPLE" not in str(failure.value)
 
@@ -75,7 +76,7 @@ def test_folder_location_is_still_the_filesystem_store(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
     monkeypatch.setenv("OSA_STORAGE", str(tmp_path / "artifacts"))
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     assert isinstance(store, FileSystemStore)
     assert store.root == (tmp_path / "artifacts").resolve()
 
@@ -89,7 +90,7 @@ def test_environment_reaches_a_real_server(
     monkeypatch.setenv("OSA_S3_ENDPOINT_URL", seaweedfs.url)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweedfs.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweedfs.secret_key)
-    store = store_from_env()
+    store = artifact_store(Settings.from_env())
     store.write_bytes("batches/p1/manifest.json", b"{}")
     assert store.read_bytes("batches/p1/manifest.json") == b"{}"
     assert list(store.list_keys("batches")) == ["batches/p1/manifest.json"]

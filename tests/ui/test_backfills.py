@@ -28,7 +28,8 @@ from osa_dagster.backfill import (
     select_partitions,
 )
 from osa_dagster.conventions.pdb.ingester import mirror_entries
-from osa_dagster.records import Record, RecordsDatabase, database_url_from_env
+from osa_dagster.records import Record, RecordsDatabase, database_url
+from osa_dagster.settings import Settings
 from tests.fixtures.check_status import all_check_statuses, verdicts_by_run
 from tests.test_pdb_end_to_end import MIRROR, expected_publishable
 from tests.ui.conftest import CODE_LOCATION, DagsterSite, dagster_server, make_site
@@ -108,7 +109,7 @@ def covered_partitions(running: RunningDagster, run: dg.DagsterRun) -> list[str]
 
 def published_source_ids(running: RunningDagster, monkeypatch: pytest.MonkeyPatch) -> set[str]:
     monkeypatch.setenv("OSA_DATA_DIR", str(running.site.data))
-    db = RecordsDatabase(database_url_from_env())
+    db = RecordsDatabase(database_url(Settings.from_env()))
     with db.session() as session:
         return set(session.scalars(select(Record.source_id).where(Record.convention == "pdb")))
 

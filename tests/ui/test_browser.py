@@ -117,7 +117,7 @@ def metadata_value(page: Page, label: str) -> Locator:
 
 def batch_asset_names() -> list[str]:
     """What the graph labels the pdb convention's batch assets with: the last part of the key."""
-    convention = load_conventions()["pdb"]
+    convention = load_conventions(Settings.from_env())["pdb"]
     kinds = asset_kinds(Settings.from_env())
     assets = list(convention_assets(convention, batch_partitions(convention), kinds).assets or [])
     return [key.path[-1] for asset in assets for key in asset.keys]

@@ -4,7 +4,10 @@ wherever that can run.
 
 Memory limits fail closed: where no cgroup can be had, the runner refuses to start, in one
 line naming what is missing, unless OSA_HOOK_MEMORY_LIMITS says otherwise ("rlimit": an
-approximate RLIMIT_AS; "off": none), and then every attempt's `limit_mode` says so."""
+approximate RLIMIT_AS; "off": none), and then every attempt's `limit_mode` says so.
+
+The runner reads no setting itself: the CLI and the Dagster layer pass them down
+(`LocalRunner.from_settings`)."""
 
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ from osa_dagster.engine.runners.sandbox import (
     SandboxPolicy,
     find_sandbox,
 )
-from osa_dagster.settings import MemoryLimits, Settings, settings
+from osa_dagster.settings import MemoryLimits, Settings
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ log = logging.getLogger(__name__)
 # and a virtualenv, never the orchestrator's credentials.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
 _PR_SET_PDEATHSIG = 1
+DEFAULT_SANDBOX_POLICY = SandboxPolicy()
 
 
 _LIMIT_MODES: dict[MemoryLimits, LimitMode] = {
@@ -69,11 +73,10 @@ _LIMIT_MODES: dict[MemoryLimits, LimitMode] = {
 }
 
 
-def memory_limit_mode(configured: Settings | None = None) -> LimitMode:
-    """How LocalRunner limits hooks' memory under these settings (None: the environment's),
-    checked before any work: MemoryLimitsUnavailable, in one line, where OSA_HOOK_MEMORY_LIMITS
-    asks for cgroups (the default) and none can be had."""
-    configured = configured or settings()
+def memory_limit_mode(configured: Settings) -> LimitMode:
+    """How LocalRunner limits hooks' memory under these settings, checked before any work:
+    MemoryLimitsUnavailable, in one line, where OSA_HOOK_MEMORY_LIMITS asks for cgroups (the
+    default) and none can be had."""
     if configured.hook_memory_limits == "cgroup":
         attempt_cgroups(configured.cgroup_parent)
     return _LIMIT_MODES[configured.hook_memory_limits]
@@ -127,36 +130,49 @@ def require_promised_isolation(configured: Settings) -> None:
 class LocalRunner:
     """Runs a hook as a local process in its own session, under a real memory limit.
 
-    `mode` (None: OSA_HOOK_MEMORY_LIMITS, else "cgroup") is "cgroup", or MemoryLimitsUnavailable
-    where there is none; "rlimit" and "off" are the opt-outs, each with a warning (once per
-    process) and said in every attempt's `limit_mode`. `sandbox` ("on" or "off"; None:
-    OSA_HOOK_SANDBOX, else "on") runs each attempt sandboxed under
-    `sandbox_policy` (None: its defaults, with OSA_HOOK_SANDBOX_USER). Start attempts from a
-    thread that lives as long as they do: PR_SET_PDEATHSIG fires when the *thread* that
-    forked the hook exits.
+    `memory_limits` is "cgroup" (a cgroup for each attempt, made under `cgroup_parent`; None:
+    the orchestrator's own cgroup), or MemoryLimitsUnavailable where there is none; "rlimit"
+    and "off" are the opt-outs, each with a warning (once per process) and said in every
+    attempt's `limit_mode`. `sandbox` "on" runs each attempt sandboxed under
+    `sandbox_policy`. Start attempts from a thread that lives as long as they do:
+    PR_SET_PDEATHSIG fires when the *thread* that forked the hook exits.
     """
 
     def __init__(
         self,
-        mode: MemoryLimits | None = None,
+        memory_limits: MemoryLimits = "cgroup",
         inherit_env: Sequence[str] = INHERITED_ENV,
-        sandbox: SandboxMode | None = None,
-        sandbox_policy: SandboxPolicy | None = None,
+        sandbox: SandboxMode = "on",
+        sandbox_policy: SandboxPolicy = DEFAULT_SANDBOX_POLICY,
+        cgroup_parent: Path | None = None,
     ) -> None:
-        configured = settings()
-        mode = mode or configured.hook_memory_limits
-        self.limit_mode: LimitMode = _LIMIT_MODES[mode]
+        self.limit_mode: LimitMode = _LIMIT_MODES[memory_limits]
+        self._cgroup_parent = cgroup_parent
         self._cgroups: AttemptCgroups | None = None
-        if mode == "cgroup":
-            self._cgroups = attempt_cgroups(configured.cgroup_parent)
+        if memory_limits == "cgroup":
+            self._cgroups = attempt_cgroups(cgroup_parent)
         else:
-            _warn_limits_not_enforced(mode)
+            _warn_limits_not_enforced(memory_limits)
         self.inherit_env = tuple(inherit_env)
-        if sandbox is None or sandbox_policy is None:
-            sandbox = sandbox or configured.hook_sandbox
-            sandbox_policy = sandbox_policy or configured_sandbox_policy(configured)
         self.sandbox = choose_sandbox(sandbox, sandbox_policy)
         self._max_processes = sandbox_policy.max_processes
+
+    @classmethod
+    def from_settings(
+        cls,
+        configured: Settings,
+        memory_limits: MemoryLimits | None = None,
+        *,
+        sandbox: SandboxMode | None = None,
+        sandbox_policy: SandboxPolicy | None = None,
+    ) -> LocalRunner:
+        """The runner the settings describe, but for what the arguments set otherwise."""
+        return cls(
+            memory_limits or configured.hook_memory_limits,
+            sandbox=sandbox or configured.hook_sandbox,
+            sandbox_policy=sandbox_policy or configured_sandbox_policy(configured),
+            cgroup_parent=configured.cgroup_parent,
+        )
 
     def start(self, inv: Invocation) -> LocalAttempt:
         name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
@@ -214,7 +230,7 @@ class LocalRunner:
         )
 
     def kill_leftovers(self, marker: AttemptMarker) -> None:
-        kill_leftovers(marker)
+        kill_leftovers(marker, self._cgroup_parent)
 
 
 class LocalAttempt:
@@ -319,8 +335,9 @@ class LocalAttempt:
         return self._exit
 
 
-def kill_leftovers(marker: AttemptMarker) -> None:
-    """Kill what is left of a local attempt whose orchestrator died, and remove its cgroup."""
+def kill_leftovers(marker: AttemptMarker, cgroup_parent: Path | None = None) -> None:
+    """Kill what is left of a local attempt whose orchestrator died, and remove its cgroup
+    if it lies under the cgroups that a runner with `cgroup_parent` makes."""
     if marker.process is None or not marker.process.checkable_here():
         # Not a local attempt; or a reboot, which neither processes nor cgroups survive; or
         # another host's or pid namespace's, whose pids name other processes here.
@@ -333,7 +350,7 @@ def kill_leftovers(marker: AttemptMarker) -> None:
     if not recorded:
         return
     try:
-        cgroups: AttemptCgroups | None = attempt_cgroups(settings().cgroup_parent)
+        cgroups: AttemptCgroups | None = attempt_cgroups(cgroup_parent)
     except MemoryLimitsUnavailable:
         cgroups = None
     for path in (Path(os.path.normpath(entry)) for entry in recorded):
