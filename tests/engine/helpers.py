@@ -20,6 +20,7 @@ from osa_dagster.engine import (
     HookBatch,
     HookProgress,
     HookSpec,
+    Invocation,
     LocalRunner,
     MemoryHistoryIO,
     MemoryPolicy,
@@ -71,6 +72,21 @@ def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def invocation(
+    tmp_path: Path, *command: str, memory_mb: int = 128, timeout_s: float = 120.0
+) -> Invocation:
+    return Invocation(
+        command=command,
+        env={"OSA_IN": str(tmp_path)},
+        in_dir=tmp_path,
+        out_dir=tmp_path,
+        files_root=tmp_path,
+        memory_limit_mb=memory_mb,
+        timeout_s=timeout_s,
+        log_path=tmp_path / "hook.log",
+    )
 
 
 def record(record_id: str, size_mb: float = 1.0, **metadata: Any) -> HookRecord:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from osa_dagster.engine import AttemptExit, Invocation, LocalRunner
+from osa_dagster.engine import AttemptExit, LocalRunner
 from osa_dagster.engine.capacity import DEFAULT_BUDGET_FRACTION
 from osa_dagster.engine.cgroup import (
     CGROUP_ROOT,
@@ -34,7 +34,16 @@ from osa_dagster.engine.runners.local import LocalAttempt
 from osa_dagster.engine.runners.sandbox import SandboxPolicy
 from osa_dagster.settings import Settings
 
-from .helpers import Harness, alive, eventually, record, require_cgroups, require_sandbox
+from .helpers import (
+    Harness,
+    alive,
+    eventually,
+    invocation,
+    record,
+    require_cgroups,
+    require_sandbox,
+    unavailable,
+)
 
 pytestmark = pytest.mark.cgroup_kernel
 
@@ -46,21 +55,6 @@ NOBODY = "65534"
 def cgroups() -> AttemptCgroups:
     require_cgroups()
     return attempt_cgroups()
-
-
-def invocation(
-    tmp_path: Path, *command: str, memory_mb: int = 128, timeout_s: float = 120.0
-) -> Invocation:
-    return Invocation(
-        command=command,
-        env={"OSA_IN": str(tmp_path)},
-        in_dir=tmp_path,
-        out_dir=tmp_path,
-        files_root=tmp_path,
-        memory_limit_mb=memory_mb,
-        timeout_s=timeout_s,
-        log_path=tmp_path / "hook.log",
-    )
 
 
 def sandboxed() -> LocalRunner:
@@ -158,7 +152,7 @@ def test_a_detached_grandchild_neither_escapes_nor_outlives_its_attempt(
 
 def test_the_process_limit_holds(cgroups: AttemptCgroups, tmp_path: Path) -> None:
     if cgroups.version == 1 and cgroups.pids_parent is None:
-        pytest.skip("this cgroup v1 host has no pids controller")
+        unavailable("this cgroup v1 host has no pids controller")
     max_processes = 8
     code = (
         "import os, time\n"
@@ -308,6 +302,7 @@ def test_without_a_cgroup_of_its_own_the_cli_refuses_before_any_work(
     cgroups: AttemptCgroups, tmp_path: Path
 ) -> None:
     if os.geteuid() != 0:
+        # The lane's root run (and `make test` on a root host) runs it.
         pytest.skip("needs root to start a process as a user with no delegated cgroup")
     setpriv = shutil.which("setpriv")
     assert setpriv is not None
@@ -333,6 +328,7 @@ def test_cgroup_v2_attempts_go_where_osa_cgroup_parent_says(
     cgroups: AttemptCgroups, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if cgroups.version == 1:
+        # `make test-cgroup2` runs it on a cgroup v2 kernel, as root and as a delegated user.
         pytest.skip("OSA_CGROUP_PARENT is for cgroup v2; this host's memory controller is v1")
     named = cgroups.parent / f"named-parent-{os.getpid()}"
     monkeypatch.setenv("OSA_CGROUP_PARENT", str(named))

@@ -9,28 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from osa_dagster.engine import AttemptMarker, Invocation, LocalRunner, kill_leftovers
+from osa_dagster.engine import AttemptMarker, LocalRunner, kill_leftovers
 from osa_dagster.engine.cgroup import AttemptCgroups, MemoryLimitsUnavailable
 from osa_dagster.engine.process_identity import ProcessIdentity
 from osa_dagster.engine.runners import local as runners_module
 from osa_dagster.settings import Settings
 
-from .helpers import alive, eventually, require_cgroups, require_sandbox
-
-
-def invocation(
-    tmp_path: Path, *command: str, memory_mb: int = 128, timeout_s: float = 30.0
-) -> Invocation:
-    return Invocation(
-        command=command,
-        env={"OSA_IN": str(tmp_path)},
-        in_dir=tmp_path,
-        out_dir=tmp_path,
-        files_root=tmp_path,
-        memory_limit_mb=memory_mb,
-        timeout_s=timeout_s,
-        log_path=tmp_path / "hook.log",
-    )
+from .helpers import alive, eventually, invocation, require_cgroups, require_sandbox
 
 
 def read_pid(path: Path) -> int:

@@ -19,31 +19,13 @@ from osa_dagster.batch.deposits import (
     validate_deposit,
     write_deposit,
 )
-from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import LocalRunner
-from osa_dagster.engine.spec import HookSpec, MemoryPolicy, sdk_hook_command
 from osa_dagster.settings import Settings
 from osa_dagster.storage.s3 import S3Store
-from tests.fixtures.toy_convention import ToyIngester
+from tests.faults.conftest import REPO
+from tests.faults.test_hostile_deposits import CONVENTION, convention
 
 from .servers import S3Endpoint
-
-CONVENTION = "deposited"
-
-
-def convention() -> Convention:
-    return Convention(
-        name=CONVENTION,
-        ingester=ToyIngester,
-        hooks=(
-            HookSpec(
-                name="validator",
-                command=sdk_hook_command("tests.fixtures.hostile_hooks:validator"),
-                memory=MemoryPolicy(base_mb=256, cap_mb=256),
-                timeout_s=60,
-            ),
-        ),
-    )
 
 
 class Staging:
@@ -61,6 +43,13 @@ class Staging:
         self.staged.append(prefix)
         with self.store.local_dir(prefix, writable=writable) as folder:
             yield folder
+
+
+@pytest.fixture(autouse=True)
+def hooks_import_this_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The validator is a module of this repository's tests, which only PYTHONPATH shows
+    to the hook's own process."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
 
 
 @pytest.mark.parametrize(
