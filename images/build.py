@@ -153,9 +153,10 @@ def hook_images() -> dict[str, list[str]]:
     """Image name -> what its hooks need besides osa-sdk and this project."""
     sys.path.insert(0, str(ROOT))
     from osa_dagster.conventions.registry import load_conventions
+    from osa_dagster.settings import Settings
 
     images: dict[str, list[str]] = {}
-    for convention in load_conventions().values():
+    for convention in load_conventions(Settings.from_env()).values():
         if convention.hook_image is not None:
             image = convention.hook_image
             images.setdefault(image.name, []).extend(image.requirements)
