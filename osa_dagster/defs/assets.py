@@ -16,7 +16,6 @@ from osa_dagster.batch.fetch import fetch_raw_batch
 from osa_dagster.batch.hooks import (
     HookJob,
     HookJobResult,
-    hook_workers,
     load_memory_history,
     run_hook_jobs,
 )
@@ -51,7 +50,7 @@ from osa_dagster.defs.resources import (
     HookRunnerResource,
     RecordsDatabaseResource,
 )
-from osa_dagster.engine import HookSpec
+from osa_dagster.engine import Checkpoint, HookSpec
 from osa_dagster.records import RecordsDatabase
 from osa_dagster.records.queries import count_published
 from osa_dagster.settings import Settings
@@ -230,14 +229,14 @@ def _hooks_asset(
                 store,
                 runner,
                 jobs,
-                workers=hook_workers(capacity, len(jobs)),
                 capacity=capacity,
                 run_id=context.run_id,
             ):
                 job, key = result.job, hook_key(convention, convention.hook(result.job.hook))
-                set_aside = set_aside_metadata(result.set_aside) if result.set_aside else {}
-                if result.set_aside is not None:
-                    context.log.warning(result.set_aside.message)
+                set_aside: dict[str, Any] = {}
+                for aside in result.set_aside:
+                    context.log.warning(aside.message)
+                    set_aside = set_aside_metadata(aside)
                     yield dg.AssetObservation(
                         asset_key=key, partition=job.partition, metadata=set_aside
                     )
@@ -262,9 +261,7 @@ def _hooks_asset(
                         **hook_metadata(checkpoint, context.run_id),
                         **memory_history_metadata(history, checkpoint.outcomes),
                         **set_aside,
-                        **artifact_uri(
-                            store, BatchLayout(convention.name, job.partition).checkpoint(job.hook)
-                        ),
+                        **artifact_uri(store, _hook_state_key(convention, job, checkpoint)),
                     },
                     asset_key=key,
                     partition_key=job.partition,
@@ -275,6 +272,15 @@ def _hooks_asset(
             yield dg.MaterializeResult(asset_key=hook_key(convention, hook))
 
     return hook_outcomes
+
+
+def _hook_state_key(convention: Convention, job: HookJob, checkpoint: Checkpoint) -> str:
+    """Where the hook's state over the batch is: its checkpoint, or the folder of its
+    shards' checkpoints when the batch was split (batch/shards.py)."""
+    layout = BatchLayout(convention.name, job.partition)
+    if all(attempt.shard is None for attempt in checkpoint.attempts):
+        return layout.checkpoint(job.hook)
+    return layout.hook(job.hook)
 
 
 def _published_asset(
