@@ -46,7 +46,8 @@ def _ending(attempt: AttemptRecord) -> str:
 
 def describe_attempt(attempt: AttemptRecord) -> str:
     text = (
-        f"attempt {attempt.number}: limit {attempt.memory_limit_mb} MB, peak "
+        ("" if attempt.shard is None else f"shard {attempt.shard}, ")
+        + f"attempt {attempt.number}: limit {attempt.memory_limit_mb} MB, peak "
         f"{_mb(attempt.peak_memory_mb)} MB, {attempt.records_done}/{attempt.records_in} "
         f"records done, {_ending(attempt)}"
     )
@@ -76,6 +77,7 @@ def attempt_metadata(attempt: AttemptRecord) -> dict[str, Any]:
         "isolation": attempt.isolation,
         "lane": attempt.lane or "main",
         "queued_s": round(attempt.queued_s or 0.0, 2),
+        "shard": "-" if attempt.shard is None else attempt.shard,
     }
 
 
