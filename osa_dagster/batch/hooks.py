@@ -13,7 +13,7 @@ from osa_sdk.types import HookRecord
 
 from osa_dagster.batch import BatchInputError
 from osa_dagster.batch.fetch import read_raw_records
-from osa_dagster.batch.shards import frozen_shard_plan, load_shard_plan, merge_shards
+from osa_dagster.batch.shards import frozen_shard_plan, merge_shards, shard_checkpoints
 from osa_dagster.batch.stores import StoreCheckpointIO, StoreMemoryHistoryIO, UnreadableState
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import (
@@ -94,10 +94,17 @@ def plan_shards(
         shard_size=convention.shard_size,
         slots=capacity.slots if capacity is not None else 1,
     )
-    by_id: dict[str, HookRecord] = {r.id: r for r in records}
+    sizes: dict[str, float] = {r.id: r.size_mb for r in records}
     job = HookJob(partition, hook_name)
     return [
-        ShardJob(job, key, tuple(by_id[i] for i in ids), plan.batch_digest)
+        ShardJob(
+            job,
+            key,
+            frozenset(ids),
+            size_mb=sum(sizes[i] for i in ids),
+            largest_mb=max(sizes[i] for i in ids),
+            batch_digest=plan.batch_digest,
+        )
         for key, ids in zip(plan.keys(), plan.shards, strict=True)
     ]
 
@@ -119,14 +126,17 @@ def run_shard(
     checkpoint in the store (see `run_batch_hook`)."""
     hook_name, partition = shard.job.hook, shard.job.partition
     layout = BatchLayout(convention.name, partition)
+    records = [r for r in hook_records(convention, store, partition) if r.id in shard.record_ids]
     checkpoints = StoreCheckpointIO(store, layout.checkpoint(hook_name, shard.shard))
     with (
-        store.local_dir(layout.raw_files, writable=False) as files_root,
+        store.local_dir(
+            layout.raw_files, writable=False, only={r.files_dir for r in records}
+        ) as files_root,
         store.local_dir(layout.hook_workdir(hook_name, shard.shard), writable=True) as workdir,
     ):
         return advance_hook(
             convention.hook(hook_name),
-            HookBatch(records=list(shard.records), files_root=files_root),
+            HookBatch(records=records, files_root=files_root),
             runner,
             checkpoints,
             workdir,
@@ -206,11 +216,7 @@ def load_hook_checkpoints(
     checkpoints: dict[str, Checkpoint] = {}
     for spec in convention.hooks:
         try:
-            plan = load_shard_plan(store, layout, spec.name)
-            keys = plan.keys() if plan is not None else [None]
-            shards = [
-                StoreCheckpointIO(store, layout.checkpoint(spec.name, k)).load() for k in keys
-            ]
+            plan, shards = shard_checkpoints(store, layout, spec.name)
         except UnreadableState as error:
             raise BatchInputError(
                 f"batch {partition!r} of convention {convention.name!r}: the state of hook "
@@ -266,12 +272,12 @@ class ShardJob:
 
     job: HookJob
     shard: int | None  # its name in the layout (ShardPlan.keys)
-    records: tuple[HookRecord, ...]
+    # Ids, not records: a step holds the shards of its whole range until they run, and each
+    # reads its records when it starts.
+    record_ids: frozenset[str]
+    size_mb: float
+    largest_mb: float  # its largest record's size
     batch_digest: str  # of the whole batch
-
-    @property
-    def size_mb(self) -> float:
-        return sum(r.size_mb for r in self.records)
 
 
 @dataclass(frozen=True)
@@ -315,11 +321,12 @@ def _run_shard_job(
 
 
 def largest_first(shards: Iterable[ShardJob]) -> list[ShardJob]:
-    """The largest shards (in megabytes of records) first, otherwise in the order given.
-    Batches are planned smallest records first, so in planning order a range's largest
-    batch, the longest to work, would start last and then run alone while the other slots
-    idle; started first, it runs beside the others."""
-    return sorted(shards, key=lambda shard: -shard.size_mb)
+    """The shards of the largest records first, then of the most megabytes, otherwise in
+    the order given. A shard lasts at least as long as its largest record (and that
+    record's OOM climb), the longest pole of a step; batches are planned smallest records
+    first, so in planning order a range's largest batch would start last and then run
+    alone while the other slots idle; started first, it runs beside the others."""
+    return sorted(shards, key=lambda shard: (-shard.largest_mb, -shard.size_mb))
 
 
 def _plan_jobs(
@@ -328,21 +335,19 @@ def _plan_jobs(
     jobs: list[HookJob],
     capacity: HookCapacity | None,
 ) -> tuple[dict[HookJob, list[ShardJob]], list[HookJobResult]]:
-    """Each job's shards, and the jobs whose batch cannot be read (their results)."""
+    """Each job's shards, and the jobs whose batch cannot be read (their results). One batch's
+    records are read once for all its hooks, and only one batch's at a time."""
     shards: dict[HookJob, list[ShardJob]] = {}
     failed: list[HookJobResult] = []
-    records: dict[str, list[HookRecord] | BatchInputError] = {}
-    for job in jobs:
-        if job.partition not in records:
-            try:
-                records[job.partition] = hook_records(convention, store, job.partition)
-            except BatchInputError as error:
-                records[job.partition] = error
-        found = records[job.partition]
-        if isinstance(found, BatchInputError):
-            failed.append(HookJobResult(job, None, found))
+    for partition in dict.fromkeys(job.partition for job in jobs):
+        of_batch = [job for job in jobs if job.partition == partition]
+        try:
+            records = hook_records(convention, store, partition)
+        except BatchInputError as error:
+            failed += [HookJobResult(job, None, error) for job in of_batch]
             continue
-        shards[job] = plan_shards(convention, store, job.partition, job.hook, found, capacity)
+        for job in of_batch:
+            shards[job] = plan_shards(convention, store, partition, job.hook, records, capacity)
     return shards, failed
 
 

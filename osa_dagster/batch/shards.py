@@ -10,9 +10,12 @@ in the others, and a lone partition keeps every slot busy.
 
 How many shards: enough that none holds more than the convention's `shard_size` records,
 and, while every shard keeps at least MIN_SHARD_RECORDS, at least one per slot. Which
-records: sorted smallest first, dealt out in turn (shard i takes records i, i + n, ...), so
-that the shards have similar total sizes; contiguous chunks would put every large record
-in the last shard.
+records: largest first, each to the shard with the fewest megabytes so far among those with
+room (shards differ by at most one record), so that the shards have similar total sizes
+even when a few records are most of the batch (the bundled PDB mirror: one entry of 44 is
+36 % of its megabytes). Contiguous chunks of the batch, planned smallest first, would put
+every large record in the last shard; dealing records out in turn would still give the
+shard of the largest record the largest of the others too.
 
 The split is frozen in the store (`BatchLayout.shard_plan`) at the hook's first run on the
 batch and read back by every later run, so that a resumed run (after a kill, an OOM, on a
@@ -23,13 +26,14 @@ were split has a checkpoint but no plan; it is frozen as one shard, which keeps 
 
 from __future__ import annotations
 
+import heapq
 import logging
 from math import ceil
 
 from osa_sdk.types import HookRecord
 from pydantic import BaseModel, Field
 
-from osa_dagster.batch.stores import StoreModel, UnreadableState
+from osa_dagster.batch.stores import StoreCheckpointIO, StoreModel, UnreadableState
 from osa_dagster.engine import Checkpoint
 from osa_dagster.engine.hook_run import batch_digest
 from osa_dagster.storage.layout import BatchLayout
@@ -70,15 +74,42 @@ def shard_count(records: int, shard_size: int | None, slots: int) -> int:
 
 
 def split_records(records: list[HookRecord], count: int) -> list[list[str]]:
-    """The ids of `records` dealt out smallest first into `count` shards of similar size."""
-    ordered = sorted(records, key=lambda r: (r.size_mb, r.id))
-    return [[r.id for r in ordered[i::count]] for i in range(count)]
+    """The ids of `records` in `count` shards of similar megabytes and at most one record
+    apart in number, each shard's smallest first."""
+    room = ceil(len(records) / count)
+    shards: list[list[HookRecord]] = [[] for _ in range(count)]
+    open_shards = [(0.0, i) for i in range(count)]  # (megabytes so far, shard)
+    for record in sorted(records, key=lambda r: (-r.size_mb, r.id)):
+        size_mb, i = heapq.heappop(open_shards)
+        shards[i].append(record)
+        if len(shards[i]) < room:
+            heapq.heappush(open_shards, (size_mb + record.size_mb, i))
+    return [[r.id for r in sorted(s, key=lambda r: (r.size_mb, r.id))] for s in shards]
 
 
 def load_shard_plan(store: ArtifactStore, layout: BatchLayout, hook: str) -> ShardPlan | None:
     """The frozen plan, or None when the hook has not run on the batch since batches were
     split (there is at most the one checkpoint of the whole batch)."""
     return StoreShardPlanIO(store, layout.shard_plan(hook)).load()
+
+
+def hook_state_key(store: ArtifactStore, layout: BatchLayout, hook: str) -> str:
+    """Where the hook's state over the batch is: its checkpoint, or the folder of its
+    shards' checkpoints and plan when the batch is split."""
+    plan = load_shard_plan(store, layout, hook)
+    if plan is None or len(plan.shards) == 1:
+        return layout.checkpoint(hook)
+    return layout.hook(hook)
+
+
+def shard_checkpoints(
+    store: ArtifactStore, layout: BatchLayout, hook: str
+) -> tuple[ShardPlan | None, list[Checkpoint | None]]:
+    """The hook's plan of the batch and each shard's checkpoint (None: not begun); raises
+    UnreadableState when either cannot be read."""
+    plan = load_shard_plan(store, layout, hook)
+    keys = plan.keys() if plan is not None else [None]
+    return plan, [StoreCheckpointIO(store, layout.checkpoint(hook, key)).load() for key in keys]
 
 
 def frozen_shard_plan(

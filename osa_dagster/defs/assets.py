@@ -20,6 +20,7 @@ from osa_dagster.batch.hooks import (
     run_hook_jobs,
 )
 from osa_dagster.batch.publish import publish_batch, store_batch_features
+from osa_dagster.batch.shards import hook_state_key
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.checks import (
     CHECKS,
@@ -50,7 +51,7 @@ from osa_dagster.defs.resources import (
     HookRunnerResource,
     RecordsDatabaseResource,
 )
-from osa_dagster.engine import Checkpoint, HookSpec
+from osa_dagster.engine import HookSpec
 from osa_dagster.records import RecordsDatabase
 from osa_dagster.records.queries import count_published
 from osa_dagster.settings import Settings
@@ -261,7 +262,12 @@ def _hooks_asset(
                         **hook_metadata(checkpoint, context.run_id),
                         **memory_history_metadata(history, checkpoint.outcomes),
                         **set_aside,
-                        **artifact_uri(store, _hook_state_key(convention, job, checkpoint)),
+                        **artifact_uri(
+                            store,
+                            hook_state_key(
+                                store, BatchLayout(convention.name, job.partition), job.hook
+                            ),
+                        ),
                     },
                     asset_key=key,
                     partition_key=job.partition,
@@ -272,15 +278,6 @@ def _hooks_asset(
             yield dg.MaterializeResult(asset_key=hook_key(convention, hook))
 
     return hook_outcomes
-
-
-def _hook_state_key(convention: Convention, job: HookJob, checkpoint: Checkpoint) -> str:
-    """Where the hook's state over the batch is: its checkpoint, or the folder of its
-    shards' checkpoints when the batch was split (batch/shards.py)."""
-    layout = BatchLayout(convention.name, job.partition)
-    if all(attempt.shard is None for attempt in checkpoint.attempts):
-        return layout.checkpoint(job.hook)
-    return layout.hook(job.hook)
 
 
 def _published_asset(

