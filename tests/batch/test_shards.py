@@ -26,6 +26,7 @@ from osa_dagster.batch.hooks import (
 from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.batch.shards import (
     MIN_SHARD_RECORDS,
+    frozen_shard_plan,
     load_shard_plan,
     shard_count,
     split_records,
@@ -248,3 +249,17 @@ def test_an_unsplit_batch_keeps_the_hook_paths_of_before(tmp_path: Path):
     )
     assert layout.checkpoint(HOOK, 1) == "batches/c/p/hooks/behave/shards/1/checkpoint.json"
     assert layout.hook_workdir(HOOK, 0) == "batches/c/p/hooks/behave/shards/0/work"
+
+
+def test_an_unreadable_split_is_set_aside_and_made_again(tmp_path: Path):
+    store = FileSystemStore(tmp_path / "store")
+    layout = BatchLayout("c", "p")
+    records = [record(f"r{n:02d}") for n in range(1, 2 * MIN_SHARD_RECORDS + 1)]
+    store.write_bytes(layout.shard_plan(HOOK), b'{"hook": "behave", "shards": [[')
+
+    plan = frozen_shard_plan(store, layout, HOOK, records, shard_size=None, slots=2)
+
+    assert [len(shard) for shard in plan.shards] == [MIN_SHARD_RECORDS, MIN_SHARD_RECORDS]
+    assert load_shard_plan(store, layout, HOOK) == plan
+    [aside] = [k for k in store.list_keys(layout.hook(HOOK)) if ".unreadable-" in k]
+    assert store.read_bytes(aside) == b'{"hook": "behave", "shards": [['
