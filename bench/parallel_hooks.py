@@ -25,8 +25,11 @@ CPU use = CPU time of this process and everything it started, hooks included (a 
 `cpuacct` group of the benchmark's own, which sandboxed hooks stay in), while the hook step
 ran, over that time and the CPUs. Without one it is "n/a": a sandboxed hook is not this
 process's child, so RUSAGE_CHILDREN would miss it. Other load on the machine lowers it, so
-the load average is printed beside it, and so is what other load does not change: hook
-attempts running at once (their durations added up, over the hook step's time).
+the load average is printed beside it, and so is what other load changes less: hook
+attempts running at once (their durations added up, over the hook step's time), and the
+floor: the least share of its work a hook step could take on the default slots, its longest
+chain of attempts (one hook over one shard, OOM climb included) or its work spread evenly
+over the slots, whichever is longer.
 """
 
 from __future__ import annotations
@@ -143,12 +146,19 @@ class Measurement:
     hook_cpu_s: float | None
     partitions: int
     attempt_s: float  # every hook attempt's duration, added up
+    longest_chain_s: float  # the attempts of the one (batch, hook, shard) that took longest
 
     @property
     def attempts_at_once(self) -> float:
         """Hook attempts running at once on average while the hook step ran: slots in use,
         whatever else loads the machine."""
         return self.attempt_s / self.hook_step_s
+
+    @property
+    def floor(self) -> float:
+        """The shortest the hook step could be on every slot, as a share of its work: no
+        shorter than its longest chain of attempts, nor than its work over the slots."""
+        return max(self.longest_chain_s, self.attempt_s / default_slots()) / self.attempt_s
 
     @property
     def cpu_share(self) -> float | None:
@@ -232,23 +242,25 @@ def ingest(
             wall = time.perf_counter() - started
             done = instance.get_materialized_partitions(dg.AssetKey([convention, "features"]))
             assert done == set(keys), "not every partition was ingested"
-            attempt_s = _attempt_seconds(convention, keys)
-        return Measurement(wall, step_s, step_cpu, len(keys), attempt_s)
+            chains = _attempt_chains(convention, keys)
+        return Measurement(wall, step_s, step_cpu, len(keys), sum(chains), max(chains))
 
 
-def _attempt_seconds(convention: str, keys: list[str]) -> float:
+def _attempt_chains(convention: str, keys: list[str]) -> list[float]:
+    """Seconds of each chain of attempts: one hook over one shard of one batch."""
     from osa_dagster.batch.hooks import load_hook_checkpoints
     from osa_dagster.conventions.registry import load_conventions
     from osa_dagster.storage import artifact_store
 
     settings = Settings.from_env()
     loaded, store = load_conventions(settings)[convention], artifact_store(settings)
-    return sum(
-        attempt.duration_s or 0.0
-        for key in keys
-        for checkpoint in load_hook_checkpoints(loaded, store, key).values()
-        for attempt in checkpoint.attempts
-    )
+    chains: dict[tuple[str, str, int | None], float] = {}
+    for key in keys:
+        for hook, checkpoint in load_hook_checkpoints(loaded, store, key).items():
+            for attempt in checkpoint.attempts:
+                chain = (key, hook, attempt.shard)
+                chains[chain] = chains.get(chain, 0.0) + (attempt.duration_s or 0.0)
+    return list(chains.values())
 
 
 def _load() -> str:
@@ -302,7 +314,7 @@ def main() -> None:
     )
     print(
         f"{'case':<10}{'slots':>7}{'batches':>9}{'wall s':>9}{'hook step s':>13}"
-        f"{'CPU in hook step':>18}{'attempts at once':>18}"
+        f"{'CPU in hook step':>18}{'attempts at once':>18}{'floor':>7}"
     )
     medians: dict[tuple[str, str], tuple[float, float]] = {}
     for (case, choice), runs in measured.items():
@@ -311,11 +323,12 @@ def main() -> None:
         shares = [r.cpu_share for r in runs if r.cpu_share is not None]
         share = f"{statistics.median(shares):.0%}" if shares else "n/a"
         at_once = statistics.median(r.attempts_at_once for r in runs)
+        floor = statistics.median(r.floor for r in runs)
         medians[case, choice] = (wall, step)
         slots = default_slots() if choice == "default" else 1
         print(
             f"{case:<10}{slots:>7}{runs[0].partitions:>9}{wall:>9.2f}{step:>13.2f}{share:>17}"
-            f"{at_once:>18.2f}"
+            f"{at_once:>18.2f}{floor:>7.2f}"
         )
     print("default slots against one slot (wall time ratio; hook step speedup):")
     for case in cases:
