@@ -33,6 +33,7 @@ from osa_dagster.batch.shards import (
 )
 from osa_dagster.batch.stores import StoreCheckpointIO
 from osa_dagster.conventions.base import Convention
+from osa_dagster.defs.metadata import hook_metadata
 from osa_dagster.engine import Checkpoint, HookCapacity, LocalRunner
 from osa_dagster.engine.spec import HookSpec, MemoryPolicy
 from osa_dagster.settings import Settings
@@ -164,6 +165,11 @@ def test_an_oom_in_one_shard_climbs_that_shard_alone(tmp_path: Path):
     assert merged == result.progress.checkpoint
     assert merged.counts()["passed"] == 6 and merged.complete
     assert sorted((a.shard, a.number) for a in merged.attempts) == [(0, 1), (0, 2), (1, 1)]
+    # What a curator reads on the partition: per shard, bounded whatever the batch's size.
+    shown = hook_metadata(merged, run_id="run")
+    assert (shown["shards"], shown["oom_attempts"], shown["passed"]) == (2, 1, 6)
+    assert shown["memory_limits_mb"] == f"shard 0: {BASE_MB} -> {2 * BASE_MB}; shard 1: {BASE_MB}"
+    assert "| 0 | 2 |" in shown["shard_log"].value and "| 1 | 1 |" in shown["shard_log"].value
 
     again = _run(convention, store, partition, _capacity(tmp_path, slots=2))
 
