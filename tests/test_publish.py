@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
 
+import psycopg2
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -292,3 +293,57 @@ def test_a_connection_lost_during_copy_is_reported_as_lost_and_the_next_call_wor
     monkeypatch.undo()
     assert store_features(db, hook="features", features=[FeatureRows(srn, [{"atoms": 10}])]) == 1
     db.engine.dispose()
+
+
+@pytest.mark.parametrize("other_run_ends_by", ["commit", "rollback"])
+def test_a_record_another_run_is_publishing_waits_for_that_run(
+    cluster: PgCluster, other_run_ends_by: str
+):
+    """The other run's row is uncommitted when this run's COPY meets it: the COPY waits.
+    Committed, the record is that run's (this one's COPY is undone and its rows inserted
+    past the conflict); rolled back, this run publishes every record by its COPY."""
+    name = f"records_{next(_databases)}"
+    cluster.create_database(name)
+    db = RecordsDatabase(cluster.database_url(name))
+    db.engine.connect().close()  # creates the schema
+    ids = [f"R{n:04d}" for n in range(1000)]
+    dsn = cluster.dsn().replace("dbname=postgres", f"dbname={name}")
+    other_run = psycopg2.connect(dsn)
+    with other_run.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO records (srn, convention, source_id, partition, metadata, published_at)"
+            " VALUES ('urn:other', 'pdb', %s, 'other', '{}', now())",
+            (ids[500],),
+        )
+    results: list[PublishResult] = []
+    publisher = threading.Thread(
+        target=lambda: results.append(_publish(db, [RecordToPublish(i, {}) for i in ids]))
+    )
+    publisher.start()
+    # Each query of its own transaction: within one, pg_stat_activity keeps its first view.
+    watch = psycopg2.connect(dsn)
+    watch.autocommit = True
+    waiting = 0
+    with watch.cursor() as cursor:
+        while not waiting and publisher.is_alive():
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE 'COPY records%'"
+            )
+            waiting = cursor.fetchone()[0]
+    watch.close()
+    getattr(other_run, other_run_ends_by)()
+    publisher.join()
+    other_run.close()
+
+    assert waiting == 1
+    [result] = results
+    stored = _stored(db)
+    db.engine.dispose()
+    assert {i: srn for i, (srn, _) in stored.items()} == result.srns
+    assert len(result.srns) == len(ids)
+    if other_run_ends_by == "commit":
+        assert (result.newly_published, result.already_published) == (999, 1)
+        assert result.srns[ids[500]] == "urn:other"
+    else:
+        assert (result.newly_published, result.already_published) == (1000, 0)

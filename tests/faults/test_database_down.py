@@ -24,7 +24,7 @@ def _stop_when_publisher_waits(postgres, stopped: threading.Event) -> None:
         with psycopg2.connect(postgres.dsn()) as watch, watch.cursor() as cursor:
             cursor.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE 'INSERT INTO records%'"
+                "AND (query LIKE 'COPY records%' OR query LIKE 'INSERT INTO records%')"
             )
             waiting = cursor.fetchone()[0]
         watch.close()
