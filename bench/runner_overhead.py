@@ -1,6 +1,6 @@
 """What the runners add to starting a hook, against a bare subprocess.run.
 
-    .venv/bin/python bench/runner_overhead.py [--runs 30] [--command python|true|sdk-hook]
+    .venv/bin/python bench/runner_overhead.py [--runs 30] [--command python|true|hook]
                                               [--no-docker]
 
 The local runner is timed with each OSA_HOOK_MEMORY_LIMITS mode (a cgroup of the host's
@@ -13,7 +13,7 @@ compare only as ratios to the bare run measured in the same place and run. The s
 command also runs in a sandboxed container of the pdb hook image (DockerRunner) when a
 Docker engine answers and the image is built (`make images`); --no-docker skips it.
 
-`--command sdk-hook` starts what every hook attempt starts, `python -m osa_sdk hook` with
+`--command hook` starts what every hook attempt starts, `python -m osa_sdk hook` with
 the uniprot convention's validate_sequence over no records: the interpreter, the SDK and the
 hook's imports, the fixed cost of one attempt.
 
@@ -46,7 +46,7 @@ from osa_dagster.settings import MemoryLimits, Settings
 COMMANDS = {
     "python": [sys.executable, "-c", "pass"],
     "true": ["true"],
-    "sdk-hook": list(sdk_hook_command("osa_dagster.conventions.uniprot.hooks:validate_sequence")),
+    "hook": list(sdk_hook_command("osa_dagster.conventions.uniprot.hooks:validate_sequence")),
 }
 
 
@@ -62,7 +62,7 @@ def main() -> None:
         root = Path(tmp)
         for folder in ("in", "out", "files"):
             (root / folder).mkdir()
-        # The hook's contract, for sdk-hook: no records, no configuration.
+        # The hook's contract, for the hook command: no records, no configuration.
         (root / "in" / RECORDS_FILE).touch()
         (root / "in" / CONFIG_FILE).write_text("{}")
         contract = {
@@ -111,7 +111,7 @@ def main() -> None:
             launch()  # warm-up: imports, page cache
         for _ in range(args.runs):
             for name, launch in launchers.items():
-                _empty(root / "out")  # what sdk-hook wrote, as another user maybe
+                _empty(root / "out")  # what the hook command wrote, as another user maybe
                 started = time.perf_counter()
                 launch()
                 times[name].append(time.perf_counter() - started)
