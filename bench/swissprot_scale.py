@@ -64,6 +64,7 @@ CACHE = Path(tempfile.gettempdir()) / "osa-bench-swissprot"
 OSA = [sys.executable, "-m", "osa_dagster.cli"]
 RSS_POLL_S = 0.5
 CPUACCT = Path("/sys/fs/cgroup/cpuacct")
+GROUP_EMPTY_WAIT_S = 30.0
 
 
 @dataclass
@@ -133,6 +134,14 @@ class CpuAccount:
     def close(self) -> float:
         if self.group is None:
             return children_cpu_s() - self.rusage_before
+        # Processes the command left behind (hooks of a killed orchestrator) are still
+        # counted: wait for them to go before the group can be removed.
+        deadline = time.monotonic() + GROUP_EMPTY_WAIT_S
+        while (self.group / "cgroup.procs").read_text().strip():
+            if time.monotonic() > deadline:
+                print(f"{self.group} still holds processes; left in place", file=sys.stderr)
+                return int((self.group / "cpuacct.usage").read_text()) / 1e9
+            time.sleep(RSS_POLL_S)
         used_ns = int((self.group / "cpuacct.usage").read_text())
         self.group.rmdir()
         return used_ns / 1e9
