@@ -297,8 +297,11 @@ def main() -> None:
     entries = SWISSPROT_ENTRIES if args.full else args.entries
     path = flat_file(entries)
 
-    scratch = Path(args.keep or tempfile.mkdtemp(prefix="osa-swissprot-"))
-    scratch.mkdir(parents=True, exist_ok=bool(args.keep) and not any(scratch.glob("*")))
+    if args.keep is None:
+        scratch = Path(tempfile.mkdtemp(prefix="osa-swissprot-"))
+    else:
+        scratch = args.keep
+        scratch.mkdir(parents=True)
     try:
         home, data = scratch / "home", scratch / "data"
         home.mkdir()
