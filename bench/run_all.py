@@ -46,6 +46,11 @@ SCRIPTS = [
     ("oom_recovery.py", ["--runs", "3"], ["--runs", "1", "--records", "10", "--position", "5"]),
     ("lease_overhead.py", ["--runs", "5"], ["--runs", "1", "--cycles", "20"]),
     ("feature_caps.py", ["--runs", "3"], ["--runs", "1", "--rows", "10000"]),
+    (
+        "swissprot_scale.py",
+        [],
+        ["--entries", "2000", "--batch-size", "500", "--floor-sample", "200", "--no-snakemake"],
+    ),
 ]
 
 
