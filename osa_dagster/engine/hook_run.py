@@ -17,6 +17,13 @@ with records taking ~0.1 s to minutes that is one small PUT per record on S3. A 
 settles many records a second over large batches (every save rewrites the whole
 checkpoint) can raise both, e.g. 100 records or 10 s.
 
+Every save rewrites the whole checkpoint, so its cost grows with the batch: at 5,000 records
+a save is ~60 ms, and saving at every poll would cost a share of the orchestrator that grows
+with the square of the batch size. So, whatever the two settings say, the next save while an
+attempt runs waits at least SAVE_SPACING times as long as the last save took: saves take at
+most about 1 / SAVE_SPACING of the watching thread's time, and the work a crash can redo grows
+to SAVE_SPACING times a save (~1.2 s at 5,000 records), never more.
+
 Poison records. Records run smallest first, so when an attempt at the top of the ladder (the
 cap) is OOM-killed, the record it was on (`AttemptRecord.first_unfinished`) is the suspect.
 The next attempt runs the suspect alone at the cap: if it runs out of memory alone it is
@@ -94,6 +101,8 @@ _REASON_TAIL_CHARS = 500
 # How often a running attempt's output is read: short, so that an outcome is saved soon after
 # it appears. A read is a seek and a read per output file.
 POLL_S = 0.1
+# How much longer than a save lasts the next save during an attempt waits (see above).
+SAVE_SPACING = 20
 LARGE_LANE = "large"
 
 
@@ -247,6 +256,7 @@ class _HookRun:
         self.save_every_s = save_every_s
         self.save_every_records = save_every_records
         self.poll_s = min(POLL_S, save_every_s)
+        self.last_save_s = 0.0  # how long the latest save took
         self.checkpoint = self._open_checkpoint()
         self.refused: str | None = None  # why the last attempt's output was refused
 
@@ -384,7 +394,7 @@ class _HookRun:
         self._close_attempt(
             flight, None, read_tail(attempt_dir / "hook.log"), first_unfinished=None
         )
-        self.checkpoints.save(self.checkpoint)
+        self._save()
 
     def attempt(self, pending: list[HookRecord], memory: int, lane: str | None) -> AttemptExit:
         """One attempt over these records, checkpointing outcomes as they appear; with a
@@ -424,7 +434,7 @@ class _HookRun:
         )
         self.checkpoint.running = flight
         # Saved before waiting: if we die now, the next run finds and kills the hook.
-        self.checkpoints.save(self.checkpoint)
+        self._save()
         exit_ = self._watch(running, flight, self._reader(invocation.out_dir, flight.offsets))
         first_unfinished = next(
             (r.id for r in pending if r.id not in self.checkpoint.outcomes), None
@@ -463,6 +473,11 @@ class _HookRun:
             network=self.spec.network,
         )
 
+    def _save(self) -> None:
+        started = time.monotonic()
+        self.checkpoints.save(self.checkpoint)
+        self.last_save_s = time.monotonic() - started
+
     def _watch(
         self, running: RunningAttempt, flight: InFlightAttempt, reader: OutputReader
     ) -> AttemptExit:
@@ -476,11 +491,13 @@ class _HookRun:
                 if reader.refused is not None:
                     # The output cannot be trusted any further: nothing the hook does next counts.
                     running.kill()
-                if unsaved and (
-                    unsaved >= self.save_every_records
-                    or time.monotonic() - saved_at >= self.save_every_s
+                since_save_s = time.monotonic() - saved_at
+                if (
+                    unsaved
+                    and since_save_s >= SAVE_SPACING * self.last_save_s
+                    and (unsaved >= self.save_every_records or since_save_s >= self.save_every_s)
                 ):
-                    self.checkpoints.save(self.checkpoint)
+                    self._save()
                     saved_at, unsaved = time.monotonic(), 0
         except BaseException:
             # Cancelled (KeyboardInterrupt, a run termination): the hook must not outlive us.
@@ -581,7 +598,7 @@ class _HookRun:
                     self.checkpoint.next_memory_mb = next_memory
                 else:
                     self.checkpoint.lanes.update(dict.fromkeys(left_ids, next_memory))
-                self.checkpoints.save(self.checkpoint)
+                self._save()
                 return
             self._out_of_memory_at_cap(left)
         elif exit_.failure is not None:
@@ -606,7 +623,7 @@ class _HookRun:
             self._error(
                 left_ids, "no outcome: the hook exited 0 without writing one", retryable=False
             )
-        self.checkpoints.save(self.checkpoint)
+        self._save()
 
     def _out_of_memory_at_cap(self, left: list[HookRecord]) -> None:
         """An OOM at the top of the ladder: poison if alone, else isolate the suspect."""

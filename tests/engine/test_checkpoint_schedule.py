@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from osa_dagster.engine import Checkpoint, CheckpointIO, run_hook
+from osa_dagster.engine.hook_run import SAVE_SPACING
 
 from .helpers import Harness, record
 
@@ -173,3 +174,44 @@ def test_a_schedule_that_cannot_work_is_refused(
             checkpoint_every_s=seconds,
         )
     assert harness.checkpoints.load() is None  # refused before anything ran
+
+
+@dataclass
+class SlowCheckpointIO(RecordingCheckpointIO):
+    """Saves that take `save_s` each, as a large checkpoint's do, with when each ended."""
+
+    save_s: float = 0.05
+    started: list[float] = field(default_factory=list)
+    ended: list[float] = field(default_factory=list)
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        self.started.append(time.monotonic())
+        time.sleep(self.save_s)
+        super().save(checkpoint)
+        self.ended.append(time.monotonic())
+
+
+def test_saves_during_an_attempt_are_spaced_by_how_long_a_save_takes(harness: Harness) -> None:
+    # Every outcome asks for a save at once (1 record, 1 s), and each record waits for the
+    # save of the one before, so saving at every poll would leave ~0.1 s between saves.
+    slow = SlowCheckpointIO(harness.checkpoints, harness.root)
+    waits = {i: after_a_save_of(harness, i) for i in range(1, 4)}
+    checkpoint = run_hook(
+        harness.spec(),
+        harness.batch([record(f"r{i}", size_mb=i, **waits.get(i, {})) for i in range(4)]),
+        harness.runner,
+        slow,
+        harness.workdir,
+    )
+
+    assert checkpoint.complete
+    in_flight = [i for i, s in enumerate(slow.saves) if s.in_flight]
+    assert len(in_flight) >= 3, slow.saves
+    # Saving took a small share of the time between the first save and the last (at every
+    # poll it would be about a third), and each gap followed from the save before it.
+    took_s = [slow.ended[i] - slow.started[i] for i in in_flight]
+    span_s = slow.ended[in_flight[-1]] - slow.started[in_flight[0]]
+    assert sum(took_s) <= span_s / 10, (took_s, span_s)
+    for earlier, later in pairwise(in_flight):
+        gap_s = slow.started[later] - slow.ended[earlier]
+        assert gap_s >= SAVE_SPACING * (slow.ended[earlier] - slow.started[earlier])
