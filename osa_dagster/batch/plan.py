@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -13,7 +14,15 @@ from osa_sdk.types import RecordRef, SkippedSource
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from osa_dagster.batch import BatchInputError
-from osa_dagster.batch.plan_index import LOOKUP_CHUNK, PlanIndex, Register, SeenIds, chunked
+from osa_dagster.batch.plan_index import (
+    COMMIT_EVERY_ROWS,
+    COMMIT_EVERY_S,
+    LOOKUP_CHUNK,
+    PlanIndex,
+    Register,
+    SeenIds,
+    chunked,
+)
 from osa_dagster.batch.stores import UnreadableState, parse_stored
 from osa_dagster.conventions.base import Convention
 from osa_dagster.storage.layout import BatchLayout, Manifest, SourceChoice, manifests_prefix
@@ -110,9 +119,10 @@ def plan_refs(
     `discovered` is consumed as a stream: each batch's manifest is written once it is full,
     and what the plan remembers per record (the ids it saw, the versions planned before)
     lives in the plan index on disk, so memory does not grow with the records. `register`
-    is given the partitions of the frozen batches, a few hundred thousand records' worth at
-    a time, and the manifests of the store that the index had not read yet; it must
-    register them with the orchestrator (re-registering a known one must be harmless).
+    is given the partitions of the frozen batches in bulk (COMMIT_EVERY_ROWS records' worth,
+    or what COMMIT_EVERY_S saw frozen, the rest at the end), and those of the manifests the
+    index had not read; it must register them with the orchestrator (re-registering a known
+    one must be harmless).
     """
     size = convention.batch_size if batch_size is None else batch_size
     result = PlanResult(partitions=[], new_partitions=[], records=0)
@@ -120,7 +130,7 @@ def plan_refs(
         result.manifests_indexed = index.catch_up(store, convention.name, register)
         freezer = _Freezer(convention, store, index, result, since, register)
         batch: list[RecordRef] = []
-        for chunk in chunked(iter(discovered), LOOKUP_CHUNK):
+        for chunk in chunked(discovered, LOOKUP_CHUNK):
             fresh = seen.first_sightings(chunk)
             result.duplicate_refs += len(chunk) - len(fresh)
             if not replan:
@@ -136,10 +146,6 @@ def plan_refs(
             freezer.freeze(batch)
         freezer.flush()
     return result
-
-
-# Records frozen between two registrations with the orchestrator (and index commits).
-REGISTER_EVERY_RECORDS = 50_000
 
 
 class _Freezer:
@@ -162,7 +168,7 @@ class _Freezer:
         self.register = register
         self.source = SourceChoice(name=convention.source, location=convention.location)
         self.unregistered: list[str] = []
-        self.unregistered_records = 0
+        self.last_flush = time.monotonic()
 
     def freeze(self, batch: list[RecordRef]) -> None:
         key = partition_key(batch)
@@ -187,18 +193,18 @@ class _Freezer:
         self.result.records += len(batch)
         self.index.add(key, batch, size_bytes)
         self.unregistered.append(key)
-        self.unregistered_records += len(batch)
-        if self.unregistered_records >= REGISTER_EVERY_RECORDS:
+        if (
+            self.index.pending_rows >= COMMIT_EVERY_ROWS
+            or time.monotonic() - self.last_flush >= COMMIT_EVERY_S
+        ):
             self.flush()
 
     def flush(self) -> None:
         """Registered first, indexed second: a plan killed in between leaves manifests that
         the next plan's catch-up indexes and registers."""
-        if self.unregistered:
-            self.register(self.unregistered)
-        self.index.commit()
+        self.index.register_and_commit(self.unregistered, self.register)
         self.unregistered = []
-        self.unregistered_records = 0
+        self.last_flush = time.monotonic()
 
 
 class WatchCursor(BaseModel):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
@@ -38,11 +38,12 @@ INDEX_FORMAT = 1
 BUSY_TIMEOUT_S = 120.0
 # Source ids per look-up (SQLite allows 32,766 parameters per statement).
 LOOKUP_CHUNK = 1000
-# Manifests read per transaction while catching up: what a plan killed midway redoes.
-CATCH_UP_CHUNK = 200
+# Records indexed per commit (the plan registers their partitions first), and the longest a
+# plan holds frozen batches unregistered while discover is slow.
+COMMIT_EVERY_ROWS = 50_000
+COMMIT_EVERY_S = 30.0
 # Page cache of the index and of the seen ids, each: bounds what they add to the plan's memory.
 CACHE_KB = 4096
-UNKNOWN_SIZE = -1
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -53,7 +54,7 @@ class IndexUnreadable(Exception):
     """An index file that is not one this code wrote: it is built again."""
 
 
-def chunked(items: Iterator[T] | Sequence[T], size: int) -> Iterator[list[T]]:
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
         yield chunk
@@ -67,13 +68,15 @@ def _version_key(version: str | None) -> str:
 class PlanIndex:
     """One plan's view of the index: look-ups, the seen ids, and what this plan freezes.
 
-    Rows a plan adds stay uncommitted until `commit`, which the plan calls only after
-    Dagster knows their partitions: an indexed manifest is always a registered partition,
-    and one written but not indexed is registered when the next plan catches up with it.
+    Manifests a plan adds are committed only after the orchestrator knows their partitions
+    (`register_and_commit`): an indexed manifest is always a registered partition, and one
+    written but not indexed is registered when the next plan catches up with it.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._pending: list[tuple[str, int, list[tuple[str, str]]]] = []
+        self.pending_rows = 0
         try:
             self._db = _connect(path)
         except IndexUnreadable as error:
@@ -99,7 +102,7 @@ class PlanIndex:
                 index.close()
 
     def close(self) -> None:
-        # Closing with a transaction open rolls it back: those manifests are read next time.
+        # What was added and not committed is dropped: those manifests are read next time.
         self._db.close()
 
     def catch_up(self, store: ArtifactStore, convention: str, register: Register) -> int:
@@ -134,17 +137,14 @@ class PlanIndex:
                 "(SELECT 1 FROM manifests m WHERE m.partition = l.partition) ORDER BY partition"
             )
             indexed = 0
-            for chunk in chunked(unread.fetchall(), CATCH_UP_CHUNK):
-                read = [
-                    partition
-                    for partition, size_bytes in chunk
-                    if self._index_manifest(store, BatchLayout(convention, partition), size_bytes)
-                ]
-                if read:
-                    register(read)
-                self.commit()
-                indexed += len(read)
-            return indexed
+            unregistered: list[str] = []
+            for partition, size_bytes in unread.fetchall():
+                if self._index_manifest(store, BatchLayout(convention, partition), size_bytes):
+                    unregistered.append(partition)
+                if self.pending_rows >= COMMIT_EVERY_ROWS:
+                    indexed += self.register_and_commit(unregistered, register)
+                    unregistered = []
+            return indexed + self.register_and_commit(unregistered, register)
         finally:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
@@ -180,26 +180,37 @@ class PlanIndex:
             )
         return [r for r in refs if (r.source_id, _version_key(r.version)) not in planned]
 
-    def add(self, partition: str, refs: Sequence[RecordRef], size_bytes: int | None) -> None:
-        """Index a manifest (uncommitted); `size_bytes` None when this plan did not write it."""
-        if not self._db.in_transaction:
-            self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute(
-            "INSERT INTO manifests (partition, size_bytes) VALUES (?, ?) "
-            "ON CONFLICT (partition) DO NOTHING",
-            (partition, UNKNOWN_SIZE if size_bytes is None else size_bytes),
-        )
-        [(manifest,)] = self._db.execute(
-            "SELECT id FROM manifests WHERE partition = ?", (partition,)
-        ).fetchall()
-        self._db.executemany(
-            "INSERT OR IGNORE INTO planned VALUES (?, ?, ?)",
-            ((r.source_id, _version_key(r.version), manifest) for r in refs),
-        )
+    def add(self, partition: str, refs: Sequence[RecordRef], size_bytes: int) -> None:
+        """Index a manifest at the next commit. Held in memory until then, a few MB at most,
+        so that the index is locked only while it is written, not while discover runs."""
+        rows = [(r.source_id, _version_key(r.version)) for r in refs]
+        self._pending.append((partition, size_bytes, rows))
+        self.pending_rows += len(rows)
 
-    def commit(self) -> None:
-        if self._db.in_transaction:
+    def register_and_commit(self, partitions: Sequence[str], register: Register) -> int:
+        """Tell `register` the partitions of the manifests added since the last commit, then
+        commit them: an indexed manifest is a registered partition. How many."""
+        if partitions:
+            register(partitions)
+        if self._pending:
+            self._db.execute("BEGIN IMMEDIATE")
+            for partition, size_bytes, rows in self._pending:
+                self._db.execute(
+                    "INSERT INTO manifests (partition, size_bytes) VALUES (?, ?) "
+                    "ON CONFLICT (partition) DO NOTHING",
+                    (partition, size_bytes),
+                )
+                [(manifest,)] = self._db.execute(
+                    "SELECT id FROM manifests WHERE partition = ?", (partition,)
+                ).fetchall()
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO planned VALUES (?, ?, ?)",
+                    ((source_id, version, manifest) for source_id, version in rows),
+                )
             self._db.execute("COMMIT")
+        self._pending = []
+        self.pending_rows = 0
+        return len(partitions)
 
 
 class SeenIds:

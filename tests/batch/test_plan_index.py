@@ -184,3 +184,19 @@ def test_a_manifest_removed_or_cut_short_has_its_records_planned_again(store, ca
     assert [r.getMessage() for r in caplog.records if store.describe(cut) in r.getMessage()]
     assert store.exists(kept)
     assert planned_records(store) == [(r.source_id, r.version) for r in refs(30)]
+
+
+def test_frozen_batches_are_registered_while_discover_still_runs(store, monkeypatch):
+    # A slow upstream: every batch is registered (and indexed) as soon as it freezes.
+    monkeypatch.setattr("osa_dagster.batch.plan.COMMIT_EVERY_S", 0.0)
+    registry = Registry()
+    registered_midway: list[str] = []
+
+    def discovery():
+        yield from refs(LOOKUP_CHUNK)
+        registered_midway.extend(registry.partitions)
+        yield from refs(LOOKUP_CHUNK + 50, LOOKUP_CHUNK)
+
+    result = plan_refs(TOY, store, discovery(), batch_size=100, register=registry)
+    assert sorted(registered_midway) == sorted(result.partitions[: LOOKUP_CHUNK // 100])
+    assert registry.partitions == set(result.partitions)
