@@ -66,14 +66,15 @@ def _version_key(version: str | None) -> str:
 
 
 class PlanIndex:
-    """One plan's view of the index: look-ups, the seen ids, and what this plan freezes.
+    """One plan's view of the index: its catch-up, look-ups, and the manifests it adds.
 
     Manifests a plan adds are committed only after the orchestrator knows their partitions
     (`register_and_commit`): an indexed manifest is always a registered partition, and one
     written but not indexed is registered when the next plan catches up with it.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, where: str) -> None:
+        """The index file at `path`, which the store holds at `where` (for messages)."""
         self.path = path
         self._pending: list[tuple[str, int, list[tuple[str, str]]]] = []
         self.pending_rows = 0
@@ -82,7 +83,7 @@ class PlanIndex:
         except IndexUnreadable as error:
             log.warning(
                 "the plan index at %s cannot be read (%s): it is built again from the manifests",
-                path,
+                where,
                 error,
             )
             for leftover in (path, path.with_name(path.name + "-journal")):
@@ -94,8 +95,9 @@ class PlanIndex:
     def of(cls, store: ArtifactStore, convention: str) -> Iterator[PlanIndex]:
         """The convention's index, written back to the store when the body ends without error
         (an S3 store uploads nothing otherwise; the index then lags, which costs reading)."""
-        with store.local_dir(plan_index_prefix(convention), writable=True) as folder:
-            index = cls(folder / INDEX_FILE)
+        prefix = plan_index_prefix(convention)
+        with store.local_dir(prefix, writable=True) as folder:
+            index = cls(folder / INDEX_FILE, store.describe(f"{prefix}/{INDEX_FILE}"))
             try:
                 yield index
             finally:
