@@ -127,6 +127,7 @@ def main() -> None:
         f"{'peak MB':>9}{'again s':>9}{'peak MB':>9}{'setup MB':>10}"
     )
     peaks: dict[int, dict[int, float]] = {}
+    plan_s: dict[int, dict[int, float]] = {}
     for batch_size in args.batch_sizes:
         for records in args.records:
             runs = [measure(records, batch_size) for _ in range(args.runs)]
@@ -135,6 +136,7 @@ def main() -> None:
                 return statistics.median(run[name] for run in runs)
 
             peaks.setdefault(batch_size, {})[records] = median("plan_mb")
+            plan_s.setdefault(records, {})[batch_size] = median("plan_s")
             print(
                 f"{records:>12,}{batch_size:>7,}{-(-records // batch_size):>12,}"
                 f"{median('plan_s'):>9.1f}{records / median('plan_s'):>10,.0f}"
@@ -149,6 +151,15 @@ def main() -> None:
             print(
                 f"batch {batch_size:,}: peak at {high:,} / peak at {low:,} references = "
                 f"{by_records[high] / by_records[low]:.2f}"
+            )
+    for records, by_size in plan_s.items():
+        small, large = min(by_size), max(by_size)
+        if small != large:
+            extra = -(-records // small) - -(-records // large)
+            print(
+                f"{records:,} references: each partition more costs "
+                f"{(by_size[small] - by_size[large]) / extra * 1000:.1f} ms "
+                f"(batches of {small:,} against {large:,})"
             )
     size = uniprot_batch_size()
     count = -(-UNIPROTKB_ENTRIES // size)

@@ -241,16 +241,17 @@ class SeenIds:
         first: dict[str, RecordRef] = {}
         for ref in refs:
             first.setdefault(ref.source_id, ref)
-        seen = {
+        # One statement a chunk: RETURNING gives the rows inserted, not those already there.
+        new = {
             source_id
             for chunk in chunked(list(first), LOOKUP_CHUNK)
             for (source_id,) in self._db.execute(
-                f"SELECT source_id FROM seen WHERE source_id IN ({_marks(len(chunk))})", chunk
+                f"INSERT INTO seen VALUES {','.join(['(?)'] * len(chunk))} "
+                "ON CONFLICT DO NOTHING RETURNING source_id",
+                chunk,
             )
         }
-        fresh = [ref for source_id, ref in first.items() if source_id not in seen]
-        self._db.executemany("INSERT INTO seen VALUES (?)", ((r.source_id,) for r in fresh))
-        return fresh
+        return [ref for source_id, ref in first.items() if source_id in new]
 
 
 def _marks(count: int) -> str:
