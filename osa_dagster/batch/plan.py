@@ -129,11 +129,14 @@ def plan_refs(
     with PlanIndex.of(store, convention.name) as index, SeenIds() as seen:
         result.manifests_indexed = index.catch_up(store, convention.name, register)
         freezer = _Freezer(convention, store, index, result, since, register)
+        # As planned when the plan starts (what it freezes itself, `seen` leaves out): the
+        # first plan of a convention looks nothing up.
+        look_up = not replan and index.holds_records()
         batch: list[RecordRef] = []
         for chunk in chunked(discovered, LOOKUP_CHUNK):
             fresh = seen.first_sightings(chunk)
             result.duplicate_refs += len(chunk) - len(fresh)
-            if not replan:
+            if look_up:
                 unplanned = index.not_planned(fresh)
                 result.already_planned += len(fresh) - len(unplanned)
                 fresh = unplanned

@@ -169,6 +169,9 @@ class PlanIndex:
         self.add(layout.partition, manifest.refs, size_bytes)
         return True
 
+    def holds_records(self) -> bool:
+        return self._db.execute("SELECT 1 FROM planned LIMIT 1").fetchone() is not None
+
     def not_planned(self, refs: Sequence[RecordRef]) -> list[RecordRef]:
         """Those of `refs` that no indexed manifest holds at the same version, in order."""
         planned: set[tuple[str, str]] = set()
