@@ -28,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +43,7 @@ from osa_dagster.records import (  # noqa: E402
     Record,
     RecordsDatabase,
     RecordToPublish,
+    make_srns,
     publish_records,
 )
 
@@ -73,16 +73,10 @@ def count(db: RecordsDatabase) -> int:
 
 def rows(records: list[RecordToPublish]) -> list[tuple]:
     now = datetime.now(UTC)
+    srns = make_srns("bench", len(records))
     return [
-        (
-            f"urn:osa:bench:rec:{uuid.uuid4()}",
-            CONVENTION,
-            r.source_id,
-            "p0",
-            json.dumps(r.metadata),
-            now,
-        )
-        for r in records
+        (srn, CONVENTION, r.source_id, "p0", json.dumps(r.metadata), now)
+        for srn, r in zip(srns, records, strict=True)
     ]
 
 

@@ -13,19 +13,9 @@ from osa_dagster.batch import BatchInputError
 from osa_dagster.batch.plan import load_manifest
 from osa_dagster.batch.stores import UnreadableState, parse_stored
 from osa_dagster.conventions.base import Convention
-from osa_dagster.records.models import MAX_SOURCE_ID_CHARS
+from osa_dagster.records.models import source_id_error
 from osa_dagster.storage.layout import BatchLayout, Manifest
 from osa_dagster.storage.store import ArtifactStore
-
-
-def source_id_error(source_id: str) -> str | None:
-    """Why a record with this id cannot be published, or None if it can. The same rule for
-    every database: PostgreSQL text holds no NUL, and the column has a length."""
-    if "\x00" in source_id:
-        return "contains NUL, which a records database cannot hold"
-    if len(source_id) > MAX_SOURCE_ID_CHARS:
-        return f"is {len(source_id)} characters long, over the {MAX_SOURCE_ID_CHARS} allowed"
-    return None
 
 
 @dataclass

@@ -20,7 +20,7 @@ from osa_dagster.records.publish import (
     PublishResult,
     RecordToPublish,
     find_srns,
-    make_srn,
+    make_srns,
     publish_records,
     store_features,
 )
@@ -41,7 +41,7 @@ __all__ = [
     "database_url",
     "find_srns",
     "list_dead_letters",
-    "make_srn",
+    "make_srns",
     "open_database",
     "publish_records",
     "replace_dead_letters",

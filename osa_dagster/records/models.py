@@ -12,6 +12,22 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 MAX_SOURCE_ID_CHARS = 512
 
 
+def source_id_error(source_id: str) -> str | None:
+    """Why a record with this id cannot be published, or None if it can. The same rule for
+    every database: PostgreSQL text holds no NUL, both store UTF-8 (which a lone surrogate
+    escape is not), and the column has a length."""
+    if "\x00" in source_id:
+        return "contains NUL, which a records database cannot hold"
+    if len(source_id) > MAX_SOURCE_ID_CHARS:
+        return f"is {len(source_id)} characters long, over the {MAX_SOURCE_ID_CHARS} allowed"
+    if not source_id.isascii():
+        try:
+            source_id.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains a lone surrogate escape, which is not Unicode text"
+    return None
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON}
 
