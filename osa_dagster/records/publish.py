@@ -83,16 +83,13 @@ def _stored_form(session: Session, column: ColumnElement[Any]) -> Callable[[Any]
 
 
 def _copy_csv(cursor: Any, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
-    """COPY the rows into the table: CSV, which Python's csv module writes in C, quoting
-    what needs it (tabs, newlines, quotes; backslashes mean nothing in CSV). An unquoted
-    empty field would be NULL: FORCE_NOT_NULL keeps it the empty string it was."""
+    """COPY the rows into the table as CSV, which Python's csv module writes in C. Every
+    field is quoted: then a tab, newline, carriage return, quote or backslash is plain data,
+    and an empty string is not read as NULL (an unquoted empty field is)."""
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL).writerows(rows)
     buffer.seek(0)
-    cursor.copy_expert(
-        f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv, FORCE_NOT_NULL ({columns}))",
-        buffer,
-    )
+    cursor.copy_expert(f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)", buffer)
 
 
 def _one_of(dialect: str, column: str, parameter: str) -> str:
