@@ -42,7 +42,7 @@ AWKWARD_IDS = [
     "comma, semicolon; pipe|",
     "",
     " leading and trailing spaces ",
-    "unicode: é ß 𝔸 🧬 中文",
+    "unicode: é ß Ω 🧬 中文",
     "pdb:1ABC/v1@2024 chain A",
 ]
 AWKWARD_METADATA = {
