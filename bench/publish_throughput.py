@@ -3,18 +3,23 @@
     .venv/bin/python bench/publish_throughput.py [--runs 3] [--records 100000] [--no-postgres]
 
 Into SQLite (a file, WAL, as the records database opens it) and into a throwaway
-PostgreSQL 15 cluster (started and stopped here, on 127.0.0.1). Every run starts from an
-empty `records` table with the project's schema (primary key, unique (convention,
-source_id), indexes). Per backend:
+PostgreSQL 15 cluster (started and stopped here, on 127.0.0.1). Every run starts from empty
+tables with the project's schema (primary keys, unique (convention, source_id), indexes,
+the features' foreign key). Per backend:
 
-  publish      publish_records(...) of all N records in one call: one transaction, SRNs
-               made, the idempotence look-ups before and after, chunked INSERT ... ON
-               CONFLICT DO NOTHING
-  republish    the same call again on the full table (a re-run of the partition: nothing new)
-  floor        the same rows (SRN and JSON made in the loop too) with the bare driver in one
-               transaction: sqlite3 executemany, or psycopg2 COPY FROM STDIN
+  publish         publish_records(...) of all N records in one call, into the empty table:
+                  SRNs made, metadata serialised, rows written, every SRN returned
+  republish       the same call again on the full table (a re-run of the partition: nothing
+                  new, the same SRNs returned)
+  floor           the same rows (SRNs from the same maker, JSON made in the loop too) with
+                  the bare driver in one transaction: sqlite3 executemany, or psycopg2 COPY
+                  FROM STDIN; publish and republish are divided by this
+  features        store_features(...) of one small feature row per published record
+  features floor  the same feature rows with the bare driver, as the floor; features is
+                  divided by this
 
-Runs alternate between the variants; the figures are medians with min-max.
+Runs alternate between the variants; the figures are medians with min-max, and each ratio
+is to its floor measured in the same runs.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -40,15 +46,28 @@ from sqlalchemy import func, select  # noqa: E402
 from osa_dagster.local_postgres import pg_binary, throwaway_postgres  # noqa: E402
 from osa_dagster.records import (  # noqa: E402
     Base,
+    FeatureRows,
+    PublishResult,
     Record,
     RecordsDatabase,
     RecordToPublish,
     make_srns,
     publish_records,
+    store_features,
 )
 
 CONVENTION = "bench"
 COLUMNS = ("srn", "convention", "source_id", "partition", "metadata", "published_at")
+FEATURE_COLUMNS = ("record_srn", "hook", "row_index", "data")
+# Each variant's ratio is to the floor doing the same writes.
+BASELINE = {
+    "publish": "floor",
+    "republish": "floor",
+    "floor": "floor",
+    "features": "features floor",
+    "features floor": "features floor",
+}
+T = TypeVar("T")
 
 
 def make_records(count: int) -> list[RecordToPublish]:
@@ -80,12 +99,16 @@ def rows(records: list[RecordToPublish]) -> list[tuple]:
     ]
 
 
-def floor_sqlite(db: RecordsDatabase, records: list[RecordToPublish]) -> None:
-    path = db.url.removeprefix("sqlite:///")
+def sqlite_connection(db: RecordsDatabase) -> sqlite3.Connection:
     db.engine.dispose()
-    connection = sqlite3.connect(path)
+    connection = sqlite3.connect(db.url.removeprefix("sqlite:///"))
+    connection.execute("PRAGMA journal_mode=WAL")
+    return connection
+
+
+def floor_sqlite(db: RecordsDatabase, records: list[RecordToPublish]) -> list[str]:
+    connection = sqlite_connection(db)
     try:
-        connection.execute("PRAGMA journal_mode=WAL")
         with connection:
             values = [(*row[:5], row[5].isoformat(" ")) for row in rows(records)]
             connection.executemany(
@@ -93,61 +116,106 @@ def floor_sqlite(db: RecordsDatabase, records: list[RecordToPublish]) -> None:
             )
     finally:
         connection.close()
+    return [row[0] for row in values]
 
 
-def floor_postgres(db: RecordsDatabase, records: list[RecordToPublish]) -> None:
+def copy_postgres(db: RecordsDatabase, table: str, columns: tuple[str, ...], lines: list) -> None:
     raw = db.engine.raw_connection()
     try:
         buffer = io.StringIO()
-        for srn, convention, source_id, partition, metadata, published_at in rows(records):
-            fields = (srn, convention, source_id, partition, metadata, published_at.isoformat())
-            buffer.write("\t".join(f.replace("\\", "\\\\") for f in fields) + "\n")
+        for fields in lines:
+            buffer.write("\t".join(str(f).replace("\\", "\\\\") for f in fields) + "\n")
         buffer.seek(0)
         with raw.cursor() as cursor:
-            cursor.copy_expert(f"COPY records ({', '.join(COLUMNS)}) FROM STDIN", buffer)
+            cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN", buffer)
         raw.commit()
     finally:
         raw.close()
 
 
-def publish(db: RecordsDatabase, records: list[RecordToPublish]) -> int:
-    result = publish_records(
+def floor_postgres(db: RecordsDatabase, records: list[RecordToPublish]) -> list[str]:
+    values = [(*row[:5], row[5].isoformat()) for row in rows(records)]
+    copy_postgres(db, "records", COLUMNS, values)
+    return [row[0] for row in values]
+
+
+def feature_rows(srns: list[str]) -> list[FeatureRows]:
+    """One small feature row per record, as a feature extractor makes them."""
+    return [FeatureRows(srn, [{"atoms": n, "chains": n % 7}]) for n, srn in enumerate(srns)]
+
+
+def feature_values(features: list[FeatureRows]) -> list[tuple]:
+    return [
+        (f.record_srn, "bench", index, json.dumps(row))
+        for f in features
+        for index, row in enumerate(f.rows)
+    ]
+
+
+def features_floor_sqlite(db: RecordsDatabase, features: list[FeatureRows]) -> None:
+    connection = sqlite_connection(db)
+    try:
+        with connection:
+            connection.executemany(
+                f"INSERT INTO features ({', '.join(FEATURE_COLUMNS)}) VALUES (?, ?, ?, ?)",
+                feature_values(features),
+            )
+    finally:
+        connection.close()
+
+
+def features_floor_postgres(db: RecordsDatabase, features: list[FeatureRows]) -> None:
+    copy_postgres(db, "features", FEATURE_COLUMNS, feature_values(features))
+
+
+def publish(db: RecordsDatabase, records: list[RecordToPublish]) -> PublishResult:
+    return publish_records(
         db, convention=CONVENTION, domain="bench", partition="p0", records=records
     )
-    return result.newly_published
+
+
+def timed(times: list[float], work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    started = time.perf_counter()
+    result = work(*args, **kwargs)
+    times.append(time.perf_counter() - started)
+    return result
 
 
 def bench_backend(
-    db: RecordsDatabase, records: list[RecordToPublish], floor: Callable, runs: int
+    db: RecordsDatabase,
+    records: list[RecordToPublish],
+    floors: tuple[Callable, Callable],
+    runs: int,
 ) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {"publish": [], "republish": [], "floor": []}
+    floor, features_floor = floors
+    times: dict[str, list[float]] = {variant: [] for variant in BASELINE}
     for _ in range(runs):
         fresh_tables(db)
-        started = time.perf_counter()
-        assert publish(db, records) == len(records)
-        times["publish"].append(time.perf_counter() - started)
-        started = time.perf_counter()
-        assert publish(db, records) == 0
-        times["republish"].append(time.perf_counter() - started)
+        published = timed(times["publish"], publish, db, records)
+        assert published.newly_published == len(records)
+        republished = timed(times["republish"], publish, db, records)
+        assert republished.newly_published == 0 and republished.srns == published.srns
         assert count(db) == len(records)
+        features = feature_rows(list(published.srns.values()))
+        stored = timed(times["features"], store_features, db, hook="bench", features=features)
+        assert stored == len(records)
 
         fresh_tables(db)
-        started = time.perf_counter()
-        floor(db, records)
-        times["floor"].append(time.perf_counter() - started)
+        srns = timed(times["floor"], floor, db, records)
         assert count(db) == len(records)
+        timed(times["features floor"], features_floor, db, feature_rows(srns))
     return times
 
 
 def report(backend: str, floor_name: str, times: dict[str, list[float]], records: int) -> None:
-    floor = statistics.median(times["floor"])
     print(f"\n{backend} (floor: {floor_name})")
-    print(f"{'variant':<11}{'median s':>10}{'min-max s':>14}{'records/s':>12}{'/floor':>8}")
+    print(f"{'variant':<15}{'median s':>10}{'min-max s':>14}{'rows/s':>12}{'/floor':>8}")
     for name, samples in times.items():
         median = statistics.median(samples)
+        floor = statistics.median(times[BASELINE[name]])
         spread = f"{min(samples):.2f}-{max(samples):.2f}"
         print(
-            f"{name:<11}{median:>10.2f}{spread:>14}{records / median:>12,.0f}{median / floor:>8.2f}"
+            f"{name:<15}{median:>10.2f}{spread:>14}{records / median:>12,.0f}{median / floor:>8.2f}"
         )
 
 
@@ -162,7 +230,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="osa-bench-") as tmp:
         db = RecordsDatabase(f"sqlite:///{Path(tmp) / 'records.db'}")
-        sqlite_times = bench_backend(db, records, floor_sqlite, args.runs)
+        sqlite_times = bench_backend(db, records, (floor_sqlite, features_floor_sqlite), args.runs)
         db.engine.dispose()
     report(f"SQLite {sqlite3.sqlite_version}", "sqlite3 executemany", sqlite_times, args.records)
 
@@ -174,7 +242,7 @@ def main() -> None:
     with throwaway_postgres() as cluster:
         db = RecordsDatabase(cluster.url)
         version = db.engine.dialect.server_version_info
-        pg_times = bench_backend(db, records, floor_postgres, args.runs)
+        pg_times = bench_backend(db, records, (floor_postgres, features_floor_postgres), args.runs)
         db.engine.dispose()
     name = "PostgreSQL " + ".".join(map(str, version or ()))
     report(f"{name} (local, fsync on)", "psycopg2 COPY FROM STDIN", pg_times, args.records)
