@@ -102,7 +102,9 @@ def rows(records: list[RecordToPublish]) -> list[tuple]:
 def sqlite_connection(db: RecordsDatabase) -> sqlite3.Connection:
     db.engine.dispose()
     connection = sqlite3.connect(db.url.removeprefix("sqlite:///"))
+    # As the records database opens it: the features' foreign key is checked too.
     connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA foreign_keys=ON")
     return connection
 
 

@@ -25,6 +25,7 @@ from osa_dagster.records import (
     publish_records,
     store_features,
 )
+from osa_dagster.records import publish as publish_module
 from osa_dagster.records.publish import UnpublishableRecord
 from tests.fixtures.services import unavailable
 
@@ -90,12 +91,13 @@ def _stored(db: RecordsDatabase) -> dict[str, tuple[str, dict]]:
 
 
 def test_awkward_ids_and_metadata_are_stored_as_given(db: RecordsDatabase):
-    # One id published first, so the second call also takes the path that looks up SRNs.
+    # One id published before, and one given twice: its first metadata is published.
     first = _publish(db, [RecordToPublish(AWKWARD_IDS[0], AWKWARD_METADATA)])
     records = [RecordToPublish(i, {**AWKWARD_METADATA, "id": i}) for i in AWKWARD_IDS]
-    result = _publish(db, records, partition="p2")
+    twice = RecordToPublish(AWKWARD_IDS[1], {"second": True})
+    result = _publish(db, [*records, twice], partition="p2")
 
-    assert (result.newly_published, result.already_published) == (len(AWKWARD_IDS) - 1, 1)
+    assert (result.newly_published, result.already_published) == (len(AWKWARD_IDS) - 1, 2)
     assert result.srns[AWKWARD_IDS[0]] == first.srns[AWKWARD_IDS[0]]
     stored = _stored(db)
     assert sorted(stored) == sorted(AWKWARD_IDS)
@@ -107,6 +109,34 @@ def test_awkward_ids_and_metadata_are_stored_as_given(db: RecordsDatabase):
     again = _publish(db, records, partition="p2")
     assert (again.newly_published, again.already_published) == (0, len(AWKWARD_IDS))
     assert again.srns == result.srns
+
+
+def test_ids_another_run_published_meanwhile_keep_that_runs_srns(
+    db: RecordsDatabase, monkeypatch: pytest.MonkeyPatch
+):
+    """Another run publishes some ids between this run's look-up and its insert: the insert
+    skips them, and their SRNs are read back after it."""
+    other_run = _publish(db, [RecordToPublish(i, {"run": 1}) for i in AWKWARD_IDS[::2]])
+    look_up = publish_module._srns_in
+    calls: list[int] = []
+
+    def look_up_before_the_other_run(session, convention: str, source_ids) -> dict[str, str]:
+        calls.append(len(source_ids))
+        return {} if len(calls) == 1 else look_up(session, convention, source_ids)
+
+    monkeypatch.setattr(publish_module, "_srns_in", look_up_before_the_other_run)
+    result = _publish(db, [RecordToPublish(i, {"run": 2}) for i in AWKWARD_IDS], "p2")
+
+    assert calls[0] == len(AWKWARD_IDS)
+    assert (result.newly_published, result.already_published) == (
+        len(AWKWARD_IDS[1::2]),
+        len(AWKWARD_IDS[::2]),
+    )
+    assert {i: result.srns[i] for i in AWKWARD_IDS[::2]} == other_run.srns
+    stored = _stored(db)
+    assert {i: (srn, metadata["run"]) for i, (srn, metadata) in stored.items()} == {
+        i: (result.srns[i], 1 if n % 2 == 0 else 2) for n, i in enumerate(AWKWARD_IDS)
+    }
 
 
 def test_overlapping_batches_publish_each_record_once_and_keep_srns(db: RecordsDatabase):
