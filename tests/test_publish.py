@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from osa_dagster.local_postgres import PgCluster, pg_binary, throwaway_postgres
 from osa_dagster.records import (
@@ -250,3 +251,44 @@ def test_srns_are_distinct_version_4_uuids_of_the_domain():
         assert prefix == "urn:osa:example.org:rec"
         parsed = uuid.UUID(tail)
         assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, tail)
+
+
+def test_a_refused_feature_row_fails_the_call_and_keeps_the_rows_stored_before(
+    db: RecordsDatabase,
+):
+    srn = _publish(db, [RecordToPublish("1ABC", {})]).srns["1ABC"]
+    store_features(db, hook="features", features=[FeatureRows(srn, [{"atoms": 10}])])
+    unknown = "urn:osa:example.org:rec:00000000-0000-4000-8000-000000000000"
+    rows = [FeatureRows(srn, [{"atoms": 99}]), FeatureRows(unknown, [{"atoms": 1}])]
+
+    with pytest.raises(IntegrityError, match=r"(?i)foreign key"):
+        store_features(db, hook="features", features=rows)
+
+    with db.session() as session:
+        assert session.scalars(select(Feature.data)).all() == [{"atoms": 10}]
+
+
+def test_a_connection_lost_during_copy_is_reported_as_lost_and_the_next_call_works(
+    cluster: PgCluster, monkeypatch: pytest.MonkeyPatch
+):
+    name = f"records_{next(_databases)}"
+    cluster.create_database(name)
+    db = RecordsDatabase(cluster.database_url(name))
+    srn = _publish(db, [RecordToPublish("1ABC", {})]).srns["1ABC"]
+    stored_form = publish_module._stored_form
+
+    def server_ends_the_session_first(session, column):
+        pid = session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with db.engine.connect() as other:
+            other.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+        return stored_form(session, column)
+
+    monkeypatch.setattr(publish_module, "_stored_form", server_ends_the_session_first)
+    with pytest.raises(OperationalError) as lost:
+        store_features(db, hook="features", features=[FeatureRows(srn, [{"atoms": 10}])])
+    assert lost.value.connection_invalidated
+    assert "COPY features" in str(lost.value)
+
+    monkeypatch.undo()
+    assert store_features(db, hook="features", features=[FeatureRows(srn, [{"atoms": 10}])]) == 1
+    db.engine.dispose()

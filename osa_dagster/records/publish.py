@@ -1,11 +1,10 @@
 """Publishing records and storing features: bulk, idempotent, in one transaction each.
 
-Both writes go through the driver under SQLAlchemy's transaction, with rows built as plain
-tuples: per-row work in Python (ORM objects, bound-parameter processing, a statement per
-500 rows) cost PostgreSQL publishing eight times a raw COPY of the same rows. PostgreSQL
-gets the rows by COPY, SQLite by one prepared executemany; bench/publish_throughput.py
-measures both against those floors.
-"""
+Both writes send the driver rows built as plain tuples, under SQLAlchemy's transaction:
+per-row work in Python (ORM objects, bound-parameter processing, a statement per 500 rows)
+cost PostgreSQL publishing eight times a raw COPY of the same rows. PostgreSQL gets the
+rows by COPY, SQLite by one prepared executemany; bench/publish_throughput.py measures
+both against those floors."""
 
 from __future__ import annotations
 
@@ -18,7 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, text
+from sqlalchemy import ColumnElement, Connection, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from osa_dagster.records.database import RecordsDatabase
@@ -69,11 +69,6 @@ class FeatureRows:
     rows: list[dict[str, Any]]
 
 
-def _driver_cursor(session: Session) -> Any:
-    """A cursor of the driver's connection that the session's transaction runs on."""
-    return session.connection().connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-
-
 def _stored_form(session: Session, column: ColumnElement[Any]) -> Callable[[Any], Any]:
     """What SQLAlchemy would send the driver for a value of this column (for JSON, the
     engine's serializer; for a SQLite time, its text form)."""
@@ -82,14 +77,38 @@ def _stored_form(session: Session, column: ColumnElement[Any]) -> Callable[[Any]
     return processor or (lambda value: value)
 
 
-def _copy_csv(cursor: Any, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
+def _copy_csv(
+    connection: Connection, table: str, columns: str, rows: list[tuple[Any, ...]]
+) -> None:
     """COPY the rows into the table as CSV, which Python's csv module writes in C. Every
     field is quoted: then a tab, newline, carriage return, quote or backslash is plain data,
-    and an empty string is not read as NULL (an unquoted empty field is)."""
+    and an empty string is not read as NULL (an unquoted empty field is).
+
+    COPY is the one call made on the driver's own cursor. Its errors are made what
+    SQLAlchemy makes of any other: a DBAPIError, and a lost connection invalidated (rolling
+    back on it would fail, and that error would hide the cause).
+    """
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL).writerows(rows)
     buffer.seek(0)
-    cursor.copy_expert(f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)", buffer)
+    statement = f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)"
+    dialect = connection.dialect
+    driver_connection = connection.connection.dbapi_connection
+    try:
+        with driver_connection.cursor() as cursor:  # type: ignore[union-attr]
+            cursor.copy_expert(statement, buffer)
+    except dialect.loaded_dbapi.Error as error:
+        lost = dialect.is_disconnect(error, driver_connection, None)
+        if lost:
+            connection.invalidate(error)
+        raise DBAPIError.instance(
+            statement,
+            None,
+            error,
+            dialect.loaded_dbapi.Error,
+            connection_invalidated=lost,
+            dialect=dialect,
+        ) from error
 
 
 def _one_of(dialect: str, column: str, parameter: str) -> str:
@@ -138,26 +157,26 @@ def _insert_postgresql(
     makes every publisher lock the ids it shares with another in the same order, so two
     overlapping batches cannot deadlock.
     """
-    cursor = _driver_cursor(session)
-    cursor.execute(
+    connection = session.connection()
+    connection.exec_driver_sql(
         "CREATE TEMPORARY TABLE publish_staging (srn text, source_id text, metadata json)"
         " ON COMMIT DROP"
     )
-    _copy_csv(cursor, "publish_staging", "srn, source_id, metadata", rows)
-    cursor.execute(
+    _copy_csv(connection, "publish_staging", "srn, source_id, metadata", rows)
+    inserted = connection.exec_driver_sql(
         f"INSERT INTO records ({_COLUMNS}) SELECT srn, %(convention)s, source_id,"
         " %(partition)s, metadata, %(published_at)s FROM publish_staging ORDER BY source_id"
         " ON CONFLICT (convention, source_id) DO NOTHING",
         {"convention": convention, "partition": partition, "published_at": published_at},
     )
-    if cursor.rowcount == len(rows):
+    if inserted.rowcount == len(rows):
         return None
-    cursor.execute(
+    stored = connection.exec_driver_sql(
         "SELECT r.source_id, r.srn FROM publish_staging s JOIN records r"
-        " ON r.convention = %s AND r.source_id = s.source_id",
-        (convention,),
+        " ON r.convention = %(convention)s AND r.source_id = s.source_id",
+        {"convention": convention},
     )
-    return dict(cursor.fetchall())
+    return {source_id: srn for source_id, srn in stored}
 
 
 def _insert_sqlite(
@@ -171,8 +190,7 @@ def _insert_sqlite(
     writer at a time: the insert takes the write lock (waiting up to the busy timeout), so
     no order of rows matters."""
     at = _stored_form(session, Record.__table__.c.published_at)(published_at)
-    cursor = _driver_cursor(session)
-    cursor.executemany(
+    inserted = session.connection().exec_driver_sql(
         f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (convention, source_id) DO NOTHING",
         [
@@ -180,7 +198,7 @@ def _insert_sqlite(
             for srn, source_id, metadata in rows
         ],
     )
-    if cursor.rowcount == len(rows):
+    if inserted.rowcount == len(rows):
         return None
     return _srns_in(session, convention, [source_id for _, source_id, _ in rows])
 
@@ -264,11 +282,10 @@ def store_features(db: RecordsDatabase, *, hook: str, features: Sequence[Feature
         ]
         if not rows:
             return 0
-        cursor = _driver_cursor(session)
         if dialect == "postgresql":
-            _copy_csv(cursor, "features", "record_srn, hook, row_index, data", rows)
+            _copy_csv(session.connection(), "features", "record_srn, hook, row_index, data", rows)
         else:
-            cursor.executemany(
+            session.connection().exec_driver_sql(
                 "INSERT INTO features (record_srn, hook, row_index, data) VALUES (?, ?, ?, ?)",
                 rows,
             )

@@ -13,12 +13,12 @@ from tests.fixtures.fault_convention import record_ids
 
 from .conftest import check_results, failed_steps, feature_rows, ingest, plan, published
 
-RECORDS = 1200  # publish_records inserts in chunks of 500: the batch takes three
+RECORDS = 1200  # the blocked record (700) comes after hundreds the insert has already written
 
 
 def _stop_when_publisher_waits(postgres, stopped: threading.Event) -> None:
     """Stop the server (immediate: as a crash) once the publisher waits on a row lock,
-    that is, in the middle of its transaction with a first chunk already inserted."""
+    that is, in the middle of its insert with the records before the blocked one written."""
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not stopped.is_set():
         with psycopg2.connect(postgres.dsn()) as watch, watch.cursor() as cursor:
@@ -45,8 +45,8 @@ def test_database_down_mid_publish_publishes_nothing_then_rerun_completes(
     RecordsDatabase(postgres.url).engine.dispose()  # the schema, for the blocker below
     [key] = plan(instance, "faults_wide")
 
-    # Another transaction holds record 700 (in the publisher's second chunk), uncommitted:
-    # the publisher's insert waits for it, half done, until the server goes away.
+    # Another transaction holds record 700, uncommitted: the publisher's insert (in id
+    # order) waits for it, half done, until the server goes away.
     blocker = psycopg2.connect(postgres.dsn())
     with blocker.cursor() as cursor:
         cursor.execute(
