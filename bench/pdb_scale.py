@@ -10,8 +10,8 @@ Dagster instance.
 
   plan           the convention's real `<conv>_plan` job (execute_in_process): discover,
                  freeze 2,000 manifests into the store, add 2,000 dynamic partitions
-  plan again     the same job once more: every record is planned already, so it reads the
-                 2,000 manifests and writes nothing
+  plan again     the same job once more: every record is planned already, so it looks each
+                 up in the plan index and writes nothing
   sensor tick    the `<conv>_new_batches` sensor evaluated with dg.build_sensor_context
                  over the 2,000 partitions: first tick (no cursor: 100 run requests over
                  ranges of 20) and
@@ -69,8 +69,8 @@ def plan_round(defs: dg.Definitions, scratch: Path, expected: int, ticks: int) -
             result = defs.resolve_job_def(f"{NAME}_plan").execute_in_process(instance=instance)
             plan_s = time.perf_counter() - started
             assert result.success
-            # Planned again, every record is planned already: every manifest is read, and
-            # nothing is written.
+            # Planned again, every record is planned already: each is looked up in the plan
+            # index, and nothing is written.
             started = time.perf_counter()
             again = defs.resolve_job_def(f"{NAME}_plan").execute_in_process(instance=instance)
             plan_again_s = time.perf_counter() - started

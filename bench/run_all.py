@@ -39,6 +39,11 @@ SCRIPTS = [
         ["--runs", "1", "--records", "20000", "--e2e-records", "300"],
     ),
     (
+        "plan_scale.py",
+        [],
+        ["--records", "2000", "20000", "--batch-sizes", "500"],
+    ),
+    (
         "orchestrator_memory.py",
         [],
         ["--partitions", "2", "4", "--big-records", "2", "--big-file-mb", "5"],

@@ -10,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.conventions.pdb.ingester import DEFAULT_MIRROR, mirror_entries
 from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.definitions import build_definitions
@@ -19,6 +20,8 @@ from osa_dagster.defs.batch_sensors import contiguous_chunks
 from osa_dagster.defs.resources import default_resources
 from osa_dagster.engine.runners import sandbox as sandbox_module
 from osa_dagster.settings import Settings
+from osa_dagster.storage import artifact_store
+from osa_dagster.storage.layout import plan_index_prefix
 
 pytestmark = pytest.mark.slow
 
@@ -156,3 +159,20 @@ def test_contiguous_chunks_never_span_a_skipped_key():
     assert contiguous_chunks(keys, {"c", "d"}, 2) == [["a", "b"], ["e", "f"], ["g"]]
     assert contiguous_chunks(keys, set(), 20) == [keys]
     assert contiguous_chunks(keys, set(keys), 3) == []
+
+
+def test_the_plan_job_registers_the_batches_of_manifests_its_index_had_not_read():
+    # Manifests no Dagster instance was told of, and no index of them: as a plan killed
+    # between writing its manifests and registering them leaves the store.
+    convention = load_conventions(Settings.from_env())["pdb"]
+    store = artifact_store(Settings.from_env())
+    left = plan_ingest(convention, store, limit=6, batch_size=3).partitions
+    store.delete_prefix(plan_index_prefix(convention.name))
+    with dg.instance_for_test() as instance:
+        plan = build_definitions().resolve_job_def("pdb_plan")
+        config = {"ops": {"pdb_plan_batches": {"config": {"limit": 6, "batch_size": 3}}}}
+        result = plan.execute_in_process(run_config=config, instance=instance)
+        (output,) = [e for e in result.all_events if e.is_successful_output]
+        metadata = output.step_output_data.metadata
+        assert (metadata["records"].value, metadata["manifests_indexed"].value) == (0, 2)
+        assert sorted(instance.get_dynamic_partitions("pdb_batches")) == sorted(left)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -11,16 +11,24 @@ from itertools import islice
 
 from osa_sdk.contract import files_dir_for
 from osa_sdk.types import RecordRef, SkippedSource
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from osa_dagster.batch import BatchInputError
+from osa_dagster.batch.plan_index import (
+    COMMIT_EVERY_ROWS,
+    COMMIT_EVERY_S,
+    LOOKUP_CHUNK,
+    PlanIndex,
+    Register,
+    SeenIds,
+    chunked,
+)
 from osa_dagster.batch.stores import UnreadableState, parse_stored
 from osa_dagster.conventions.base import Convention
 from osa_dagster.storage.layout import BatchLayout, Manifest, SourceChoice, manifests_prefix
 from osa_dagster.storage.store import ArtifactStore
 
 _KEY_PART = 24
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +44,9 @@ class PlanResult:
     """Records left out because a batch planned before holds them at the same version."""
     skipped: list[SkippedSource] = field(default_factory=list)
     """Parts of the source that discover left out, with the reason (see Ingester.skip)."""
+    manifests_indexed: int = 0
+    """Manifests the plan index had not read (a plan killed before it indexed them, another
+    plan at once, an index built again): their partitions were registered again."""
 
 
 def partition_key(refs: Sequence[RecordRef]) -> str:
@@ -48,6 +59,10 @@ def partition_key(refs: Sequence[RecordRef]) -> str:
     return f"{first}-{last}-{digest[:10]}"
 
 
+def _nowhere(partitions: Sequence[str]) -> None:
+    """Registers nothing: planning without an orchestrator (tests, benchmarks, notebooks)."""
+
+
 def plan_ingest(
     convention: Convention,
     store: ArtifactStore,
@@ -56,6 +71,7 @@ def plan_ingest(
     limit: int | None = None,
     batch_size: int | None = None,
     replan: bool = False,
+    register: Register = _nowhere,
 ) -> PlanResult:
     """Discover records and freeze them into batches, one manifest per batch.
 
@@ -63,6 +79,7 @@ def plan_ingest(
     holds at the same version are left out, unless `replan`: planning the same thing twice
     adds nothing, whatever the batch size. With `replan` every record discovered is
     batched again; a batch of the same membership keeps its manifest (and partition).
+    `register` is given the partitions as they are frozen (see `plan_refs`).
     """
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be a positive number of records, not {limit}")
@@ -80,6 +97,7 @@ def plan_ingest(
         since=since,
         batch_size=size,
         replan=replan,
+        register=register,
     )
     result.skipped = ingester.skipped
     return result
@@ -93,50 +111,100 @@ def plan_refs(
     since: datetime | None = None,
     batch_size: int | None = None,
     replan: bool = False,
+    register: Register = _nowhere,
 ) -> PlanResult:
     """Freeze `discovered` (repeats of a source id dropped, and records already planned at
-    the same version unless `replan`) into batches of `batch_size`."""
-    size = convention.batch_size if batch_size is None else batch_size
-    planned = {} if replan else planned_versions(store, convention.name)
-    refs: list[RecordRef] = []
-    seen: set[str] = set()
-    duplicates = already_planned = 0
-    for ref in discovered:
-        if ref.source_id in seen:
-            duplicates += 1
-            continue
-        seen.add(ref.source_id)
-        if ref.version in planned.get(ref.source_id, ()):
-            already_planned += 1
-            continue
-        refs.append(ref)
+    the same version unless `replan`) into batches of `batch_size`.
 
-    result = PlanResult(
-        partitions=[],
-        new_partitions=[],
-        records=len(refs),
-        duplicate_refs=duplicates,
-        already_planned=already_planned,
-    )
-    for start in range(0, len(refs), size):
-        batch = refs[start : start + size]
+    `discovered` is consumed as a stream: each batch's manifest is written once it is full,
+    and what the plan remembers per record (the ids it saw, the versions planned before)
+    lives in the plan index on disk, so memory does not grow with the records. `register`
+    is given the partitions of the frozen batches in bulk (COMMIT_EVERY_ROWS records' worth,
+    or what COMMIT_EVERY_S saw frozen, the rest at the end), and those of the manifests the
+    index had not read; it must register them with the orchestrator (re-registering a known
+    one must be harmless).
+    """
+    size = convention.batch_size if batch_size is None else batch_size
+    result = PlanResult(partitions=[], new_partitions=[], records=0)
+    with PlanIndex.of(store, convention.name) as index, SeenIds() as seen:
+        result.manifests_indexed = index.catch_up(store, convention.name, register)
+        freezer = _Freezer(convention, store, index, result, since, register)
+        batch: list[RecordRef] = []
+        for chunk in chunked(discovered, LOOKUP_CHUNK):
+            fresh = seen.first_sightings(chunk)
+            result.duplicate_refs += len(chunk) - len(fresh)
+            if not replan:
+                unplanned = index.not_planned(fresh)
+                result.already_planned += len(fresh) - len(unplanned)
+                fresh = unplanned
+            for ref in fresh:
+                batch.append(ref)
+                if len(batch) == size:
+                    freezer.freeze(batch)
+                    batch = []
+        if batch:
+            freezer.freeze(batch)
+        freezer.flush()
+    return result
+
+
+class _Freezer:
+    """Writes each full batch's manifest, and registers then indexes them in bulk."""
+
+    def __init__(
+        self,
+        convention: Convention,
+        store: ArtifactStore,
+        index: PlanIndex,
+        result: PlanResult,
+        since: datetime | None,
+        register: Register,
+    ) -> None:
+        self.convention = convention
+        self.store = store
+        self.index = index
+        self.result = result
+        self.since = since
+        self.register = register
+        self.source = SourceChoice(name=convention.source, location=convention.location)
+        self.unregistered: list[str] = []
+        self.last_flush = time.monotonic()
+
+    def freeze(self, batch: list[RecordRef]) -> None:
         key = partition_key(batch)
-        layout = BatchLayout(convention.name, key)
-        result.partitions.append(key)
-        result.records_per_batch[key] = len(batch)
+        layout = BatchLayout(self.convention.name, key)
         # An unreadable manifest of the same membership is written anew: same records,
         # same partition.
-        if not store.exists(layout.manifest) or _unreadable(store, layout):
+        size_bytes = _readable_size(self.store, layout)
+        if size_bytes is None:
             manifest = Manifest(
-                convention=convention.name,
+                convention=self.convention.name,
                 partition=key,
                 refs=batch,
-                since=since,
-                source=SourceChoice(name=convention.source, location=convention.location),
+                since=self.since,
+                source=self.source,
             )
-            store.write_bytes(layout.manifest, manifest.model_dump_json(indent=1).encode())
-            result.new_partitions.append(key)
-    return result
+            data = manifest.model_dump_json(indent=1).encode()
+            self.store.write_bytes(layout.manifest, data)
+            size_bytes = len(data)
+            self.result.new_partitions.append(key)
+        self.result.partitions.append(key)
+        self.result.records_per_batch[key] = len(batch)
+        self.result.records += len(batch)
+        self.index.add(key, batch, size_bytes)
+        self.unregistered.append(key)
+        if (
+            self.index.pending_rows >= COMMIT_EVERY_ROWS
+            or time.monotonic() - self.last_flush >= COMMIT_EVERY_S
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        """Registered first, indexed second: a plan killed in between leaves manifests that
+        the next plan's catch-up indexes and registers."""
+        self.index.register_and_commit(self.unregistered, self.register)
+        self.unregistered = []
+        self.last_flush = time.monotonic()
 
 
 class WatchCursor(BaseModel):
@@ -157,6 +225,7 @@ def watch_upstream(
     now: datetime,
     overlap: timedelta,
     batch_size: int | None = None,
+    register: Register = _nowhere,
 ) -> tuple[PlanResult, WatchCursor]:
     """Plan what changed upstream since the last look, each change exactly once.
 
@@ -177,7 +246,12 @@ def watch_upstream(
         if ref.source_id not in cursor.recent or cursor.recent[ref.source_id] != ref.version
     ]
     result = plan_refs(
-        convention, store, changed, since=cursor.looked_at - overlap, batch_size=batch_size
+        convention,
+        store,
+        changed,
+        since=cursor.looked_at - overlap,
+        batch_size=batch_size,
+        register=register,
     )
     result.skipped = ingester.skipped
     return result, WatchCursor(looked_at=now, recent={r.source_id: r.version for r in found})
@@ -210,26 +284,14 @@ def load_manifest(store: ArtifactStore, layout: BatchLayout) -> Manifest:
         ) from None
 
 
-def _unreadable(store: ArtifactStore, layout: BatchLayout) -> bool:
+def _readable_size(store: ArtifactStore, layout: BatchLayout) -> int | None:
+    """The size of the batch's manifest, or None if there is none that can be read."""
     try:
-        parse_stored(Manifest, store, layout.manifest)
-    except UnreadableState:
-        return True
-    return False
-
-
-def planned_versions(store: ArtifactStore, convention: str) -> dict[str, set[str | None]]:
-    """Source id -> every version a planned batch of the convention holds it at.
-
-    Reads every manifest; one that cannot be read is passed over with a warning (its
-    records are then planned again, and a batch of the same membership rewrites it)."""
-    versions: dict[str, set[str | None]] = {}
-    for partition in planned_partitions(store, convention):
-        try:
-            manifest = load_manifest(store, BatchLayout(convention, partition))
-        except BatchInputError as error:
-            log.warning("planning passes over a manifest: %s", error)
-            continue
-        for ref in manifest.refs:
-            versions.setdefault(ref.source_id, set()).add(ref.version)
-    return versions
+        data = store.read_bytes(layout.manifest)
+    except FileNotFoundError:
+        return None
+    try:
+        Manifest.model_validate_json(data)
+    except ValidationError:
+        return None
+    return len(data)

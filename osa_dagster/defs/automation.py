@@ -74,16 +74,24 @@ def convention_automation(
     ) -> dg.SensorResult:
         cursor = WatchCursor.model_validate_json(context.cursor) if context.cursor else None
         overlap = timedelta(hours=settings.watch_overlap_h)
+        # The partitions of this look's batches, and those of manifests the plan index had
+        # not read (a plan stopped midway): Dagster adds them once the tick returns.
+        to_register: list[str] = []
         result, cursor = watch_upstream(
-            convention, artifact_store.get(), cursor, now=datetime.now(UTC), overlap=overlap
+            convention,
+            artifact_store.get(),
+            cursor,
+            now=datetime.now(UTC),
+            overlap=overlap,
+            register=to_register.extend,
         )
-        if not result.new_partitions:
+        if not result.new_partitions and not result.manifests_indexed:
             return dg.SensorResult(
                 skip_reason=f"nothing new upstream since {cursor.looked_at:%Y-%m-%d %H:%M} UTC",
                 cursor=cursor.model_dump_json(),
             )
         return dg.SensorResult(
-            dynamic_partitions_requests=[partitions.build_add_request(result.new_partitions)],
+            dynamic_partitions_requests=[partitions.build_add_request(to_register)],
             cursor=cursor.model_dump_json(),
         )
 

@@ -101,6 +101,13 @@ def plan_job(convention: Convention) -> dg.JobDefinition:
             source = convention.choose_source(config.source) if config.source else convention
         except ValueError as error:
             raise dg.Failure(description=f"source: {error}", allow_retries=False) from None
+        partitions_name = batch_partitions_name(convention)
+
+        def register(partitions: Sequence[str]) -> None:
+            # In bulk, as batches freeze: a plan of a whole database registers what it froze
+            # before it is killed. Re-adding known keys is harmless: the instance ignores them.
+            context.instance.add_dynamic_partitions(partitions_name, partitions)
+
         result = plan_ingest(
             source,
             artifact_store.get(),
@@ -108,16 +115,18 @@ def plan_job(convention: Convention) -> dg.JobDefinition:
             limit=config.limit,
             batch_size=config.batch_size,
             replan=config.replan,
-        )
-        # Re-adding known keys is harmless: the instance ignores keys it already has.
-        context.instance.add_dynamic_partitions(
-            batch_partitions_name(convention), result.partitions
+            register=register,
         )
         context.log.info(
             f"planned {result.records} records in {len(result.partitions)} batches, "
             f"{len(result.new_partitions)} of them new; {result.already_planned} records "
             "left out, planned before at the same version"
         )
+        if result.manifests_indexed:
+            context.log.info(
+                f"registered again {result.manifests_indexed} batches whose manifests the plan "
+                "index had not read (a plan stopped midway, another plan, an index rebuilt)"
+            )
         for skipped in result.skipped:
             context.log.warning(f"skipped {skipped.where}: {skipped.reason}")
         context.add_output_metadata(
@@ -128,6 +137,7 @@ def plan_job(convention: Convention) -> dg.JobDefinition:
                 "new_batches": len(result.new_partitions),
                 "duplicate_refs_dropped": result.duplicate_refs,
                 "already_planned": result.already_planned,
+                "manifests_indexed": result.manifests_indexed,
                 # Which batches, in planning order, and which of them are new: `osa plan`
                 # prints them from here, and the run's page shows them.
                 PLANNED_BATCHES_METADATA: dg.MetadataValue.json(

@@ -79,3 +79,8 @@ def memory_history_key(convention: str, hook_name: str) -> str:
 
 def manifests_prefix(convention: str) -> str:
     return f"manifests/{convention}"
+
+
+def plan_index_prefix(convention: str) -> str:
+    """The folder of a convention's plan index: what its manifests hold, for looking up."""
+    return f"plan_index/{convention}"
