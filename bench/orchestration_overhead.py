@@ -54,7 +54,6 @@ from sqlalchemy import func, select  # noqa: E402
 from osa_dagster.batch.fetch import fetch_raw_batch  # noqa: E402
 from osa_dagster.batch.hooks import (  # noqa: E402
     HookJob,
-    hook_workers,
     machine_capacity,
     run_hook_jobs,
 )
@@ -169,9 +168,8 @@ def run_bare(same_work: bool) -> float:
     for key in keys:
         fetch_raw_batch(convention, store, key)
     jobs = [HookJob(key, spec.name) for key in keys for spec in convention.hooks]
-    workers = hook_workers(capacity, len(jobs))
     for result in run_hook_jobs(
-        convention, store, runner, jobs, workers=workers, capacity=capacity, run_id=BARE_RUN
+        convention, store, runner, jobs, capacity=capacity, run_id=BARE_RUN
     ):
         assert result.progress is not None, result.error
     # With same_work, what the assets compute besides the steps: the archive's count for the

@@ -2,7 +2,7 @@
 Dagster's cost per batch in range runs.
 
     .venv/bin/python bench/parallel_hooks.py [--runs 3] [--cpu-ms 10] [--no-overhead]
-        [--cases pdb/10 pdb/100 cpu]
+        [--cases pdb/10 pdb/100 pdb/100-1 cpu]
 
 Side by side in one invocation, each case from an empty store, records database, capacity
 ledger and Dagster instance (SQLite), hooks under the local runner:
@@ -11,7 +11,9 @@ ledger and Dagster instance (SQLite), hooks under the local runner:
                    in batches of 10 and of 100 and ingested through `pdb_ingest` in range runs
                    (OSA_PARTITIONS_PER_RUN, as `make demo` and `osa materialize` run it):
                    wall time of the whole graph (plan to features), and the CPU used while
-                   the hook step ran
+                   the hook step ran; in batches of 100 the mirror is one partition, which
+                   only its shards (batch/shards.py) spread over the slots
+  pdb/100-1        the same with every batch in one shard per hook (as before shards)
   cpu              2,000 synthetic records in 20 batches, on each of which the `burn` hook
                    spends --cpu-ms of CPU time: the same two figures
   overhead         the range run of bench/orchestration_overhead.py against its bare loops
@@ -23,7 +25,8 @@ CPU use = CPU time of this process and everything it started, hooks included (a 
 `cpuacct` group of the benchmark's own, which sandboxed hooks stay in), while the hook step
 ran, over that time and the CPUs. Without one it is "n/a": a sandboxed hook is not this
 process's child, so RUSAGE_CHILDREN would miss it. Other load on the machine lowers it, so
-the load average is printed beside it.
+the load average is printed beside it, and so is what other load does not change: hook
+attempts running at once (their durations added up, over the hook step's time).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from dagster._core.storage.tags import (  # noqa: E402
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
+from osa_dagster.batch.shards import shard_count  # noqa: E402
 from osa_dagster.defs.batch_sensors import contiguous_chunks  # noqa: E402
 from osa_dagster.engine.capacity import default_slots  # noqa: E402
 from osa_dagster.settings import Settings  # noqa: E402
@@ -61,8 +65,13 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 SAMPLE_S = 0.05
-# Case -> (convention, batch size).
-CASES = {"pdb/10": ("pdb", 10), "pdb/100": ("pdb", 100), "cpu": ("bench_cpu", 100)}
+# Case -> (convention, batch size, hooks split batches into shards).
+CASES = {
+    "pdb/10": ("pdb", 10, True),
+    "pdb/100": ("pdb", 100, True),
+    "pdb/100-1": ("pdb", 100, False),
+    "cpu": ("bench_cpu", 100, True),
+}
 
 
 CPUACCT = Path("/sys/fs/cgroup/cpuacct")
@@ -133,6 +142,13 @@ class Measurement:
     hook_step_s: float
     hook_cpu_s: float | None
     partitions: int
+    attempt_s: float  # every hook attempt's duration, added up
+
+    @property
+    def attempts_at_once(self) -> float:
+        """Hook attempts running at once on average while the hook step ran: slots in use,
+        whatever else loads the machine."""
+        return self.attempt_s / self.hook_step_s
 
     @property
     def cpu_share(self) -> float | None:
@@ -156,15 +172,24 @@ def _hook_step_spans(instance: dg.DagsterInstance, run_id: str, step: str) -> li
     return spans
 
 
+def _one_shard(records: int, shard_size: int | None, slots: int) -> int:
+    return 1
+
+
 def ingest(
     convention: str,
     batch_size: int,
     slots: int | None,
     scratch: Path,
     account: CpuAccount | None,
+    split: bool,
 ) -> Measurement:
-    """Plan and ingest every batch of a convention through Dagster, from nothing."""
+    """Plan and ingest every batch of a convention through Dagster, from nothing; unless
+    `split`, each hook runs each batch in one shard, as before batches were split."""
+    from osa_dagster.batch import shards
     from osa_dagster.definitions import build_definitions
+
+    shards.shard_count = shard_count if split else _one_shard  # type: ignore[assignment]
 
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         os.environ["OSA_DATA_DIR"] = str(Path(tmp) / "data")
@@ -207,7 +232,23 @@ def ingest(
             wall = time.perf_counter() - started
             done = instance.get_materialized_partitions(dg.AssetKey([convention, "features"]))
             assert done == set(keys), "not every partition was ingested"
-        return Measurement(wall, step_s, step_cpu, len(keys))
+            attempt_s = _attempt_seconds(convention, keys)
+        return Measurement(wall, step_s, step_cpu, len(keys), attempt_s)
+
+
+def _attempt_seconds(convention: str, keys: list[str]) -> float:
+    from osa_dagster.batch.hooks import load_hook_checkpoints
+    from osa_dagster.conventions.registry import load_conventions
+    from osa_dagster.storage import artifact_store
+
+    settings = Settings.from_env()
+    loaded, store = load_conventions(settings)[convention], artifact_store(settings)
+    return sum(
+        attempt.duration_s or 0.0
+        for key in keys
+        for checkpoint in load_hook_checkpoints(loaded, store, key).values()
+        for attempt in checkpoint.attempts
+    )
 
 
 def _load() -> str:
@@ -243,9 +284,9 @@ def main() -> None:
         scratch = Path(tmp)
         for _ in range(args.runs):
             loads.append(_load())
-            for case, (convention, batch_size) in cases.items():
+            for case, (convention, batch_size, split) in cases.items():
                 for choice, slots in slot_choices.items():
-                    run = ingest(convention, batch_size, slots, scratch, account)
+                    run = ingest(convention, batch_size, slots, scratch, account, split)
                     measured.setdefault((case, choice), []).append(run)
             if not args.no_overhead:
                 os.environ.pop("OSA_HOOK_SLOTS", None)
@@ -260,8 +301,8 @@ def main() -> None:
         f"end: {' | '.join(loads)}"
     )
     print(
-        f"{'case':<9}{'slots':>8}{'batches':>9}{'wall s':>9}{'hook step s':>13}"
-        f"{'CPU in hook step':>18}"
+        f"{'case':<10}{'slots':>7}{'batches':>9}{'wall s':>9}{'hook step s':>13}"
+        f"{'CPU in hook step':>18}{'attempts at once':>18}"
     )
     medians: dict[tuple[str, str], tuple[float, float]] = {}
     for (case, choice), runs in measured.items():
@@ -269,13 +310,17 @@ def main() -> None:
         step = statistics.median(r.hook_step_s for r in runs)
         shares = [r.cpu_share for r in runs if r.cpu_share is not None]
         share = f"{statistics.median(shares):.0%}" if shares else "n/a"
+        at_once = statistics.median(r.attempts_at_once for r in runs)
         medians[case, choice] = (wall, step)
         slots = default_slots() if choice == "default" else 1
-        print(f"{case:<9}{slots:>8}{runs[0].partitions:>9}{wall:>9.2f}{step:>13.2f}{share:>17}")
+        print(
+            f"{case:<10}{slots:>7}{runs[0].partitions:>9}{wall:>9.2f}{step:>13.2f}{share:>17}"
+            f"{at_once:>18.2f}"
+        )
     print("default slots against one slot (wall time ratio; hook step speedup):")
     for case in cases:
         (wall, step), (wall_one, step_one) = medians[case, "default"], medians[case, "one"]
-        print(f"  {case:<8} wall x{wall / wall_one:.2f}   hook step speedup x{step_one / step:.2f}")
+        print(f"  {case:<9} wall x{wall / wall_one:.2f}   hook step speedup x{step_one / step:.2f}")
     if not args.no_overhead:
         median = {name: statistics.median(times) for name, times in overheads.items()}
         partitions = 20

@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 
 from osa_dagster.batch import BatchInputError
-from osa_dagster.batch.fetch import fetch_raw_batch, read_raw_records
-from osa_dagster.batch.hooks import HookJob, largest_first, machine_capacity, run_hook_jobs
+from osa_dagster.batch.fetch import fetch_raw_batch
+from osa_dagster.batch.hooks import (
+    HookJob,
+    hook_records,
+    largest_first,
+    machine_capacity,
+    plan_shards,
+    run_hook_jobs,
+)
 from osa_dagster.batch.plan import plan_ingest
 from osa_dagster.batch.stores import StoreCheckpointIO
 from osa_dagster.conventions.base import Convention
@@ -54,7 +61,6 @@ def test_a_failed_job_stops_no_other(monkeypatch: pytest.MonkeyPatch):
             artifact_store(Settings.from_env()),
             LocalRunner.from_settings(Settings.from_env()),
             jobs,
-            workers=2,
             capacity=capacity,
         )
     }
@@ -78,7 +84,6 @@ def test_closing_the_jobs_early_kills_their_hooks(monkeypatch: pytest.MonkeyPatc
         store,
         LocalRunner.from_settings(Settings.from_env()),
         [HookJob(unfetched, "ledger"), HookJob(fetched, "ledger")],
-        workers=2,
         capacity=capacity,
     )
     first = next(jobs)  # the unfetched batch fails at once; the other's hook sleeps
@@ -97,26 +102,27 @@ def test_closing_the_jobs_early_kills_their_hooks(monkeypatch: pytest.MonkeyPatc
     assert capacity.read().entries == []
 
 
-def test_the_jobs_of_the_largest_batch_start_first():
+def test_the_shards_of_the_largest_batch_start_first():
     """Batches are planned smallest records first: started in that order, the largest batch
-    would run last, alone. An unfetched batch (its job fails at once) goes last."""
+    would run last, alone."""
     convention = load_conventions(Settings.from_env())[
         "pdb"
     ]  # the bundled mirror: real entries, real sizes
     store = artifact_store(Settings.from_env())
     keys = plan_ingest(convention, store, batch_size=10).partitions
-    *fetched, unfetched = keys
-    for key in fetched:
+    for key in keys:
         fetch_raw_batch(convention, store, key)
-    megabytes = {
-        key: sum(r.size_mb for r in read_raw_records(store, BatchLayout("pdb", key)))
-        for key in fetched
-    }
-    assert len(set(megabytes.values())) == len(fetched) >= 3, "batches of distinct sizes"
-    assert list(megabytes.values()) == sorted(megabytes.values()), "planned smallest first"
+    records = {key: hook_records(convention, store, key) for key in keys}
+    megabytes = [sum(r.size_mb for r in records[key]) for key in keys]
+    assert len(set(megabytes)) == len(keys) >= 3, "batches of distinct sizes"
+    assert megabytes == sorted(megabytes), "planned smallest first"
     hooks = [hook.name for hook in convention.hooks]
-    jobs = [HookJob(key, hook) for key in keys for hook in hooks]
-    by_size = [*reversed(fetched), unfetched]
-    assert largest_first(convention, store, jobs) == [
-        HookJob(key, hook) for key in by_size for hook in hooks
+    shards = [
+        shard
+        for key in keys
+        for hook in hooks
+        for shard in plan_shards(convention, store, key, hook, records[key], capacity=None)
+    ]
+    assert [s.job for s in largest_first(shards)] == [
+        HookJob(key, hook) for key in reversed(keys) for hook in hooks
     ]

@@ -13,6 +13,7 @@ from osa_sdk.types import HookRecord
 
 from osa_dagster.batch import BatchInputError
 from osa_dagster.batch.fetch import read_raw_records
+from osa_dagster.batch.shards import frozen_shard_plan, merge_shards, shard_checkpoints
 from osa_dagster.batch.stores import StoreCheckpointIO, StoreMemoryHistoryIO, UnreadableState
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import (
@@ -41,14 +42,19 @@ class SetAside:
 
 
 def set_aside_unreadable_checkpoint(
-    convention: Convention, store: ArtifactStore, partition: str, hook_name: str
+    convention: Convention,
+    store: ArtifactStore,
+    partition: str,
+    hook_name: str,
+    shard: int | None = None,
 ) -> SetAside | None:
-    """Move the hook's checkpoint of the batch aside if it cannot be read, so that the hook
-    runs the batch's records again (publishing is idempotent, so the result is the same).
+    """Move the hook's checkpoint of the batch (or of one of its shards) aside if it cannot
+    be read, so that the hook runs those records again (publishing is idempotent, so the
+    result is the same).
 
     The file is kept beside the checkpoint for inspection, named in the warning returned."""
     checkpoints = StoreCheckpointIO(
-        store, BatchLayout(convention.name, partition).checkpoint(hook_name)
+        store, BatchLayout(convention.name, partition).checkpoint(hook_name, shard)
     )
     try:
         checkpoints.load()
@@ -56,12 +62,102 @@ def set_aside_unreadable_checkpoint(
         aside = checkpoints.set_aside()
         message = (
             f"batch {partition!r} of convention {convention.name!r}: the checkpoint of hook "
-            f"{hook_name!r} at {error.where} cannot be read ({error.cause}); set aside as "
-            f"{store.describe(aside)}, the hook runs the batch's records again"
+            f"{hook_name!r}{'' if shard is None else f' shard {shard}'} at {error.where} "
+            f"cannot be read ({error.cause}); set aside as {store.describe(aside)}, the hook "
+            "runs its records again"
         )
         log.warning(message)
         return SetAside(key=aside, message=message)
     return None
+
+
+def hook_records(convention: Convention, store: ArtifactStore, partition: str) -> list[HookRecord]:
+    layout = BatchLayout(convention.name, partition)
+    return [HookRecord.from_ingested(r) for r in read_raw_records(store, layout, convention)]
+
+
+def plan_shards(
+    convention: Convention,
+    store: ArtifactStore,
+    partition: str,
+    hook_name: str,
+    records: list[HookRecord],
+    capacity: HookCapacity | None,
+) -> list[ShardJob]:
+    """The hook's shards of the batch (frozen at its first run: batch/shards.py), as jobs.
+    Without a capacity (a cluster packs the attempts) only `shard_size` splits a batch."""
+    plan = frozen_shard_plan(
+        store,
+        BatchLayout(convention.name, partition),
+        hook_name,
+        records,
+        shard_size=convention.shard_size,
+        slots=capacity.slots if capacity is not None else 1,
+    )
+    sizes: dict[str, float] = {r.id: r.size_mb for r in records}
+    job = HookJob(partition, hook_name)
+    return [
+        ShardJob(
+            job,
+            key,
+            frozenset(ids),
+            size_mb=sum(sizes[i] for i in ids),
+            largest_mb=max(sizes[i] for i in ids),
+            batch_digest=plan.batch_digest,
+        )
+        for key, ids in zip(plan.keys(), plan.shards, strict=True)
+    ]
+
+
+def run_shard(
+    convention: Convention,
+    store: ArtifactStore,
+    shard: ShardJob,
+    runner: Runner,
+    *,
+    checkpoint_every_s: float = 1.0,
+    checkpoint_every_records: int = 1,
+    predict_memory: bool = True,
+    capacity: HookCapacity | None = None,
+    cancel: threading.Event | None = None,
+    run_id: str | None = None,
+) -> HookProgress:
+    """Run the hook over one shard of the batch to its end, resuming from the shard's
+    checkpoint in the store (see `run_batch_hook`)."""
+    hook_name, partition = shard.job.hook, shard.job.partition
+    layout = BatchLayout(convention.name, partition)
+    records = [r for r in hook_records(convention, store, partition) if r.id in shard.record_ids]
+    checkpoints = StoreCheckpointIO(store, layout.checkpoint(hook_name, shard.shard))
+    with (
+        store.local_dir(
+            layout.raw_files, writable=False, only={r.files_dir for r in records}
+        ) as files_root,
+        store.local_dir(layout.hook_workdir(hook_name, shard.shard), writable=True) as workdir,
+    ):
+        return advance_hook(
+            convention.hook(hook_name),
+            HookBatch(records=records, files_root=files_root),
+            runner,
+            checkpoints,
+            workdir,
+            checkpoint_every_s=checkpoint_every_s,
+            checkpoint_every_records=checkpoint_every_records,
+            history=StoreMemoryHistoryIO(store, memory_history_key(convention.name, hook_name))
+            if predict_memory
+            else None,
+            capacity=capacity,
+            cancel=cancel,
+            run_id=run_id,
+            shard=shard.shard,
+        )
+
+
+def merge_progress(progresses: list[HookProgress], digest: str) -> HookProgress:
+    """The progress of a hook over a whole batch from that of each of its shards."""
+    return HookProgress(
+        checkpoint=merge_shards([p.checkpoint for p in progresses], digest),
+        attempts_this_call=[a for p in progresses for a in p.attempts_this_call],
+    )
 
 
 def run_batch_hook(
@@ -78,8 +174,9 @@ def run_batch_hook(
     cancel: threading.Event | None = None,
     run_id: str | None = None,
 ) -> HookProgress:
-    """Run one hook over the batch to its end, resuming from its checkpoint in the store (a
-    checkpoint that cannot be read is set aside: see `set_aside_unreadable_checkpoint`).
+    """Run one hook over the batch to its end, shard after shard (batch/shards.py; run_hook_jobs
+    runs them at once), each resuming from its checkpoint in the store (a checkpoint that
+    cannot be read is set aside: see `set_aside_unreadable_checkpoint`).
 
     The checkpoint is saved to the store while the hook runs, after `checkpoint_every_records`
     new outcomes or `checkpoint_every_s` seconds (see osa_dagster.engine.hook_run). With
@@ -88,53 +185,53 @@ def run_batch_hook(
     this batch's attempts; without it, the ladder starts every record at the base.
     `capacity`, `cancel` and `run_id` are the engine's (osa_dagster.engine.hook_run.advance_hook).
     """
-    spec = convention.hook(hook_name)
-    layout = BatchLayout(convention.name, partition)
-    records = [HookRecord.from_ingested(r) for r in read_raw_records(store, layout, convention)]
-    set_aside_unreadable_checkpoint(convention, store, partition, hook_name)
-    checkpoints = StoreCheckpointIO(store, layout.checkpoint(hook_name))
-    with (
-        store.local_dir(layout.raw_files, writable=False) as files_root,
-        store.local_dir(layout.hook_workdir(hook_name), writable=True) as workdir,
-    ):
-        return advance_hook(
-            spec,
-            HookBatch(records=records, files_root=files_root),
-            runner,
-            checkpoints,
-            workdir,
-            checkpoint_every_s=checkpoint_every_s,
-            checkpoint_every_records=checkpoint_every_records,
-            history=StoreMemoryHistoryIO(store, memory_history_key(convention.name, hook_name))
-            if predict_memory
-            else None,
-            capacity=capacity,
-            cancel=cancel,
-            run_id=run_id,
+    records = hook_records(convention, store, partition)
+    shards = plan_shards(convention, store, partition, hook_name, records, capacity)
+    progresses = []
+    for shard in shards:
+        set_aside_unreadable_checkpoint(convention, store, partition, hook_name, shard.shard)
+        progresses.append(
+            run_shard(
+                convention,
+                store,
+                shard,
+                runner,
+                checkpoint_every_s=checkpoint_every_s,
+                checkpoint_every_records=checkpoint_every_records,
+                predict_memory=predict_memory,
+                capacity=capacity,
+                cancel=cancel,
+                run_id=run_id,
+            )
         )
+    return merge_progress(progresses, shards[0].batch_digest)
 
 
 def load_hook_checkpoints(
     convention: Convention, store: ArtifactStore, partition: str
 ) -> dict[str, Checkpoint]:
-    """Every hook's finished checkpoint; a hook that has not finished the batch is an error."""
+    """Every hook's finished checkpoint over the batch, its shards' merged (`merge_shards`);
+    a hook that has not finished the batch is an error."""
     layout = BatchLayout(convention.name, partition)
     checkpoints: dict[str, Checkpoint] = {}
     for spec in convention.hooks:
         try:
-            checkpoint = StoreCheckpointIO(store, layout.checkpoint(spec.name)).load()
+            plan, shards = shard_checkpoints(store, layout, spec.name)
         except UnreadableState as error:
             raise BatchInputError(
-                f"batch {partition!r} of convention {convention.name!r}: the checkpoint of hook "
+                f"batch {partition!r} of convention {convention.name!r}: the state of hook "
                 f"{spec.name!r} at {error.where} cannot be read ({error.cause}); materialise "
                 "its hook_outcomes again, which sets it aside and runs the hook again"
             ) from None
-        if checkpoint is None or not checkpoint.complete:
+        finished = [c for c in shards if c is not None and c.complete]
+        if len(finished) < len(shards):
             raise BatchInputError(
                 f"batch {partition!r} of convention {convention.name!r}: hook {spec.name!r} "
-                "has not finished it; materialise its hook_outcomes first"
+                f"has not finished it ({len(finished)} of {len(shards)} shards done); "
+                "materialise its hook_outcomes first"
             )
-        checkpoints[spec.name] = checkpoint
+        digest = plan.batch_digest if plan is not None else finished[0].batch_digest
+        checkpoints[spec.name] = merge_shards(finished, digest)
     return checkpoints
 
 
@@ -155,70 +252,103 @@ def machine_capacity(settings: Settings) -> HookCapacity:
 
 
 def hook_workers(capacity: HookCapacity | None, jobs: int) -> int:
-    """Threads for `jobs` hook jobs: one more than the machine's slots, so that a job
+    """Threads for `jobs` shards of hook jobs: one more than the machine's slots, so that one
     prepares its next attempt while the others run; without a capacity (a cluster packs
-    the attempts), one per job."""
+    the attempts), one per shard."""
     return min(jobs, capacity.slots + 1) if capacity is not None else jobs
 
 
 @dataclass(frozen=True)
 class HookJob:
-    """One hook over one batch: the unit that runs concurrently with others."""
+    """One hook over one batch: what a step asks for, and what it reports on."""
 
     partition: str
     hook: str
 
 
 @dataclass(frozen=True)
+class ShardJob:
+    """One hook over one shard of a batch: the unit that runs concurrently with others."""
+
+    job: HookJob
+    shard: int | None  # its name in the layout (ShardPlan.keys)
+    # Ids, not records: a step holds the shards of its whole range until they run, and each
+    # reads its records when it starts.
+    record_ids: frozenset[str]
+    size_mb: float
+    largest_mb: float  # its largest record's size
+    batch_digest: str  # of the whole batch
+
+
+@dataclass(frozen=True)
 class HookJobResult:
+    """A job's end: the progress of the hook over the whole batch once every shard ended."""
+
     job: HookJob
     progress: HookProgress | None
-    error: Exception | None  # what the job raised instead of ending
-    set_aside: SetAside | None = None  # the unreadable checkpoint it set aside first
+    error: Exception | None  # what a shard (or reading the batch) raised instead of ending
+    set_aside: tuple[SetAside, ...] = ()  # unreadable checkpoints set aside first
 
 
-def _run_job(
+@dataclass(frozen=True)
+class _ShardEnd:
+    shard: ShardJob
+    progress: HookProgress | None
+    error: Exception | None
+    set_aside: SetAside | None
+
+
+def _run_shard_job(
     convention: Convention,
     store: ArtifactStore,
     runner: Runner,
-    job: HookJob,
+    shard: ShardJob,
     capacity: HookCapacity | None,
     cancel: threading.Event,
     run_id: str | None,
-) -> HookJobResult:
-    set_aside = set_aside_unreadable_checkpoint(convention, store, job.partition, job.hook)
+) -> _ShardEnd:
+    job = shard.job
+    set_aside = set_aside_unreadable_checkpoint(
+        convention, store, job.partition, job.hook, shard.shard
+    )
     try:
-        progress = run_batch_hook(
-            convention,
-            job.hook,
-            store,
-            job.partition,
-            runner,
-            capacity=capacity,
-            cancel=cancel,
-            run_id=run_id,
+        progress = run_shard(
+            convention, store, shard, runner, capacity=capacity, cancel=cancel, run_id=run_id
         )
-    except Exception as error:  # the job's end, reported beside the others'
-        return HookJobResult(job, None, error, set_aside)
-    return HookJobResult(job, progress, None, set_aside)
+    except Exception as error:  # the shard's end, reported beside the others'
+        return _ShardEnd(shard, None, error, set_aside)
+    return _ShardEnd(shard, progress, None, set_aside)
 
 
-def largest_first(
-    convention: Convention, store: ArtifactStore, jobs: Iterable[HookJob]
-) -> list[HookJob]:
-    """The jobs of the largest batches (in megabytes of records) first, each batch's hooks in
-    their order. Batches are planned smallest records first, so in planning order a range's
-    largest batch, the longest to work, would start last and then run alone while the other
-    slots idle; started first, it runs beside the others."""
-    jobs = list(jobs)
-    sizes: dict[str, float] = {}
+def largest_first(shards: Iterable[ShardJob]) -> list[ShardJob]:
+    """The shards of the largest records first, then of the most megabytes, otherwise in
+    the order given. A shard lasts at least as long as its largest record (and that
+    record's OOM climb), the longest pole of a step; batches are planned smallest records
+    first, so in planning order a range's largest batch would start last and then run
+    alone while the other slots idle; started first, it runs beside the others."""
+    return sorted(shards, key=lambda shard: (-shard.largest_mb, -shard.size_mb))
+
+
+def _plan_jobs(
+    convention: Convention,
+    store: ArtifactStore,
+    jobs: list[HookJob],
+    capacity: HookCapacity | None,
+) -> tuple[dict[HookJob, list[ShardJob]], list[HookJobResult]]:
+    """Each job's shards, and the jobs whose batch cannot be read (their results). One batch's
+    records are read once for all its hooks, and only one batch's at a time."""
+    shards: dict[HookJob, list[ShardJob]] = {}
+    failed: list[HookJobResult] = []
     for partition in dict.fromkeys(job.partition for job in jobs):
+        of_batch = [job for job in jobs if job.partition == partition]
         try:
-            records = read_raw_records(store, BatchLayout(convention.name, partition))
-        except BatchInputError:
-            records = []  # the job itself will say what is wrong with the batch
-        sizes[partition] = sum(record.size_mb for record in records)
-    return sorted(jobs, key=lambda job: -sizes[job.partition])
+            records = hook_records(convention, store, partition)
+        except BatchInputError as error:
+            failed += [HookJobResult(job, None, error) for job in of_batch]
+            continue
+        for job in of_batch:
+            shards[job] = plan_shards(convention, store, partition, job.hook, records, capacity)
+    return shards, failed
 
 
 def run_hook_jobs(
@@ -227,32 +357,55 @@ def run_hook_jobs(
     runner: Runner,
     jobs: Iterable[HookJob],
     *,
-    workers: int,
     capacity: HookCapacity | None,
     run_id: str | None = None,
 ) -> Iterator[HookJobResult]:
-    """Run every job to its end (the whole memory ladder) in `workers` threads, yielding
-    each result as it ends. The hooks of a batch depend only on its raw records, and the
-    batches of a range on nothing of each other, so any order is right; attempts start
-    when `capacity` has room (without one, as the workers allow: a cluster packs them).
+    """Run every job to its end (the whole memory ladder of each of its shards) in threads
+    (`hook_workers`), yielding each job's result once all its shards have ended (a job whose batch
+    cannot be read, at once). The hooks of a batch depend only on its raw records, the
+    batches of a range on nothing of each other, and a batch's shards on nothing of each
+    other, so any order is right; attempts start when `capacity` has room (without one, as
+    the workers allow: a cluster packs them).
 
-    Threads suffice: each waits on a hook process or container. Each job keeps its own
+    Threads suffice: each waits on a hook process or container. Each shard keeps its own
     checkpoint and attempt log, so what it leaves is the same whatever ran beside it. A
-    job that fails does not stop the others. A checkpoint that cannot be read is set aside
-    first (`set_aside_unreadable_checkpoint`), as a lone run of the hook does. Closing the
-    iterator early (the run was terminated) cancels the jobs: running hooks are killed,
-    their checkpoints keep what they did, and it returns when every thread has stopped.
-    Jobs start largest batch first (`largest_first`). Their attempts record `run_id`.
+    shard that fails stops no other (its job's result carries its error). A checkpoint that
+    cannot be read is set aside first (`set_aside_unreadable_checkpoint`), as a lone run of
+    the hook does. Closing the iterator early (the run was terminated) cancels the jobs:
+    running hooks are killed, their checkpoints keep what they did, and it returns when
+    every thread has stopped. Shards start largest first (`largest_first`). Their attempts
+    record `run_id`.
     """
+    shards, failed = _plan_jobs(convention, store, list(jobs), capacity)
+    todo = largest_first(s for job_shards in shards.values() for s in job_shards)
     cancel = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="osa-hooks")
+    pool = ThreadPoolExecutor(
+        max_workers=max(1, hook_workers(capacity, len(todo))), thread_name_prefix="osa-hooks"
+    )
+    ended: dict[HookJob, list[_ShardEnd]] = {job: [] for job in shards}
     try:
         futures = [
-            pool.submit(_run_job, convention, store, runner, job, capacity, cancel, run_id)
-            for job in largest_first(convention, store, jobs)
+            pool.submit(_run_shard_job, convention, store, runner, s, capacity, cancel, run_id)
+            for s in todo
         ]
+        yield from failed  # the others run meanwhile
         for future in as_completed(futures):
-            yield future.result()  # a job's exception is in its result; others end the step
+            end = future.result()  # a shard's exception is in its result; others end the step
+            job = end.shard.job
+            ended[job].append(end)
+            if len(ended[job]) == len(shards[job]):
+                yield _job_result(job, sorted(ended.pop(job), key=lambda e: e.shard.shard or 0))
     finally:
         cancel.set()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _job_result(job: HookJob, ends: list[_ShardEnd]) -> HookJobResult:
+    set_aside = tuple(e.set_aside for e in ends if e.set_aside is not None)
+    errors = [e.error for e in ends if e.error is not None]
+    if errors:
+        return HookJobResult(job, None, errors[0], set_aside)
+    progresses = [e.progress for e in ends if e.progress is not None]
+    return HookJobResult(
+        job, merge_progress(progresses, ends[0].shard.batch_digest), None, set_aside
+    )

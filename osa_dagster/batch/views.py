@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from osa_sdk.types import IngesterRecord, OutcomeStatus
 
-from osa_dagster.batch.stores import StoreCheckpointIO
+from osa_dagster.batch.shards import hook_state_key, merge_shards, shard_checkpoints
 from osa_dagster.engine.checkpoint import Checkpoint, RecordOutcome
 from osa_dagster.records import RecordsDatabase
 from osa_dagster.records.queries import RecordOfBatch, records_of_partition
@@ -41,7 +41,8 @@ class RawRecords:
 
 @dataclass(frozen=True)
 class HookOutcomes:
-    """One hook's outcomes over the batch: its checkpoint, read when first asked for."""
+    """One hook's outcomes over the batch: its checkpoint (its shards' together, see
+    batch/shards.py), read when first asked for."""
 
     store: ArtifactStore
     layout: BatchLayout
@@ -49,13 +50,14 @@ class HookOutcomes:
 
     @property
     def location(self) -> str:
-        return self.store.describe(self.layout.checkpoint(self.hook))
+        return self.store.describe(hook_state_key(self.store, self.layout, self.hook))
 
     def checkpoint(self) -> Checkpoint:
-        found = StoreCheckpointIO(self.store, self.layout.checkpoint(self.hook)).load()
-        if found is None:
+        plan, shards = shard_checkpoints(self.store, self.layout, self.hook)
+        found = [checkpoint for checkpoint in shards if checkpoint is not None]
+        if not found:
             raise FileNotFoundError(f"hook {self.hook!r} has no checkpoint at {self.location}")
-        return found
+        return merge_shards(found, plan.batch_digest if plan else found[0].batch_digest)
 
     def __iter__(self) -> Iterator[tuple[str, RecordOutcome]]:
         """(record id, outcome) in record id order."""

@@ -72,6 +72,11 @@ class Convention(BaseModel):
     record_schema: type[BaseModel] | None = None
     """Validates each record's metadata in raw_batch when set."""
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, gt=0)
+    """Records per partition (frozen batch): sized for the database (see the README)."""
+    shard_size: int | None = Field(default=None, gt=0)
+    """The most records one hook's chain of attempts (memory ladder, attempt log, checkpoint)
+    takes of a batch: a larger batch is split into shards, run as separate jobs
+    (batch/shards.py). None: no limit; a batch is still split to fill idle slots."""
     hook_image: HookImage | None = None
     source: str = "local"
     """The name of the source `ingester` reads; OSA_SOURCES picks one of `sources` instead."""

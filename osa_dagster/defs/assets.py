@@ -16,11 +16,11 @@ from osa_dagster.batch.fetch import fetch_raw_batch
 from osa_dagster.batch.hooks import (
     HookJob,
     HookJobResult,
-    hook_workers,
     load_memory_history,
     run_hook_jobs,
 )
 from osa_dagster.batch.publish import publish_batch, store_batch_features
+from osa_dagster.batch.shards import hook_state_key
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.checks import (
     CHECKS,
@@ -230,14 +230,14 @@ def _hooks_asset(
                 store,
                 runner,
                 jobs,
-                workers=hook_workers(capacity, len(jobs)),
                 capacity=capacity,
                 run_id=context.run_id,
             ):
                 job, key = result.job, hook_key(convention, convention.hook(result.job.hook))
-                set_aside = set_aside_metadata(result.set_aside) if result.set_aside else {}
-                if result.set_aside is not None:
-                    context.log.warning(result.set_aside.message)
+                set_aside: dict[str, Any] = {}
+                for aside in result.set_aside:
+                    context.log.warning(aside.message)
+                    set_aside = set_aside_metadata(aside)
                     yield dg.AssetObservation(
                         asset_key=key, partition=job.partition, metadata=set_aside
                     )
@@ -263,7 +263,10 @@ def _hooks_asset(
                         **memory_history_metadata(history, checkpoint.outcomes),
                         **set_aside,
                         **artifact_uri(
-                            store, BatchLayout(convention.name, job.partition).checkpoint(job.hook)
+                            store,
+                            hook_state_key(
+                                store, BatchLayout(convention.name, job.partition), job.hook
+                            ),
                         ),
                     },
                     asset_key=key,

@@ -46,7 +46,8 @@ def _ending(attempt: AttemptRecord) -> str:
 
 def describe_attempt(attempt: AttemptRecord) -> str:
     text = (
-        f"attempt {attempt.number}: limit {attempt.memory_limit_mb} MB, peak "
+        ("" if attempt.shard is None else f"shard {attempt.shard}, ")
+        + f"attempt {attempt.number}: limit {attempt.memory_limit_mb} MB, peak "
         f"{_mb(attempt.peak_memory_mb)} MB, {attempt.records_done}/{attempt.records_in} "
         f"records done, {_ending(attempt)}"
     )
@@ -76,6 +77,7 @@ def attempt_metadata(attempt: AttemptRecord) -> dict[str, Any]:
         "isolation": attempt.isolation,
         "lane": attempt.lane or "main",
         "queued_s": round(attempt.queued_s or 0.0, 2),
+        "shard": "-" if attempt.shard is None else attempt.shard,
     }
 
 
@@ -91,6 +93,7 @@ def attempt_row(attempt: AttemptRecord, run_id: str) -> list[Any]:
     return [
         attempt.number,
         attempt_origin(attempt, run_id),
+        "-" if attempt.shard is None else attempt.shard,
         attempt.lane or "main",
         attempt.memory_limit_mb,
         _mb(attempt.peak_memory_mb),
@@ -105,6 +108,7 @@ def attempt_row(attempt: AttemptRecord, run_id: str) -> list[Any]:
 ATTEMPT_HEADER = (
     "attempt",
     "run",
+    "shard",
     "lane",
     "limit MB",
     "peak MB",
@@ -135,12 +139,46 @@ def raw_batch_metadata(summary: RawBatchSummary) -> dict[str, Any]:
     return metadata
 
 
+def _by_shard(attempts: list[AttemptRecord]) -> dict[int | None, list[AttemptRecord]]:
+    shards: dict[int | None, list[AttemptRecord]] = {}
+    for attempt in attempts:
+        shards.setdefault(attempt.shard, []).append(attempt)
+    return dict(sorted(shards.items(), key=lambda item: item[0] or 0))
+
+
+def _limits(attempts: list[AttemptRecord]) -> str:
+    return " -> ".join(str(a.memory_limit_mb) for a in attempts) or "-"
+
+
+SHARD_HEADER = ("shard", "attempts", "memory limits MB", "OOM kills", "records settled", "seconds")
+
+
+def shard_row(shard: int | None, attempts: list[AttemptRecord]) -> list[Any]:
+    return [
+        "-" if shard is None else shard,
+        len(attempts),
+        _limits(attempts),
+        sum(1 for a in attempts if a.oom_killed),
+        sum(a.records_done for a in attempts),
+        f"{sum(a.duration_s or 0.0 for a in attempts):.1f}",
+    ]
+
+
 def hook_metadata(checkpoint: Checkpoint, run_id: str) -> dict[str, Any]:
-    """A hook's work on a batch as of the run `run_id`: every attempt, told apart by run."""
+    """A hook's work on a batch as of the run `run_id`: every attempt, told apart by run and
+    by shard (batch/shards.py). Bounded whatever the batch's size: counts, a row per shard,
+    and at most PREVIEW_ROWS attempts and records."""
     counts = checkpoint.counts()
     ooms = [a for a in checkpoint.attempts if a.oom_killed]
     reused = [a for a in checkpoint.attempts if a.run_id != run_id]
     peaks = [a.peak_memory_mb for a in checkpoint.attempts if a.peak_memory_mb is not None]
+    shards = _by_shard(checkpoint.attempts)
+    # The attempts a curator looks for first: the ones that did not simply end, then the rest.
+    shown = sorted(
+        checkpoint.attempts,
+        key=lambda a: (a.returncode == 0 and not a.oom_killed, a.shard or 0, a.number),
+    )[:PREVIEW_ROWS]
+    shown.sort(key=lambda a: (a.shard or 0, a.number))
     metadata: dict[str, Any] = {
         "records_in": len(checkpoint.outcomes),
         "passed": counts[OutcomeStatus.PASSED],
@@ -151,12 +189,19 @@ def hook_metadata(checkpoint: Checkpoint, run_id: str) -> dict[str, Any]:
         "oom_attempts": len(ooms),
         "oom_attempts_this_run": sum(1 for a in ooms if a.run_id == run_id),
         "attempts_reused": len(reused),
-        "memory_limits_mb": " -> ".join(str(a.memory_limit_mb) for a in checkpoint.attempts) or "-",
+        "memory_limits_mb": _limits(checkpoint.attempts)
+        if len(shards) < 2
+        else "; ".join(f"shard {shard}: {_limits(a)}" for shard, a in shards.items()),
         "peak_memory_mb": round(max(peaks, default=0.0), 1),
-        "attempt_log": markdown_table(
-            ATTEMPT_HEADER, (attempt_row(a, run_id) for a in checkpoint.attempts)
-        ),
+        "shards": max(len(shards), 1),
+        "attempt_log": markdown_table(ATTEMPT_HEADER, (attempt_row(a, run_id) for a in shown)),
     }
+    if len(shown) < len(checkpoint.attempts):
+        metadata["attempt_log_rows_left_out"] = len(checkpoint.attempts) - len(shown)
+    if len(shards) > 1:
+        metadata["shard_log"] = markdown_table(
+            SHARD_HEADER, (shard_row(shard, a) for shard, a in list(shards.items())[:PREVIEW_ROWS])
+        )
     anomalies = {name: n for name, n in checkpoint.anomalies.items() if n}
     if anomalies:
         metadata["bad_output"] = dg.MetadataValue.json(anomalies)

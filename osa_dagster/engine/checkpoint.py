@@ -86,6 +86,10 @@ class AttemptRecord(BaseModel):
     # The orchestrator's run that made the attempt, when it named one (`advance_hook`'s
     # `run_id`): a run that resumes a checkpoint tells its own attempts from earlier runs'.
     run_id: str | None = None
+    # The shard of the batch the attempt worked on, when the batch's records are split for
+    # the hook (`advance_hook`'s `shard`, see batch/shards.py): each shard has a checkpoint
+    # and an attempt log of its own, numbered from 1.
+    shard: int | None = None
 
 
 class InFlightAttempt(BaseModel):
@@ -100,6 +104,7 @@ class InFlightAttempt(BaseModel):
     lane: str | None = None
     queued_s: float | None = None
     run_id: str | None = None
+    shard: int | None = None
     # Bytes of each output file already merged into the outcomes, so that after a crash the
     # rest of the output is merged exactly once.
     offsets: dict[str, int] = Field(default_factory=dict)

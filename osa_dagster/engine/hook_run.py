@@ -110,9 +110,13 @@ class HookBatch:
         object.__setattr__(self, "ids", ids)
 
     def digest(self) -> str:
-        """Identifies the batch's membership and files, whatever the order of its records."""
-        identity = sorted((r.id, r.files_dir, r.size_mb) for r in self.records)
-        return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+        return batch_digest(self.records)
+
+
+def batch_digest(records: Sequence[HookRecord]) -> str:
+    """Identifies a batch's membership and files, whatever the order of its records."""
+    identity = sorted((r.id, r.files_dir, r.size_mb) for r in records)
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,7 @@ def advance_hook(
     capacity: HookCapacity | None = None,
     cancel: threading.Event | None = None,
     run_id: str | None = None,
+    shard: int | None = None,
 ) -> HookProgress:
     """Run attempts of the hook, up its memory ladder, until every record of the batch has
     an outcome; the checkpoint, and the attempts of this call (resuming a checkpoint, the
@@ -174,7 +179,8 @@ def advance_hook(
     the machine's budget (engine/capacity.py) and holds them until its hook has exited.
     Setting `cancel` (from another thread) kills the running hook and raises `Cancelled`;
     the checkpoint keeps what was done. `run_id` (the orchestrator's run) is recorded on
-    each attempt this call makes (`AttemptRecord.run_id`).
+    each attempt this call makes (`AttemptRecord.run_id`), and so is `shard`, the part of a
+    split batch that `batch` is (`AttemptRecord.shard`).
     """
     if checkpoint_every_records < 1 or checkpoint_every_s <= 0:
         raise ValueError(
@@ -193,6 +199,7 @@ def advance_hook(
         capacity,
         cancel,
         run_id,
+        shard,
     )
     known_attempts = len(run.checkpoint.attempts)
 
@@ -222,9 +229,13 @@ class _HookRun:
         capacity: HookCapacity | None = None,
         cancel: threading.Event | None = None,
         run_id: str | None = None,
+        shard: int | None = None,
     ) -> None:
         self.spec = spec
         self.run_id = run_id
+        self.shard = shard
+        # How the log names this run of the hook: its shard too, when the batch is split.
+        self.label = spec.name if shard is None else f"{spec.name} (shard {shard})"
         self.capacity = capacity
         self.cancel = cancel
         self.batch = batch
@@ -283,7 +294,7 @@ class _HookRun:
         if raised:
             log.info(
                 "hook %s: the memory cap is now %d MB; reopening %d poison records",
-                self.spec.name,
+                self.label,
                 policy.cap_mb,
                 len(raised),
             )
@@ -324,7 +335,7 @@ class _HookRun:
         if lanes:
             log.info(
                 "hook %s: %d records start above the base, at %s MB, from the memory history",
-                self.spec.name,
+                self.label,
                 len(lanes),
                 sorted(set(lanes.values())),
             )
@@ -363,7 +374,7 @@ class _HookRun:
         assert flight is not None
         log.warning(
             "hook %s: attempt %d was interrupted, harvesting its output",
-            self.spec.name,
+            self.label,
             flight.number,
         )
         self.runner.kill_leftovers(flight.marker)
@@ -380,7 +391,7 @@ class _HookRun:
         capacity, once a slot and its memory are free."""
         if self.capacity is None:
             return self._attempt(pending, memory, lane, queued_s=None)
-        label = f"hook {self.spec.name} attempt {len(self.checkpoint.attempts) + 1}"
+        label = f"hook {self.label} attempt {len(self.checkpoint.attempts) + 1}"
         with self.capacity.admit(memory, label, self.cancel) as admission:
             return self._attempt(pending, memory, lane, queued_s=admission.queued_s)
 
@@ -391,7 +402,7 @@ class _HookRun:
         invocation = self._prepare(number, pending, memory)
         log.info(
             "hook %s: attempt %d, %d records at %d MB%s",
-            self.spec.name,
+            self.label,
             number,
             len(pending),
             memory,
@@ -409,6 +420,7 @@ class _HookRun:
             lane=lane,
             queued_s=queued_s,
             run_id=self.run_id,
+            shard=self.shard,
         )
         self.checkpoint.running = flight
         # Saved before waiting: if we die now, the next run finds and kills the hook.
@@ -459,7 +471,7 @@ class _HookRun:
         try:
             while (exit_ := running.wait(self.poll_s)) is None:
                 if self.cancel is not None and self.cancel.is_set():
-                    raise Cancelled(f"hook {self.spec.name}: attempt {flight.number} was cancelled")
+                    raise Cancelled(f"hook {self.label}: attempt {flight.number} was cancelled")
                 unsaved += self._harvest(reader, flight)
                 if reader.refused is not None:
                     # The output cannot be trusted any further: nothing the hook does next counts.
@@ -537,6 +549,7 @@ class _HookRun:
                     self.sizes.get(first_unfinished) if oom and first_unfinished else None
                 ),
                 run_id=flight.run_id,
+                shard=flight.shard,
             )
         )
         self.checkpoint.running = None
@@ -557,7 +570,7 @@ class _HookRun:
             if next_memory is not None:
                 log.warning(
                     "hook %s: out of memory at %d MB on %s%s; %d records left for %d MB",
-                    self.spec.name,
+                    self.label,
                     limit,
                     left_ids[0],
                     f" ({attempt.lane} lane)" if attempt.lane else "",
@@ -604,7 +617,7 @@ class _HookRun:
             [record] = left
             log.warning(
                 "hook %s: record %s is poison: out of memory alone at %d MB (%.1f MB of files)",
-                self.spec.name,
+                self.label,
                 record.id,
                 limit,
                 record.size_mb,
@@ -623,7 +636,7 @@ class _HookRun:
             self.checkpoint.suspect = attempt.first_unfinished
             log.warning(
                 "hook %s: out of memory at the cap, %d MB, on %s: running it alone",
-                self.spec.name,
+                self.label,
                 limit,
                 attempt.first_unfinished,
             )

@@ -65,11 +65,23 @@ class BatchLayout:
     def hook(self, hook_name: str) -> str:
         return f"{self._batch}/hooks/{hook_name}"
 
-    def checkpoint(self, hook_name: str) -> str:
-        return f"{self.hook(hook_name)}/checkpoint.json"
+    def shard_plan(self, hook_name: str) -> str:
+        """How the batch's records are split for the hook, frozen at its first run."""
+        return f"{self.hook(hook_name)}/shards.json"
 
-    def hook_workdir(self, hook_name: str) -> str:
-        return f"{self.hook(hook_name)}/work"
+    def _shard(self, hook_name: str, shard: int | None) -> str:
+        # A batch in one shard keeps the paths it had before batches were split, so that a
+        # store written then reads the same.
+        if shard is None:
+            return self.hook(hook_name)
+        return f"{self.hook(hook_name)}/shards/{shard}"
+
+    def checkpoint(self, hook_name: str, shard: int | None = None) -> str:
+        """The hook's checkpoint over the batch, or over one shard of a split batch."""
+        return f"{self._shard(hook_name, shard)}/checkpoint.json"
+
+    def hook_workdir(self, hook_name: str, shard: int | None = None) -> str:
+        return f"{self._shard(hook_name, shard)}/work"
 
 
 def memory_history_key(convention: str, hook_name: str) -> str:

@@ -17,7 +17,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -156,6 +156,12 @@ def parse_s3_url(url: str) -> tuple[str, str]:
         except StoreKeyError:
             problem = "its prefix must be a relative path without '..'"
     raise SettingsError(f"OSA_STORAGE={shown!r} is not a valid S3 location: {problem}")
+
+
+def _in_folders(relative: str, folders: set[str]) -> bool:
+    """Whether the path is inside one of the folders (each a path relative to the same base)."""
+    parts = relative.split("/")
+    return any("/".join(parts[:depth]) in folders for depth in range(1, len(parts)))
 
 
 def _normalise(key: str) -> str:
@@ -297,8 +303,11 @@ class S3Store:
         self._delete(names)
 
     @contextmanager
-    def local_dir(self, prefix: str, *, writable: bool) -> Iterator[Path]:
-        """A temporary folder holding a copy of every object under `prefix`.
+    def local_dir(
+        self, prefix: str, *, writable: bool, only: Collection[str] | None = None
+    ) -> Iterator[Path]:
+        """A temporary folder holding a copy of every object under `prefix`; with `only`
+        (reading only), of the objects in those folders under it.
 
         If writable and the body exits without error, the folder is synchronised back:
         new and changed files are uploaded, and objects whose file was removed are
@@ -308,10 +317,12 @@ class S3Store:
         their object's LastModified time, which any later write replaces. On an error
         nothing is uploaded. The folder is removed on exit in every case.
         """
+        if writable and only is not None:
+            raise ValueError("a folder staged in part cannot be written back")
         base = self._object(prefix)
         with tempfile.TemporaryDirectory(prefix="osa-s3-", dir=self.staging_dir) as tmp:
             folder = Path(tmp)
-            staged = self._download(base, folder)
+            staged = self._download(base, folder, only)
             yield folder
             if writable:
                 self._synchronise(base, folder, staged)
@@ -431,12 +442,17 @@ class S3Store:
 
     # --- staging ----------------------------------------------------------------------
 
-    def _download(self, base: str, folder: Path) -> dict[str, _Staged]:
-        """Copy every object under `base` into `folder`, streaming to disk; returns what
-        was staged, by path relative to the folder."""
+    def _download(
+        self, base: str, folder: Path, only: Collection[str] | None = None
+    ) -> dict[str, _Staged]:
+        """Copy every object under `base` (in the folders `only` names, if given) into
+        `folder`, streaming to disk; returns what was staged, by path relative to the folder."""
         objects: dict[str, _Object] = {}
+        wanted = None if only is None else {_normalise(name) for name in only}
         for item in self._objects(base + "/"):
             relative = item.key[len(base) + 1 :]
+            if wanted is not None and not _in_folders(relative, wanted):
+                continue
             try:
                 check_key(relative)
             except StoreKeyError as error:  # a key like "p/../x" must not escape the folder

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -57,9 +57,13 @@ class ArtifactStore(Protocol):
     def delete_prefix(self, prefix: str) -> None: ...
 
     @contextmanager
-    def local_dir(self, prefix: str, *, writable: bool) -> Iterator[Path]:
+    def local_dir(
+        self, prefix: str, *, writable: bool, only: Collection[str] | None = None
+    ) -> Iterator[Path]:
         """A local folder holding the keys under `prefix`; if writable, what is written
-        there is in the store once the context exits without error."""
+        there is in the store once the context exits without error. With `only` (folders
+        under `prefix`, for reading only), a store that copies keys to a local folder
+        copies just those; it may hold the others too."""
         ...
 
     def describe(self, key: str) -> str:
@@ -114,7 +118,9 @@ class FileSystemStore:
             target.unlink(missing_ok=True)
 
     @contextmanager
-    def local_dir(self, prefix: str, *, writable: bool) -> Iterator[Path]:
+    def local_dir(
+        self, prefix: str, *, writable: bool, only: Collection[str] | None = None
+    ) -> Iterator[Path]:
         folder = self.path(prefix)
         if writable:
             folder.mkdir(parents=True, exist_ok=True)

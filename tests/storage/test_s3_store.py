@@ -46,6 +46,20 @@ def test_read_only_staging_uploads_nothing_and_cleans_up(s3_store: S3Store):
     assert s3_store.read_bytes("in/a.txt") == b"a"
 
 
+def test_a_shard_stages_only_its_records_folders(s3_store: S3Store):
+    """A hook's shard reads the files of its own records, not the whole batch's."""
+    for key in ("files/ab/1abc/a.cif", "files/ab/1abd/b.cif", "files/cd/2cde/c.cif"):
+        s3_store.write_bytes(key, key.encode())
+    with s3_store.local_dir("files", writable=False, only={"ab/1abc", "cd/2cde"}) as folder:
+        staged = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert staged == ["ab/1abc/a.cif", "cd/2cde/c.cif"]
+    with (
+        pytest.raises(ValueError, match="cannot be written back"),
+        s3_store.local_dir("files", writable=True, only={"ab/1abc"}),
+    ):
+        pass
+
+
 def test_only_regular_files_are_uploaded_never_through_a_link(moto: S3Endpoint, unique_prefix: str):
     # A hook's output folder is staged like this: what it leaves there must neither upload
     # what a symlink points to nor block the upload (a FIFO).

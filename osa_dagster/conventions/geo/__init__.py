@@ -47,6 +47,11 @@ CONVENTIONS = [
         ingester=GeoFolderIngester,
         hooks=(VALIDATE_SOFT, EXTRACT_FEATURES),
         record_schema=GeoRecordMetadata,
+        # 6.5M samples in 6,500 batches; shards of 250 records (a sample is ~10 ms of hook
+        # work, a series' family file seconds to minutes). See the README, "Partition and
+        # shard sizes".
+        batch_size=1_000,
+        shard_size=250,
         hook_image=HOOK_IMAGE,
         source="folder",
         location_parameter="folder",

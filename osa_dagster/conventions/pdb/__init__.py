@@ -44,6 +44,11 @@ CONVENTIONS = [
         ingester=PdbMirrorIngester,
         hooks=(VALIDATE_STRUCTURE, EXTRACT_FEATURES),
         record_schema=PdbEntryMetadata,
+        # Entries reach gigabytes: small batches (~2,300 for the whole archive), and at most
+        # 25 entries per hook attempt chain (~4 s of extract_features) so that one entry's
+        # OOM climb keeps few others at the higher rung (see "Partition and shard sizes").
+        batch_size=100,
+        shard_size=25,
         hook_image=HOOK_IMAGE,
         source="mirror",
         location_parameter="mirror",
