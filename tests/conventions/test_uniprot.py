@@ -346,9 +346,10 @@ def test_damaged_entries_reach_the_hooks_and_are_rejected_with_reasons(tmp_path:
     report, records = ingest(ingester, list(ingester.discover(None, None)), tmp_path / "out")
     assert report.records == 3
     by_id = {r.source_id: r for r in records}
-    # The cut entry keeps what its header says.
+    # The cut entry keeps what its header says; the hooks, which read all of it, reject it.
     cut = UniProtEntryMetadata.model_validate(by_id[ids["cut"]].metadata)
-    assert cut.entry_name == ENTRIES[3].entry_name and cut.organism is None
+    assert cut.entry_name == ENTRIES[3].entry_name
+    assert cut.organism == "Homo sapiens (Human)" and cut.taxonomy_id == 9606
     files_root = tmp_path / "out/files"
     outcomes = {}
     for record in records:

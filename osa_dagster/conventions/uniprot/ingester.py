@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,10 +40,16 @@ ENTRY_FILE_SUFFIX = ".dat"
 
 # The lines of an entry's header: what discover reads to name an entry and date it.
 _HEADER_LINE_CODES = (b"ID", b"AC", b"DT")
+# ... and what fetch reads for its metadata. Parsing only these lines costs a small fraction
+# of a whole entry's parse (its references and feature table are most of it), which the
+# hooks do anyway.
+_METADATA_LINE_CODES = (*_HEADER_LINE_CODES, b"OS", b"OX")
 _ENTRY_START = b"ID   "
 _ENTRY_END = b"//"
+_REFERENCES = b"\nRN   "
 
 _GZIP_BUFFER = 1 << 20
+_SCAN_BLOCK = 1 << 22
 
 # RecordRef.extra keys: where discover found the entry, so that fetch reads it directly.
 _OFFSET = "offset"
@@ -123,40 +130,136 @@ def iter_entries(stream: BinaryIO, where: str) -> Iterator[RawEntry]:
 
     An entry cut short (no ``//`` before the next ``ID`` line or the end of the file) is
     yielded as it stands, so that the hooks reject it visibly instead of it vanishing.
-    Lines outside any entry other than blank ones are logged and skipped.
+    Lines outside any entry other than blank ones are logged and skipped. Lines end at
+    ``\n``, as a binary file's lines do.
     """
-    lines: list[bytes] = []
-    start_offset = start_line = 0
-    offset = 0
-    for line_number, line in enumerate(stream, start=1):
-        if line.startswith(_ENTRY_START):
-            if lines:
-                log.warning("%s line %d: entry has no '//' line", where, start_line)
-                yield RawEntry(b"".join(lines), start_offset, start_line)
-            lines, start_offset, start_line = [line], offset, line_number
-        elif lines:
-            lines.append(line)
-            if line.rstrip() == _ENTRY_END:
-                yield RawEntry(b"".join(lines), start_offset, start_line)
-                lines = []
-        elif line.strip():
-            log.warning("%s line %d: skipping a line outside any entry", where, line_number)
-        offset += len(line)
-    if lines:
-        log.warning("%s line %d: the file ends inside an entry", where, start_line)
-        yield RawEntry(b"".join(lines), start_offset, start_line)
+    return _EntryScanner(stream, where).entries()
+
+
+class _EntryScanner:
+    """iter_entries over blocks of the stream: an entry's inner lines are skipped by
+    substring searches, not looked at one by one (a release has ~200 million lines)."""
+
+    def __init__(self, stream: BinaryIO, where: str) -> None:
+        self.stream = stream
+        self.where = where
+        self.buffer = b""
+        self.base = 0  # file offset of buffer[0]
+        self.eof = False
+        # Line numbers: the line at buffer[counted_to] is line number `line_at_counted`.
+        self.counted_to = 0
+        self.line_at_counted = 1
+
+    def line_number(self, index: int) -> int:
+        self.line_at_counted += self.buffer.count(b"\n", self.counted_to, index)
+        self.counted_to = index
+        return self.line_at_counted
+
+    def refill(self, keep_from: int) -> int:
+        """Drop the buffer before `keep_from`, read a block; returns how far indexes moved
+        (0 at the end of the file, which sets `eof`)."""
+        block = self.stream.read(_SCAN_BLOCK)
+        if not block:
+            self.eof = True
+            return 0
+        self.line_number(keep_from)
+        self.buffer = self.buffer[keep_from:] + block
+        self.base += keep_from
+        self.counted_to = 0
+        return keep_from
+
+    def line_end(self, start: int) -> int | None:
+        """The index after the line starting at `start` (its \n included); None when the
+        line goes on past what was read."""
+        newline = self.buffer.find(b"\n", start)
+        if newline != -1:
+            return newline + 1
+        return len(self.buffer) if self.eof else None
+
+    def entries(self) -> Iterator[RawEntry]:
+        pos = 0  # the next line to look at starts here
+        while True:
+            end = self.line_end(pos)
+            if end is None:
+                pos -= self.refill(pos)
+                continue
+            if pos == end:
+                return
+            if self.buffer.startswith(_ENTRY_START, pos):
+                entry, pos = self._entry(pos)
+                yield entry
+                continue
+            if self.buffer[pos:end].strip():
+                log.warning(
+                    "%s line %d: skipping a line outside any entry",
+                    self.where,
+                    self.line_number(pos),
+                )
+            pos = end
+
+    def _entry(self, start: int) -> tuple[RawEntry, int]:
+        """The entry whose ID line starts at `start`, and where the line after it starts (in
+        the buffer as it is on return: reading more moves it)."""
+        search = start  # every later line starts after a \n found from here
+        while True:
+            resume = None  # where to search again after reading more
+            next_entry = self.buffer.find(b"\n" + _ENTRY_START, search)
+            end_line = self.buffer.find(b"\n" + _ENTRY_END, search)
+            while end_line != -1 and (next_entry == -1 or end_line < next_entry):
+                line_start = end_line + 1
+                line_end = self.line_end(line_start)
+                if line_end is None:
+                    resume = end_line  # the line goes on past the buffer
+                    break
+                if self.buffer[line_start:line_end].rstrip() == _ENTRY_END:
+                    return self._cut(start, line_end), line_end
+                end_line = self.buffer.find(b"\n" + _ENTRY_END, line_start)
+            else:
+                if next_entry != -1:
+                    log.warning(
+                        "%s line %d: entry has no '//' line", self.where, self.line_number(start)
+                    )
+                    return self._cut(start, next_entry + 1), next_entry + 1
+                if self.eof:
+                    log.warning(
+                        "%s line %d: the file ends inside an entry",
+                        self.where,
+                        self.line_number(start),
+                    )
+                    return self._cut(start, len(self.buffer)), len(self.buffer)
+            # Undecided within the buffer: read on, and search again only from near its old
+            # end (a separator may straddle it), or from the line that went past it.
+            old_end = len(self.buffer)
+            moved = self.refill(start)
+            start -= moved
+            near_end = max(start, old_end - moved - len(_ENTRY_START) - 1)
+            search = near_end if resume is None else min(resume - moved, near_end)
+
+    def _cut(self, start: int, end: int) -> RawEntry:
+        return RawEntry(self.buffer[start:end], self.base + start, self.line_number(start))
 
 
 def is_one_entry(text: bytes) -> bool:
     """Whether `text` is one entry as iter_entries cuts them: its ID line, then lines that
     neither start another entry nor end this one before the last."""
-    lines = text.splitlines()
-    return (
-        bool(lines)
-        and lines[0].startswith(_ENTRY_START)
-        and not any(line.startswith(_ENTRY_START) for line in lines[1:])
-        and not any(line.rstrip() == _ENTRY_END for line in lines[:-1])
-    )
+    # Substring searches over the whole entry rather than a loop over its lines: fetch checks
+    # every entry it reads. Lines end as bytes.splitlines ends them (\n, \r, \r\n).
+    if not text.startswith(_ENTRY_START) or any(
+        line_end + _ENTRY_START in text for line_end in _LINE_ENDS
+    ):
+        return False
+    for line_end in _LINE_ENDS:
+        at = text.find(line_end + _ENTRY_END)
+        while at != -1:
+            if _END_LINE_BEFORE_ANOTHER.match(text, at + 1):
+                return False
+            at = text.find(line_end + _ENTRY_END, at + 1)
+    return True
+
+
+_LINE_ENDS = (b"\n", b"\r")
+# An end line ("//" and trailing whitespace) with a line after it.
+_END_LINE_BEFORE_ANOTHER = re.compile(rb"//[ \t\x0b\x0c]*(?:\r\n|\r(?!\n)|\n)[\s\S]")
 
 
 def parse_entry(text: bytes) -> SwissProt.Record:
@@ -170,20 +273,32 @@ def parse_entry(text: bytes) -> SwissProt.Record:
         raise EntryParseError(f"{error or type(error).__name__}{at}") from None
 
 
-def parse_entry_header(text: bytes) -> SwissProt.Record:
-    """Only the ID, AC and DT lines of an entry, parsed by Biopython.
+def parse_entry_header(
+    text: bytes, line_codes: tuple[bytes, ...] = _HEADER_LINE_CODES
+) -> SwissProt.Record:
+    """Only the ID, AC and DT lines of an entry (or those of `line_codes`), parsed by
+    Biopython.
 
     Enough to name and date the entry, at a fraction of the cost of a whole parse.
     """
-    header = [
-        line
-        for line in text.splitlines(keepends=True)
-        if line[:2] in _HEADER_LINE_CODES and line[2:5] == b"   "
-    ]
+    # The format puts these lines before the references: look there first, and through the
+    # whole entry only if one of them is not there.
+    references = text.find(_REFERENCES)
+    header = _lines_of(text if references == -1 else text[: references + 1], line_codes)
+    if references != -1 and {line[:2] for line in header} != set(line_codes):
+        header = _lines_of(text, line_codes)
     parsed = parse_entry(b"".join(header) + _ENTRY_END + b"\n")
     if not parsed.accessions:
         raise EntryParseError("the entry has no AC (accession) line")
     return parsed
+
+
+def _lines_of(text: bytes, line_codes: tuple[bytes, ...]) -> list[bytes]:
+    return [
+        line
+        for line in text.splitlines(keepends=True)
+        if line[:2] in line_codes and line[2:5] == b"   "
+    ]
 
 
 def _date(text: str | None) -> date | None:
@@ -216,25 +331,25 @@ def modified_date(parsed: SwissProt.Record) -> date | None:
 
 
 def entry_metadata(text: bytes, *, release: str | None, source: str) -> UniProtEntryMetadata:
-    """Metadata of an entry's text; a damaged entry keeps what its header says.
+    """Metadata of an entry's text, from its header lines (_METADATA_LINE_CODES) alone: the
+    hooks parse the whole entry and reject it if it is damaged. Where the OS or OX lines
+    cannot be read, the organism is left out.
 
     Raises EntryParseError only when not even the header (ID, AC, DT lines) can be read.
     """
     try:
-        parsed = parse_entry(text)
-        complete = True
+        parsed = parse_entry_header(text, _METADATA_LINE_CODES)
+        described = True
     except EntryParseError as error:
-        log.warning(
-            "%s: the entry cannot be parsed (%s); metadata from its header only", source, error
-        )
+        log.warning("%s: the entry's OS or OX lines cannot be parsed (%s)", source, error)
         parsed = parse_entry_header(text)
-        complete = False
+        described = False
     return UniProtEntryMetadata(
         accession=parsed.accessions[0],
         entry_name=parsed.entry_name or None,
         reviewed={"Reviewed": True, "Unreviewed": False}.get(parsed.data_class or ""),
-        organism=organism_name(parsed) if complete else None,
-        taxonomy_id=taxonomy_id(parsed) if complete else None,
+        organism=organism_name(parsed) if described else None,
+        taxonomy_id=taxonomy_id(parsed) if described else None,
         sequence_length=parsed.sequence_length,
         entry_version=parsed.annotation_update[1] if parsed.annotation_update else None,
         modified=modified_date(parsed),
