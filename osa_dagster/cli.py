@@ -527,7 +527,16 @@ def list_records(
         _print_listing("records", listed, truncated=truncated)
     else:
         for record in records:
-            print(f"{record.srn}  {record.convention}  {record.source_id}  {record.partition}")
+            withdrawn = (
+                ""
+                if record.status == "published"
+                else f"  {record.status} {record.status_changed_at:%Y-%m-%d %H:%M}: "
+                f"{record.status_reason}"
+            )
+            print(
+                f"{record.srn}  {record.convention}  {record.source_id}  {record.partition}"
+                f"{withdrawn}"
+            )
             for hook, index, row in record.features:
                 print(f"    {hook}[{index}]: {json.dumps(row, sort_keys=True)}")
     if truncated:

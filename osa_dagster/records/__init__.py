@@ -14,7 +14,7 @@ from osa_dagster.records.dead_letters import (
     list_dead_letters,
     replace_dead_letters,
 )
-from osa_dagster.records.models import Base, DeadLetter, Feature, Record
+from osa_dagster.records.models import Base, DeadLetter, Feature, Record, RecordEvent
 from osa_dagster.records.publish import (
     FeatureRows,
     PublishResult,
@@ -35,6 +35,7 @@ __all__ = [
     "PoisonRecord",
     "PublishResult",
     "Record",
+    "RecordEvent",
     "RecordToPublish",
     "RecordsDatabase",
     "RecordsDatabaseUnusable",
