@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import dagster as dg
     from osa_sdk.types import RecordRef
 
+    from osa_dagster.batch.plan import PlanResult
     from osa_dagster.conventions.base import Convention
     from osa_dagster.records import DeadLetterRow, RecordsDatabase
     from osa_dagster.settings import Settings
@@ -174,6 +175,42 @@ def plan(
             already_planned=metadata["already_planned"].value,
             duplicates_dropped=metadata["duplicate_refs_dropped"].value,
         ),
+    )
+
+
+def plan_dry_run(
+    configured: Settings,
+    convention_name: str,
+    limit: int | None,
+    since: str | None,
+    *,
+    source: str | None = None,
+) -> PlanResult:
+    """What `osa plan` would change, said without changing anything: planned here, without
+    a run, on a copy of the plan index, looking at the records database read only."""
+    from datetime import datetime
+
+    from osa_dagster.batch.plan import plan_ingest
+    from osa_dagster.defs.jobs import PlanConfig
+    from osa_dagster.records import database_to_look_at, database_url
+    from osa_dagster.storage import artifact_store
+
+    config = PlanConfig.model_validate(
+        {k: v for k, v in {"limit": limit, "since": since}.items() if v is not None}
+    )
+    convention = _convention(configured, convention_name)
+    if source is not None:
+        try:
+            convention = convention.choose_source(source)
+        except ValueError as error:
+            raise CommandError(f"--source: {error}") from None
+    return plan_ingest(
+        convention,
+        artifact_store(configured),
+        since=datetime.fromisoformat(config.since) if config.since else None,
+        limit=config.limit,
+        db=database_to_look_at(database_url(configured)),
+        dry_run=True,
     )
 
 
@@ -724,6 +761,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan_cmd.add_argument("--json", action="store_true", help="print the batches as JSON")
     plan_cmd.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what this plan would add, revise, withdraw and reinstate; change nothing",
+    )
+    plan_cmd.add_argument(
         "--source",
         help="where to read, for this plan: a source's name, a folder or file, a URL, or "
         "NAME:LOCATION (default: OSA_SOURCES, else the convention's own)",
@@ -811,6 +853,23 @@ def run_command(args: argparse.Namespace) -> int:
         return database_schema(configured, args.action)
     if args.command == "demo":
         return demo(configured, fresh=not args.keep, debug=args.debug)
+    if args.command == "plan" and args.dry_run:
+        if args.batch_size is not None or args.replan:
+            raise CommandError(
+                "--dry-run says what would change; it takes no --batch-size or --replan"
+            )
+        result = plan_dry_run(
+            configured, args.convention, args.limit, args.since, source=args.source
+        )
+        assert result.changes is not None
+        if args.json:
+            _print_json({**result.changes.as_json(), "gone_check": result.gone_check})
+        else:
+            print(result.changes.format())
+            print(result.gone_check)
+        for skipped in result.skipped:
+            print(f"skipped {skipped.where}: {skipped.reason}", file=sys.stderr)
+        return 0
     if args.command == "plan":
         planned = plan(
             configured,

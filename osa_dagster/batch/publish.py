@@ -9,6 +9,7 @@ from osa_sdk.types import IngesterRecord, OutcomeStatus
 
 from osa_dagster.batch.fetch import read_raw_records
 from osa_dagster.batch.hooks import load_hook_checkpoints
+from osa_dagster.batch.plan import load_manifest
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import Checkpoint
 from osa_dagster.records import (
@@ -96,15 +97,22 @@ def publish_batch(
     *,
     domain: str,
 ) -> PublishSummary:
-    """Publish the records that passed every hook: one bulk, idempotent insert."""
+    """Publish the records that passed every hook: one bulk, idempotent insert. Each at the
+    upstream version its batch was planned with: a record published at another is revised
+    in place, under its SRN."""
     verdicts = batch_verdicts(convention, store, partition)
     passed, failed = verdicts.passed, verdicts.failed
+    manifest = load_manifest(store, BatchLayout(convention.name, partition))
+    versions = {ref.source_id: ref.version for ref in manifest.refs}
     result = publish_records(
         db,
         convention=convention.name,
         domain=domain,
         partition=partition,
-        records=[RecordToPublish(r.source_id, r.metadata) for r in passed],
+        records=[
+            RecordToPublish(r.source_id, r.metadata, record_version=versions.get(r.source_id))
+            for r in passed
+        ],
     )
     poison = poison_records(verdicts.checkpoints)
     replace_dead_letters(db, convention=convention.name, partition=partition, poison=poison)
