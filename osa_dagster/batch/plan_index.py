@@ -226,8 +226,11 @@ class PlanIndex:
         self._db.execute("ATTACH DATABASE ? AS listing", (str(seen.finish()),))
         rows = self._db.cursor()
         try:
+            # CROSS JOIN keeps the walk of `planned` in id order outermost (SQLite does not
+            # reorder it): one pass, each id looked up in the listing by its key.
             rows.execute(
-                "SELECT DISTINCT p.source_id FROM planned p JOIN manifests m ON m.id = p.manifest"
+                "SELECT DISTINCT p.source_id FROM planned p CROSS JOIN manifests m"
+                " ON m.id = p.manifest"
                 " WHERE m.source = ? AND NOT EXISTS"
                 " (SELECT 1 FROM listing.seen s WHERE s.source_id = p.source_id)"
                 " AND NOT EXISTS (SELECT 1 FROM planned o JOIN manifests n ON n.id = o.manifest"

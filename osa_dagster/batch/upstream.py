@@ -95,7 +95,8 @@ class UpstreamChanges:
     ) -> None:
         """A chunk of the listing: `unplanned` those of `listed` not planned at their
         version, `planned` the ids planned before at some version."""
-        held = self._held(r.source_id for r in listed) if self.db else {}
+        revised = [r for r in unplanned if r.source_id in planned]
+        held = self._held(r.source_id for r in revised) if self.db else {}
         for ref in unplanned:
             row = held.get(ref.source_id)
             if ref.source_id not in planned:
@@ -106,10 +107,12 @@ class UpstreamChanges:
                 ref.source_id, row.srn if row else None, f"{was}upstream now {_version(ref)}"
             )
             self.report.note("revise", example)
+        # Only withdrawn rows are read for all the listing: few, where published ones are all.
+        withdrawn = self._held((r.source_id for r in listed), status=WITHDRAWN) if self.db else {}
         back = {
             source_id: row
-            for source_id, row in held.items()
-            if row.status == WITHDRAWN and (row.reason or "").startswith(UPSTREAM_REASONS)
+            for source_id, row in withdrawn.items()
+            if (row.reason or "").startswith(UPSTREAM_REASONS)
         }
         if back and self.db is not None and not self.dry_run:
             reinstate_records(
@@ -137,9 +140,7 @@ class UpstreamChanges:
         if self.db is None or not reasons:
             return
         published = {
-            source_id: row
-            for source_id, row in self._held(reasons).items()
-            if row.status == PUBLISHED
+            source_id: row for source_id, row in self._held(reasons, status=PUBLISHED).items()
         }
         if published and not self.dry_run:
             withdraw_records(
@@ -148,22 +149,22 @@ class UpstreamChanges:
         for source_id, row in published.items():
             self.report.note("withdraw", ChangeExample(source_id, row.srn, reasons[source_id]))
 
-    def _held(self, source_ids: Iterable[str]) -> dict[str, _Held]:
-        """The rows of the records database of those of `source_ids` it holds."""
+    def _held(self, source_ids: Iterable[str], *, status: str | None = None) -> dict[str, _Held]:
+        """The rows of the records database of those of `source_ids` it holds (in `status`)."""
         assert self.db is not None
         held: dict[str, _Held] = {}
         with self.db.session() as session:
             for chunk in chunked(source_ids, LOOKUP_CHUNK):
-                rows = session.execute(
-                    select(
-                        Record.source_id,
-                        Record.srn,
-                        Record.status,
-                        Record.status_reason,
-                        Record.record_version,
-                    ).where(Record.convention == self.convention, Record.source_id.in_(chunk))
-                )
-                held.update((row[0], _Held(*row[1:])) for row in rows)
+                query = select(
+                    Record.source_id,
+                    Record.srn,
+                    Record.status,
+                    Record.status_reason,
+                    Record.record_version,
+                ).where(Record.convention == self.convention, Record.source_id.in_(chunk))
+                if status is not None:
+                    query = query.where(Record.status == status)
+                held.update((row[0], _Held(*row[1:])) for row in session.execute(query))
         return held
 
 
