@@ -7,11 +7,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import dagster as dg
 import pytest
 from osa_sdk.types import Obsolete, RecordRef
 from sqlalchemy import select
 
-from osa_dagster.batch.plan import PlanResult, load_manifest, plan_refs
+from osa_dagster.batch.plan import PlanResult, load_manifest, plan_refs, planned_partitions
+from osa_dagster.batch.plan_index import INDEX_FILE
+from osa_dagster.definitions import build_definitions
+from osa_dagster.defs.assets import batch_partitions_name
+from osa_dagster.defs.jobs import CHANGES_METADATA, plan_job_name
 from osa_dagster.records import (
     Record,
     RecordsDatabase,
@@ -22,7 +27,8 @@ from osa_dagster.records import (
 )
 from osa_dagster.settings import Settings
 from osa_dagster.storage import BatchLayout, FileSystemStore, artifact_store
-from tests.fixtures.toy_convention import CONVENTIONS
+from osa_dagster.storage.layout import plan_index_prefix
+from tests.fixtures.toy_convention import CONVENTIONS, TOY_IDS
 
 TOY = CONVENTIONS[0]
 
@@ -174,3 +180,26 @@ def test_only_a_whole_listing_of_the_same_source_withdraws_what_it_no_longer_lis
     elsewhere = TOY.model_copy(update={"location": "/another/folder"})
     plan_refs(elsewhere, store, [ref("z")], db=db, incomplete=whole)
     assert {s: row[1] for s, row in rows(db).items()} == {"a": "published", "b": "published"}
+
+
+def test_the_plan_jobs_dry_run_registers_and_writes_nothing(
+    toy_conventions: None, tmp_path: Path, store: FileSystemStore
+) -> None:
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
+        result = (
+            build_definitions()
+            .resolve_job_def(plan_job_name(TOY))
+            .execute_in_process(
+                run_config={"ops": {f"{TOY.name}_plan_batches": {"config": {"dry_run": True}}}},
+                instance=instance,
+            )
+        )
+        assert result.success
+        assert instance.get_dynamic_partitions(batch_partitions_name(TOY)) == []
+    [output] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    report = output.event_specific_data.metadata[CHANGES_METADATA].data
+    assert report["dry_run"] is True
+    assert report["changes"]["add"]["count"] == len(TOY_IDS)
+    assert planned_partitions(store, TOY.name) == []
+    assert not store.exists(f"{plan_index_prefix(TOY.name)}/{INDEX_FILE}")
