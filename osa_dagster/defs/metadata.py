@@ -230,7 +230,18 @@ def publish_metadata(summary: PublishSummary, total_published: int) -> dict[str,
         "not_published": len(summary.rejections),
         "convention_total_published": total_published,
         "dagster/row_count": len(result.srns),
+        # Always present, so that a curator can chart re-validations over partitions.
+        "withdrawn": len(summary.withdrawn),
+        "reinstated": len(summary.reinstated),
+        "hook_versions": dg.MetadataValue.json(summary.hook_versions),
     }
+    changed = [("withdrawn", i, why) for i, why in sorted(summary.withdrawn.items())] + [
+        ("reinstated", i, why) for i, why in sorted(summary.reinstated.items())
+    ]
+    if changed:
+        metadata["status_changes"] = markdown_table(
+            ("change", "record", "why"), changed[:PREVIEW_ROWS]
+        )
     if summary.not_published:
         metadata["why_not_published"] = dg.MetadataValue.json(dict(summary.not_published))
         metadata["not_published_records"] = markdown_table(
