@@ -52,7 +52,13 @@ OBSOLETE_UPSTREAM = "obsolete upstream"
 UPSTREAM_REASONS = (REMOVED_UPSTREAM, OBSOLETE_UPSTREAM)
 REINSTATED_REASON = "listed again upstream"
 
-__all__ = ["ChangeReport", "UpstreamChanges", "obsolete_reason", "source_label"]
+__all__ = [
+    "ChangeReport",
+    "UpstreamChanges",
+    "obsolete_reason",
+    "source_label",
+    "withdrawn_upstream",
+]
 
 
 def source_label(source: SourceChoice) -> str:
@@ -152,29 +158,8 @@ class UpstreamChanges:
             self.report.note("withdraw", ChangeExample(source_id, row.srn, reasons[source_id]))
 
     def _held(self, source_ids: Iterable[str], *, status: str | None = None) -> dict[str, _Held]:
-        """The rows of the records database of those of `source_ids` it holds (in `status`).
-        The ids go as one JSON parameter: binding a thousand took SQLAlchemy longer than
-        the look-up took the database."""
         assert self.db is not None
-        held: dict[str, _Held] = {}
-        with self.db.session() as session:
-            query = text(
-                "SELECT source_id, srn, status, status_reason, record_version FROM records"
-                " WHERE convention = :convention AND "
-                + one_of_json(session.get_bind().dialect.name, "source_id", "source_ids")
-                + ("" if status is None else " AND status = :status")
-            )
-            for chunk in chunked(source_ids, LOOKUP_CHUNK):
-                rows = session.execute(
-                    query,
-                    {
-                        "convention": self.convention,
-                        "source_ids": json.dumps(chunk),
-                        "status": status,
-                    },
-                )
-                held.update((row[0], _Held(*row[1:])) for row in rows)
-        return held
+        return _held(self.db, self.convention, source_ids, status=status)
 
 
 class _Held(NamedTuple):
@@ -182,6 +167,38 @@ class _Held(NamedTuple):
     status: str
     reason: str | None
     record_version: str | None
+
+
+def _held(
+    db: RecordsDatabase, convention: str, source_ids: Iterable[str], *, status: str | None = None
+) -> dict[str, _Held]:
+    """The rows of the records database of those of `source_ids` it holds (in `status`).
+    The ids go as one JSON parameter: binding a thousand took SQLAlchemy longer than the
+    look-up took the database."""
+    held: dict[str, _Held] = {}
+    with db.session() as session:
+        query = text(
+            "SELECT source_id, srn, status, status_reason, record_version FROM records"
+            " WHERE convention = :convention AND "
+            + one_of_json(session.get_bind().dialect.name, "source_id", "source_ids")
+            + ("" if status is None else " AND status = :status")
+        )
+        for chunk in chunked(source_ids, LOOKUP_CHUNK):
+            rows = session.execute(
+                query, {"convention": convention, "source_ids": json.dumps(chunk), "status": status}
+            )
+            held.update((row[0], _Held(*row[1:])) for row in rows)
+    return held
+
+
+def withdrawn_upstream(db: RecordsDatabase, convention: str, source_ids: Iterable[str]) -> set[str]:
+    """Those of `source_ids` withdrawn because upstream removed them or made them obsolete:
+    passing the hooks again does not reinstate them, being listed upstream again does."""
+    return {
+        source_id
+        for source_id, row in _held(db, convention, source_ids, status=WITHDRAWN).items()
+        if (row.reason or "").startswith(UPSTREAM_REASONS)
+    }
 
 
 def _version(ref: RecordRef) -> str:

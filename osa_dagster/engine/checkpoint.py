@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from osa_dagster.atomic_files import JsonModelFile
 from osa_dagster.engine.runners.base import AttemptMarker, LimitMode
+from osa_dagster.engine.spec import UNRECORDED_VERSION
 
 
 class Anomaly(StrEnum):
@@ -113,6 +114,8 @@ class InFlightAttempt(BaseModel):
 class Checkpoint(BaseModel):
     hook: str
     batch_digest: str
+    hook_version: str = UNRECORDED_VERSION
+    """The version of the hook that judged these outcomes (see spec.hook_version)."""
     outcomes: dict[str, RecordOutcome] = Field(default_factory=dict)
     attempts: list[AttemptRecord] = Field(default_factory=list)
     next_memory_mb: int

@@ -137,6 +137,42 @@ def reinstate_records(
     )
 
 
+def update_provenance(
+    db: RecordsDatabase,
+    convention: str,
+    partition: str,
+    provenance: Mapping[str, dict[str, Any]],
+) -> int:
+    """Give the records this partition holds (by source id) their provenance where it
+    changed (a hook judged them again with another version); return how many changed."""
+    if not provenance:
+        return 0
+    with db.session() as session, session.begin():
+        dialect = session.get_bind().dialect.name
+        stored = session.execute(
+            select(Record.source_id, Record.srn, Record.provenance).where(
+                Record.convention == convention,
+                Record.partition == partition,
+                text(one_of_json(dialect, "records.source_id", "source_ids")),
+            ),
+            {"source_ids": json.dumps(list(provenance))},
+        ).all()
+        changed = [
+            {"b_srn": srn, "b_provenance": provenance[source_id]}
+            for source_id, srn, held in stored
+            if held != provenance[source_id]
+        ]
+        if changed:
+            records = RECORDS.c
+            session.execute(
+                update(RECORDS)
+                .where(records.srn == bindparam("b_srn"))
+                .values({records.provenance: bindparam("b_provenance")}),
+                changed,
+            )
+    return len(changed)
+
+
 CHANGE_KINDS = ("add", "revise", "withdraw", "reinstate")
 
 

@@ -106,6 +106,19 @@ def published_in_partition(db: RecordsDatabase, convention: str, partition: str)
         return {source_id: srn for source_id, srn in rows}
 
 
+def records_of_partition_by_status(
+    db: RecordsDatabase, convention: str, partition: str
+) -> dict[str, tuple[str, str]]:
+    """source id -> (SRN, status) of every record this partition holds, withdrawn too."""
+    with db.session() as session:
+        rows = session.execute(
+            select(Record.source_id, Record.srn, Record.status).where(
+                Record.convention == convention, Record.partition == partition
+            )
+        )
+        return {source_id: (srn, status) for source_id, srn, status in rows}
+
+
 def publication_counts(
     db: RecordsDatabase, convention: str, source_ids: list[str]
 ) -> dict[str, int]:

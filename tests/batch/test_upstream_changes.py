@@ -9,11 +9,12 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from osa_sdk.types import Obsolete, RecordRef
+from osa_sdk.types import IngesterRecord, Obsolete, RecordRef
 from sqlalchemy import select
 
 from osa_dagster.batch.plan import PlanResult, load_manifest, plan_refs, planned_partitions
 from osa_dagster.batch.plan_index import INDEX_FILE
+from osa_dagster.batch.publish import BatchVerdicts, plan_revalidation
 from osa_dagster.definitions import build_definitions
 from osa_dagster.defs.assets import batch_partitions_name
 from osa_dagster.defs.jobs import CHANGES_METADATA, plan_job_name
@@ -25,6 +26,7 @@ from osa_dagster.records import (
     database_url,
     publish_records,
 )
+from osa_dagster.records.lifecycle import withdraw_records
 from osa_dagster.settings import Settings
 from osa_dagster.storage import BatchLayout, FileSystemStore, artifact_store
 from osa_dagster.storage.layout import plan_index_prefix
@@ -203,3 +205,19 @@ def test_the_plan_jobs_dry_run_registers_and_writes_nothing(
     assert report["changes"]["add"]["count"] == len(TOY_IDS)
     assert planned_partitions(store, TOY.name) == []
     assert not store.exists(f"{plan_index_prefix(TOY.name)}/{INDEX_FILE}")
+
+
+def test_passing_the_hooks_again_does_not_reinstate_what_upstream_removed(
+    store: FileSystemStore, db: RecordsDatabase
+) -> None:
+    first = plan_refs(TOY, store, [ref("a"), ref("b"), ref("c")], db=db, incomplete=whole)
+    publish_planned(db, store, first)
+    [partition] = first.new_partitions
+    plan_refs(TOY, store, [ref("a"), ref("c")], db=db, incomplete=whole)  # b gone upstream
+    withdraw_records(db, TOY.name, {"c": "rejected by check_size 1: too big"})
+
+    every_hook_passes = BatchVerdicts(
+        passed=[IngesterRecord(source_id=i) for i in ("a", "b", "c")], failed=[], checkpoints={}
+    )
+    plan = plan_revalidation(TOY, db, partition, every_hook_passes)
+    assert set(plan.reinstate) == {"c"}

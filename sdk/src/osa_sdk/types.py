@@ -62,6 +62,9 @@ class IngesterFileRef(BaseModel):
     name: str = Field(min_length=1)
     path: str = Field(min_length=1)
     size_mb: float = Field(ge=0)
+    sha256: str | None = None
+    """The file's SHA-256 (hex), from the bytes on disk after fetch; None in raw batches
+    fetched before digests were recorded."""
 
 
 class IngesterRecord(BaseModel):
