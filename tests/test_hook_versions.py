@@ -195,6 +195,18 @@ def test_a_stricter_validator_withdraws_exactly_what_it_rejects_and_its_removal_
     assert f"validate_structure {new_version}: judged 0 of {len(partitions)}" in shown
     assert all(f"{p}  judged by {old_version}" in shown for p in partitions)
 
+    # The sensor an operator may turn on requests runs of exactly those batches.
+    sensor = strict.resolve_sensor_def(f"{NAME}_stale_batches")
+    resources = {"artifact_store": Resources.of(Settings.from_env()).artifact_store}
+    requested = sensor(
+        dg.build_sensor_context(instance=instance, definitions=strict, resources=resources)
+    )
+    assert isinstance(requested, dg.SensorResult) and requested.run_requests
+    assert all(
+        r.run_key and r.run_key.startswith("revalidate:") and new_version in r.run_key
+        for r in requested.run_requests
+    )
+
     # The dry run predicts the withdrawals, and changes no record.
     predicted = dry_run(partitions)
     assert predicted["withdraw"]["count"] == len(too_small)
@@ -234,6 +246,10 @@ def test_a_stricter_validator_withdraws_exactly_what_it_rejects_and_its_removal_
     assert {s for s, _ in stale_status(instance, strict, VALIDATE, partitions).values()} == {
         StaleStatus.FRESH
     }
+    skipped = sensor(
+        dg.build_sensor_context(instance=instance, definitions=strict, resources=resources)
+    )
+    assert isinstance(skipped, dg.SkipReason)
     # Provenance: every hook version that judged the record and a digest of each file.
     features_version = hook_version(convention.hook("extract_features"))
     for source_id in publishable - too_small:

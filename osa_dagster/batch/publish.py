@@ -33,7 +33,7 @@ from osa_dagster.records.lifecycle import (
     withdraw_records,
 )
 from osa_dagster.records.models import PUBLISHED, WITHDRAWN
-from osa_dagster.records.queries import records_of_partition_by_status
+from osa_dagster.records.queries import HeldRecord, records_of_partition_by_status
 from osa_dagster.storage.layout import BatchLayout, Manifest
 from osa_dagster.storage.store import ArtifactStore
 
@@ -128,25 +128,33 @@ class Revalidation:
 
 
 def _judged_by(checkpoints: dict[str, Checkpoint]) -> str:
-    return ", ".join(f"{hook} {c.hook_version}" for hook, c in checkpoints.items())
+    return ", ".join(f"{hook} {c.version_name}" for hook, c in checkpoints.items())
 
 
 def plan_revalidation(
     convention: Convention, db: RecordsDatabase, partition: str, verdicts: BatchVerdicts
 ) -> Revalidation:
-    """Compare the batch's verdicts with what the archive holds of it. Only a rejection
-    withdraws: a record that errored (out of memory, timed out) was not judged, and stays
-    as it is."""
+    """Compare the batch's verdicts with what the archive holds of it.
+
+    A published record is withdrawn when a hook rejects it with another version than the
+    one its provenance says passed it (or an unknown one: published before versions). A
+    rejected record published by the version that now rejects it was never passed by it:
+    the archive is damaged, which the batch's checks report, and nothing is withdrawn.
+    Only a rejection withdraws: a record that errored (out of memory, timed out) was not
+    judged, and stays as it is."""
     held = records_of_partition_by_status(db, convention.name, partition)
     passed = [r.source_id for r in verdicts.passed]
     elsewhere = find_srns(db, convention.name, [i for i in passed if i not in held])
     judged_by = _judged_by(verdicts.checkpoints)
-    withdraw = {
-        v.source_id: f"rejected by {v.hook} {verdicts.checkpoints[v.hook].hook_version}: {v.reason}"
-        for v in verdicts.failed
-        if v.status is OutcomeStatus.REJECTED and held.get(v.source_id, ("", ""))[1] == PUBLISHED
-    }
-    withdrawn = [i for i in passed if held.get(i, ("", ""))[1] == WITHDRAWN]
+    withdraw = {}
+    for verdict in verdicts.failed:
+        record = held.get(verdict.source_id)
+        if verdict.status is not OutcomeStatus.REJECTED or record is None:
+            continue
+        version = verdicts.checkpoints[verdict.hook].version_name
+        if record.status == PUBLISHED and _passed_by(record, verdict.hook) != version:
+            withdraw[verdict.source_id] = f"rejected by {verdict.hook} {version}: {verdict.reason}"
+    withdrawn = [i for i in passed if (record := held.get(i)) and record.status == WITHDRAWN]
     # A record upstream removed stays withdrawn, however well it passes: planning reinstates
     # it when upstream lists it again.
     gone = withdrawn_upstream(db, convention.name, withdrawn)
@@ -155,8 +163,14 @@ def plan_revalidation(
         add=[i for i in passed if i not in held and i not in elsewhere],
         withdraw=withdraw,
         reinstate=reinstate,
-        srns={**elsewhere, **{i: srn for i, (srn, _) in held.items()}},
+        srns={**elsewhere, **{i: record.srn for i, record in held.items()}},
     )
+
+
+def _passed_by(record: HeldRecord, hook: str) -> str | None:
+    """The version of the hook that judged the published record, if its provenance says."""
+    judged = (record.provenance or {}).get("hooks", {}).get(hook)
+    return judged.get("version") if isinstance(judged, dict) else None
 
 
 def revalidation_report(
@@ -192,7 +206,7 @@ def record_provenance(
     for hook_name, checkpoint in checkpoints.items():
         outcome = checkpoint.outcomes.get(record.source_id)
         hooks[hook_name] = {
-            "version": checkpoint.hook_version,
+            "version": checkpoint.version_name,
             "outcome": outcome.status.value if outcome else None,
             "attempt": outcome.attempt if outcome else None,
             "memory_limit_mb": outcome.memory_limit_mb if outcome else None,
@@ -278,7 +292,7 @@ def publish_batch(
         dead_letters=poison,
         withdrawn=plan.withdraw,
         reinstated=plan.reinstate,
-        hook_versions={hook: c.hook_version for hook, c in verdicts.checkpoints.items()},
+        hook_versions={hook: c.version_name for hook, c in verdicts.checkpoints.items()},
     )
 
 

@@ -21,7 +21,8 @@ from osa_dagster.batch.shards import shard_checkpoints
 from osa_dagster.batch.stores import UnreadableState
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import HookCapacity, Runner
-from osa_dagster.engine.spec import UNRECORDED_VERSION, hook_version
+from osa_dagster.engine.checkpoint import UNRECORDED_VERSION_NAME
+from osa_dagster.engine.spec import hook_version
 from osa_dagster.records import RecordsDatabase
 from osa_dagster.records.lifecycle import ChangeReport
 from osa_dagster.storage.layout import BatchLayout
@@ -41,14 +42,14 @@ def judged_completely(store: ArtifactStore, layout: BatchLayout, hook: str, vers
 
 def versions_in_store(store: ArtifactStore, layout: BatchLayout, hook: str) -> set[str]:
     """Every version of the hook that has outcomes of the batch in the store, finished or
-    not; outcomes from before versions count as UNRECORDED_VERSION."""
+    not; outcomes from before versions count as version "unrecorded"."""
     found: set[str] = set()
     prefix = layout.hook(hook)
     for key in store.list_keys(prefix):
         if not key.endswith("checkpoint.json"):
             continue
         matched = _VERSION_FOLDER.search(key.removeprefix(prefix))
-        found.add(matched.group(1) if matched else UNRECORDED_VERSION)
+        found.add(matched.group(1) if matched else UNRECORDED_VERSION_NAME)
     return found
 
 

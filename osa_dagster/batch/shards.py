@@ -88,14 +88,16 @@ def split_records(records: list[HookRecord], count: int) -> list[list[str]]:
 
 
 def load_shard_plan(
-    store: ArtifactStore, layout: BatchLayout, hook: str, version: str
+    store: ArtifactStore, layout: BatchLayout, hook: str, version: str | None
 ) -> ShardPlan | None:
     """The hook version's frozen plan, or None when it has not run on the batch since
     batches were split (there is at most the one checkpoint of the whole batch)."""
     return StoreShardPlanIO(store, layout.shard_plan(hook, version)).load()
 
 
-def hook_state_key(store: ArtifactStore, layout: BatchLayout, hook: str, version: str) -> str:
+def hook_state_key(
+    store: ArtifactStore, layout: BatchLayout, hook: str, version: str | None
+) -> str:
     """Where the hook version's state over the batch is: its checkpoint, or the folder of
     its shards' checkpoints when the batch is split."""
     plan = load_shard_plan(store, layout, hook, version)
@@ -105,7 +107,7 @@ def hook_state_key(store: ArtifactStore, layout: BatchLayout, hook: str, version
 
 
 def shard_checkpoints(
-    store: ArtifactStore, layout: BatchLayout, hook: str, version: str
+    store: ArtifactStore, layout: BatchLayout, hook: str, version: str | None
 ) -> tuple[ShardPlan | None, list[Checkpoint | None]]:
     """The hook's plan of the batch and each shard's checkpoint of this version (None: not
     begun); raises UnreadableState when either cannot be read."""
@@ -120,7 +122,7 @@ def frozen_shard_plan(
     store: ArtifactStore,
     layout: BatchLayout,
     hook: str,
-    version: str,
+    version: str | None,
     records: list[HookRecord],
     *,
     shard_size: int | None,

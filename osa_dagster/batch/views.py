@@ -47,7 +47,8 @@ class HookOutcomes:
     store: ArtifactStore
     layout: BatchLayout
     hook: str
-    version: str
+    version: str | None
+    """None: the outcomes judged before hooks had versions."""
 
     @property
     def location(self) -> str:
@@ -58,7 +59,8 @@ class HookOutcomes:
         found = [checkpoint for checkpoint in shards if checkpoint is not None]
         if not found:
             raise FileNotFoundError(
-                f"hook {self.hook!r} version {self.version} has no checkpoint at {self.location}"
+                f"hook {self.hook!r} version {self.version or 'unrecorded'} has no checkpoint "
+                f"at {self.location}"
             )
         return merge_shards(found, plan.batch_digest if plan else found[0].batch_digest)
 

@@ -15,7 +15,6 @@ import dagster as dg
 from osa_dagster.batch.views import HookOutcomes, PublishedRecords, RawRecords
 from osa_dagster.defs.metadata import HOOK_VERSION_METADATA
 from osa_dagster.defs.resources import ArtifactStoreResource, RecordsDatabaseResource
-from osa_dagster.engine.spec import UNRECORDED_VERSION
 from osa_dagster.storage.layout import BatchLayout
 
 IO_MANAGER_KEY = "batch_views"
@@ -46,10 +45,13 @@ class BatchViewsIOManager(dg.ConfigurableIOManager):
         if kind == "hook_outcomes" and len(rest) == 1:
             # The version the definitions run now, which the hook's asset carries.
             upstream = context.upstream_output
-            version = (upstream.definition_metadata if upstream else {}).get(
-                HOOK_VERSION_METADATA, UNRECORDED_VERSION
+            version = (upstream.definition_metadata if upstream else {}).get(HOOK_VERSION_METADATA)
+            return HookOutcomes(
+                self.artifact_store.get(),
+                layout,
+                rest[0],
+                None if version is None else str(version),
             )
-            return HookOutcomes(self.artifact_store.get(), layout, rest[0], str(version))
         if kind in ("published_records", "features"):
             return PublishedRecords(self.records_db.get(), convention, partition)
         raise ValueError(f"{context.asset_key.to_user_string()} is not an asset of a batch")

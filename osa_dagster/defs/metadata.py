@@ -182,7 +182,7 @@ def hook_metadata(checkpoint: Checkpoint, run_id: str) -> dict[str, Any]:
     )[:PREVIEW_ROWS]
     shown.sort(key=lambda a: (a.shard or 0, a.number))
     metadata: dict[str, Any] = {
-        HOOK_VERSION_METADATA: checkpoint.hook_version,
+        HOOK_VERSION_METADATA: checkpoint.version_name,
         "records_in": len(checkpoint.outcomes),
         "passed": counts[OutcomeStatus.PASSED],
         "rejected": counts[OutcomeStatus.REJECTED],

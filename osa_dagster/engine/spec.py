@@ -59,8 +59,6 @@ class MemoryPolicy(BaseModel):
 
 # A version names folders of the store: letters, digits, '.', '_' and '-' only.
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-UNRECORDED_VERSION = "unrecorded"
-"""The version of outcomes judged before hooks had versions: unknown, so never current."""
 _SDK_RUNNER = ("-m", "osa_sdk", "hook")
 
 
@@ -115,9 +113,6 @@ def _module_source(target: str) -> bytes:
     return Path(found.origin).read_bytes()
 
 
-_derived: dict[str, str] = {}
-
-
 def hook_version(spec: HookSpec) -> str:
     """The version of what the hook judges with: `spec.version` if declared, otherwise a
     digest of what changes its results. For an SDK hook, its function's name, the source
@@ -134,11 +129,8 @@ def hook_version(spec: HookSpec) -> str:
         judged["target"] = target
     else:
         judged.update(command=list(spec.command), image=spec.image)
-    described = json.dumps(judged, sort_keys=True, default=str)
-    if described not in _derived:
-        digest = hashlib.sha256(described.encode())
-        if target is not None:
-            digest.update(_module_source(target))
-        prefix = "src" if target is not None else "cmd"
-        _derived[described] = f"{prefix}-{digest.hexdigest()[:12]}"
-    return _derived[described]
+    digest = hashlib.sha256(json.dumps(judged, sort_keys=True, default=str).encode())
+    if target is not None:
+        digest.update(_module_source(target))
+    prefix = "src" if target is not None else "cmd"
+    return f"{prefix}-{digest.hexdigest()[:12]}"

@@ -106,17 +106,29 @@ def published_in_partition(db: RecordsDatabase, convention: str, partition: str)
         return {source_id: srn for source_id, srn in rows}
 
 
+@dataclass(frozen=True)
+class HeldRecord:
+    """A record as a partition holds it: its SRN, status and provenance."""
+
+    srn: str
+    status: str
+    provenance: dict[str, Any] | None
+
+
 def records_of_partition_by_status(
     db: RecordsDatabase, convention: str, partition: str
-) -> dict[str, tuple[str, str]]:
-    """source id -> (SRN, status) of every record this partition holds, withdrawn too."""
+) -> dict[str, HeldRecord]:
+    """source id -> every record this partition holds, withdrawn too."""
     with db.session() as session:
         rows = session.execute(
-            select(Record.source_id, Record.srn, Record.status).where(
+            select(Record.source_id, Record.srn, Record.status, Record.provenance).where(
                 Record.convention == convention, Record.partition == partition
             )
         )
-        return {source_id: (srn, status) for source_id, srn, status in rows}
+        return {
+            source_id: HeldRecord(srn, status, provenance)
+            for source_id, srn, status, provenance in rows
+        }
 
 
 def publication_counts(

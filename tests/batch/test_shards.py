@@ -35,7 +35,7 @@ from osa_dagster.batch.shards import (
 from osa_dagster.batch.stores import StoreCheckpointIO
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import Checkpoint, HookCapacity, LocalRunner
-from osa_dagster.engine.spec import UNRECORDED_VERSION, HookSpec, MemoryPolicy, hook_version
+from osa_dagster.engine.spec import HookSpec, MemoryPolicy, hook_version
 from osa_dagster.settings import Settings
 from osa_dagster.storage.layout import BatchLayout
 from osa_dagster.storage.store import FileSystemStore
@@ -249,7 +249,7 @@ def test_a_batch_begun_before_batches_were_split_goes_on_as_one_shard(tmp_path: 
 
 def test_an_unsplit_batch_keeps_the_hook_paths_of_before(tmp_path: Path):
     layout = BatchLayout("c", "p")
-    old = UNRECORDED_VERSION  # judged before hooks had versions
+    old = None  # judged before hooks had versions
     assert (
         layout.checkpoint(HOOK, old)
         == layout.checkpoint(HOOK, old, None)
