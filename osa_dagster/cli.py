@@ -29,8 +29,10 @@ if TYPE_CHECKING:
     import dagster as dg
     from osa_sdk.types import RecordRef
 
+    from osa_dagster.batch.plan import PlanResult
     from osa_dagster.conventions.base import Convention
     from osa_dagster.records import DeadLetterRow, RecordsDatabase
+    from osa_dagster.records.lifecycle import ChangeReport
     from osa_dagster.settings import Settings
 
 # Small batches so that the demo shows several partitions; the pdb convention's own
@@ -174,6 +176,42 @@ def plan(
             already_planned=metadata["already_planned"].value,
             duplicates_dropped=metadata["duplicate_refs_dropped"].value,
         ),
+    )
+
+
+def plan_dry_run(
+    configured: Settings,
+    convention_name: str,
+    limit: int | None,
+    since: str | None,
+    *,
+    source: str | None = None,
+) -> PlanResult:
+    """What `osa plan` would change, said without changing anything: planned here, without
+    a run, on a copy of the plan index, looking at the records database read only."""
+    from datetime import datetime
+
+    from osa_dagster.batch.plan import plan_ingest
+    from osa_dagster.defs.jobs import PlanConfig
+    from osa_dagster.records import database_to_look_at, database_url
+    from osa_dagster.storage import artifact_store
+
+    config = PlanConfig.model_validate(
+        {k: v for k, v in {"limit": limit, "since": since}.items() if v is not None}
+    )
+    convention = _convention(configured, convention_name)
+    if source is not None:
+        try:
+            convention = convention.choose_source(source)
+        except ValueError as error:
+            raise CommandError(f"--source: {error}") from None
+    return plan_ingest(
+        convention,
+        artifact_store(configured),
+        since=datetime.fromisoformat(config.since) if config.since else None,
+        limit=config.limit,
+        db=database_to_look_at(database_url(configured)),
+        dry_run=True,
     )
 
 
@@ -497,6 +535,8 @@ def list_records(
     limit: int,
     with_features: bool,
     as_json: bool,
+    *,
+    with_provenance: bool = False,
 ) -> None:
     from osa_dagster.records.queries import count_published, published_records
 
@@ -527,7 +567,18 @@ def list_records(
         _print_listing("records", listed, truncated=truncated)
     else:
         for record in records:
-            print(f"{record.srn}  {record.convention}  {record.source_id}  {record.partition}")
+            withdrawn = (
+                ""
+                if record.status == "published"
+                else f"  {record.status} {record.status_changed_at:%Y-%m-%d %H:%M}: "
+                f"{record.status_reason}"
+            )
+            print(
+                f"{record.srn}  {record.convention}  {record.source_id}  {record.partition}"
+                f"{withdrawn}"
+            )
+            if with_provenance and record.provenance:
+                print("\n".join(_describe_provenance(record.provenance)))
             for hook, index, row in record.features:
                 print(f"    {hook}[{index}]: {json.dumps(row, sort_keys=True)}")
     if truncated:
@@ -539,6 +590,81 @@ def list_records(
             f"osa records: showing the first {limit}{of_total} records; --limit N shows more",
             file=sys.stderr,
         )
+
+
+def _describe_provenance(provenance: dict[str, Any]) -> list[str]:
+    """A record's provenance in a few lines: source, files, and each hook's judgement."""
+    source = provenance.get("source", {})
+    lines = [
+        f"    from {source.get('name')} {source.get('location') or ''} upstream version "
+        f"{source.get('upstream_version') or '-'}, batch {provenance.get('batch')}"
+    ]
+    for file in provenance.get("files", []):
+        lines.append(f"    file {file['name']} sha256:{file.get('sha256') or 'not recorded'}")
+    for hook, judged in provenance.get("hooks", {}).items():
+        lines.append(
+            f"    {hook} {judged['version']}: {judged['outcome']} (attempt {judged['attempt']}, "
+            f"{judged['memory_limit_mb']} MB)"
+        )
+    return lines
+
+
+def stale_batches(configured: Settings, convention_name: str) -> list[str]:
+    """The planned batches that some hook judged only with another version than its own."""
+    from osa_dagster.batch.revalidate import stale_partitions
+    from osa_dagster.storage import artifact_store
+
+    convention = _convention(configured, convention_name)
+    return stale_partitions(
+        convention, artifact_store(configured), _partitions(configured, convention.name)
+    )
+
+
+def hook_versions(configured: Settings, convention_name: str, as_json: bool) -> None:
+    """Each hook's current version and the batches it has (not) judged."""
+    from osa_dagster.batch.revalidate import hook_judgements
+    from osa_dagster.storage import artifact_store
+
+    convention = _convention(configured, convention_name)
+    partitions = _partitions(configured, convention.name)
+    judgements = hook_judgements(convention, artifact_store(configured), partitions)
+    if as_json:
+        _print_listing("hooks", [asdict(j) for j in judgements], convention=convention.name)
+        return
+    for judged in judgements:
+        print(
+            f"{judged.hook} {judged.version}: judged {len(judged.judged)} of "
+            f"{len(partitions)} batches; not judged {len(judged.not_judged)} "
+            f"(judged by other versions); never run {len(judged.never_run)}"
+        )
+        for partition, versions in judged.not_judged.items():
+            print(f"    {partition}  judged by {', '.join(versions)}")
+    if any(j.not_judged for j in judgements):
+        print(
+            f"\nWhat re-judging them would change: {_osa_command()} materialize "
+            f"{convention.name} --stale --dry-run; to re-judge them: {_osa_command()} "
+            f"materialize {convention.name} --stale"
+        )
+
+
+def dry_run(configured: Settings, convention_name: str, partitions: Sequence[str]) -> ChangeReport:
+    """What materialising these batches would change in the archive."""
+    from osa_dagster.batch.revalidate import revalidation_dry_run
+    from osa_dagster.defs.resources import Resources
+    from osa_dagster.records import RecordsDatabase, database_url
+    from osa_dagster.storage import artifact_store
+
+    convention = _convention(configured, convention_name)
+    _check_before_ingest(configured, convention.name, partitions)
+    runner = Resources.of(configured).hook_runner
+    return revalidation_dry_run(
+        convention,
+        artifact_store(configured),
+        RecordsDatabase(database_url(configured)),
+        runner.get(),
+        partitions,
+        capacity=runner.capacity(),
+    )
 
 
 def retry_overrides(
@@ -715,6 +841,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan_cmd.add_argument("--json", action="store_true", help="print the batches as JSON")
     plan_cmd.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what this plan would add, revise, withdraw and reinstate; change nothing",
+    )
+    plan_cmd.add_argument(
         "--source",
         help="where to read, for this plan: a source's name, a folder or file, a URL, or "
         "NAME:LOCATION (default: OSA_SOURCES, else the convention's own)",
@@ -728,6 +859,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only the batches holding dead letters (none: nothing runs)",
     )
+    run_cmd.add_argument(
+        "--stale",
+        action="store_true",
+        help="only the batches a changed hook has not judged (see `osa versions`)",
+    )
+    run_cmd.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="judge with the hooks' current versions and say what would be added, withdrawn "
+        "or reinstated, changing no record",
+    )
+    run_cmd.add_argument("--json", action="store_true", help="print the dry run as JSON")
+
+    versions_cmd = command(
+        "versions", "each hook's current version, and the batches it has not judged"
+    )
+    versions_cmd.add_argument("convention")
+    versions_cmd.add_argument("--json", action="store_true", help="print them as JSON")
 
     summary_cmd = command("summary", "counts of a convention's ingest")
     summary_cmd.add_argument("convention")
@@ -742,6 +891,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="list at most this many, saying so when there are more (default: %(default)s)",
     )
     records_cmd.add_argument("--features", action="store_true", help="show feature rows too")
+    records_cmd.add_argument(
+        "--provenance",
+        action="store_true",
+        help="show where each record came from and which hook versions judged it",
+    )
     records_cmd.add_argument("--json", action="store_true", help="print the records as JSON")
 
     rejected_cmd = command(
@@ -802,6 +956,23 @@ def run_command(args: argparse.Namespace) -> int:
         return database_schema(configured, args.action)
     if args.command == "demo":
         return demo(configured, fresh=not args.keep, debug=args.debug)
+    if args.command == "plan" and args.dry_run:
+        if args.batch_size is not None or args.replan:
+            raise CommandError(
+                "--dry-run says what would change; it takes no --batch-size or --replan"
+            )
+        result = plan_dry_run(
+            configured, args.convention, args.limit, args.since, source=args.source
+        )
+        assert result.changes is not None
+        if args.json:
+            _print_json({**result.changes.as_json(), "gone_check": result.gone_check})
+        else:
+            print(result.changes.format())
+            print(result.gone_check)
+        for skipped in result.skipped:
+            print(f"skipped {skipped.where}: {skipped.reason}", file=sys.stderr)
+        return 0
     if args.command == "plan":
         planned = plan(
             configured,
@@ -821,15 +992,29 @@ def run_command(args: argparse.Namespace) -> int:
             print(_plan_totals(planned.totals), file=sys.stderr)
         return 0
     if args.command == "materialize":
+        if sum(map(bool, (args.partitions, args.dead_letters, args.stale))) > 1:
+            raise CommandError("give one of partitions, --dead-letters or --stale")
+        if args.json and not args.dry_run:
+            raise CommandError("--json is for --dry-run")
         if args.dead_letters:
-            if args.partitions:
-                raise CommandError("give either partitions or --dead-letters, not both")
             keys = dead_letter_partitions(configured, _convention(configured, args.convention).name)
             if not keys:
                 print(f"{args.convention} has no dead letters: nothing to run")
                 return 0
+        elif args.stale:
+            keys = stale_batches(configured, args.convention)
+            if not keys:
+                print(f"every hook of {args.convention} has judged every batch: nothing to run")
+                return 0
         else:
             keys = args.partitions or _partitions(configured, args.convention)
+        if args.dry_run:
+            report = dry_run(configured, args.convention, keys)
+            if args.json:
+                _print_json(report.as_json())
+            else:
+                print(report.format())
+            return 0
         return (
             EXIT_FAILED if materialize(configured, args.convention, keys, debug=args.debug) else 0
         )
@@ -854,8 +1039,16 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "dead-letters":
         dead_letters(configured, args.convention, args.partitions, args.json)
         return 0
+    if args.command == "versions":
+        hook_versions(configured, args.convention, args.json)
+        return 0
     list_records(
-        configured, args.convention, _positive(args.limit, "--limit"), args.features, args.json
+        configured,
+        args.convention,
+        _positive(args.limit, "--limit"),
+        args.features,
+        args.json,
+        with_provenance=args.provenance,
     )
     return 0
 

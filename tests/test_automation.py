@@ -57,7 +57,7 @@ def tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, cursor: str 
     context = dg.build_sensor_context(
         instance=instance,
         cursor=cursor,
-        resources={"artifact_store": default_resources()["artifact_store"]},
+        resources={key: default_resources()[key] for key in ("artifact_store", "records_db")},
     )
     return sensor(context)
 

@@ -11,6 +11,7 @@ import dagster as dg
 import pytest
 from sqlalchemy import func, select
 
+from osa_dagster.batch.hooks import checkpoint_key
 from osa_dagster.batch.stores import StoreMemoryHistoryIO
 from osa_dagster.definitions import build_definitions
 from osa_dagster.defs.checks import CHECKS
@@ -19,7 +20,7 @@ from osa_dagster.settings import Settings
 from osa_dagster.storage import BatchLayout, artifact_store
 from osa_dagster.storage.layout import memory_history_key
 from tests.fixtures.check_status import all_check_statuses, check_statuses, verdicts_by_run
-from tests.fixtures.toy_convention import TOY_IDS
+from tests.fixtures.toy_convention import CONVENTIONS, TOY_IDS
 from tests.ui.conftest import make_site
 
 REPO = Path(__file__).resolve().parents[1]
@@ -495,6 +496,10 @@ def test_range_runs_give_every_partition_its_check_verdict_run_after_run(defs, i
     assert statuses == {check: dict.fromkeys(keys, "SUCCEEDED") for check in statuses}
 
 
+def _toy():
+    return next(c for c in CONVENTIONS if c.name == "toy")
+
+
 def _toy_verdicts(partitions: list[str]) -> dict[tuple[str, str], dict[str, str]]:
     """What a run records of toy batches: every check passes but the flag every_record_passed
     (each batch's record 5 is rejected)."""
@@ -594,7 +599,7 @@ def test_a_truncated_checkpoint_is_set_aside_and_its_hook_runs_the_batch_again(d
     [key] = _plan(defs, instance, "toy", limit=5, batch_size=5)
     assert _ingest(defs, instance, "toy", key).success
     store = artifact_store(Settings.from_env())
-    checkpoint = BatchLayout("toy", key).checkpoint("check_size")
+    checkpoint = checkpoint_key(_toy(), key, "check_size")
     truncated = _truncate(store, checkpoint)
 
     result = _ingest(defs, instance, "toy", key)
@@ -626,7 +631,7 @@ def test_publishing_over_a_truncated_checkpoint_names_it_and_what_to_do(defs, in
     [key] = _plan(defs, instance, "toy", limit=5, batch_size=5)
     assert _ingest(defs, instance, "toy", key).success
     store = artifact_store(Settings.from_env())
-    checkpoint = BatchLayout("toy", key).checkpoint("check_size")
+    checkpoint = checkpoint_key(_toy(), key, "check_size")
     _truncate(store, checkpoint)
     db = RecordsDatabase(database_url(Settings.from_env()))
     with pytest.raises(BatchInputError) as error:

@@ -10,6 +10,7 @@ from osa_dagster.batch import BatchInputError
 from osa_dagster.batch.fetch import fetch_raw_batch
 from osa_dagster.batch.hooks import (
     HookJob,
+    checkpoint_key,
     hook_records,
     largest_first,
     machine_capacity,
@@ -22,7 +23,7 @@ from osa_dagster.conventions.base import Convention
 from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.engine import HookCapacity, LocalRunner
 from osa_dagster.settings import Settings
-from osa_dagster.storage import BatchLayout, artifact_store
+from osa_dagster.storage import artifact_store
 from tests.engine.helpers import alive, eventually
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,9 +90,7 @@ def test_closing_the_jobs_early_kills_their_hooks(monkeypatch: pytest.MonkeyPatc
     first = next(jobs)  # the unfetched batch fails at once; the other's hook sleeps
     assert first.job.partition == unfetched and first.error is not None
     assert eventually(lambda: len(capacity.read().running()) == 1, timeout_s=60)
-    checkpoints = StoreCheckpointIO(
-        store, BatchLayout(convention.name, fetched).checkpoint("ledger")
-    )
+    checkpoints = StoreCheckpointIO(store, checkpoint_key(convention, fetched, "ledger"))
     assert eventually(lambda: (c := checkpoints.load()) is not None and c.running is not None)
     running = checkpoints.load().running
     assert running is not None and running.marker.pid is not None

@@ -119,14 +119,13 @@ def test_ids_another_run_published_meanwhile_keep_that_runs_srns(
     """Another run publishes some ids between this run's look-up and its insert: the insert
     skips them, and their SRNs are read back after it."""
     other_run = _publish(db, [RecordToPublish(i, {"run": 1}) for i in AWKWARD_IDS[::2]])
-    look_up = publish_module._srns_in
     calls: list[int] = []
 
-    def look_up_before_the_other_run(session, convention: str, source_ids) -> dict[str, str]:
+    def look_up_before_the_other_run(session, convention: str, source_ids) -> dict:
         calls.append(len(source_ids))
-        return {} if len(calls) == 1 else look_up(session, convention, source_ids)
+        return {}
 
-    monkeypatch.setattr(publish_module, "_srns_in", look_up_before_the_other_run)
+    monkeypatch.setattr(publish_module, "_published_versions", look_up_before_the_other_run)
     result = _publish(db, [RecordToPublish(i, {"run": 2}) for i in AWKWARD_IDS], "p2")
 
     assert calls[0] == len(AWKWARD_IDS)

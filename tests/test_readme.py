@@ -42,6 +42,10 @@ RUN_HERE = (
     "--partition KEY",
     ".venv/bin/dg launch --assets group:pdb --partition KEY",
     ".venv/bin/osa records --convention pdb --features",
+    ".venv/bin/osa records --convention pdb --provenance",
+    ".venv/bin/osa versions pdb",
+    ".venv/bin/osa materialize pdb --stale --dry-run",
+    ".venv/bin/osa materialize pdb --stale",
     ".venv/bin/osa summary pdb",
     ".venv/bin/osa rejections pdb [PARTITION ...]",
     ".venv/bin/osa dead-letters pdb",
@@ -75,6 +79,8 @@ RUN_ELSEWHERE = {
     "OSA_CONVENTIONS=mylab.conventions make ui": "a user's module; tests load "
     "tests.fixtures.toy_convention the same way",
     ".venv/bin/osa stack": "tests/storage/test_stack.py runs it, with --dir and --port",
+    ".venv/bin/osa plan pdb --dry-run": "tests/test_upstream_end_to_end.py runs it (with "
+    "--json) on a copy of the bundled mirror changed upstream",
     "make stack": "runs `osa stack`, which tests/storage/test_stack.py runs",
 }
 # Backquoted text that names a command without being one to run.

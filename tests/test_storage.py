@@ -33,7 +33,14 @@ def test_keys_cannot_leave_the_store(tmp_path: Path, key: str):
 
 def test_layout_keys_are_distinct_per_batch_and_hook():
     a, b = BatchLayout("pdb", "p1"), BatchLayout("pdb", "p2")
-    keys = {a.manifest, a.raw_records, a.checkpoint("h1"), a.checkpoint("h2"), b.raw_records}
-    assert len(keys) == 5
+    keys = {
+        a.manifest,
+        a.raw_records,
+        a.checkpoint("h1", "1"),
+        a.checkpoint("h1", "2"),
+        a.checkpoint("h2", "1"),
+        b.raw_records,
+    }
+    assert len(keys) == 6
     assert a.raw_records.startswith(a.raw + "/")
-    assert a.checkpoint("h1").startswith(a.hook("h1") + "/")
+    assert a.checkpoint("h1", "1").startswith(a.hook("h1") + "/")

@@ -26,6 +26,7 @@ from osa_dagster.engine import (
 )
 from osa_dagster.engine.capacity import default_budget_mb, default_slots
 from osa_dagster.engine.memory_history import MemoryHistory
+from osa_dagster.engine.spec import hook_version
 from osa_dagster.settings import Settings
 from osa_dagster.storage.layout import BatchLayout, memory_history_key
 from osa_dagster.storage.store import ArtifactStore
@@ -41,6 +42,15 @@ class SetAside:
     message: str
 
 
+def checkpoint_key(
+    convention: Convention, partition: str, hook_name: str, shard: int | None = None
+) -> str:
+    """Where the hook's current version keeps its checkpoint of the batch (or of a shard)."""
+    return BatchLayout(convention.name, partition).checkpoint(
+        hook_name, hook_version(convention.hook(hook_name)), shard
+    )
+
+
 def set_aside_unreadable_checkpoint(
     convention: Convention,
     store: ArtifactStore,
@@ -53,9 +63,7 @@ def set_aside_unreadable_checkpoint(
     result is the same).
 
     The file is kept beside the checkpoint for inspection, named in the warning returned."""
-    checkpoints = StoreCheckpointIO(
-        store, BatchLayout(convention.name, partition).checkpoint(hook_name, shard)
-    )
+    checkpoints = StoreCheckpointIO(store, checkpoint_key(convention, partition, hook_name, shard))
     try:
         checkpoints.load()
     except UnreadableState as error:
@@ -90,6 +98,7 @@ def plan_shards(
         store,
         BatchLayout(convention.name, partition),
         hook_name,
+        hook_version(convention.hook(hook_name)),
         records,
         shard_size=convention.shard_size,
         slots=capacity.slots if capacity is not None else 1,
@@ -125,17 +134,21 @@ def run_shard(
     """Run the hook over one shard of the batch to its end, resuming from the shard's
     checkpoint in the store (see `run_batch_hook`)."""
     hook_name, partition = shard.job.hook, shard.job.partition
+    spec = convention.hook(hook_name)
+    version = hook_version(spec)
     layout = BatchLayout(convention.name, partition)
     records = [r for r in hook_records(convention, store, partition) if r.id in shard.record_ids]
-    checkpoints = StoreCheckpointIO(store, layout.checkpoint(hook_name, shard.shard))
+    checkpoints = StoreCheckpointIO(store, layout.checkpoint(hook_name, version, shard.shard))
     with (
         store.local_dir(
             layout.raw_files, writable=False, only={r.files_dir for r in records}
         ) as files_root,
-        store.local_dir(layout.hook_workdir(hook_name, shard.shard), writable=True) as workdir,
+        store.local_dir(
+            layout.hook_workdir(hook_name, version, shard.shard), writable=True
+        ) as workdir,
     ):
         return advance_hook(
-            convention.hook(hook_name),
+            spec,
             HookBatch(records=records, files_root=files_root),
             runner,
             checkpoints,
@@ -210,13 +223,15 @@ def run_batch_hook(
 def load_hook_checkpoints(
     convention: Convention, store: ArtifactStore, partition: str
 ) -> dict[str, Checkpoint]:
-    """Every hook's finished checkpoint over the batch, its shards' merged (`merge_shards`);
-    a hook that has not finished the batch is an error."""
+    """Every hook's finished checkpoint over the batch by its current version, its shards'
+    merged (`merge_shards`); a hook whose current version has not finished the batch is an
+    error."""
     layout = BatchLayout(convention.name, partition)
     checkpoints: dict[str, Checkpoint] = {}
     for spec in convention.hooks:
+        version = hook_version(spec)
         try:
-            plan, shards = shard_checkpoints(store, layout, spec.name)
+            plan, shards = shard_checkpoints(store, layout, spec.name, version)
         except UnreadableState as error:
             raise BatchInputError(
                 f"batch {partition!r} of convention {convention.name!r}: the state of hook "
@@ -227,8 +242,8 @@ def load_hook_checkpoints(
         if len(finished) < len(shards):
             raise BatchInputError(
                 f"batch {partition!r} of convention {convention.name!r}: hook {spec.name!r} "
-                f"has not finished it ({len(finished)} of {len(shards)} shards done); "
-                "materialise its hook_outcomes first"
+                f"version {version} has not finished it ({len(finished)} of {len(shards)} "
+                "shards done); materialise its hook_outcomes first"
             )
         digest = plan.batch_digest if plan is not None else finished[0].batch_digest
         checkpoints[spec.name] = merge_shards(finished, digest)

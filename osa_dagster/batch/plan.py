@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import islice
@@ -22,9 +22,13 @@ from osa_dagster.batch.plan_index import (
     Register,
     SeenIds,
     chunked,
+    source_key,
+    version_key,
 )
 from osa_dagster.batch.stores import UnreadableState, parse_stored
+from osa_dagster.batch.upstream import ChangeReport, UpstreamChanges
 from osa_dagster.conventions.base import Convention
+from osa_dagster.records import RecordsDatabase
 from osa_dagster.storage.layout import BatchLayout, Manifest, SourceChoice, manifests_prefix
 from osa_dagster.storage.store import ArtifactStore
 
@@ -47,6 +51,10 @@ class PlanResult:
     manifests_indexed: int = 0
     """Manifests the plan index had not read (a plan killed before it indexed them, another
     plan at once, an index built again): their partitions were registered again."""
+    changes: ChangeReport | None = None
+    """What the listing adds, revises, withdraws and reinstates (a dry run: would)."""
+    gone_check: str = ""
+    """Whether records gone upstream were looked for, and if not why not."""
 
 
 def partition_key(refs: Sequence[RecordRef]) -> str:
@@ -72,6 +80,8 @@ def plan_ingest(
     batch_size: int | None = None,
     replan: bool = False,
     register: Register = _nowhere,
+    db: RecordsDatabase | None = None,
+    dry_run: bool = False,
 ) -> PlanResult:
     """Discover records and freeze them into batches, one manifest per batch.
 
@@ -80,6 +90,12 @@ def plan_ingest(
     adds nothing, whatever the batch size. With `replan` every record discovered is
     batched again; a batch of the same membership keeps its manifest (and partition).
     `register` is given the partitions as they are frozen (see `plan_refs`).
+
+    With the records database `db`, the plan also withdraws the published records that
+    upstream marks obsolete, reinstates those withdrawn as gone upstream that it lists
+    again and, when it lists the whole source (no `since`, no `limit`, nothing skipped),
+    withdraws those planned from this source that it no longer lists (see
+    osa_dagster/batch/upstream.py). `dry_run` changes nothing and reports what would be.
     """
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be a positive number of records, not {limit}")
@@ -89,6 +105,19 @@ def plan_ingest(
 
     ingester = convention.make_ingester()
     discovered = ingester.discover(since, limit)
+
+    def incomplete() -> str | None:
+        if since is not None:
+            return f"a plan of the records changed since {since.isoformat()} lists only those"
+        if limit is not None:
+            return f"a plan of at most {limit} records may not list them all"
+        if ingester.skipped:
+            return (
+                f"discover skipped {len(ingester.skipped)} parts of the source, whose records "
+                "it cannot name"
+            )
+        return None
+
     # islice bounds the walk even if an ingester yields more than it was asked for.
     result = plan_refs(
         convention,
@@ -98,9 +127,16 @@ def plan_ingest(
         batch_size=size,
         replan=replan,
         register=register,
+        db=db,
+        dry_run=dry_run,
+        incomplete=incomplete,
     )
     result.skipped = ingester.skipped
     return result
+
+
+def _partial_listing() -> str | None:
+    return "the records given are not a listing of the whole source"
 
 
 def plan_refs(
@@ -112,9 +148,13 @@ def plan_refs(
     batch_size: int | None = None,
     replan: bool = False,
     register: Register = _nowhere,
+    db: RecordsDatabase | None = None,
+    dry_run: bool = False,
+    incomplete: Callable[[], str | None] = _partial_listing,
 ) -> PlanResult:
-    """Freeze `discovered` (repeats of a source id dropped, and records already planned at
-    the same version unless `replan`) into batches of `batch_size`.
+    """Freeze `discovered` (repeats of a source id dropped, refs marked obsolete set aside,
+    and records already planned at the same version unless `replan`) into batches of
+    `batch_size`.
 
     `discovered` is consumed as a stream: each batch's manifest is written once it is full,
     and what the plan remembers per record (the ids it saw, the versions planned before)
@@ -123,24 +163,43 @@ def plan_refs(
     or what COMMIT_EVERY_S saw frozen, the rest at the end), and those of the manifests the
     index had not read; it must register them with the orchestrator (re-registering a known
     one must be harmless).
+
+    With `db`, the published records change as upstream did (see `plan_ingest`); records
+    gone upstream are looked for when the listing ends, if `incomplete` then says nothing
+    against it. A `dry_run` works on a private copy of the plan index and writes nothing:
+    no manifest, no partition, no change of the records database; its result says what the
+    plan would have done.
     """
     size = convention.batch_size if batch_size is None else batch_size
     result = PlanResult(partitions=[], new_partitions=[], records=0)
-    with PlanIndex.of(store, convention.name) as index, SeenIds() as seen:
-        result.manifests_indexed = index.catch_up(store, convention.name, register)
+    source = SourceChoice(name=convention.source, location=convention.location)
+    scope = f"planning the records changed since {since.isoformat()}" if since else "planning"
+    changes = UpstreamChanges(convention.name, source, db, scope=scope, dry_run=dry_run)
+    open_index = PlanIndex.copy_of if dry_run else PlanIndex.of
+    with open_index(store, convention.name) as index, SeenIds() as seen:
+        result.manifests_indexed = index.catch_up(
+            store, convention.name, _nowhere if dry_run else register
+        )
         freezer = _Freezer(convention, store, index, result, since, register)
         # As planned when the plan starts (what it freezes itself, `seen` leaves out): the
         # first plan of a convention looks nothing up.
-        look_up = not replan and index.holds_records()
+        look_up = index.holds_records()
         batch: list[RecordRef] = []
         for chunk in chunked(discovered, LOOKUP_CHUNK):
             fresh = seen.first_sightings(chunk)
             result.duplicate_refs += len(chunk) - len(fresh)
-            if look_up:
-                unplanned = index.not_planned(fresh)
-                result.already_planned += len(fresh) - len(unplanned)
-                fresh = unplanned
-            for ref in fresh:
+            listed = [r for r in fresh if r.obsolete is None]
+            changes.obsolete([r for r in fresh if r.obsolete is not None])
+            planned = index.planned_versions(listed) if look_up else {}
+            unplanned = [
+                r for r in listed if version_key(r.version) not in planned.get(r.source_id, ())
+            ]
+            changes.listed(listed, unplanned, planned)
+            if not replan:
+                result.already_planned += len(listed) - len(unplanned)
+            if dry_run:
+                continue
+            for ref in listed if replan else unplanned:
                 batch.append(ref)
                 if len(batch) == size:
                     freezer.freeze(batch)
@@ -148,6 +207,13 @@ def plan_refs(
         if batch:
             freezer.freeze(batch)
         freezer.flush()
+        why_not = incomplete()
+        if why_not is None:
+            changes.gone(index.gone(seen, source_key(source)))
+            result.gone_check = f"records gone from {changes.source_label} were looked for"
+        else:
+            result.gone_check = f"records gone upstream were not looked for: {why_not}"
+    result.changes = changes.report
     return result
 
 
@@ -170,6 +236,7 @@ class _Freezer:
         self.since = since
         self.register = register
         self.source = SourceChoice(name=convention.source, location=convention.location)
+        self.source_key = source_key(self.source)
         self.unregistered: list[str] = []
         self.last_flush = time.monotonic()
 
@@ -194,7 +261,7 @@ class _Freezer:
         self.result.partitions.append(key)
         self.result.records_per_batch[key] = len(batch)
         self.result.records += len(batch)
-        self.index.add(key, batch, size_bytes)
+        self.index.add(key, batch, size_bytes, self.source_key)
         self.unregistered.append(key)
         if (
             self.index.pending_rows >= COMMIT_EVERY_ROWS
@@ -229,6 +296,7 @@ def watch_upstream(
     overlap: timedelta,
     batch_size: int | None = None,
     register: Register = _nowhere,
+    db: RecordsDatabase | None = None,
 ) -> tuple[PlanResult, WatchCursor]:
     """Plan what changed upstream since the last look, each change exactly once.
 
@@ -237,7 +305,9 @@ def watch_upstream(
     look, since upstream clocks and days are coarse (a mirror keeps upstream's mtimes, an
     API filters by day), and drop the records the last look found with the same version:
     a record is planned again only when its version changes. `overlap` must exceed how late
-    a change can become visible (a mirror's sync lag, a service's indexing delay).
+    a change can become visible (a mirror's sync lag, a service's indexing delay). With `db`,
+    what upstream marks obsolete is withdrawn and what it lists again reinstated; a watch
+    never sees a record gone (see osa_dagster/batch/upstream.py).
     """
     if cursor is None:
         return PlanResult(partitions=[], new_partitions=[], records=0), WatchCursor(looked_at=now)
@@ -255,6 +325,7 @@ def watch_upstream(
         since=cursor.looked_at - overlap,
         batch_size=batch_size,
         register=register,
+        db=db,
     )
     result.skipped = ingester.skipped
     return result, WatchCursor(looked_at=now, recent={r.source_id: r.version for r in found})

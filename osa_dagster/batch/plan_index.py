@@ -12,12 +12,15 @@ replaced, or rewritten since) and forgetting those gone. A missing, truncated or
 index, or one of another format, is built again from the manifests.
 
 The source ids a plan has seen are kept on disk too (SeenIds), so that dropping the repeats
-of a source id costs the orchestrator no memory per record.
+of a source id costs the orchestrator no memory per record. A plan of a whole source compares
+them with the index when its listing ends (`gone`): what was planned from that source and is
+not listed any more, a mark-and-sweep on disk.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,11 +32,18 @@ from typing import TypeVar
 from osa_sdk.types import RecordRef
 
 from osa_dagster.batch.stores import UnreadableState, parse_stored
-from osa_dagster.storage.layout import BatchLayout, Manifest, manifests_prefix, plan_index_prefix
+from osa_dagster.storage.layout import (
+    BatchLayout,
+    Manifest,
+    SourceChoice,
+    manifests_prefix,
+    plan_index_prefix,
+)
 from osa_dagster.storage.store import ArtifactStore
 
 INDEX_FILE = "planned.sqlite"
-INDEX_FORMAT = 1
+# 2: manifests keep the source they were planned from.
+INDEX_FORMAT = 2
 # A plan waits this long for another plan's commit before it fails on a locked index.
 BUSY_TIMEOUT_S = 120.0
 # Source ids per look-up (SQLite allows 32,766 parameters per statement).
@@ -60,9 +70,16 @@ def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def _version_key(version: str | None) -> str:
-    # Part of a primary key, so never NULL; the prefix keeps "no version" apart from "".
+def version_key(version: str | None) -> str:
+    """A version as the index keeps it: part of a primary key, so never NULL; the prefix
+    keeps "no version" apart from ""."""
     return "" if version is None else f"v{version}"
+
+
+def source_key(source: SourceChoice | None) -> str:
+    """The source a manifest was planned from, as the index keeps it; "" for a manifest
+    from before sources could be chosen, which no listing of a source sweeps."""
+    return "" if source is None else f"{source.name}\t{source.location or ''}"
 
 
 class PlanIndex:
@@ -76,7 +93,7 @@ class PlanIndex:
     def __init__(self, path: Path, where: str) -> None:
         """The index file at `path`, which the store holds at `where` (for messages)."""
         self.path = path
-        self._pending: list[tuple[str, int, list[tuple[str, str]]]] = []
+        self._pending: list[tuple[str, int, str, list[tuple[str, str]]]] = []
         self.pending_rows = 0
         try:
             self._db = _connect(path)
@@ -98,6 +115,26 @@ class PlanIndex:
         prefix = plan_index_prefix(convention)
         with store.local_dir(prefix, writable=True) as folder:
             index = cls(folder / INDEX_FILE, store.describe(f"{prefix}/{INDEX_FILE}"))
+            try:
+                yield index
+            finally:
+                index.close()
+
+    @classmethod
+    @contextmanager
+    def copy_of(cls, store: ArtifactStore, convention: str) -> Iterator[PlanIndex]:
+        """A private copy of the convention's index, for a dry run: what it catches up with
+        and adds stays in the copy, and the store is left as it was."""
+        prefix = plan_index_prefix(convention)
+        where = store.describe(f"{prefix}/{INDEX_FILE}")
+        with (
+            store.local_dir(prefix, writable=False) as folder,
+            tempfile.TemporaryDirectory(prefix="osa-plan-") as private,
+        ):
+            copy = Path(private) / INDEX_FILE
+            if (folder / INDEX_FILE).is_file():
+                shutil.copyfile(folder / INDEX_FILE, copy)
+            index = cls(copy, where)
             try:
                 yield index
             finally:
@@ -166,30 +203,56 @@ class PlanIndex:
             return False
         except FileNotFoundError:
             return False  # removed since it was listed
-        self.add(layout.partition, manifest.refs, size_bytes)
+        self.add(layout.partition, manifest.refs, size_bytes, source_key(manifest.source))
         return True
 
     def holds_records(self) -> bool:
         return self._db.execute("SELECT 1 FROM planned LIMIT 1").fetchone() is not None
 
-    def not_planned(self, refs: Sequence[RecordRef]) -> list[RecordRef]:
-        """Those of `refs` that no indexed manifest holds at the same version, in order."""
-        planned: set[tuple[str, str]] = set()
+    def planned_versions(self, refs: Sequence[RecordRef]) -> dict[str, set[str]]:
+        """The versions (as `version_key` spells them) at which indexed manifests hold each
+        of `refs` that one holds."""
+        planned: dict[str, set[str]] = {}
         for chunk in chunked([r.source_id for r in refs], LOOKUP_CHUNK):
-            planned.update(
-                self._db.execute(
-                    f"SELECT source_id, version FROM planned WHERE source_id IN "
-                    f"({_marks(len(chunk))})",
-                    chunk,
-                )
-            )
-        return [r for r in refs if (r.source_id, _version_key(r.version)) not in planned]
+            for source_id, version in self._db.execute(
+                f"SELECT source_id, version FROM planned WHERE source_id IN ({_marks(len(chunk))})",
+                chunk,
+            ):
+                planned.setdefault(source_id, set()).add(version)
+        return planned
 
-    def add(self, partition: str, refs: Sequence[RecordRef], size_bytes: int) -> None:
-        """Index a manifest at the next commit. Held in memory until then, a few MB at most,
-        so that the index is locked only while it is written, not while discover runs."""
-        rows = [(r.source_id, _version_key(r.version)) for r in refs]
-        self._pending.append((partition, size_bytes, rows))
+    def gone(self, seen: SeenIds, source: str) -> Iterator[str]:
+        """The source ids planned from `source` (a `source_key`), and from no other, that
+        `seen` does not hold, in id order, streamed: what a whole listing of that source
+        no longer has. Records planned from another source too are left out: that source
+        may list them still."""
+        self._db.execute("ATTACH DATABASE ? AS listing", (str(seen.finish()),))
+        rows = self._db.cursor()
+        try:
+            # CROSS JOIN keeps the walk of `planned` in id order outermost (SQLite does not
+            # reorder it): one pass, each id looked up in the listing by its key.
+            rows.execute(
+                "SELECT DISTINCT p.source_id FROM planned p CROSS JOIN manifests m"
+                " ON m.id = p.manifest"
+                " WHERE m.source = ? AND NOT EXISTS"
+                " (SELECT 1 FROM listing.seen s WHERE s.source_id = p.source_id)"
+                " AND NOT EXISTS (SELECT 1 FROM planned o JOIN manifests n ON n.id = o.manifest"
+                " WHERE o.source_id = p.source_id AND n.source != m.source)"
+                " ORDER BY p.source_id",
+                (source,),
+            )
+            for (source_id,) in rows:
+                yield source_id
+        finally:
+            rows.close()
+            self._db.execute("DETACH DATABASE listing")
+
+    def add(self, partition: str, refs: Sequence[RecordRef], size_bytes: int, source: str) -> None:
+        """Index a manifest, planned from `source` (a `source_key`), at the next commit. Held
+        in memory until then, a few MB at most, so that the index is locked only while it is
+        written, not while discover runs."""
+        rows = [(r.source_id, version_key(r.version)) for r in refs]
+        self._pending.append((partition, size_bytes, source, rows))
         self.pending_rows += len(rows)
 
     def register_and_commit(self, partitions: Sequence[str], register: Register) -> int:
@@ -199,11 +262,11 @@ class PlanIndex:
             register(partitions)
         if self._pending:
             self._db.execute("BEGIN IMMEDIATE")
-            for partition, size_bytes, rows in self._pending:
+            for partition, size_bytes, source, rows in self._pending:
                 self._db.execute(
-                    "INSERT INTO manifests (partition, size_bytes) VALUES (?, ?) "
+                    "INSERT INTO manifests (partition, size_bytes, source) VALUES (?, ?, ?) "
                     "ON CONFLICT (partition) DO NOTHING",
-                    (partition, size_bytes),
+                    (partition, size_bytes, source),
                 )
                 [(manifest,)] = self._db.execute(
                     "SELECT id FROM manifests WHERE partition = ?", (partition,)
@@ -224,7 +287,8 @@ class SeenIds:
 
     def __init__(self) -> None:
         self._folder = tempfile.TemporaryDirectory(prefix="osa-plan-")
-        self._db = sqlite3.connect(Path(self._folder.name) / "seen.sqlite", isolation_level=None)
+        self._path = Path(self._folder.name) / "seen.sqlite"
+        self._db = sqlite3.connect(self._path, isolation_level=None)
         self._db.execute(f"PRAGMA cache_size = -{CACHE_KB}")
         self._db.execute("PRAGMA journal_mode = OFF")
         self._db.execute("PRAGMA synchronous = OFF")
@@ -256,6 +320,13 @@ class SeenIds:
         }
         return [ref for source_id, ref in first.items() if source_id in new]
 
+    def finish(self) -> Path:
+        """Commit what was seen, for another connection to read: the file's path. Nothing is
+        seen after this."""
+        if self._db.in_transaction:
+            self._db.execute("COMMIT")
+        return self._path
+
 
 def _marks(count: int) -> str:
     return ",".join("?" * count)
@@ -271,7 +342,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.execute("CREATE TABLE IF NOT EXISTS meta (format INTEGER NOT NULL)")
         db.execute(
             "CREATE TABLE IF NOT EXISTS manifests (id INTEGER PRIMARY KEY, "
-            "partition TEXT NOT NULL UNIQUE, size_bytes INTEGER NOT NULL)"
+            "partition TEXT NOT NULL UNIQUE, size_bytes INTEGER NOT NULL, source TEXT NOT NULL)"
         )
         db.execute(
             "CREATE TABLE IF NOT EXISTS planned (source_id TEXT NOT NULL, version TEXT NOT NULL,"

@@ -87,47 +87,54 @@ def split_records(records: list[HookRecord], count: int) -> list[list[str]]:
     return [[r.id for r in sorted(s, key=lambda r: (r.size_mb, r.id))] for s in shards]
 
 
-def load_shard_plan(store: ArtifactStore, layout: BatchLayout, hook: str) -> ShardPlan | None:
-    """The frozen plan, or None when the hook has not run on the batch since batches were
-    split (there is at most the one checkpoint of the whole batch)."""
-    return StoreShardPlanIO(store, layout.shard_plan(hook)).load()
+def load_shard_plan(
+    store: ArtifactStore, layout: BatchLayout, hook: str, version: str | None
+) -> ShardPlan | None:
+    """The hook version's frozen plan, or None when it has not run on the batch since
+    batches were split (there is at most the one checkpoint of the whole batch)."""
+    return StoreShardPlanIO(store, layout.shard_plan(hook, version)).load()
 
 
-def hook_state_key(store: ArtifactStore, layout: BatchLayout, hook: str) -> str:
-    """Where the hook's state over the batch is: its checkpoint, or the folder of its
-    shards' checkpoints and plan when the batch is split."""
-    plan = load_shard_plan(store, layout, hook)
+def hook_state_key(
+    store: ArtifactStore, layout: BatchLayout, hook: str, version: str | None
+) -> str:
+    """Where the hook version's state over the batch is: its checkpoint, or the folder of
+    its shards' checkpoints when the batch is split."""
+    plan = load_shard_plan(store, layout, hook, version)
     if plan is None or len(plan.shards) == 1:
-        return layout.checkpoint(hook)
-    return layout.hook(hook)
+        return layout.checkpoint(hook, version)
+    return layout.hook_version(hook, version)
 
 
 def shard_checkpoints(
-    store: ArtifactStore, layout: BatchLayout, hook: str
+    store: ArtifactStore, layout: BatchLayout, hook: str, version: str | None
 ) -> tuple[ShardPlan | None, list[Checkpoint | None]]:
-    """The hook's plan of the batch and each shard's checkpoint (None: not begun); raises
-    UnreadableState when either cannot be read."""
-    plan = load_shard_plan(store, layout, hook)
+    """The hook's plan of the batch and each shard's checkpoint of this version (None: not
+    begun); raises UnreadableState when either cannot be read."""
+    plan = load_shard_plan(store, layout, hook, version)
     keys = plan.keys() if plan is not None else [None]
-    return plan, [StoreCheckpointIO(store, layout.checkpoint(hook, key)).load() for key in keys]
+    return plan, [
+        StoreCheckpointIO(store, layout.checkpoint(hook, version, key)).load() for key in keys
+    ]
 
 
 def frozen_shard_plan(
     store: ArtifactStore,
     layout: BatchLayout,
     hook: str,
+    version: str | None,
     records: list[HookRecord],
     *,
     shard_size: int | None,
     slots: int,
 ) -> ShardPlan:
-    """The batch's plan for the hook: the stored one, or, at the hook's first run on the
+    """The batch's plan for the hook version: the stored one, or, at the hook's first run on the
     batch, a new one, saved before any shard starts.
 
     A plan that cannot be read is set aside (with a warning) and made again, and so is one
     of other records (the batch was fetched again and differs): a shard whose records are
     the same as before keeps its checkpoint, the engine discards any other."""
-    plans = StoreShardPlanIO(store, layout.shard_plan(hook))
+    plans = StoreShardPlanIO(store, layout.shard_plan(hook, version))
     digest = batch_digest(records)
     try:
         stored = plans.load()
@@ -144,7 +151,7 @@ def frozen_shard_plan(
             hook,
         )
         count = shard_count(len(records), shard_size, slots)
-    elif store.exists(layout.checkpoint(hook)):
+    elif store.exists(layout.checkpoint(hook, version)):
         count = 1  # begun before batches were split: its checkpoint goes on as one shard
     else:
         count = shard_count(len(records), shard_size, slots)
@@ -171,6 +178,7 @@ def merge_shards(checkpoints: list[Checkpoint], digest: str) -> Checkpoint:
     return Checkpoint(
         hook=checkpoints[0].hook,
         batch_digest=digest,
+        hook_version=checkpoints[0].hook_version,
         outcomes={k: v for c in checkpoints for k, v in c.outcomes.items()},
         attempts=[a for c in checkpoints for a in c.attempts],
         next_memory_mb=max(c.next_memory_mb for c in checkpoints),

@@ -41,22 +41,27 @@ class RawRecords:
 
 @dataclass(frozen=True)
 class HookOutcomes:
-    """One hook's outcomes over the batch: its checkpoint (its shards' together, see
-    batch/shards.py), read when first asked for."""
+    """One version of one hook's outcomes over the batch: its checkpoint (its shards'
+    together, see batch/shards.py), read when first asked for."""
 
     store: ArtifactStore
     layout: BatchLayout
     hook: str
+    version: str | None
+    """None: the outcomes judged before hooks had versions."""
 
     @property
     def location(self) -> str:
-        return self.store.describe(hook_state_key(self.store, self.layout, self.hook))
+        return self.store.describe(hook_state_key(self.store, self.layout, self.hook, self.version))
 
     def checkpoint(self) -> Checkpoint:
-        plan, shards = shard_checkpoints(self.store, self.layout, self.hook)
+        plan, shards = shard_checkpoints(self.store, self.layout, self.hook, self.version)
         found = [checkpoint for checkpoint in shards if checkpoint is not None]
         if not found:
-            raise FileNotFoundError(f"hook {self.hook!r} has no checkpoint at {self.location}")
+            raise FileNotFoundError(
+                f"hook {self.hook!r} version {self.version or 'unrecorded'} has no checkpoint "
+                f"at {self.location}"
+            )
         return merge_shards(found, plan.batch_digest if plan else found[0].batch_digest)
 
     def __iter__(self) -> Iterator[tuple[str, RecordOutcome]]:

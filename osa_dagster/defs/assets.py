@@ -35,6 +35,7 @@ from osa_dagster.defs.dagster_private import UriMetadataSet
 from osa_dagster.defs.io_manager import IO_MANAGER_KEY
 from osa_dagster.defs.leases import hold_partitions, leased_partitions
 from osa_dagster.defs.metadata import (
+    HOOK_VERSION_METADATA,
     attempt_metadata,
     describe_attempt,
     features_metadata,
@@ -52,6 +53,7 @@ from osa_dagster.defs.resources import (
     RecordsDatabaseResource,
 )
 from osa_dagster.engine import HookSpec
+from osa_dagster.engine.spec import hook_version
 from osa_dagster.records import RecordsDatabase
 from osa_dagster.records.queries import count_published
 from osa_dagster.settings import Settings
@@ -194,8 +196,13 @@ def _hooks_asset(
             group_name=convention.name,
             kinds={kinds.runner, *filter(None, [kinds.store])},
             skippable=True,
-            description=f"Outcomes of hook {hook.name!r} over the batch (memory ladder "
-            f"{' -> '.join(f'{mb} MB' for mb in hook.memory.ladder())}, escalated on OOM only).",
+            description=f"Outcomes of hook {hook.name!r} version {hook_version(hook)} over the "
+            f"batch (memory ladder {' -> '.join(f'{mb} MB' for mb in hook.memory.ladder())}, "
+            "escalated on OOM only).",
+            # A batch materialised by another version shows as changed code in the UI: the
+            # batches this version has not judged.
+            code_version=hook_version(hook),
+            metadata={HOOK_VERSION_METADATA: hook_version(hook)},
         ).with_io_manager_key(IO_MANAGER_KEY)
         for hook in convention.hooks
     ]
@@ -265,7 +272,10 @@ def _hooks_asset(
                         **artifact_uri(
                             store,
                             hook_state_key(
-                                store, BatchLayout(convention.name, job.partition), job.hook
+                                store,
+                                BatchLayout(convention.name, job.partition),
+                                job.hook,
+                                checkpoint.hook_version,
                             ),
                         ),
                     },

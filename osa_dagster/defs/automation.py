@@ -12,7 +12,7 @@ import dagster as dg
 from osa_dagster.batch.plan import WatchCursor, watch_upstream
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.jobs import plan_job_name
-from osa_dagster.defs.resources import ArtifactStoreResource
+from osa_dagster.defs.resources import ArtifactStoreResource, RecordsDatabaseResource
 from osa_dagster.settings import Settings
 
 DEFAULT_PLAN_CRON = "0 3 * * 1"  # Mondays at 03:00 UTC: PDB releases on Wednesdays
@@ -70,7 +70,9 @@ def convention_automation(
         ),
     )
     def upstream_changes(
-        context: dg.SensorEvaluationContext, artifact_store: ArtifactStoreResource
+        context: dg.SensorEvaluationContext,
+        artifact_store: ArtifactStoreResource,
+        records_db: RecordsDatabaseResource,
     ) -> dg.SensorResult:
         cursor = WatchCursor.model_validate_json(context.cursor) if context.cursor else None
         overlap = timedelta(hours=settings.watch_overlap_h)
@@ -84,6 +86,7 @@ def convention_automation(
             now=datetime.now(UTC),
             overlap=overlap,
             register=to_register.extend,
+            db=records_db.get(),
         )
         if not result.new_partitions and not result.manifests_indexed:
             return dg.SensorResult(

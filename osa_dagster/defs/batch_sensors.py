@@ -1,12 +1,14 @@
-"""The sensors that request ingest runs: one for every newly planned partition, and one
-that requests again the batches of a run that died for reasons outside its work once
-Dagster's run retries are used up."""
+"""The sensors that request ingest runs: one for every newly planned partition, one that
+requests again the batches of a run that died for reasons outside its work once Dagster's
+run retries are used up, and one (off by default) that re-validates the batches a changed
+hook has not judged."""
 
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 
 import dagster as dg
 
+from osa_dagster.batch.revalidate import stale_partitions
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.assets import check_keys, features_key, partitions_per_run
 from osa_dagster.defs.dagster_private import (
@@ -21,9 +23,12 @@ from osa_dagster.defs.dagster_private import (
     will_be_retried,
 )
 from osa_dagster.defs.jobs import CONVENTION_TAG
-from osa_dagster.defs.resources import hooks_refusal
+from osa_dagster.defs.resources import ArtifactStoreResource, hooks_refusal
+from osa_dagster.engine.spec import hook_version
 
 SENSOR_INTERVAL_S = 15
+# Finding stale batches reads every hook's checkpoint of every batch: not every 15 s.
+STALE_SENSOR_INTERVAL_S = 300
 # How many times over the batches of a run that keeps dying are requested again, each time
 # with Dagster's own run retries: a batch that kills every worker needs a person.
 MAX_RESUMES = 3
@@ -260,4 +265,32 @@ def batch_sensors(
     def unfinished_batches(context: dg.RunFailureSensorContext) -> dg.SensorResult | dg.SkipReason:
         return unfinished_batches_request(context, convention, partitions)
 
-    return dg.Definitions(sensors=[new_batches, unfinished_batches])
+    @dg.sensor(
+        name=f"{convention.name}_stale_batches",
+        job=ingest_job,
+        minimum_interval_seconds=STALE_SENSOR_INTERVAL_S,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description="Off by default: once turned on, re-validates the batches that a changed "
+        "hook has not judged (`osa versions`), withdrawing what its new version rejects. Run "
+        "`osa materialize <convention> --stale --dry-run` first to see what that would be.",
+    )
+    def stale_batches(
+        context: dg.SensorEvaluationContext, artifact_store: ArtifactStoreResource
+    ) -> dg.SensorResult | dg.SkipReason:
+        refusal = hooks_refusal()
+        if refusal is not None:
+            return dg.SkipReason(refusal)
+        keys = partitions.get_partition_keys(dynamic_partitions_store=context.instance)
+        stale = set(stale_partitions(convention, artifact_store.get(), keys))
+        if not stale:
+            return dg.SkipReason("every hook's current version has judged every batch")
+        # Named with the versions: each batch is requested once per set of hook versions, so
+        # a run that fails is not requested over and over.
+        versions = ",".join(f"{spec.name}={hook_version(spec)}" for spec in convention.hooks)
+        requests = [
+            partition_range_request(chunk, key_prefix=f"revalidate:{versions}:")
+            for chunk in contiguous_chunks(keys, set(keys) - stale, partitions_per_run())
+        ]
+        return dg.SensorResult(run_requests=requests)
+
+    return dg.Definitions(sensors=[new_batches, unfinished_batches, stale_batches])

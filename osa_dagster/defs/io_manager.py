@@ -13,6 +13,7 @@ from __future__ import annotations
 import dagster as dg
 
 from osa_dagster.batch.views import HookOutcomes, PublishedRecords, RawRecords
+from osa_dagster.defs.metadata import HOOK_VERSION_METADATA
 from osa_dagster.defs.resources import ArtifactStoreResource, RecordsDatabaseResource
 from osa_dagster.storage.layout import BatchLayout
 
@@ -42,7 +43,15 @@ class BatchViewsIOManager(dg.ConfigurableIOManager):
         if kind == "raw_batch":
             return RawRecords(self.artifact_store.get(), layout)
         if kind == "hook_outcomes" and len(rest) == 1:
-            return HookOutcomes(self.artifact_store.get(), layout, rest[0])
+            # The version the definitions run now, which the hook's asset carries.
+            upstream = context.upstream_output
+            version = (upstream.definition_metadata if upstream else {}).get(HOOK_VERSION_METADATA)
+            return HookOutcomes(
+                self.artifact_store.get(),
+                layout,
+                rest[0],
+                None if version is None else str(version),
+            )
         if kind in ("published_records", "features"):
             return PublishedRecords(self.records_db.get(), convention, partition)
         raise ValueError(f"{context.asset_key.to_user_string()} is not an asset of a batch")

@@ -14,12 +14,13 @@ from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.assets import batch_partitions_name, features_key
 from osa_dagster.defs.dagster_private import UnresolvedAssetJobDefinition, retry_all_steps_tags
 from osa_dagster.defs.executors import ingest_executor
-from osa_dagster.defs.resources import ArtifactStoreResource
+from osa_dagster.defs.resources import ArtifactStoreResource, RecordsDatabaseResource
 from osa_dagster.defs.run_worker import recording_worker
 from osa_dagster.settings import Settings
 
 SKIPPED_METADATA = "skipped_files"
 PLANNED_BATCHES_METADATA = "planned_batches"
+CHANGES_METADATA = "upstream_changes"
 # Every run of a convention's batches carries it: the ingest job's, `osa backfill`'s.
 CONVENTION_TAG = "osa/convention"
 
@@ -42,6 +43,11 @@ class PlanConfig(dg.Config):
         default=None,
         description="Where to read, for this plan only: a source's name, a folder or file, a "
         "URL, or NAME:LOCATION (as in OSA_SOURCES). The batches keep reading there.",
+    )
+    dry_run: bool = Field(
+        default=False,
+        description="Say what this plan would add, revise, withdraw and reinstate, and change "
+        "nothing: no batch, no partition, no published record.",
     )
 
     @field_validator("limit", "batch_size")
@@ -94,7 +100,10 @@ def plan_job(convention: Convention) -> dg.JobDefinition:
 
     @dg.op(name=f"{convention.name}_plan_batches")
     def plan_batches(
-        context: dg.OpExecutionContext, config: PlanConfig, artifact_store: ArtifactStoreResource
+        context: dg.OpExecutionContext,
+        config: PlanConfig,
+        artifact_store: ArtifactStoreResource,
+        records_db: RecordsDatabaseResource,
     ) -> None:
         since = datetime.fromisoformat(config.since) if config.since else None
         try:
@@ -116,7 +125,19 @@ def plan_job(convention: Convention) -> dg.JobDefinition:
             batch_size=config.batch_size,
             replan=config.replan,
             register=register,
+            db=records_db.to_look_at() if config.dry_run else records_db.get(),
+            dry_run=config.dry_run,
         )
+        changes = result.changes
+        assert changes is not None
+        context.log.info(result.gone_check)
+        if config.dry_run:
+            context.log.info(changes.format())
+        else:
+            context.log.info(
+                "upstream changes: "
+                + ", ".join(f"{kind} {change.count}" for kind, change in changes.changes.items())
+            )
         context.log.info(
             f"planned {result.records} records in {len(result.partitions)} batches, "
             f"{len(result.new_partitions)} of them new; {result.already_planned} records "
@@ -149,6 +170,12 @@ def plan_job(convention: Convention) -> dg.JobDefinition:
                 ),
                 "skipped": len(result.skipped),
                 SKIPPED_METADATA: skipped_table(result.skipped),
+                "dry_run": config.dry_run,
+                "gone_check": result.gone_check,
+                # Counts and examples; a real plan's are what it did, a dry run's what it would.
+                CHANGES_METADATA: dg.MetadataValue.json(
+                    {**changes.as_json(), "dry_run": config.dry_run}
+                ),
             }
         )
 

@@ -17,6 +17,8 @@ from osa_dagster.engine import AttemptRecord, Checkpoint
 from osa_dagster.engine.memory_history import MemoryHistory
 
 PREVIEW_ROWS = 20
+HOOK_VERSION_METADATA = "hook_version"
+"""On a hook's asset definition and each materialisation: the version that judged."""
 # A wait for a slot and memory this long is told in an attempt's log line.
 NOTED_WAIT_S = 0.1
 
@@ -180,6 +182,7 @@ def hook_metadata(checkpoint: Checkpoint, run_id: str) -> dict[str, Any]:
     )[:PREVIEW_ROWS]
     shown.sort(key=lambda a: (a.shard or 0, a.number))
     metadata: dict[str, Any] = {
+        HOOK_VERSION_METADATA: checkpoint.version_name,
         "records_in": len(checkpoint.outcomes),
         "passed": counts[OutcomeStatus.PASSED],
         "rejected": counts[OutcomeStatus.REJECTED],
@@ -227,7 +230,18 @@ def publish_metadata(summary: PublishSummary, total_published: int) -> dict[str,
         "not_published": len(summary.rejections),
         "convention_total_published": total_published,
         "dagster/row_count": len(result.srns),
+        # Always present, so that a curator can chart re-validations over partitions.
+        "withdrawn": len(summary.withdrawn),
+        "reinstated": len(summary.reinstated),
+        "hook_versions": dg.MetadataValue.json(summary.hook_versions),
     }
+    changed = [("withdrawn", i, why) for i, why in sorted(summary.withdrawn.items())] + [
+        ("reinstated", i, why) for i, why in sorted(summary.reinstated.items())
+    ]
+    if changed:
+        metadata["status_changes"] = markdown_table(
+            ("change", "record", "why"), changed[:PREVIEW_ROWS]
+        )
     if summary.not_published:
         metadata["why_not_published"] = dg.MetadataValue.json(dict(summary.not_published))
         metadata["not_published_records"] = markdown_table(

@@ -24,7 +24,12 @@ from osa_dagster.engine import HookCapacity, LocalRunner, MemoryLimitsUnavailabl
 from osa_dagster.engine.runners.docker import DockerRunner
 from osa_dagster.engine.runners.local import require_promised_isolation
 from osa_dagster.engine.runners.sandbox import SandboxMode, SandboxPolicy, SandboxUnavailable
-from osa_dagster.records import RecordsDatabase, open_database, shown_database_url
+from osa_dagster.records import (
+    RecordsDatabase,
+    database_to_look_at,
+    open_database,
+    shown_database_url,
+)
 from osa_dagster.settings import DEFAULT_DEPOSIT_MAX_MB, MemoryLimits, RunnerKind, Settings
 from osa_dagster.storage import ArtifactStore
 from osa_dagster.storage.store import s3_retry, store_at
@@ -87,10 +92,17 @@ class RecordsDatabaseResource(dg.ConfigurableResource):
     domain: str = Field(default="localhost", description="This archive's name in SRNs.")
 
     def get(self) -> RecordsDatabase:
+        return open_database(self._url())
+
+    def to_look_at(self) -> RecordsDatabase | None:
+        """Read only, for dry runs: see `database_to_look_at`."""
+        return database_to_look_at(self._url())
+
+    def _url(self) -> str:
         url = make_url(self.url)
         if self.password:
             url = url.set(password=self.password)
-        return open_database(url.render_as_string(hide_password=False))
+        return url.render_as_string(hide_password=False)
 
     def srn_domain(self) -> str:
         return self.domain

@@ -110,9 +110,21 @@ class InFlightAttempt(BaseModel):
     offsets: dict[str, int] = Field(default_factory=dict)
 
 
+UNRECORDED_VERSION_NAME = "unrecorded"
+
+
 class Checkpoint(BaseModel):
     hook: str
     batch_digest: str
+    hook_version: str | None = None
+    """The version of the hook that judged these outcomes (see spec.hook_version); None:
+    judged before hooks had versions, so by no version that can be current."""
+
+    @property
+    def version_name(self) -> str:
+        """The version as curators read it."""
+        return self.hook_version or UNRECORDED_VERSION_NAME
+
     outcomes: dict[str, RecordOutcome] = Field(default_factory=dict)
     attempts: list[AttemptRecord] = Field(default_factory=list)
     next_memory_mb: int

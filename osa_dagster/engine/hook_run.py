@@ -93,7 +93,7 @@ from osa_dagster.engine.runners.base import (
     RunningAttempt,
     read_tail,
 )
-from osa_dagster.engine.spec import HookSpec
+from osa_dagster.engine.spec import HookSpec, hook_version
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ class _HookRun:
             return Checkpoint(
                 hook=self.spec.name,
                 batch_digest=self.batch.digest(),
+                hook_version=hook_version(self.spec),
                 next_memory_mb=self.spec.memory.base_mb,
                 lanes=self._plan_lanes(),
             )
@@ -279,15 +280,21 @@ class _HookRun:
         return stored
 
     def _stored_checkpoint(self) -> Checkpoint | None:
-        """The stored checkpoint if it is this hook's over this very batch."""
-        digest = self.batch.digest()
+        """The stored checkpoint if it is this version of this hook's over this very batch."""
+        digest, version = self.batch.digest(), hook_version(self.spec)
         stored = self.checkpoints.load()
-        if stored is not None and (stored.hook, stored.batch_digest) != (self.spec.name, digest):
+        if stored is not None and (stored.hook, stored.hook_version, stored.batch_digest) != (
+            self.spec.name,
+            version,
+            digest,
+        ):
             log.warning(
-                "discarding the checkpoint of hook %s, batch %s: this is hook %s, batch %s",
+                "discarding the checkpoint of hook %s %s, batch %s: this is hook %s %s, batch %s",
                 stored.hook,
+                stored.hook_version,
                 stored.batch_digest[:12],
                 self.spec.name,
+                version,
                 digest[:12],
             )
             return None

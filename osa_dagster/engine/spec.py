@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -53,6 +57,11 @@ class MemoryPolicy(BaseModel):
         return higher[0] if higher else None
 
 
+# A version names folders of the store: letters, digits, '.', '_' and '-' only.
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_SDK_RUNNER = ("-m", "osa_sdk", "hook")
+
+
 class HookSpec(BaseModel):
     """One hook of a convention, as the engine runs it.
 
@@ -74,9 +83,54 @@ class HookSpec(BaseModel):
     max_output_mb: float = Field(default=512.0, gt=0)
     # Sandboxed runners give an attempt no network unless its hook asks for it here.
     network: bool = False
+    version: str | None = Field(default=None, pattern=VERSION_PATTERN)
+    """What the hook's judgement is, named by its author ("2", "2026-12-strict"); None:
+    derived from what it runs (see `hook_version`)."""
 
 
 def sdk_hook_command(target: str) -> tuple[str, ...]:
     """The command that runs an SDK hook function ("pkg.module:function") under the contract,
     with this interpreter, so the hook sees the same installed packages."""
     return (sys.executable, "-m", "osa_sdk", "hook", target)
+
+
+def _sdk_target(command: tuple[str, ...]) -> str | None:
+    """The "pkg.module:function" an SDK hook command runs, or None for another command."""
+    if len(command) == 5 and command[1:4] == _SDK_RUNNER:
+        return command[4]
+    return None
+
+
+def _module_source(target: str) -> bytes:
+    """The source of the module an SDK hook lives in (b"" when it has no file)."""
+    module_name = target.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.origin or not found.has_location:
+        return b""
+    return Path(found.origin).read_bytes()
+
+
+def hook_version(spec: HookSpec) -> str:
+    """The version of what the hook judges with: `spec.version` if declared, otherwise a
+    digest of what changes its results. For an SDK hook, its function's name, the source
+    of its module and its config (not the interpreter's path, which differs between a host
+    and a container); for another command, the command, its image reference (a digest when
+    pinned as name@sha256:...) and its config. Memory policy, limits and timeouts are left
+    out: they change whether a record finishes, not how it is judged. A change in a module
+    the hook's module imports is not seen: declare `version` for that."""
+    if spec.version is not None:
+        return spec.version
+    target = _sdk_target(spec.command)
+    judged: dict[str, Any] = {"config": spec.config, "features": spec.emits_features}
+    if target is not None:
+        judged["target"] = target
+    else:
+        judged.update(command=list(spec.command), image=spec.image)
+    digest = hashlib.sha256(json.dumps(judged, sort_keys=True, default=str).encode())
+    if target is not None:
+        digest.update(_module_source(target))
+    prefix = "src" if target is not None else "cmd"
+    return f"{prefix}-{digest.hexdigest()[:12]}"

@@ -4,6 +4,7 @@ from osa_dagster.records.database import (
     DatabaseNotReadable,
     RecordsDatabase,
     RecordsDatabaseUnusable,
+    database_to_look_at,
     database_url,
     open_database,
     shown_database_url,
@@ -14,7 +15,7 @@ from osa_dagster.records.dead_letters import (
     list_dead_letters,
     replace_dead_letters,
 )
-from osa_dagster.records.models import Base, DeadLetter, Feature, Record
+from osa_dagster.records.models import Base, DeadLetter, Feature, Record, RecordEvent
 from osa_dagster.records.publish import (
     FeatureRows,
     PublishResult,
@@ -35,9 +36,11 @@ __all__ = [
     "PoisonRecord",
     "PublishResult",
     "Record",
+    "RecordEvent",
     "RecordToPublish",
     "RecordsDatabase",
     "RecordsDatabaseUnusable",
+    "database_to_look_at",
     "database_url",
     "find_srns",
     "list_dead_letters",

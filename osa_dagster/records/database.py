@@ -110,6 +110,15 @@ class RecordsDatabase:
         return sessionmaker(self.engine)()
 
 
+def database_to_look_at(url: str) -> RecordsDatabase | None:
+    """The database at `url`, read only (dry runs); None for a SQLite file not made yet,
+    which holds nothing. A database of another schema revision fails when first used."""
+    sqlite_file = _sqlite_file(url)
+    if sqlite_file is not None and not sqlite_file.is_file():
+        return None
+    return RecordsDatabase(url, read_only=True)
+
+
 @cache
 def open_database(url: str) -> RecordsDatabase:
     """One RecordsDatabase per URL and process: its engine pools connections, and the

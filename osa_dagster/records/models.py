@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Table,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # The longest upstream id a record may have (records.source_id).
@@ -32,9 +41,15 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON}
 
 
+# records.status: a withdrawn record keeps its SRN and row but no longer counts as published.
+PUBLISHED = "published"
+WITHDRAWN = "withdrawn"
+
+
 class Record(Base):
     """A published record. (convention, source_id) is unique: an upstream record is
-    published once, whichever batch or ingest meets it first."""
+    published once, whichever batch or ingest meets it first; a new upstream version of it
+    revises the row in place (same SRN), and a hook that no longer passes it withdraws it."""
 
     __tablename__ = "records"
     __table_args__ = (UniqueConstraint("convention", "source_id", name="uq_records_source"),)
@@ -45,6 +60,35 @@ class Record(Base):
     partition: Mapped[str] = mapped_column(String(255), index=True)
     record_metadata: Mapped[dict[str, Any]] = mapped_column("metadata")
     published_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(String(16), index=True, server_default=PUBLISHED)
+    status_reason: Mapped[str | None] = mapped_column(String(1024))
+    status_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    record_version: Mapped[str | None] = mapped_column(String(255))
+    """The upstream version the row holds (a release, a revision date), if the source has one."""
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """Where the record came from and what judged it: see osa_dagster/records/lifecycle.py."""
+
+
+class RecordEvent(Base):
+    """One change of a published record: revised (a new upstream version), withdrawn or
+    reinstated (a hook's verdict changed), superseded (upstream replaced it). The first
+    publication is the record's own row (published_at, partition, provenance)."""
+
+    __tablename__ = "record_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    srn: Mapped[str] = mapped_column(ForeignKey("records.srn"), index=True)
+    event: Mapped[str] = mapped_column(String(16))
+    record_version: Mapped[str | None] = mapped_column(String(255))
+    reason: Mapped[str | None] = mapped_column(String(1024))
+    partition: Mapped[str | None] = mapped_column(String(255))
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+# The tables as Core statements take them (a mapped class's __table__ is typed a FromClause).
+RECORDS = cast(Table, Record.__table__)
+RECORD_EVENTS = cast(Table, RecordEvent.__table__)
 
 
 class Feature(Base):

@@ -4,8 +4,7 @@ Both writes send the driver rows built as plain tuples, under SQLAlchemy's trans
 per-row work in Python (ORM objects, bound-parameter processing, a statement per 500 rows)
 cost PostgreSQL publishing eight times a raw COPY of the same rows. PostgreSQL gets the
 rows by COPY, SQLite by one prepared executemany; bench/publish_throughput.py measures
-both against those floors.
-"""
+both against those floors."""
 
 from __future__ import annotations
 
@@ -19,14 +18,23 @@ from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, text
+from sqlalchemy import ColumnElement, Connection, bindparam, func, insert, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from osa_dagster.records.database import RecordsDatabase
-from osa_dagster.records.models import Feature, Record, source_id_error
+from osa_dagster.records.models import (
+    PUBLISHED,
+    RECORD_EVENTS,
+    RECORDS,
+    Feature,
+    Record,
+    source_id_error,
+)
 
-_COLUMNS = "srn, convention, source_id, partition, metadata, published_at"
+_COLUMNS = (
+    "srn, convention, source_id, partition, metadata, published_at, record_version, provenance"
+)
 # PostgreSQL's SQLSTATE of a unique violation.
 _UNIQUE_VIOLATION = "23505"
 
@@ -57,6 +65,10 @@ def make_srns(domain: str, count: int) -> list[str]:
 class RecordToPublish:
     source_id: str
     metadata: dict[str, Any]
+    record_version: str | None = None
+    """The upstream version (release, revision date); a record published at another one is
+    revised in place. None claims no version: a published record is then left as it is."""
+    provenance: dict[str, Any] | None = None
 
 
 @dataclass
@@ -65,6 +77,9 @@ class PublishResult:
     """SRN of every record asked for, whether published now or before."""
     newly_published: int = 0
     already_published: int = 0
+    """Published before at the same version (or with none given): left as they were."""
+    revised: int = 0
+    """Published before at another version: now hold this one, under the same SRN."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +97,17 @@ def _stored_form(session: Session, column: ColumnElement[Any]) -> Callable[[Any]
 
 
 def _copy_csv(
-    connection: Connection, table: str, columns: str, rows: list[tuple[Any, ...]]
+    connection: Connection,
+    table: str,
+    columns: str,
+    rows: list[tuple[Any, ...]],
+    *,
+    nullable: str = "",
 ) -> None:
     """COPY the rows into the table as CSV, which Python's csv module writes in C. Every
     field is quoted: then a tab, newline, carriage return, quote or backslash is plain data,
-    and an empty string is not read as NULL (an unquoted empty field is).
+    and an empty string is not read as NULL (an unquoted empty field is), except in the
+    `nullable` columns, where None (written as an empty field) is NULL.
 
     COPY is the one call made on the driver's own cursor. Its errors are made what
     SQLAlchemy makes of any other: a DBAPIError, and a lost connection invalidated (rolling
@@ -95,7 +116,8 @@ def _copy_csv(
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL).writerows(rows)
     buffer.seek(0)
-    statement = f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)"
+    force_null = f", FORCE_NULL ({nullable})" if nullable else ""
+    statement = f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv{force_null})"
     dialect = connection.dialect
     driver_connection = connection.connection.dbapi_connection
     try:
@@ -115,7 +137,7 @@ def _copy_csv(
         ) from error
 
 
-def _one_of(dialect: str, column: str, parameter: str) -> str:
+def one_of_json(dialect: str, column: str, parameter: str) -> str:
     """SQL: `column` is one of the JSON list of strings bound to `parameter`. One statement
     and one parameter, whatever the number of values (SQLite binds at most 32766, and a
     PostgreSQL array of 100,000 strings took six times as long to send as their JSON)."""
@@ -129,11 +151,26 @@ def _srns_in(session: Session, convention: str, source_ids: Sequence[str]) -> di
     rows = session.execute(
         text(
             "SELECT source_id, srn FROM records WHERE convention = :convention AND "
-            + _one_of(dialect, "source_id", "source_ids")
+            + one_of_json(dialect, "source_id", "source_ids")
         ),
         {"convention": convention, "source_ids": json.dumps(list(source_ids))},
     )
     return {source_id: srn for source_id, srn in rows}
+
+
+def _published_versions(
+    session: Session, convention: str, source_ids: Sequence[str]
+) -> dict[str, tuple[str, str | None]]:
+    """source id -> (SRN, upstream version held) of those of these ids that are published."""
+    dialect = session.get_bind().dialect.name
+    rows = session.execute(
+        text(
+            "SELECT source_id, srn, record_version FROM records WHERE convention = :convention"
+            " AND " + one_of_json(dialect, "source_id", "source_ids")
+        ),
+        {"convention": convention, "source_ids": json.dumps(list(source_ids))},
+    )
+    return {source_id: (srn, version) for source_id, srn, version in rows}
 
 
 def _check_publishable(convention: str, records: Sequence[RecordToPublish]) -> None:
@@ -145,15 +182,20 @@ def _check_publishable(convention: str, records: Sequence[RecordToPublish]) -> N
             )
 
 
+# (srn, source_id, metadata JSON, record_version, provenance JSON) as sent to the driver.
+_Row = tuple[str, str, str, str | None, str | None]
+
+
 def _insert_postgresql(
     session: Session,
     convention: str,
     partition: str,
     published_at: datetime,
-    rows: list[tuple[str, str, str]],
+    rows: list[_Row],
 ) -> dict[str, str] | None:
-    """Insert (srn, source_id, metadata) rows whose source id was not published when looked
-    up; return every row's SRN, or None when all were inserted (each keeps its own SRN).
+    """Insert (srn, source_id, metadata, record_version, provenance) rows whose source id
+    was not published when looked up; return every row's SRN, or None when all were
+    inserted (each keeps its own SRN).
 
     The rows go by COPY straight into records, the fastest way PostgreSQL has. Should
     another run have published one of them since the look-up (a unique violation, after
@@ -165,6 +207,7 @@ def _insert_postgresql(
     batches cannot deadlock.
     """
     rows.sort(key=itemgetter(1))
+    at = published_at.isoformat()
     try:
         with session.begin_nested():
             _copy_csv(
@@ -172,9 +215,10 @@ def _insert_postgresql(
                 "records",
                 _COLUMNS,
                 [
-                    (srn, convention, source_id, partition, metadata, published_at.isoformat())
-                    for srn, source_id, metadata in rows
+                    (srn, convention, source_id, partition, metadata, at, version, provenance)
+                    for srn, source_id, metadata, version, provenance in rows
                 ],
+                nullable="record_version, provenance",
             )
         return None
     except IntegrityError as error:
@@ -182,14 +226,21 @@ def _insert_postgresql(
             raise
     connection = session.connection()
     connection.exec_driver_sql(
-        "CREATE TEMPORARY TABLE publish_staging (srn text, source_id text, metadata json)"
-        " ON COMMIT DROP"
+        "CREATE TEMPORARY TABLE publish_staging (srn text, source_id text, metadata json,"
+        " record_version text, provenance json) ON COMMIT DROP"
     )
-    _copy_csv(connection, "publish_staging", "srn, source_id, metadata", rows)
+    _copy_csv(
+        connection,
+        "publish_staging",
+        "srn, source_id, metadata, record_version, provenance",
+        rows,
+        nullable="record_version, provenance",
+    )
     connection.exec_driver_sql(
         f"INSERT INTO records ({_COLUMNS}) SELECT srn, %(convention)s, source_id,"
-        " %(partition)s, metadata, %(published_at)s FROM publish_staging"
-        ' ORDER BY source_id COLLATE "C" ON CONFLICT (convention, source_id) DO NOTHING',
+        " %(partition)s, metadata, %(published_at)s, record_version, provenance"
+        ' FROM publish_staging ORDER BY source_id COLLATE "C"'
+        " ON CONFLICT (convention, source_id) DO NOTHING",
         {"convention": convention, "partition": partition, "published_at": published_at},
     )
     stored = connection.exec_driver_sql(
@@ -205,23 +256,87 @@ def _insert_sqlite(
     convention: str,
     partition: str,
     published_at: datetime,
-    rows: list[tuple[str, str, str]],
+    rows: list[_Row],
 ) -> dict[str, str] | None:
     """As `_insert_postgresql`, by one prepared INSERT run over all rows. SQLite has one
     writer at a time: the insert takes the write lock (waiting up to the busy timeout), so
     no order of rows matters."""
     at = _stored_form(session, Record.__table__.c.published_at)(published_at)
     inserted = session.connection().exec_driver_sql(
-        f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+        f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (convention, source_id) DO NOTHING",
         [
-            (srn, convention, source_id, partition, metadata, at)
-            for srn, source_id, metadata in rows
+            (srn, convention, source_id, partition, metadata, at, version, provenance)
+            for srn, source_id, metadata, version, provenance in rows
         ],
     )
     if inserted.rowcount == len(rows):
         return None
-    return _srns_in(session, convention, [source_id for _, source_id, _ in rows])
+    return _srns_in(session, convention, [row[1] for row in rows])
+
+
+def _revise(
+    session: Session,
+    partition: str,
+    at: datetime,
+    revisions: Sequence[tuple[str, str | None, RecordToPublish]],
+) -> int:
+    """Give published records, as (SRN, version held, record), the record's version,
+    metadata and provenance under the same SRN, each with a 'revised' event; return how
+    many changed. A record withdrawn by a hook is published again: the new version passed
+    the hooks. A row another publisher revised meanwhile (it no longer holds the version
+    read) is left to that one. Revisions are few next to first publications: one UPDATE
+    each, whose row count tells whether it applied."""
+    records = RECORDS.c
+    revise = (
+        update(RECORDS)
+        .where(
+            records.srn == bindparam("b_srn"),
+            func.coalesce(records.record_version, "") == bindparam("b_held"),
+        )
+        .values(
+            {
+                records.metadata: bindparam("b_metadata"),
+                records.record_version: bindparam("b_version"),
+                records.provenance: bindparam("b_provenance"),
+                records.partition: partition,
+                records.status: PUBLISHED,
+                records.status_reason: None,
+                records.status_changed_at: at,
+            }
+        )
+    )
+    events = []
+    for srn, held, record in revisions:
+        changed = (
+            session.connection()
+            .execute(
+                revise,
+                {
+                    "b_srn": srn,
+                    "b_held": held or "",
+                    "b_metadata": record.metadata,
+                    "b_version": record.record_version,
+                    "b_provenance": record.provenance,
+                },
+            )
+            .rowcount
+        )
+        if changed:
+            events.append(
+                {
+                    "srn": srn,
+                    "event": "revised",
+                    "record_version": record.record_version,
+                    "reason": f"version {record.record_version} replaces {held or 'unrecorded'}",
+                    "partition": partition,
+                    "provenance": record.provenance,
+                    "at": at,
+                }
+            )
+    if events:
+        session.execute(insert(RECORD_EVENTS), events)
+    return len(events)
 
 
 def publish_records(
@@ -232,13 +347,17 @@ def publish_records(
     partition: str,
     records: Sequence[RecordToPublish],
 ) -> PublishResult:
-    """Insert the records that are not yet published; return every record's SRN.
+    """Insert the records that are not yet published, revise those published at another
+    upstream version; return every record's SRN.
 
-    Idempotent on (convention, source_id): re-running a partition, or meeting the same
-    upstream record in a later batch, publishes nothing twice. The unique constraint, and
-    the conflict clause of the insert that follows a collision, make this hold also when
-    two runs publish the same records at once. A record whose id the
-    database cannot hold (see `source_id_error`) fails the call before anything is written.
+    Idempotent on (convention, source_id, record_version): re-running a partition, or
+    meeting the same upstream record in a later batch, publishes nothing twice. The unique
+    constraint, and the conflict clause of the insert that follows a collision, make this
+    hold also when two runs publish the same records at once. A record
+    given with a version other than the one its published row holds is revised in place
+    (same SRN; see `_revise`): the caller gives the newest version it knows. A record whose
+    id the database cannot hold (see `source_id_error`) fails the call before anything is
+    written.
     """
     if not records:
         return PublishResult()
@@ -247,36 +366,58 @@ def publish_records(
     with db.session() as session, session.begin():
         dialect = session.get_bind().dialect.name
         if dialect == "postgresql":
-            insert = _insert_postgresql
+            insert_rows = _insert_postgresql
         elif dialect == "sqlite":
-            insert = _insert_sqlite
+            insert_rows = _insert_sqlite
         else:
             raise ValueError(f"the records database must be PostgreSQL or SQLite, not {dialect}")
         # Those published before are looked up first: a re-run then only reads (on SQLite
         # it takes no write lock), and SRNs and JSON are made only for the others.
-        srns = _srns_in(session, convention, [record.source_id for record in records])
+        published = _published_versions(
+            session, convention, [record.source_id for record in records]
+        )
+        srns = {source_id: srn for source_id, (srn, _) in published.items()}
         # An id given twice is published with its first metadata.
         unpublished: dict[str, RecordToPublish] = {}
+        to_revise: dict[str, tuple[str, str | None, RecordToPublish]] = {}
         for record in records:
-            if record.source_id not in srns:
+            if record.source_id not in published:
                 unpublished.setdefault(record.source_id, record)
+                continue
+            srn, held = published[record.source_id]
+            if record.record_version is not None and record.record_version != held:
+                to_revise.setdefault(record.source_id, (srn, held, record))
+        revised = _revise(session, partition, published_at, list(to_revise.values()))
         missing = list(unpublished.values())
         if not missing:
-            return PublishResult(srns=srns, already_published=len(records))
+            return PublishResult(
+                srns=srns, already_published=len(records) - revised, revised=revised
+            )
         to_json = _stored_form(session, Record.__table__.c.metadata)
         ours = make_srns(domain, len(missing))
         rows = [
-            (srn, record.source_id, to_json(record.metadata))
+            (
+                srn,
+                record.source_id,
+                to_json(record.metadata),
+                record.record_version,
+                None if record.provenance is None else to_json(record.provenance),
+            )
             for srn, record in zip(ours, missing, strict=True)
         ]
-        stored = insert(session, convention, partition, published_at, rows)
+        stored = insert_rows(session, convention, partition, published_at, rows)
     if stored is None:  # every row inserted, each with its own SRN
         newly = len(rows)
-        srns.update((source_id, srn) for srn, source_id, _ in rows)
+        srns.update((row[1], row[0]) for row in rows)
     else:  # another publisher was first for some
-        newly = sum(1 for srn, source_id, _ in rows if stored.get(source_id) == srn)
+        newly = sum(1 for row in rows if stored.get(row[1]) == row[0])
         srns.update(stored)
-    return PublishResult(srns=srns, newly_published=newly, already_published=len(records) - newly)
+    return PublishResult(
+        srns=srns,
+        newly_published=newly,
+        already_published=len(records) - newly - revised,
+        revised=revised,
+    )
 
 
 def store_features(db: RecordsDatabase, *, hook: str, features: Sequence[FeatureRows]) -> int:
@@ -292,7 +433,7 @@ def store_features(db: RecordsDatabase, *, hook: str, features: Sequence[Feature
         session.execute(
             text(
                 "DELETE FROM features WHERE hook = :hook AND "
-                + _one_of(dialect, "record_srn", "srns")
+                + one_of_json(dialect, "record_srn", "srns")
             ),
             {"hook": hook, "srns": json.dumps(srns)},
         )

@@ -4,17 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
 
 from osa_dagster.records.database import RecordsDatabase
-from osa_dagster.records.models import Feature, Record
+from osa_dagster.records.models import PUBLISHED, Feature, Record
 
 
 def count_published(db: RecordsDatabase, convention: str) -> int:
+    """Records that count as published: not those withdrawn."""
     with db.session() as session:
-        query = select(func.count()).select_from(Record).where(Record.convention == convention)
+        query = (
+            select(func.count())
+            .select_from(Record)
+            .where(Record.convention == convention, Record.status == PUBLISHED)
+        )
+        return session.scalar(query) or 0
+
+
+def count_withdrawn(db: RecordsDatabase, convention: str) -> int:
+    with db.session() as session:
+        query = (
+            select(func.count())
+            .select_from(Record)
+            .where(Record.convention == convention, Record.status != PUBLISHED)
+        )
         return session.scalar(query) or 0
 
 
@@ -24,7 +40,7 @@ def count_feature_rows(db: RecordsDatabase, convention: str) -> int:
             select(func.count())
             .select_from(Feature)
             .join(Record, Record.srn == Feature.record_srn)
-            .where(Record.convention == convention)
+            .where(Record.convention == convention, Record.status == PUBLISHED)
         )
         return session.scalar(query) or 0
 
@@ -35,6 +51,12 @@ class PublishedRecord:
     convention: str
     source_id: str
     partition: str
+    status: str
+    """published, or withdrawn (then `status_reason` says why and `status_changed_at` when)."""
+    status_reason: str | None
+    status_changed_at: datetime | None
+    record_version: str | None
+    provenance: dict[str, Any] | None
     features: list[tuple[str, int, dict[str, Any]]]
     """(hook, row index, row), empty unless asked for."""
 
@@ -42,7 +64,8 @@ class PublishedRecord:
 def published_records(
     db: RecordsDatabase, convention: str | None, limit: int, *, with_features: bool
 ) -> Iterator[PublishedRecord]:
-    """Published records in (convention, source id) order, optionally with their features."""
+    """Records ever published, withdrawn ones too, in (convention, source id) order,
+    optionally with their features."""
     query = select(Record).order_by(Record.convention, Record.source_id).limit(limit)
     if convention:
         query = query.where(Record.convention == convention)
@@ -57,19 +80,55 @@ def published_records(
                 )
                 features = [(f.hook, f.row_index, f.data) for f in rows]
             yield PublishedRecord(
-                record.srn, record.convention, record.source_id, record.partition, features
+                srn=record.srn,
+                convention=record.convention,
+                source_id=record.source_id,
+                partition=record.partition,
+                status=record.status,
+                status_reason=record.status_reason,
+                status_changed_at=record.status_changed_at,
+                record_version=record.record_version,
+                provenance=record.provenance,
+                features=features,
             )
 
 
 def published_in_partition(db: RecordsDatabase, convention: str, partition: str) -> dict[str, str]:
-    """source id -> SRN of the records this partition published."""
+    """source id -> SRN of the records this partition published (and not withdrawn)."""
     with db.session() as session:
         rows = session.execute(
             select(Record.source_id, Record.srn).where(
-                Record.convention == convention, Record.partition == partition
+                Record.convention == convention,
+                Record.partition == partition,
+                Record.status == PUBLISHED,
             )
         )
         return {source_id: srn for source_id, srn in rows}
+
+
+@dataclass(frozen=True)
+class HeldRecord:
+    """A record as a partition holds it: its SRN, status and provenance."""
+
+    srn: str
+    status: str
+    provenance: dict[str, Any] | None
+
+
+def records_of_partition_by_status(
+    db: RecordsDatabase, convention: str, partition: str
+) -> dict[str, HeldRecord]:
+    """source id -> every record this partition holds, withdrawn too."""
+    with db.session() as session:
+        rows = session.execute(
+            select(Record.source_id, Record.srn, Record.status, Record.provenance).where(
+                Record.convention == convention, Record.partition == partition
+            )
+        )
+        return {
+            source_id: HeldRecord(srn, status, provenance)
+            for source_id, srn, status, provenance in rows
+        }
 
 
 def publication_counts(
@@ -119,11 +178,15 @@ class RecordOfBatch:
 def records_of_partition(
     db: RecordsDatabase, convention: str, partition: str, *, chunk: int = 500
 ) -> Iterator[RecordOfBatch]:
-    """The records `partition` published, by source id, read `chunk` at a time (with their
-    features) as they are consumed, so memory stays that of one chunk."""
+    """The records `partition` published and not withdrawn, by source id, read `chunk` at a
+    time (with their features) as they are consumed, so memory stays that of one chunk."""
     query = (
         select(Record)
-        .where(Record.convention == convention, Record.partition == partition)
+        .where(
+            Record.convention == convention,
+            Record.partition == partition,
+            Record.status == PUBLISHED,
+        )
         .order_by(Record.source_id)
         .execution_options(yield_per=chunk)
     )

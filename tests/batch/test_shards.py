@@ -19,6 +19,7 @@ from osa_dagster.batch.fetch import fetch_raw_batch
 from osa_dagster.batch.hooks import (
     HookJob,
     HookJobResult,
+    checkpoint_key,
     load_hook_checkpoints,
     run_batch_hook,
     run_hook_jobs,
@@ -35,7 +36,7 @@ from osa_dagster.batch.stores import StoreCheckpointIO
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.metadata import hook_metadata
 from osa_dagster.engine import Checkpoint, HookCapacity, LocalRunner
-from osa_dagster.engine.spec import HookSpec, MemoryPolicy
+from osa_dagster.engine.spec import HookSpec, MemoryPolicy, hook_version
 from osa_dagster.settings import Settings
 from osa_dagster.storage.layout import BatchLayout
 from osa_dagster.storage.store import FileSystemStore
@@ -114,9 +115,14 @@ def _run(
     return result
 
 
-def _shard_checkpoint(store: FileSystemStore, partition: str, shard: int) -> Checkpoint | None:
-    key = BatchLayout("sharded", partition).checkpoint(HOOK, shard)
-    return StoreCheckpointIO(store, key).load()
+def _version(convention: Convention) -> str:
+    return hook_version(convention.hook(HOOK))
+
+
+def _shard_checkpoint(
+    convention: Convention, store: FileSystemStore, partition: str, shard: int
+) -> Checkpoint | None:
+    return StoreCheckpointIO(store, checkpoint_key(convention, partition, HOOK, shard)).load()
 
 
 def test_shards_have_similar_sizes_and_counts():
@@ -143,11 +149,11 @@ def test_an_oom_in_one_shard_climbs_that_shard_alone(tmp_path: Path):
 
     result = _run(convention, store, partition, _capacity(tmp_path, slots=2))
 
-    plan = load_shard_plan(store, BatchLayout("sharded", partition), HOOK)
+    plan = load_shard_plan(store, BatchLayout("sharded", partition), HOOK, _version(convention))
     assert plan is not None and plan.shards == [["r01", "r03", "r05"], ["r02", "r04", "r06"]]
     oom_shard, other = (
-        _shard_checkpoint(store, partition, 0),
-        _shard_checkpoint(store, partition, 1),
+        _shard_checkpoint(convention, store, partition, 0),
+        _shard_checkpoint(convention, store, partition, 1),
     )
     assert oom_shard is not None and other is not None
     assert [(a.memory_limit_mb, a.oom_killed, a.records_in) for a in oom_shard.attempts] == [
@@ -200,11 +206,11 @@ def test_a_killed_run_resumes_each_shard_and_keeps_the_split_with_fewer_slots(tm
     assert next(jobs).job.partition == "never-fetched"
 
     def shard_1_waits_on_r04() -> bool:
-        shard_1 = _shard_checkpoint(store, partition, 1)
+        shard_1 = _shard_checkpoint(convention, store, partition, 1)
         return shard_1 is not None and "r02" in shard_1.outcomes and shard_1.running is not None
 
     def shard_0_done() -> bool:
-        return (c := _shard_checkpoint(store, partition, 0)) is not None and c.complete
+        return (c := _shard_checkpoint(convention, store, partition, 0)) is not None and c.complete
 
     assert eventually(shard_0_done, timeout_s=60)
     assert eventually(shard_1_waits_on_r04, timeout_s=60)
@@ -215,7 +221,7 @@ def test_a_killed_run_resumes_each_shard_and_keeps_the_split_with_fewer_slots(tm
     gate.touch()
     result = _run(convention, store, partition, _capacity(tmp_path, slots=1))
 
-    plan = load_shard_plan(store, BatchLayout("sharded", partition), HOOK)
+    plan = load_shard_plan(store, BatchLayout("sharded", partition), HOOK, _version(convention))
     assert plan is not None and len(plan.shards) == 2 and plan.slots == 2
     assert result.progress is not None
     new = result.progress.attempts_this_call
@@ -235,37 +241,42 @@ def test_a_batch_begun_before_batches_were_split_goes_on_as_one_shard(tmp_path: 
     runner = LocalRunner.from_settings(Settings.from_env())
     run_batch_hook(convention, HOOK, store, partition, runner)  # no capacity: one shard
     layout = BatchLayout("sharded", partition)
-    store.delete_prefix(layout.shard_plan(HOOK))  # as the store was before shards
+    # As the store was before shards.
+    store.delete_prefix(layout.shard_plan(HOOK, _version(convention)))
 
     assert load_hook_checkpoints(convention, store, partition)[HOOK].counts()["passed"] == records
     result = _run(convention, store, partition, _capacity(tmp_path, slots=2))
 
     assert result.progress is not None and result.progress.attempts_this_call == []
-    plan = load_shard_plan(store, layout, HOOK)
+    plan = load_shard_plan(store, layout, HOOK, _version(convention))
     assert plan is not None and plan.keys() == [None]
     assert _ledger(tmp_path) == Counter({f"r{n:02d}": 1 for n in range(1, records + 1)})
 
 
 def test_an_unsplit_batch_keeps_the_hook_paths_of_before(tmp_path: Path):
     layout = BatchLayout("c", "p")
+    old = None  # judged before hooks had versions
     assert (
-        layout.checkpoint(HOOK)
-        == layout.checkpoint(HOOK, None)
+        layout.checkpoint(HOOK, old)
+        == layout.checkpoint(HOOK, old, None)
         == "batches/c/p/hooks/behave/checkpoint.json"
     )
-    assert layout.checkpoint(HOOK, 1) == "batches/c/p/hooks/behave/shards/1/checkpoint.json"
-    assert layout.hook_workdir(HOOK, 0) == "batches/c/p/hooks/behave/shards/0/work"
+    assert layout.checkpoint(HOOK, old, 1) == "batches/c/p/hooks/behave/shards/1/checkpoint.json"
+    assert layout.hook_workdir(HOOK, old, 0) == "batches/c/p/hooks/behave/shards/0/work"
+    assert (
+        layout.checkpoint(HOOK, "2", 1) == "batches/c/p/hooks/behave/v/2/shards/1/checkpoint.json"
+    )
 
 
 def test_an_unreadable_split_is_set_aside_and_made_again(tmp_path: Path):
     store = FileSystemStore(tmp_path / "store")
     layout = BatchLayout("c", "p")
     records = [record(f"r{n:02d}") for n in range(1, 2 * MIN_SHARD_RECORDS + 1)]
-    store.write_bytes(layout.shard_plan(HOOK), b'{"hook": "behave", "shards": [[')
+    store.write_bytes(layout.shard_plan(HOOK, "1"), b'{"hook": "behave", "shards": [[')
 
-    plan = frozen_shard_plan(store, layout, HOOK, records, shard_size=None, slots=2)
+    plan = frozen_shard_plan(store, layout, HOOK, "1", records, shard_size=None, slots=2)
 
     assert [len(shard) for shard in plan.shards] == [MIN_SHARD_RECORDS, MIN_SHARD_RECORDS]
-    assert load_shard_plan(store, layout, HOOK) == plan
+    assert load_shard_plan(store, layout, HOOK, "1") == plan
     [aside] = [k for k in store.list_keys(layout.hook(HOOK)) if ".unreadable-" in k]
     assert store.read_bytes(aside) == b'{"hook": "behave", "shards": [['

@@ -420,3 +420,37 @@ def test_only_the_ribosome_needs_more_than_the_base_memory_and_double_suffices()
             assert outcome == ("none" if killed else "passed")
         finally:
             group.remove()
+
+
+# wwPDB's obsolete.dat as published: a title, then one OBSLTE line per obsolete entry.
+OBSOLETE_DAT = """\
+ LIST OF OBSOLETE COORDINATE ENTRIES AND SUCCESSORS
+OBSLTE    31-JUL-94 116L     216L
+OBSLTE    02-JAN-24 1UBI     9UBI 9UBJ
+OBSLTE    03-JAN-24 1A28
+"""
+
+
+def test_discover_lists_the_obsolete_entries_of_obsolete_dat_with_their_successors(
+    dated_mirror: tuple[Path, dict[str, datetime]],
+) -> None:
+    mirror, modified = dated_mirror
+    (mirror / "obsolete.dat").write_text(OBSOLETE_DAT)
+    refs = list(PdbMirrorIngester(mirror=mirror).discover(since=None, limit=None))
+    live = [r.source_id for r in refs if r.obsolete is None]
+    # An entry both in the mirror and in the list is what the list says: obsolete.
+    assert live == sorted(set(modified) - {"1UBI", "1A28"})
+    obsolete = {r.source_id: r.obsolete.superseded_by for r in refs if r.obsolete}
+    assert obsolete == {"116L": ("216L",), "1A28": (), "1UBI": ("9UBI", "9UBJ")}
+    # A watch sees the entries declared obsolete since the day it last looked.
+    since = datetime(2024, 1, 3, 12, tzinfo=UTC)
+    watched = PdbMirrorIngester(mirror=mirror).discover(since=since, limit=None)
+    assert [r.source_id for r in watched if r.obsolete] == ["1A28"]
+
+
+def test_an_obsolete_dat_line_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror"
+    (mirror / "mmCIF").mkdir(parents=True)
+    (mirror / "obsolete.dat").write_text(OBSOLETE_DAT + "OBSLTE    31-FOO-94 1ABC\n")
+    with pytest.raises(ValueError, match=r"obsolete\.dat, line 5: not an OBSLTE record"):
+        list(PdbMirrorIngester(mirror=mirror).discover(since=None, limit=None))

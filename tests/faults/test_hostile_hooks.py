@@ -313,7 +313,7 @@ def _drive(settings: dict[str, Any]) -> dict[str, Any]:
     from sqlalchemy import select
 
     from osa_dagster.batch.fetch import fetch_raw_batch
-    from osa_dagster.batch.hooks import run_batch_hook
+    from osa_dagster.batch.hooks import checkpoint_key, run_batch_hook
     from osa_dagster.batch.plan import plan_ingest
     from osa_dagster.batch.publish import publish_batch, store_batch_features
     from osa_dagster.conventions.base import Convention
@@ -345,14 +345,14 @@ def _drive(settings: dict[str, Any]) -> dict[str, Any]:
         return sdk_hook_command(f"{HOOK_MODULE}:{function}")
 
     def convention(name: str, ids: list[str], targets: dict[str, Any]) -> Convention:
-        def spec(function: str, memory_mb: int) -> HookSpec:
+        def spec(function: str, memory_mb: int, config: dict[str, Any]) -> HookSpec:
             return HookSpec(
                 name=function,
                 command=command(function),
                 image=settings["image"] or None,
                 memory=MemoryPolicy(base_mb=memory_mb, cap_mb=memory_mb),
                 timeout_s=HOOK_TIMEOUT_S,
-                config={"targets": targets},
+                config=config,
                 emits_features=True,
             )
 
@@ -360,7 +360,12 @@ def _drive(settings: dict[str, Any]) -> dict[str, Any]:
             name=name,
             ingester=Records,
             ingester_config={"ids": ids},
-            hooks=(spec("validator", 256), spec("hostile", HOSTILE_MEMORY_MB)),
+            # The validator takes no targets: its version, and so where its checkpoint is
+            # (one of the targets), does not depend on them.
+            hooks=(
+                spec("validator", 256, {}),
+                spec("hostile", HOSTILE_MEMORY_MB, {"targets": targets}),
+            ),
             batch_size=len(ids) if name == "hostile_hooks" else 1,
         )
 
@@ -380,11 +385,14 @@ def _drive(settings: dict[str, Any]) -> dict[str, Any]:
     ids = [*REJECTED_BY_VALIDATOR, *HONEST, *ATTACKS]
     [partition] = plan_ingest(convention("hostile_hooks", ids, {}), store).partitions
     layout = BatchLayout("hostile_hooks", partition)
+    validator_checkpoint = store.root / checkpoint_key(
+        convention("hostile_hooks", ids, {}), partition, "validator"
+    )
     forged = root / "forged.jsonl"
     forged.write_text("".join(json.dumps({"id": i, "features": []}) + "\n" for i in OUTPUT_ATTACKS))
     targets = {
         "store": str(store.root),
-        "validator_checkpoint": str(store.root / layout.checkpoint("validator")),
+        "validator_checkpoint": str(validator_checkpoint),
         "raw_records": str(store.root / layout.raw_records),
         "docker_socket": docker_socket(),
         "listener_port": settings["listener_port"],
@@ -397,14 +405,14 @@ def _drive(settings: dict[str, Any]) -> dict[str, Any]:
     run(conv, "validator", partition)
     before = {
         "raw": _digest_tree(store.root / layout.raw),
-        "checkpoint": _digest(store.root / layout.checkpoint("validator")),
+        "checkpoint": _digest(validator_checkpoint),
     }
     checkpoint, _ = run(conv, "hostile", partition)
     report: dict[str, Any] = {
         "raw_before": before["raw"],
         "raw_after": _digest_tree(store.root / layout.raw),
         "validator_checkpoint_before": before["checkpoint"],
-        "validator_checkpoint_after": _digest(store.root / layout.checkpoint("validator")),
+        "validator_checkpoint_after": _digest(validator_checkpoint),
         "hostile": {
             "outcomes": {i: o.model_dump(mode="json") for i, o in checkpoint.outcomes.items()},
             "attempts": [a.model_dump(mode="json") for a in checkpoint.attempts],

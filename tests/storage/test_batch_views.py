@@ -17,15 +17,18 @@ import pytest
 from osa_sdk.types import IngesterRecord, OutcomeStatus
 from sqlalchemy import select
 
+from osa_dagster.batch.hooks import checkpoint_key
 from osa_dagster.batch.views import HookOutcomes, PublishedRecords, RawRecords
 from osa_dagster.definitions import build_definitions
 from osa_dagster.records import Feature, Record, RecordsDatabase, database_url
 from osa_dagster.settings import Settings
 from osa_dagster.storage.layout import BatchLayout
 from osa_dagster.storage.store import ArtifactStore, artifact_store
-from tests.fixtures.toy_convention import TOY_IDS
+from tests.fixtures.toy_convention import CONVENTIONS, TOY_IDS
 
 from .servers import S3Endpoint
+
+TOY = next(c for c in CONVENTIONS if c.name == "toy")
 
 HOOK_OUTCOMES = dg.AssetKey(["toy", "hook_outcomes", "check_size"])
 
@@ -85,7 +88,7 @@ def test_a_notebook_loads_a_batch_by_asset_key(artifacts_on, tmp_path: Path) -> 
     layout = BatchLayout("toy", key)
     expected = {
         "raw": store.describe(layout.raw),
-        "hook": store.describe(layout.checkpoint("check_size")),
+        "hook": store.describe(checkpoint_key(TOY, key, "check_size")),
     }
     if artifacts_on == "filesystem":
         expected = {name: Path(where).as_uri() for name, where in expected.items()}
@@ -96,7 +99,7 @@ def test_a_notebook_loads_a_batch_by_asset_key(artifacts_on, tmp_path: Path) -> 
     assert all(isinstance(r, IngesterRecord) for r in records)
 
     # The hook's outcomes are the checkpoint the engine persisted in the store.
-    persisted = json.loads(store.read_bytes(layout.checkpoint("check_size")))["outcomes"]
+    persisted = json.loads(store.read_bytes(checkpoint_key(TOY, key, "check_size")))["outcomes"]
     loaded = dict(outcomes)
     assert loaded.keys() == persisted.keys() == set(TOY_IDS[:5])
     assert {i: o.status.value for i, o in loaded.items()} == {
@@ -127,7 +130,7 @@ def test_views_read_nothing_until_iterated(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         next(iter(view))
     with pytest.raises(FileNotFoundError, match="has no checkpoint"):
-        HookOutcomes(FileSystemStore(tmp_path), layout, "check_size").checkpoint()
+        HookOutcomes(FileSystemStore(tmp_path), layout, "check_size", "1").checkpoint()
 
 
 def test_iter_lines_streams_what_read_bytes_reads(store: ArtifactStore) -> None:

@@ -27,7 +27,7 @@ from osa_dagster.batch.plan import partition_key, plan_ingest, planned_partition
 from osa_dagster.batch.stores import StoreCheckpointIO
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import HookSpec, LocalRunner, MemoryPolicy
-from osa_dagster.engine.spec import sdk_hook_command
+from osa_dagster.engine.spec import hook_version, sdk_hook_command
 from osa_dagster.settings import Settings
 from osa_dagster.storage import BatchLayout, artifact_store
 from osa_dagster.storage.s3 import RetryPolicy, S3Store
@@ -165,7 +165,9 @@ def test_a_worker_killed_mid_batch_is_resumed_elsewhere_from_s3(
     store = seaweedfs.store(unique_prefix)
     partition = partition_key([RecordRef(source_id=i) for i in ids])
     layout = BatchLayout("toy_ledger", partition)
-    checkpoints = StoreCheckpointIO(store, layout.checkpoint(HOOK))
+    # The workers run the hook of this convention, so its version.
+    version = hook_version(ledger_convention(ledger, records, args["sleep_s"]).hook(HOOK))
+    checkpoints = StoreCheckpointIO(store, layout.checkpoint(HOOK, version))
 
     def settled_in_s3() -> set[str]:
         checkpoint = checkpoints.load()
@@ -213,7 +215,7 @@ def test_a_worker_killed_mid_batch_is_resumed_elsewhere_from_s3(
     assert final.anomalies == {}
     # The hook's output in the store is the second worker's alone: the first one's working
     # files were never uploaded, and the resume needed nothing but the checkpoint.
-    work = layout.hook_workdir(HOOK)
+    work = layout.hook_workdir(HOOK, version)
     keys = list(store.list_keys(work))
     assert keys and all(k.startswith(f"{work}/attempt-2/") for k in keys), keys
     outcome_ids = Counter(
@@ -372,7 +374,8 @@ def test_the_hook_step_rides_out_a_restart_of_the_s3_server(
     assert end - restarter.ended < 2.5
     # What was stored before the restart is still there, and so is the final checkpoint.
     assert store.read_bytes(layout.raw_records) == raw_records
-    assert StoreCheckpointIO(store, layout.checkpoint(HOOK)).load() == progress.checkpoint
+    key = layout.checkpoint(HOOK, hook_version(convention.hook(HOOK)))
+    assert StoreCheckpointIO(store, key).load() == progress.checkpoint
     print(
         f"\nS3 server restart {restarter.ended - restarter.began:.1f} s; "
         f"the step stalled {end - start:.1f} s in one checkpoint save"

@@ -6,6 +6,10 @@ bundles a small one (mirror/, see mirror/SOURCES.md); point `mirror` at a full c
 ingest the whole archive. A folder without ``mmCIF/`` is read as a flat folder of
 ``.cif`` and ``.cif.gz`` files, each entry named by its ``data_`` line, whatever its file
 is called (a lab's own structures, files a program wrote).
+
+A mirror may also hold wwPDB's list of obsolete entries, ``obsolete.dat`` at its root, as
+``rsync rsync.wwpdb.org::ftp_data/status/obsolete.dat`` leaves it: discover lists each
+obsolete entry as such, with its successors, and planning withdraws it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import IO
 import gemmi
 from osa_sdk.authoring import FetchContext, Ingester, ingester
 from osa_sdk.contract import bytes_to_mb
-from osa_sdk.types import IngesterRecord, RecordRef
+from osa_sdk.types import IngesterRecord, Obsolete, RecordRef
 from pydantic import BaseModel, ConfigDict
 
 from osa_dagster.conventions.local_files import file_of_ref
@@ -41,6 +45,9 @@ _FLAT_SUFFIXES = (".cif", ".cif.gz")
 _DATA_LINE_WITHIN = 64
 # RecordRef.extra key: an entry's file in a flat folder, relative to it.
 _PATH = "path"
+# wwPDB's list of obsolete entries, in the mirror's root folder.
+OBSOLETE_LIST = "obsolete.dat"
+_OBSOLETE_LINE = "OBSLTE"
 
 # The header categories that fetch copies into a record's metadata.
 _HEADER_CATEGORIES = frozenset(
@@ -103,6 +110,45 @@ def mirror_entries(mirror: Path) -> list[tuple[str, Path]]:
                     if match and match[1][1:3] == folder.name and file.is_file():
                         entries.append((match[1].upper(), Path(file.path)))
     return sorted(entries)
+
+
+class ObsoleteEntry(BaseModel):
+    """A line of wwPDB's obsolete.dat: ``OBSLTE  31-JUL-94 116L     216L``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pdb_id: str
+    obsoleted_on: date
+    superseded_by: tuple[str, ...]
+
+
+def obsolete_entries(path: Path) -> dict[str, ObsoleteEntry]:
+    """The entries of an obsolete.dat by PDB id (upper case). Lines that are not OBSLTE
+    records (its title) are passed over; an OBSLTE line that cannot be read is an error
+    naming the file and line, since an entry missed would stay published."""
+    entries: dict[str, ObsoleteEntry] = {}
+    with path.open(encoding="ascii", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields or fields[0] != _OBSOLETE_LINE:
+                continue
+            try:
+                day = datetime.strptime(fields[1], "%d-%b-%y").date()
+                pdb_id = fields[2]
+            except (IndexError, ValueError):
+                raise ValueError(
+                    f"{path}, line {number}: not an OBSLTE record "
+                    f"(OBSLTE DD-MON-YY ID [SUCCESSOR ...]): {line.strip()!r}"
+                ) from None
+            ids = [pdb_id, *fields[3:]]
+            if bad := [i for i in ids if not _PDB_ID.fullmatch(i)]:
+                raise ValueError(f"{path}, line {number}: {bad[0]!r} is not a PDB id")
+            entries[pdb_id.upper()] = ObsoleteEntry(
+                pdb_id=pdb_id.upper(),
+                obsoleted_on=day,
+                superseded_by=tuple(i.upper() for i in fields[3:]),
+            )
+    return entries
 
 
 def flat_files(folder: Path) -> list[Path]:
@@ -267,9 +313,12 @@ class PdbMirrorIngester(Ingester):
         if since is not None and since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
         found = 0
+        obsolete = self._obsolete()
         for pdb_id, path in self._entries(since):
             if limit is not None and found >= limit:
                 return
+            if pdb_id in obsolete:
+                continue  # listed below as obsolete, which upstream says it is
             try:
                 stat = path.stat()
             except FileNotFoundError:
@@ -283,6 +332,25 @@ class PdbMirrorIngester(Ingester):
                 version=f"{stat.st_mtime_ns}:{stat.st_size}",
                 extra={} if self.divided else {_PATH: path.relative_to(self.mirror).as_posix()},
             )
+        for entry in obsolete.values():
+            if limit is not None and found >= limit:
+                return
+            # The list is dated by day: a watch sees again what was declared obsolete on the
+            # day it last looked, which withdraws nothing twice.
+            if since is not None and entry.obsoleted_on < since.date():
+                continue
+            found += 1
+            yield RecordRef(
+                source_id=entry.pdb_id, obsolete=Obsolete(superseded_by=entry.superseded_by)
+            )
+
+    def _obsolete(self) -> dict[str, ObsoleteEntry]:
+        """The mirror's obsolete entries, by id in id order; none without an obsolete.dat."""
+        path = self.mirror / OBSOLETE_LIST
+        try:
+            return dict(sorted(obsolete_entries(path).items()))
+        except FileNotFoundError:
+            return {}
 
     def _entries(self, since: datetime | None) -> Iterator[tuple[str, Path]]:
         if self.divided:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -368,8 +369,15 @@ def _checked(
                 f"record {sid!r}: file {file.name!r} does not exist at {on_disk}; "
                 "write files with ctx.add_file, add_bytes or open_file"
             )
-        # Sizes decide what is skipped: trust the bytes on disk, not the declaration.
-        measured.append(file.model_copy(update={"size_mb": bytes_to_mb(on_disk.stat().st_size)}))
+        # Sizes decide what is skipped: trust the bytes on disk, not the declaration. The
+        # digest is the file's provenance: what every judgement of the record was made on.
+        with on_disk.open("rb") as content:
+            sha256 = hashlib.file_digest(content, "sha256").hexdigest()
+        measured.append(
+            file.model_copy(
+                update={"size_mb": bytes_to_mb(on_disk.stat().st_size), "sha256": sha256}
+            )
+        )
     return record.model_copy(update={"files": measured})
 
 

@@ -21,8 +21,22 @@ class OutcomeStatus(StrEnum):
     ERRORED = "errored"
 
 
+class Obsolete(BaseModel):
+    """Upstream declares a record obsolete (PDB's obsolete list, a retired accession)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    superseded_by: tuple[str, ...] = ()
+    """The source ids that replace it, where upstream names them."""
+
+
 class RecordRef(BaseModel):
-    """A cheap reference that `discover` yields: enough for `fetch` to get the record later."""
+    """A cheap reference that `discover` yields: enough for `fetch` to get the record later.
+
+    A ref marked `obsolete` is never fetched: planning withdraws the published record, with
+    its successors as the reason. An ingester yields one only for records upstream lists as
+    obsolete; a record simply no longer listed needs no ref (a full plan sees it is gone).
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -32,6 +46,7 @@ class RecordRef(BaseModel):
     """Changes whenever the record changes upstream (a file's mtime and size, a revision
     date): a watcher tells a revised record from one it already planned. None: unknown."""
     extra: dict[str, Any] = Field(default_factory=dict)
+    obsolete: Obsolete | None = None
 
 
 class IngesterFileRef(BaseModel):
@@ -47,6 +62,9 @@ class IngesterFileRef(BaseModel):
     name: str = Field(min_length=1)
     path: str = Field(min_length=1)
     size_mb: float = Field(ge=0)
+    sha256: str | None = None
+    """The file's SHA-256 (hex), from the bytes on disk after fetch; None in raw batches
+    fetched before digests were recorded."""
 
 
 class IngesterRecord(BaseModel):
