@@ -111,7 +111,8 @@ def plan_shards(
             key,
             frozenset(ids),
             size_mb=sum(sizes[i] for i in ids),
-            largest_mb=max(sizes[i] for i in ids),
+            # A batch whose every record was skipped at fetch is one empty shard.
+            largest_mb=max((sizes[i] for i in ids), default=0.0),
             batch_digest=plan.batch_digest,
         )
         for key, ids in zip(plan.keys(), plan.shards, strict=True)
