@@ -78,7 +78,8 @@ def test_a_new_upstream_version_revises_the_record_under_its_srn(db: RecordsData
     assert revised.partition == "p2"
     assert _row(db, "2DEF").partition == "p1"
     assert _events(db) == [
-        ("1ABC", "revised", "2025-06-01", "version 2025-06-01 replaces 2024-01-01")
+        ("1ABC", "superseded", "2024-01-01", "replaced by version 2025-06-01"),
+        ("1ABC", "revised", "2025-06-01", "version 2025-06-01 replaces 2024-01-01"),
     ]
     # The same version again changes nothing, and neither does a record given no version.
     third = _publish(
@@ -86,7 +87,28 @@ def test_a_new_upstream_version_revises_the_record_under_its_srn(db: RecordsData
         [RecordToPublish("1ABC", {"title": "new"}, "2025-06-01"), RecordToPublish("2DEF", {})],
     )
     assert (third.newly_published, third.revised, third.already_published) == (0, 0, 2)
-    assert len(_events(db)) == 1
+    assert len(_events(db)) == 2
+
+
+def test_rerunning_an_older_batch_does_not_put_back_a_superseded_version(db: RecordsDatabase):
+    # Batch p1 holds the record at its first version, p2 at its revision; a backfill of
+    # every partition publishes p1 again after p2.
+    _publish(db, [RecordToPublish("1ABC", {"title": "old"}, "v1")], partition="p1")
+    _publish(db, [RecordToPublish("1ABC", {"title": "new"}, "v2")], partition="p2")
+
+    rerun = _publish(db, [RecordToPublish("1ABC", {"title": "old"}, "v1")], partition="p1")
+
+    assert (rerun.newly_published, rerun.revised, rerun.already_published) == (0, 0, 1)
+    row = _row(db, "1ABC")
+    assert (row.record_version, row.record_metadata, row.partition) == (
+        "v2",
+        {"title": "new"},
+        "p2",
+    )
+    # A version never held before still revises it.
+    third = _publish(db, [RecordToPublish("1ABC", {"title": "newer"}, "v3")], partition="p3")
+    assert third.revised == 1
+    assert _row(db, "1ABC").record_version == "v3"
 
 
 def test_withdrawn_records_keep_their_srn_and_stop_counting_until_reinstated(

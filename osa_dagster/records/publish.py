@@ -275,6 +275,24 @@ def _insert_sqlite(
     return _srns_in(session, convention, [row[1] for row in rows])
 
 
+def _superseded_versions(session: Session, srns: Sequence[str]) -> dict[str, set[str | None]]:
+    """SRN -> the versions each of these records held and had replaced by a later one."""
+    if not srns:
+        return {}
+    dialect = session.get_bind().dialect.name
+    rows = session.execute(
+        text(
+            "SELECT srn, record_version FROM record_events WHERE event = 'superseded' AND "
+            + one_of_json(dialect, "srn", "srns")
+        ),
+        {"srns": json.dumps(list(srns))},
+    )
+    superseded: dict[str, set[str | None]] = {}
+    for srn, version in rows:
+        superseded.setdefault(srn, set()).add(version)
+    return superseded
+
+
 def _revise(
     session: Session,
     partition: str,
@@ -282,11 +300,21 @@ def _revise(
     revisions: Sequence[tuple[str, str | None, RecordToPublish]],
 ) -> int:
     """Give published records, as (SRN, version held, record), the record's version,
-    metadata and provenance under the same SRN, each with a 'revised' event; return how
-    many changed. A record withdrawn by a hook is published again: the new version passed
-    the hooks. A row another publisher revised meanwhile (it no longer holds the version
-    read) is left to that one. Revisions are few next to first publications: one UPDATE
-    each, whose row count tells whether it applied."""
+    metadata and provenance under the same SRN, each with a 'superseded' event for the
+    version it held and a 'revised' one for the new; return how many changed. A record
+    withdrawn by a hook is published again: the new version passed the hooks. A row another
+    publisher revised meanwhile (it no longer holds the version read) is left to that one.
+
+    A version the record held before and was superseded is never put back: re-running an
+    old batch (a backfill of every partition) must not undo a revision that a later batch
+    published. Revisions are few next to first publications: one UPDATE each, whose row
+    count tells whether it applied."""
+    superseded = _superseded_versions(session, [srn for srn, _, _ in revisions])
+    revisions = [
+        revision
+        for revision in revisions
+        if revision[2].record_version not in superseded.get(revision[0], ())
+    ]
     records = RECORDS.c
     revise = (
         update(RECORDS)
@@ -306,7 +334,8 @@ def _revise(
             }
         )
     )
-    events = []
+    events: list[dict[str, Any]] = []
+    revised = 0
     for srn, held, record in revisions:
         changed = (
             session.connection()
@@ -323,6 +352,18 @@ def _revise(
             .rowcount
         )
         if changed:
+            revised += 1
+            events.append(
+                {
+                    "srn": srn,
+                    "event": "superseded",
+                    "record_version": held,
+                    "reason": f"replaced by version {record.record_version}",
+                    "partition": partition,
+                    "provenance": None,
+                    "at": at,
+                }
+            )
             events.append(
                 {
                     "srn": srn,
@@ -336,7 +377,7 @@ def _revise(
             )
     if events:
         session.execute(insert(RECORD_EVENTS), events)
-    return len(events)
+    return revised
 
 
 def publish_records(
