@@ -42,7 +42,7 @@ from osa_dagster.conventions.registry import load_conventions
 from osa_dagster.engine import LocalRunner
 from osa_dagster.engine.cgroup import NAME_PREFIX, MemoryCgroup, own_memory_cgroup
 from osa_dagster.settings import Settings
-from osa_dagster.storage.layout import BatchLayout
+from osa_dagster.storage.layout import BatchLayout, plan_index_prefix
 from osa_dagster.storage.store import FileSystemStore, artifact_store
 from tests.engine.helpers import Harness, alive, eventually, record, require_cgroups
 from tests.fixtures import hostile_convention as hostile
@@ -128,6 +128,7 @@ def run_hostile_ids_graph(instance, tmp_path: Path) -> tuple[str, dict[str, tupl
     allowed = (
         tmp_path / "dagster",
         store.path("manifests/hostile_ids"),
+        store.path(plan_index_prefix("hostile_ids")),
         store.path("history/hostile_ids"),
         batch,
         ledger,
