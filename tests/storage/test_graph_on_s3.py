@@ -55,7 +55,8 @@ def test_graph_runs_with_every_artifact_in_s3(on_seaweedfs, tmp_path, isolated_d
     assert isinstance(store, S3Store)
     assert len(list(store.list_keys("manifests/toy"))) == 2
     keys = list(store.list_keys("batches/toy"))
-    assert sum(k.endswith("hooks/check_size/checkpoint.json") for k in keys) == 2
+    # One checkpoint per batch, under the hook's current version.
+    assert sum("/hooks/check_size/v/" in k and k.endswith("/checkpoint.json") for k in keys) == 2
     assert sum(k.endswith("/data.txt") for k in keys) == 10
     # Nothing fell back to local files: the data folder holds the records database only.
     assert not (isolated_data_dir / "artifacts").exists()
