@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -75,8 +77,14 @@ def test_records_and_files_land_in_the_folder_of_their_id(tmp_path: Path) -> Non
     for n, record in enumerate(records):
         on_disk = tmp_path / FILES_DIR / files_dir_for(record.source_id) / "entry.cif"
         assert on_disk.read_bytes() == b"x" * (10 + n)
+        # Size and digest are the SDK's, from the bytes on disk.
         assert record.files == [
-            IngesterFileRef(name="entry.cif", path="entry.cif", size_mb=(10 + n) / BYTES_PER_MB)
+            IngesterFileRef(
+                name="entry.cif",
+                path="entry.cif",
+                size_mb=(10 + n) / BYTES_PER_MB,
+                sha256=hashlib.sha256(b"x" * (10 + n)).hexdigest(),
+            )
         ]
         assert record.metadata == {"title": "t"}
     assert report == IngestReport(records=len(awkward), max_file_mb=1 / 1024)
