@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-
 import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
