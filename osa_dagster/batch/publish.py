@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,38 +191,44 @@ def revalidation_report(
     return report
 
 
-def record_provenance(
-    record: IngesterRecord,
+def records_provenance(
+    records: Iterable[IngesterRecord],
     checkpoints: dict[str, Checkpoint],
     manifest: Manifest,
     convention: Convention,
-) -> dict[str, Any]:
-    """Where the record came from and what judged it: the source it was planned from (its
-    name, location and the record's upstream version), the batch, each file's SHA-256, and
-    each hook's version, outcome, and the attempt and memory limit that settled it."""
+) -> dict[str, dict[str, Any]]:
+    """Each record's provenance, by source id: where it came from (the source it was
+    planned from, its name, location and the record's upstream version), the batch, each
+    file's SHA-256, and each hook's version, outcome, and the attempt and memory limit that
+    settled it."""
     source = manifest.source
     refs = {ref.source_id: ref for ref in manifest.refs}
-    ref = refs.get(record.source_id)
-    hooks: dict[str, Any] = {}
-    for hook_name, checkpoint in checkpoints.items():
-        outcome = checkpoint.outcomes.get(record.source_id)
-        hooks[hook_name] = {
-            "version": checkpoint.version_name,
-            "outcome": outcome.status.value if outcome else None,
-            "attempt": outcome.attempt if outcome else None,
-            "memory_limit_mb": outcome.memory_limit_mb if outcome else None,
+    provenance: dict[str, dict[str, Any]] = {}
+    for record in records:
+        ref = refs.get(record.source_id)
+        hooks: dict[str, Any] = {}
+        for hook_name, checkpoint in checkpoints.items():
+            outcome = checkpoint.outcomes.get(record.source_id)
+            hooks[hook_name] = {
+                "version": checkpoint.version_name,
+                "outcome": outcome.status.value if outcome else None,
+                "attempt": outcome.attempt if outcome else None,
+                "memory_limit_mb": outcome.memory_limit_mb if outcome else None,
+            }
+        provenance[record.source_id] = {
+            "source": {
+                "name": source.name if source else convention.source,
+                "location": source.location if source else convention.location,
+                "upstream_version": ref.version if ref else None,
+                "fetched_at": record.fetched_at.isoformat(),
+            },
+            "batch": manifest.partition,
+            "files": [
+                {"name": f.name, "sha256": f.sha256, "size_mb": f.size_mb} for f in record.files
+            ],
+            "hooks": hooks,
         }
-    return {
-        "source": {
-            "name": source.name if source else convention.source,
-            "location": source.location if source else convention.location,
-            "upstream_version": ref.version if ref else None,
-            "fetched_at": record.fetched_at.isoformat(),
-        },
-        "batch": manifest.partition,
-        "files": [{"name": f.name, "sha256": f.sha256, "size_mb": f.size_mb} for f in record.files],
-        "hooks": hooks,
-    }
+    return provenance
 
 
 def publish_batch(
@@ -242,10 +249,10 @@ def publish_batch(
     passed, failed = verdicts.passed, verdicts.failed
     manifest = load_manifest(store, BatchLayout(convention.name, partition))
     versions = {ref.source_id: ref.version for ref in manifest.refs}
-    provenance = {
-        r.source_id: record_provenance(r, verdicts.checkpoints, manifest, convention)
-        for r in passed
-    }
+    # One pass over the batch: the manifest is indexed once, not once per record.
+    provenance = records_provenance(
+        [*passed, *verdicts.rejected_records], verdicts.checkpoints, manifest, convention
+    )
     plan = plan_revalidation(convention, db, partition, verdicts)
     result = publish_records(
         db,
@@ -270,16 +277,7 @@ def publish_batch(
         reason=f"passed by {_judged_by(verdicts.checkpoints)}",
     )
     # Records published before by this batch: their provenance now names these versions.
-    update_provenance(
-        db,
-        convention.name,
-        partition,
-        {
-            r.source_id: record_provenance(r, verdicts.checkpoints, manifest, convention)
-            for r in verdicts.rejected_records
-        }
-        | provenance,
-    )
+    update_provenance(db, convention.name, partition, provenance)
     poison = poison_records(verdicts.checkpoints)
     replace_dead_letters(db, convention=convention.name, partition=partition, poison=poison)
     reasons = Counter(f"{verdict.status} in {verdict.hook}" for verdict in failed)
