@@ -98,15 +98,31 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def peak_rss_mb(pid: int) -> float | None:
-    """The process's peak resident set (VmHWM), while it lives."""
+def _status_mb(pid: int, field: str) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
+
+
+def orchestrator_rss_mb(pid: int) -> float:
+    """Peak resident memory (VmHWM) of the command, added to that of its run workers
+    (OSA_RUNS_AT_ONCE) while they live: at most what they held at once."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    workers = []
+    for child in children:
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(int(child))
+        except OSError:
+            continue
+    return sum(_status_mb(p, "VmHWM") or 0.0 for p in [pid, *workers])
 
 
 class CpuAccount:
@@ -158,7 +174,7 @@ def measured(command: Sequence[str], env: dict[str, str], log: Path) -> Measured
         )
         peak = 0.0
         while process.poll() is None:
-            peak = max(peak, peak_rss_mb(process.pid) or 0.0)
+            peak = max(peak, orchestrator_rss_mb(process.pid))
             time.sleep(RSS_POLL_S)
     wall_s = time.perf_counter() - started
     cpu_s = account.close()
@@ -289,6 +305,9 @@ def main() -> None:
     size.add_argument("--entries", type=int, default=TENTH, help=f"default {TENTH:,}")
     size.add_argument("--full", action="store_true", help=f"{SWISSPROT_ENTRIES:,} entries")
     parser.add_argument("--batch-size", type=int, default=5_000)
+    parser.add_argument(
+        "--runs-at-once", type=int, default=2, help="OSA_RUNS_AT_ONCE of `osa materialize`"
+    )
     parser.add_argument("--floor-sample", type=int, default=1_000, help="entries timed in process")
     parser.add_argument("--floor-runs", type=int, default=3)
     parser.add_argument("--no-snakemake", action="store_true")
@@ -311,11 +330,12 @@ def main() -> None:
             "DAGSTER_HOME": str(home),
             "OSA_DATA_DIR": str(data),
             "OSA_SOURCES": f"uniprot={path}",
+            "OSA_RUNS_AT_ONCE": str(args.runs_at_once),
             "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "sdk" / "src")]),
         }
         print(
             f"{entries:,} entries, {path.stat().st_size / 1e9:.2f} GB, batches of "
-            f"{args.batch_size:,}; {cpus()} CPUs"
+            f"{args.batch_size:,}; {args.runs_at_once} runs at once; {cpus()} CPUs"
         )
         floors: list[float] = []
 

@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -244,15 +244,13 @@ def materialize(
     configured: Settings, convention_name: str, partitions: Sequence[str], *, debug: bool = False
 ) -> list[str]:
     """Run the ingest job over the partitions, adjacent ones together (OSA_PARTITIONS_PER_RUN
-    per run at most); return the partitions of the runs that failed. A run that fails for a
-    reason the operator must fix (a setting, an unreadable input) ends the command in one
-    line; the runs before it stand."""
-    from osa_dagster.definitions import defs
+    per run at most), OSA_RUNS_AT_ONCE runs at a time; return the partitions of the runs that
+    failed. A run that fails for a reason the operator must fix (a setting, an unreadable
+    input) ends the command in one line once the runs under way have ended; the runs
+    before it stand, and no new one starts."""
     from osa_dagster.defs.assets import partitions_per_run
     from osa_dagster.defs.batch_sensors import contiguous_chunks
-    from osa_dagster.defs.dagster_private import partition_range_tags
     from osa_dagster.defs.jobs import ingest_job_name
-    from osa_dagster.defs.run_worker import worker_tags
 
     convention = _convention(configured, convention_name)
     known = _partitions(configured, convention_name)
@@ -262,26 +260,89 @@ def materialize(
             f"{convention_name} has no partition {', '.join(unknown)}: plan it first"
         )
     _check_before_ingest(configured, convention.name, partitions)
-    job = defs.resolve_job_def(ingest_job_name(convention))
+    job_name = ingest_job_name(convention)
+    runs_at_once = configured.runs_at_once
+    size = run_size(len(partitions), partitions_per_run(), runs_at_once)
+    chunks = contiguous_chunks(known, set(known) - set(partitions), size)
     failed: list[str] = []
-    chunks = contiguous_chunks(known, set(known) - set(partitions), partitions_per_run())
     done = 0
-    for chunk in chunks:
-        run_range = partition_range_tags(chunk[0], chunk[-1])
-        started = time.monotonic()
-        # This process is the run's worker: named, so that run monitoring can fail the run
-        # should the process die.
-        result = _run_in_process(job, tags={**run_range, **worker_tags()}, debug=debug)
+    for chunk, ended in _run_chunks(job_name, chunks, runs_at_once, debug):
         done += len(chunk)
-        status = "ok" if result.success else "FAILED"
+        status = "ok" if ended.success else "FAILED"
         what = chunk[0] if len(chunk) == 1 else f"{chunk[0]} .. {chunk[-1]} ({len(chunk)} batches)"
-        elapsed = time.monotonic() - started
-        print(f"[{done}/{len(partitions)}] {what}: {status} ({elapsed:.1f} s)", flush=True)
-        if not result.success:
+        print(f"[{done}/{len(partitions)}] {what}: {status} ({ended.elapsed_s:.1f} s)", flush=True)
+        if not ended.success:
             failed += chunk
-            for failure in [] if debug else _step_failures(result):
-                print(f"  {failure} (run {result.run_id}; --debug shows the traceback)")
+            for failure in ended.failures:
+                print(f"  {failure} (run {ended.run_id}; --debug shows the traceback)")
     return failed
+
+
+def run_size(partitions: int, per_run: int, runs_at_once: int) -> int:
+    """Partitions per run: at most `per_run`, and few enough that `runs_at_once` runs share
+    the partitions, as a run's fetch, publish and features steps each keep one core busy
+    while another run's hooks take the slots."""
+    return max(1, min(per_run, -(-partitions // runs_at_once)))
+
+
+@dataclass(frozen=True)
+class RunEnded:
+    success: bool
+    run_id: str
+    failures: list[str]  # each failed step's error in one line (none with --debug)
+    elapsed_s: float
+
+
+def run_chunk(job_name: str, chunk: Sequence[str], debug: bool) -> RunEnded:
+    """One run of the ingest job over the adjacent partitions `chunk`, in this process (the
+    run's worker: named, so that run monitoring fails the run should the process die)."""
+    from osa_dagster.definitions import defs
+    from osa_dagster.defs.dagster_private import partition_range_tags
+    from osa_dagster.defs.run_worker import worker_tags
+
+    started = time.monotonic()
+    result = _run_in_process(
+        defs.resolve_job_def(job_name),
+        tags={**partition_range_tags(chunk[0], chunk[-1]), **worker_tags()},
+        debug=debug,
+    )
+    failures = [] if debug or result.success else _step_failures(result)
+    return RunEnded(result.success, result.run_id, failures, time.monotonic() - started)
+
+
+def _run_chunks(
+    job_name: str, chunks: list[list[str]], runs_at_once: int, debug: bool
+) -> Iterator[tuple[list[str], RunEnded]]:
+    """Each chunk's run, in this process one after another, or in `runs_at_once` worker
+    processes of their own (each imports the definitions once and runs chunk after chunk),
+    yielded as they end. A RunFailed stops new runs from starting and is raised once the
+    runs under way have ended and been yielded."""
+    if runs_at_once == 1 or len(chunks) == 1:
+        for chunk in chunks:
+            yield chunk, run_chunk(job_name, chunk, debug)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    refused: RunFailed | None = None
+    with ProcessPoolExecutor(
+        max_workers=min(runs_at_once, len(chunks)),
+        # Not fork: this process may hold threads and open database connections.
+        mp_context=multiprocessing.get_context("spawn"),
+    ) as pool:
+        futures = {pool.submit(run_chunk, job_name, chunk, debug): chunk for chunk in chunks}
+        for future in as_completed(futures):
+            if future.cancelled():
+                continue
+            try:
+                yield futures[future], future.result()
+            except RunFailed as error:
+                if refused is None:
+                    refused = error
+                    for waiting in futures:
+                        waiting.cancel()
+    if refused is not None:
+        raise refused
 
 
 class RunFailed(Exception):

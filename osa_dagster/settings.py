@@ -74,6 +74,11 @@ class Settings(BaseModel):
     """"convention.hook" -> its ladder's base and cap."""
     sources: dict[str, str] = Field(default_factory=dict, alias="OSA_SOURCES")
     partitions_per_run: int = Field(20, ge=1, alias="OSA_PARTITIONS_PER_RUN")
+    runs_at_once: int = Field(1, ge=1, alias="OSA_RUNS_AT_ONCE")
+    """Runs `osa materialize` keeps going at once, each in a worker process of its own, with
+    the partitions shared among them: while one run's hooks take the slots, another's fetch,
+    publish and features steps use the cores they leave. 1: one run after another, in the
+    command's own process."""
     deposits: str = Field("", alias="OSA_DEPOSITS")
     """Where records are deposited for validation; empty: <data_dir>/deposits."""
     deposit_max_mb: float = Field(

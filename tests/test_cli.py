@@ -13,6 +13,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from osa_dagster.defs.run_worker import WORKER_TAG
+from osa_dagster.engine.process_identity import ProcessIdentity
 from tests.conftest import REPO
 from tests.fixtures.toy_convention import TOY_IDS
 
@@ -429,3 +431,70 @@ def test_a_bug_inside_a_run_is_a_failure_with_its_traceback_under_debug(site):
     assert debug.returncode == 1
     assert "ZeroDivisionError" in debug.stderr
     assert "pages = 10 // records_per_page" in debug.stderr
+
+
+@pytest.mark.parametrize(
+    ("partitions", "per_run", "runs_at_once", "size"),
+    [
+        (12, 20, 1, 12),
+        (40, 20, 1, 20),
+        (12, 20, 2, 6),
+        (115, 20, 2, 20),
+        (5, 20, 2, 3),
+        (1, 20, 4, 1),
+    ],
+)
+def test_runs_at_once_share_the_partitions(partitions, per_run, runs_at_once, size):
+    from osa_dagster.cli import run_size
+
+    assert run_size(partitions, per_run, runs_at_once) == size
+
+
+@pytest.mark.slow
+def test_runs_at_once_each_run_in_a_worker_process_and_every_batch_once(site):
+    """OSA_RUNS_AT_ONCE=2 over four batches: two runs of two, executed by worker processes
+    (not the command's own), every batch ingested once, a line per run."""
+    root, env = site
+    planned = osa("plan", "toy", "--limit", "20", "--batch-size", "5", env=env, cwd=root)
+    assert planned.returncode == 0, planned.stderr
+    command = [sys.executable, "-m", "osa_dagster.cli", "materialize", "toy"]
+    with subprocess.Popen(
+        command, env=env | {"OSA_RUNS_AT_ONCE": "2"}, cwd=root, stdout=subprocess.PIPE, text=True
+    ) as process:
+        stdout, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, stdout
+    lines = [line for line in stdout.splitlines() if line.startswith("[")]
+    assert sorted(line[:5] for line in lines) == ["[2/4]", "[4/4]"], stdout
+    assert all(line.endswith(" s)") and "(2 batches): ok" in line for line in lines), stdout
+
+    with dg.DagsterInstance.from_config(str(root / "home")) as instance:
+        ingest_runs = [r for r in instance.get_runs() if r.job_name == "toy_ingest"]
+        features = instance.get_materialized_partitions(dg.AssetKey(["toy", "features"]))
+        keys = instance.get_dynamic_partitions("toy_batches")
+        events = instance.fetch_materializations(
+            dg.AssetKey(["toy", "raw_batch"]), limit=100
+        ).records
+    assert len(ingest_runs) == 2
+    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in ingest_runs)
+    workers = {ProcessIdentity.model_validate_json(r.tags[WORKER_TAG]).pid for r in ingest_runs}
+    assert process.pid not in workers
+    assert features == set(keys) and len(keys) == 4
+    assert sorted(e.partition_key for e in events) == sorted(keys)
+
+
+@pytest.mark.slow
+def test_a_run_refused_in_a_worker_process_is_one_line(site, tmp_path):
+    """The operator error of test_an_operator_error_raised_inside_a_run_is_one_line, raised in
+    a worker process with runs at once, reaches the command as the same one line."""
+    root, env = site
+    planned = osa("plan", "toy", "--limit", "10", "--batch-size", "5", env=env, cwd=root)
+    assert planned.returncode == 0, planned.stderr
+    no_programs = tmp_path / "empty-bin"
+    no_programs.mkdir()
+    without_bwrap = env | {
+        "OSA_HOOK_SANDBOX": "on",
+        "PATH": str(no_programs),
+        "OSA_RUNS_AT_ONCE": "2",
+    }
+    result = osa("materialize", "toy", env=without_bwrap, cwd=root)
+    assert "bwrap" in one_line_and_exit_2(result, "materialize")
