@@ -138,7 +138,11 @@ def run_shard(
     spec = convention.hook(hook_name)
     version = hook_version(spec)
     layout = BatchLayout(convention.name, partition)
-    records = [r for r in hook_records(convention, store, partition) if r.id in shard.record_ids]
+    records = [
+        HookRecord.from_ingested(r)
+        for r in read_raw_records(store, layout, convention)
+        if r.source_id in shard.record_ids
+    ]
     checkpoints = StoreCheckpointIO(store, layout.checkpoint(hook_name, version, shard.shard))
     with (
         store.local_dir(
