@@ -39,7 +39,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from osa_dagster.atomic_files import write_atomically_at
 from osa_dagster.conventions.base import Convention
-from osa_dagster.engine import FileCheckpointIO, HookBatch, HookCapacity, Runner, run_hook
+from osa_dagster.engine import (
+    AttemptOptions,
+    FileCheckpointIO,
+    HookBatch,
+    HookCapacity,
+    Runner,
+    run_hook,
+)
 from osa_dagster.regular_files import copy_data, open_folder, open_folder_below, open_regular
 from osa_dagster.settings import DEFAULT_DEPOSIT_MAX_MB
 from osa_dagster.storage.store import ArtifactStore, FileSystemStore
@@ -431,7 +438,7 @@ def _run_hooks(
             runner,
             FileCheckpointIO(work / f"{spec.name}.checkpoint.json"),
             work / spec.name,
-            capacity=capacity,
+            AttemptOptions(capacity=capacity),
         )
         outcome = checkpoint.outcomes[source_id]
         verdicts.append(

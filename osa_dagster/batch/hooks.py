@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from osa_sdk.types import HookRecord
 
@@ -17,6 +17,7 @@ from osa_dagster.batch.shards import frozen_shard_plan, merge_shards, shard_chec
 from osa_dagster.batch.stores import StoreCheckpointIO, StoreMemoryHistoryIO, UnreadableState
 from osa_dagster.conventions.base import Convention
 from osa_dagster.engine import (
+    AttemptOptions,
     Checkpoint,
     HookBatch,
     HookCapacity,
@@ -24,7 +25,8 @@ from osa_dagster.engine import (
     Runner,
     advance_hook,
 )
-from osa_dagster.engine.capacity import default_budget_mb, default_slots
+from osa_dagster.engine.capacity import AdmissionTurn, default_budget_mb, default_slots
+from osa_dagster.engine.hook_run import ATTEMPT_DEFAULTS
 from osa_dagster.engine.memory_history import MemoryHistory
 from osa_dagster.engine.spec import hook_version
 from osa_dagster.settings import Settings
@@ -124,13 +126,7 @@ def run_shard(
     store: ArtifactStore,
     shard: ShardJob,
     runner: Runner,
-    *,
-    checkpoint_every_s: float = 1.0,
-    checkpoint_every_records: int = 1,
-    predict_memory: bool = True,
-    capacity: HookCapacity | None = None,
-    cancel: threading.Event | None = None,
-    run_id: str | None = None,
+    options: AttemptOptions = ATTEMPT_DEFAULTS,
 ) -> HookProgress:
     """Run the hook over one shard of the batch to its end, resuming from the shard's
     checkpoint in the store (see `run_batch_hook`)."""
@@ -158,14 +154,8 @@ def run_shard(
             runner,
             checkpoints,
             workdir,
-            checkpoint_every_s=checkpoint_every_s,
-            checkpoint_every_records=checkpoint_every_records,
-            history=StoreMemoryHistoryIO(store, memory_history_key(convention.name, hook_name))
-            if predict_memory
-            else None,
-            capacity=capacity,
-            cancel=cancel,
-            run_id=run_id,
+            options,
+            history=StoreMemoryHistoryIO(store, memory_history_key(convention.name, hook_name)),
             shard=shard.shard,
         )
 
@@ -184,44 +174,24 @@ def run_batch_hook(
     store: ArtifactStore,
     partition: str,
     runner: Runner,
-    *,
-    checkpoint_every_s: float = 1.0,
-    checkpoint_every_records: int = 1,
-    predict_memory: bool = True,
-    capacity: HookCapacity | None = None,
-    cancel: threading.Event | None = None,
-    run_id: str | None = None,
+    options: AttemptOptions = ATTEMPT_DEFAULTS,
 ) -> HookProgress:
     """Run one hook over the batch to its end, shard after shard (batch/shards.py; run_hook_jobs
     runs them at once), each resuming from its checkpoint in the store (a checkpoint that
     cannot be read is set aside: see `set_aside_unreadable_checkpoint`).
 
-    The checkpoint is saved to the store while the hook runs, after `checkpoint_every_records`
-    new outcomes or `checkpoint_every_s` seconds (see osa_dagster.engine.hook_run). With
-    `predict_memory`, the hook's memory history in the store (`memory_history_key`) starts
-    a new batch's large records at the memory their size needed before, and learns from
-    this batch's attempts; without it, the ladder starts every record at the base.
-    `capacity`, `cancel` and `run_id` are the engine's (osa_dagster.engine.hook_run.advance_hook).
+    `options` are the engine's (osa_dagster.engine.hook_run.AttemptOptions): when the
+    checkpoint is saved to the store while the hook runs, the machine's capacity, the
+    cancel event and the run. The hook's memory history in the store
+    (`memory_history_key`) starts a new batch's large records at the memory their size
+    needed before, and learns from this batch's attempts.
     """
     records = hook_records(convention, store, partition)
-    shards = plan_shards(convention, store, partition, hook_name, records, capacity)
+    shards = plan_shards(convention, store, partition, hook_name, records, options.capacity)
     progresses = []
     for shard in shards:
         set_aside_unreadable_checkpoint(convention, store, partition, hook_name, shard.shard)
-        progresses.append(
-            run_shard(
-                convention,
-                store,
-                shard,
-                runner,
-                checkpoint_every_s=checkpoint_every_s,
-                checkpoint_every_records=checkpoint_every_records,
-                predict_memory=predict_memory,
-                capacity=capacity,
-                cancel=cancel,
-                run_id=run_id,
-            )
-        )
+        progresses.append(run_shard(convention, store, shard, runner, options))
     return merge_progress(progresses, shards[0].batch_digest)
 
 
@@ -323,21 +293,21 @@ def _run_shard_job(
     store: ArtifactStore,
     runner: Runner,
     shard: ShardJob,
-    capacity: HookCapacity | None,
-    cancel: threading.Event,
-    run_id: str | None,
+    options: AttemptOptions,
 ) -> _ShardEnd:
     job = shard.job
-    set_aside = set_aside_unreadable_checkpoint(
-        convention, store, job.partition, job.hook, shard.shard
-    )
     try:
-        progress = run_shard(
-            convention, store, shard, runner, capacity=capacity, cancel=cancel, run_id=run_id
+        set_aside = set_aside_unreadable_checkpoint(
+            convention, store, job.partition, job.hook, shard.shard
         )
-    except Exception as error:  # the shard's end, reported beside the others'
-        return _ShardEnd(shard, None, error, set_aside)
-    return _ShardEnd(shard, progress, None, set_aside)
+        try:
+            progress = run_shard(convention, store, shard, runner, options)
+        except Exception as error:  # the shard's end, reported beside the others'
+            return _ShardEnd(shard, None, error, set_aside)
+        return _ShardEnd(shard, progress, None, set_aside)
+    finally:
+        if options.turn is not None:
+            options.turn.taken()  # ended, maybe without asking for room: the next may ask
 
 
 def largest_first(shards: Iterable[ShardJob]) -> list[ShardJob]:
@@ -393,20 +363,23 @@ def run_hook_jobs(
     cannot be read is set aside first (`set_aside_unreadable_checkpoint`), as a lone run of
     the hook does. Closing the iterator early (the run was terminated) cancels the jobs:
     running hooks are killed, their checkpoints keep what they did, and it returns when
-    every thread has stopped. Shards start largest first (`largest_first`). Their attempts
-    record `run_id`.
+    every thread has stopped. Shards start largest first (`largest_first`): with a capacity,
+    each shard's first attempt asks for room only after the shards before it were admitted
+    (`AdmissionTurn`), whichever thread is quicker to ask. Their attempts record `run_id`.
     """
     shards, failed = _plan_jobs(convention, store, list(jobs), capacity)
     todo = largest_first(s for job_shards in shards.values() for s in job_shards)
     cancel = threading.Event()
+    options = AttemptOptions(capacity=capacity, cancel=cancel, run_id=run_id)
+    turns = AdmissionTurn.in_order(len(todo)) if capacity is not None else [None] * len(todo)
     pool = ThreadPoolExecutor(
         max_workers=max(1, hook_workers(capacity, len(todo))), thread_name_prefix="osa-hooks"
     )
     ended: dict[HookJob, list[_ShardEnd]] = {job: [] for job in shards}
     try:
         futures = [
-            pool.submit(_run_shard_job, convention, store, runner, s, capacity, cancel, run_id)
-            for s in todo
+            pool.submit(_run_shard_job, convention, store, runner, s, replace(options, turn=turn))
+            for s, turn in zip(todo, turns, strict=True)
         ]
         yield from failed  # the others run meanwhile
         for future in as_completed(futures):

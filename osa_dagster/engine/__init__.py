@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     )
     from osa_dagster.engine.hook_run import (
         LARGE_LANE,
+        AttemptOptions,
         HookBatch,
         HookProgress,
         advance_hook,
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 
 _MODULES = {
     "Admission": "osa_dagster.engine.capacity",
+    "AttemptOptions": "osa_dagster.engine.hook_run",
     "Cancelled": "osa_dagster.engine.capacity",
     "HookCapacity": "osa_dagster.engine.capacity",
     "Anomaly": "osa_dagster.engine.checkpoint",
@@ -102,6 +104,7 @@ __all__ = [
     "Anomaly",
     "AttemptExit",
     "AttemptMarker",
+    "AttemptOptions",
     "AttemptRecord",
     "Cancelled",
     "Checkpoint",

@@ -103,6 +103,38 @@ class Admission:
     queued_s: float
 
 
+class AdmissionTurn:
+    """A place in the order in which chains of attempts of one process first ask for room.
+    Threads reach the ledger in whatever order the scheduler lets them; a chain with a turn
+    asks only once the chain before it was admitted (or ended without asking), so that the
+    order given (the longest chains first) is the order they start in. A chain's later
+    attempts do not wait."""
+
+    def __init__(self, previous: AdmissionTurn | None) -> None:
+        self._previous = previous
+        self._taken = threading.Event()
+
+    @classmethod
+    def in_order(cls, count: int) -> list[AdmissionTurn]:
+        turns: list[AdmissionTurn] = []
+        for _ in range(count):
+            turns.append(cls(turns[-1] if turns else None))
+        return turns
+
+    def wait(self, cancel: threading.Event | None, label: str) -> None:
+        """Until the chain before this one has taken its turn; setting `cancel` ends the
+        wait with `Cancelled`."""
+        if self._previous is None or self._taken.is_set():
+            return
+        while not self._previous._taken.wait(POLL_S):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"{label} was cancelled while waiting for its turn")
+
+    def taken(self) -> None:
+        """The chain was admitted, or ended without asking: the next may ask."""
+        self._taken.set()
+
+
 class HookCapacity:
     """The machine's slots and memory budget, kept in the ledger at `ledger_path`."""
 

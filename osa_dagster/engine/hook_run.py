@@ -75,7 +75,7 @@ from osa_sdk.contract import (
 )
 from osa_sdk.types import HookRecord, OutcomeStatus
 
-from osa_dagster.engine.capacity import Cancelled, HookCapacity
+from osa_dagster.engine.capacity import AdmissionTurn, Cancelled, HookCapacity
 from osa_dagster.engine.checkpoint import (
     Anomaly,
     AttemptRecord,
@@ -135,32 +135,53 @@ class HookProgress:
     """Attempts recorded by this call, so a caller can report each exactly once."""
 
 
+@dataclass(frozen=True)
+class AttemptOptions:
+    """How a chain of attempts runs, whatever records it takes: set by the caller (a step,
+    a deposit, a test) and passed down as one.
+
+    `checkpoint_every_s` and `checkpoint_every_records` say when the checkpoint is saved
+    while an attempt runs (see the module doc). With `capacity`, each attempt first waits
+    for a slot and room for its memory limit in the machine's budget (engine/capacity.py)
+    and holds them until its hook has exited; with a `turn` too, the chain's first attempt
+    asks for them only after the chains before it in that order were admitted. Setting
+    `cancel` (from another thread) kills the running hook and raises `Cancelled`; the
+    checkpoint keeps what was done. `run_id` (the orchestrator's run) is recorded on each
+    attempt (`AttemptRecord.run_id`).
+    """
+
+    checkpoint_every_s: float = 1.0
+    checkpoint_every_records: int = 1
+    capacity: HookCapacity | None = None
+    cancel: threading.Event | None = None
+    run_id: str | None = None
+    turn: AdmissionTurn | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every_records < 1 or self.checkpoint_every_s <= 0:
+            raise ValueError(
+                "checkpoint_every_records must be at least 1 and checkpoint_every_s positive, "
+                f"not {self.checkpoint_every_records} and {self.checkpoint_every_s}"
+            )
+
+
+# Frozen, so one object serves as every default.
+ATTEMPT_DEFAULTS = AttemptOptions()
+
+
 def run_hook(
     spec: HookSpec,
     batch: HookBatch,
     runner: Runner,
     checkpoints: CheckpointIO,
     workdir: Path,
+    options: AttemptOptions = ATTEMPT_DEFAULTS,
     *,
-    checkpoint_every_s: float = 1.0,
-    checkpoint_every_records: int = 1,
     history: MemoryHistoryIO | None = None,
-    capacity: HookCapacity | None = None,
-    cancel: threading.Event | None = None,
 ) -> Checkpoint:
     """Run the hook until every record of the batch has an outcome (see advance_hook)."""
-    return advance_hook(
-        spec,
-        batch,
-        runner,
-        checkpoints,
-        workdir,
-        checkpoint_every_s=checkpoint_every_s,
-        checkpoint_every_records=checkpoint_every_records,
-        history=history,
-        capacity=capacity,
-        cancel=cancel,
-    ).checkpoint
+    progress = advance_hook(spec, batch, runner, checkpoints, workdir, options, history=history)
+    return progress.checkpoint
 
 
 def advance_hook(
@@ -169,47 +190,21 @@ def advance_hook(
     runner: Runner,
     checkpoints: CheckpointIO,
     workdir: Path,
+    options: AttemptOptions = ATTEMPT_DEFAULTS,
     *,
-    checkpoint_every_s: float = 1.0,
-    checkpoint_every_records: int = 1,
     history: MemoryHistoryIO | None = None,
-    capacity: HookCapacity | None = None,
-    cancel: threading.Event | None = None,
-    run_id: str | None = None,
     shard: int | None = None,
 ) -> HookProgress:
     """Run attempts of the hook, up its memory ladder, until every record of the batch has
     an outcome; the checkpoint, and the attempts of this call (resuming a checkpoint, the
     attempts of earlier calls are in it too).
 
-    The checkpoint settings are explained in the module doc, and so is `history`: starting
-    large records at the memory their size is known to need.
-    With `capacity`, each attempt first waits for a slot and room for its memory limit in
-    the machine's budget (engine/capacity.py) and holds them until its hook has exited.
-    Setting `cancel` (from another thread) kills the running hook and raises `Cancelled`;
-    the checkpoint keeps what was done. `run_id` (the orchestrator's run) is recorded on
-    each attempt this call makes (`AttemptRecord.run_id`), and so is `shard`, the part of a
-    split batch that `batch` is (`AttemptRecord.shard`).
+    `options` are explained in AttemptOptions, and `history` in the module doc: starting
+    large records at the memory their size is known to need. `shard`, the part of a split
+    batch that `batch` is, is recorded on each attempt this call makes
+    (`AttemptRecord.shard`).
     """
-    if checkpoint_every_records < 1 or checkpoint_every_s <= 0:
-        raise ValueError(
-            "checkpoint_every_records must be at least 1 and checkpoint_every_s positive, "
-            f"not {checkpoint_every_records} and {checkpoint_every_s}"
-        )
-    run = _HookRun(
-        spec,
-        batch,
-        runner,
-        checkpoints,
-        workdir,
-        checkpoint_every_s,
-        checkpoint_every_records,
-        history,
-        capacity,
-        cancel,
-        run_id,
-        shard,
-    )
+    run = _HookRun(spec, batch, runner, checkpoints, workdir, options, history, shard)
     known_attempts = len(run.checkpoint.attempts)
 
     if run.checkpoint.running is not None:
@@ -232,30 +227,22 @@ class _HookRun:
         runner: Runner,
         checkpoints: CheckpointIO,
         workdir: Path,
-        save_every_s: float,
-        save_every_records: int,
-        history: MemoryHistoryIO | None = None,
-        capacity: HookCapacity | None = None,
-        cancel: threading.Event | None = None,
-        run_id: str | None = None,
-        shard: int | None = None,
+        options: AttemptOptions,
+        history: MemoryHistoryIO | None,
+        shard: int | None,
     ) -> None:
         self.spec = spec
-        self.run_id = run_id
+        self.options = options
         self.shard = shard
         # How the log names this run of the hook: its shard too, when the batch is split.
         self.label = spec.name if shard is None else f"{spec.name} (shard {shard})"
-        self.capacity = capacity
-        self.cancel = cancel
         self.batch = batch
         self.history = history
         self.sizes: dict[str, float] = {r.id: r.size_mb for r in batch.records}
         self.runner = runner
         self.checkpoints = checkpoints
         self.workdir = workdir
-        self.save_every_s = save_every_s
-        self.save_every_records = save_every_records
-        self.poll_s = min(POLL_S, save_every_s)
+        self.poll_s = min(POLL_S, options.checkpoint_every_s)
         self.last_save_s = 0.0  # how long the latest save took
         self.checkpoint = self._open_checkpoint()
         self.refused: str | None = None  # why the last attempt's output was refused
@@ -406,10 +393,15 @@ class _HookRun:
     def attempt(self, pending: list[HookRecord], memory: int, lane: str | None) -> AttemptExit:
         """One attempt over these records, checkpointing outcomes as they appear; with a
         capacity, once a slot and its memory are free."""
-        if self.capacity is None:
+        capacity, turn = self.options.capacity, self.options.turn
+        if capacity is None:
             return self._attempt(pending, memory, lane, queued_s=None)
         label = f"hook {self.label} attempt {len(self.checkpoint.attempts) + 1}"
-        with self.capacity.admit(memory, label, self.cancel) as admission:
+        if turn is not None:
+            turn.wait(self.options.cancel, label)
+        with capacity.admit(memory, label, self.options.cancel) as admission:
+            if turn is not None:
+                turn.taken()
             return self._attempt(pending, memory, lane, queued_s=admission.queued_s)
 
     def _attempt(
@@ -436,7 +428,7 @@ class _HookRun:
             isolation=self.checkpoint.suspect is not None,
             lane=lane,
             queued_s=queued_s,
-            run_id=self.run_id,
+            run_id=self.options.run_id,
             shard=self.shard,
         )
         self.checkpoint.running = flight
@@ -492,7 +484,7 @@ class _HookRun:
         saved_at, unsaved = time.monotonic(), 0
         try:
             while (exit_ := running.wait(self.poll_s)) is None:
-                if self.cancel is not None and self.cancel.is_set():
+                if self.options.cancel is not None and self.options.cancel.is_set():
                     raise Cancelled(f"hook {self.label}: attempt {flight.number} was cancelled")
                 unsaved += self._harvest(reader, flight)
                 if reader.refused is not None:
@@ -502,7 +494,10 @@ class _HookRun:
                 if (
                     unsaved
                     and since_save_s >= SAVE_SPACING * self.last_save_s
-                    and (unsaved >= self.save_every_records or since_save_s >= self.save_every_s)
+                    and (
+                        unsaved >= self.options.checkpoint_every_records
+                        or since_save_s >= self.options.checkpoint_every_s
+                    )
                 ):
                     self._save()
                     saved_at, unsaved = time.monotonic(), 0

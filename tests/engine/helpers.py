@@ -15,6 +15,7 @@ from osa_sdk.contract import OUTPUT_FILES, files_dir_for
 from osa_sdk.types import HookRecord, HookRecordId
 
 from osa_dagster.engine import (
+    AttemptOptions,
     Checkpoint,
     FileCheckpointIO,
     HookBatch,
@@ -155,7 +156,7 @@ class Harness:
             self.runner,
             self.checkpoints,
             self.workdir,
-            checkpoint_every_s=POLL_S,
+            AttemptOptions(checkpoint_every_s=POLL_S),
             history=history,
         )
 
@@ -172,7 +173,7 @@ class Harness:
             self.runner,
             self.checkpoints,
             self.workdir,
-            checkpoint_every_s=POLL_S,
+            AttemptOptions(checkpoint_every_s=POLL_S),
             history=history,
         )
 

@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 from osa_sdk.types import OutcomeStatus
 
-from osa_dagster.engine import Cancelled, Checkpoint, FileCheckpointIO, LocalRunner, run_hook
-from osa_dagster.engine.capacity import HookCapacity
+from osa_dagster.engine import (
+    AttemptOptions,
+    Cancelled,
+    Checkpoint,
+    FileCheckpointIO,
+    LocalRunner,
+    run_hook,
+)
+from osa_dagster.engine.capacity import AdmissionTurn, HookCapacity
 from osa_dagster.settings import Settings
 
 from .helpers import BEHAVE, HOOKS, Harness, alive, eventually, record, require_cgroups
@@ -73,6 +80,45 @@ def test_an_attempt_waits_for_room_and_one_larger_than_the_budget_runs_alone(tmp
     assert capacity.read().entries == []
 
 
+def test_chains_with_turns_are_admitted_in_their_order_whoever_asks_first(tmp_path: Path):
+    """One slot, three chains in the order 0, 1, 2, whose threads start in the reverse
+    order: chain 2 reaches the ledger first, yet the slot goes to 0, then 1, then 2. A chain
+    that ends without asking (1, left with nothing to do) passes its turn on."""
+    capacity = HookCapacity(tmp_path / "ledger.json", slots=1, budget_mb=100)
+    turns = AdmissionTurn.in_order(3)
+    admitted: list[int] = []
+    release = [threading.Event() for _ in turns]
+
+    def chain(index: int) -> None:
+        turns[index].wait(None, f"chain {index}")
+        with capacity.admit(10, f"chain {index}"):
+            turns[index].taken()
+            admitted.append(index)
+            release[index].wait(30)
+
+    threads = [threading.Thread(target=chain, args=(i,)) for i in (2, 0)]
+    for thread in threads:
+        thread.start()
+    assert eventually(lambda: admitted == [0])
+    turns[1].taken()  # chain 1 ended with nothing to run
+    release[0].set()
+    assert eventually(lambda: admitted == [0, 2])
+    release[2].set()
+    for thread in threads:
+        thread.join(30)
+    assert capacity.read().entries == []
+
+
+def test_a_chain_waiting_for_its_turn_is_cancelled(tmp_path: Path):
+    first, second = AdmissionTurn.in_order(2)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled, match="chain 1 was cancelled while waiting for its turn"):
+        second.wait(cancel, "chain 1")
+    first.taken()
+    second.wait(cancel, "chain 1")  # its turn has come: nothing to wait for
+
+
 def test_slots_bound_the_attempts_running_at_once(tmp_path: Path):
     capacity = HookCapacity(tmp_path / "ledger.json", slots=2, budget_mb=10_000)
     first, second = Held(capacity, 1, "first"), Held(capacity, 1, "second")
@@ -89,7 +135,9 @@ RUN = """
 import json, sys
 from pathlib import Path
 from osa_sdk.types import HookRecord
-from osa_dagster.engine import FileCheckpointIO, HookBatch, HookSpec, LocalRunner, run_hook
+from osa_dagster.engine import (
+    AttemptOptions, FileCheckpointIO, HookBatch, HookSpec, LocalRunner, run_hook,
+)
 from osa_dagster.engine.capacity import HookCapacity
 from osa_dagster.settings import Settings
 args = json.loads(sys.argv[1])
@@ -99,7 +147,9 @@ run_hook(
     LocalRunner.from_settings(Settings.from_env()),
     FileCheckpointIO(Path(args["checkpoint"])),
     Path(args["workdir"]),
-    capacity=HookCapacity(Path(args["ledger"]), slots=2, budget_mb=args["budget_mb"]),
+    AttemptOptions(
+        capacity=HookCapacity(Path(args["ledger"]), slots=2, budget_mb=args["budget_mb"])
+    ),
 )
 """
 
@@ -200,7 +250,7 @@ def test_a_burst_of_climbing_attempts_never_holds_more_than_the_budget(tmp_path:
             runner,
             FileCheckpointIO(harness.root / "checkpoint.json"),
             harness.workdir,
-            capacity=capacity,
+            AttemptOptions(capacity=capacity),
         )
 
     with ThreadPoolExecutor(BATCHES) as pool:
@@ -234,9 +284,7 @@ def test_cancelling_a_run_kills_its_hook_and_keeps_what_it_did(harness: Harness)
                 harness.runner,
                 harness.checkpoints,
                 harness.workdir,
-                checkpoint_every_s=0.05,
-                capacity=capacity,
-                cancel=cancel,
+                AttemptOptions(checkpoint_every_s=0.05, capacity=capacity, cancel=cancel),
             )
         except BaseException as error:  # what the thread ended with
             outcome.append(error)

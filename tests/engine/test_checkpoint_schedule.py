@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from osa_dagster.engine import Checkpoint, CheckpointIO, run_hook
+from osa_dagster.engine import AttemptOptions, Checkpoint, CheckpointIO, run_hook
 from osa_dagster.engine.hook_run import SAVE_SPACING
 
 from .helpers import Harness, record
@@ -78,7 +78,7 @@ def run(
         harness.runner,
         recording,
         harness.workdir,
-        **schedule,
+        AttemptOptions(**schedule),
     )
     assert checkpoint.complete and checkpoint.counts()["passed"] == records
     # Always saved at the end of the attempt, with every outcome.
@@ -148,8 +148,7 @@ def test_time_trigger_does_not_save_without_a_new_outcome(harness: Harness) -> N
         harness.runner,
         recording,
         harness.workdir,
-        checkpoint_every_records=100,
-        checkpoint_every_s=0.1,
+        AttemptOptions(checkpoint_every_records=100, checkpoint_every_s=0.1),
     )
 
     # Every save while the hook ran held a new outcome: 1, 2, and 3 if the poll saw "b"
@@ -170,8 +169,7 @@ def test_a_schedule_that_cannot_work_is_refused(
             harness.runner,
             harness.checkpoints,
             harness.workdir,
-            checkpoint_every_records=records,
-            checkpoint_every_s=seconds,
+            AttemptOptions(checkpoint_every_records=records, checkpoint_every_s=seconds),
         )
     assert harness.checkpoints.load() is None  # refused before anything ran
 

@@ -16,7 +16,9 @@ import json, sys
 from pathlib import Path
 from osa_sdk.types import HookRecord
 from osa_dagster.settings import Settings
-from osa_dagster.engine import FileCheckpointIO, HookBatch, HookSpec, LocalRunner, run_hook
+from osa_dagster.engine import (
+    AttemptOptions, FileCheckpointIO, HookBatch, HookSpec, LocalRunner, run_hook,
+)
 args = json.loads(sys.argv[1])
 run_hook(
     HookSpec.model_validate(args["spec"]),
@@ -24,7 +26,7 @@ run_hook(
     LocalRunner.from_settings(Settings.from_env()),
     FileCheckpointIO(Path(args["checkpoint"])),
     Path(args["workdir"]),
-    checkpoint_every_s=0.05,
+    AttemptOptions(checkpoint_every_s=0.05),
 )
 """
 

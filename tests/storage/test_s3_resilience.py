@@ -79,7 +79,7 @@ from pathlib import Path
 from osa_dagster.batch.fetch import fetch_raw_batch
 from osa_dagster.batch.hooks import run_batch_hook
 from osa_dagster.batch.plan import plan_ingest
-from osa_dagster.engine import LocalRunner
+from osa_dagster.engine import AttemptOptions, LocalRunner
 from osa_dagster.settings import Settings
 from osa_dagster.storage import artifact_store
 from tests.storage.test_s3_resilience import HOOK, ledger_convention
@@ -95,7 +95,7 @@ else:
 run_batch_hook(
     convention, HOOK, store, partition,
     LocalRunner.from_settings(Settings.from_env(), sandbox="off"),
-    checkpoint_every_records=2, checkpoint_every_s=0.5,
+    AttemptOptions(checkpoint_every_records=2, checkpoint_every_s=0.5),
 )
 """
 
