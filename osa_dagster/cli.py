@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,7 @@ DEFAULT_RECORDS_LIMIT = 50
 # Exit statuses: 1 the work failed, 2 the command could not start (argparse's own for usage).
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # as a shell reports a command stopped by Ctrl-C
 
 
 class CommandError(Exception):
@@ -268,12 +270,12 @@ def materialize(
     done = 0
     for chunk, ended in _run_chunks(job_name, chunks, runs_at_once, debug):
         done += len(chunk)
-        status = "ok" if ended.success else "FAILED"
+        status = "ok" if ended.success else "interrupted" if ended.interrupted else "FAILED"
         what = chunk[0] if len(chunk) == 1 else f"{chunk[0]} .. {chunk[-1]} ({len(chunk)} batches)"
         print(f"[{done}/{len(partitions)}] {what}: {status} ({ended.elapsed_s:.1f} s)", flush=True)
         if not ended.success:
             failed += chunk
-            for failure in ended.failures:
+            for failure in [] if ended.interrupted else ended.failures:
                 print(f"  {failure} (run {ended.run_id}; --debug shows the traceback)")
     return failed
 
@@ -291,15 +293,73 @@ class RunEnded:
     run_id: str
     failures: list[str]  # each failed step's error in one line (none with --debug)
     elapsed_s: float
+    interrupted: bool = False  # by SIGINT or SIGTERM: no further run starts
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) or SIGTERM stopped the command's runs; what they did is kept."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "interrupted: the runs under way were stopped and no other was started; their "
+            "hooks' checkpoints keep what was done, and the same command resumes from them"
+        )
+
+
+class _SignalsSeen:
+    """Whether SIGINT or SIGTERM has reached this process.
+
+    While a run executes, Dagster handles both itself and retries an interrupted step that
+    has a retry policy, so a Ctrl-C can leave no trace in the run's result. Python writes the
+    number of every signal it catches to the wakeup fd, whichever handler then runs: that is
+    where the command looks."""
+
+    def __init__(self) -> None:
+        self._read, write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._seen = False
+
+    def interrupted(self) -> bool:
+        while not self._seen:
+            try:
+                numbers = os.read(self._read, 64)
+            except BlockingIOError:
+                break
+            self._seen = signal.SIGINT in numbers or signal.SIGTERM in numbers
+        return self._seen
+
+
+_signals: _SignalsSeen | None = None
+
+
+def _signals_seen() -> _SignalsSeen:
+    """The process's one watch, made in its main thread on first use."""
+    global _signals
+    if _signals is None:
+        _signals = _SignalsSeen()
+    return _signals
+
+
+def _note_interrupts_between_runs() -> None:
+    """A run worker's SIGINT handler while no run executes: noted, so that the worker starts
+    no run after a Ctrl-C, without a KeyboardInterrupt that would break the worker pool."""
+    _signals_seen()
+    signal.signal(signal.SIGINT, lambda _signum, _frame: None)
 
 
 def run_chunk(job_name: str, chunk: Sequence[str], debug: bool) -> RunEnded:
     """One run of the ingest job over the adjacent partitions `chunk`, in this process (the
-    run's worker: named, so that run monitoring fails the run should the process die)."""
+    run's worker: named, so that run monitoring fails the run should the process die).
+    Raises Interrupted, running nothing, once this process was interrupted."""
     from osa_dagster.definitions import defs
     from osa_dagster.defs.dagster_private import partition_range_tags
     from osa_dagster.defs.run_worker import worker_tags
 
+    signals = _signals_seen()
+    if signals.interrupted():
+        raise Interrupted
     started = time.monotonic()
     result = _run_in_process(
         defs.resolve_job_def(job_name),
@@ -307,7 +367,13 @@ def run_chunk(job_name: str, chunk: Sequence[str], debug: bool) -> RunEnded:
         debug=debug,
     )
     failures = [] if debug or result.success else _step_failures(result)
-    return RunEnded(result.success, result.run_id, failures, time.monotonic() - started)
+    return RunEnded(
+        result.success,
+        result.run_id,
+        failures,
+        time.monotonic() - started,
+        interrupted=signals.interrupted(),
+    )
 
 
 def _run_chunks(
@@ -315,34 +381,60 @@ def _run_chunks(
 ) -> Iterator[tuple[list[str], RunEnded]]:
     """Each chunk's run, in this process one after another, or in `runs_at_once` worker
     processes of their own (each imports the definitions once and runs chunk after chunk),
-    yielded as they end. A RunFailed stops new runs from starting and is raised once the
-    runs under way have ended and been yielded."""
+    yielded as they end. A RunFailed or an interrupted run stops new runs from starting; the
+    RunFailed, or Interrupted, is raised once the runs under way have ended and been
+    yielded."""
     if runs_at_once == 1 or len(chunks) == 1:
         for chunk in chunks:
-            yield chunk, run_chunk(job_name, chunk, debug)
+            ended = run_chunk(job_name, chunk, debug)
+            yield chunk, ended
+            if ended.interrupted:
+                raise Interrupted
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    refused: RunFailed | None = None
-    with ProcessPoolExecutor(
+    stop: RunFailed | Interrupted | None = None
+    pool = ProcessPoolExecutor(
         max_workers=min(runs_at_once, len(chunks)),
         # Not fork: this process may hold threads and open database connections.
         mp_context=multiprocessing.get_context("spawn"),
-    ) as pool:
-        futures = {pool.submit(run_chunk, job_name, chunk, debug): chunk for chunk in chunks}
-        for future in as_completed(futures):
-            if future.cancelled():
-                continue
+        initializer=_note_interrupts_between_runs,
+    )
+    futures = {pool.submit(run_chunk, job_name, chunk, debug): chunk for chunk in chunks}
+    # SIGTERM too stops the runs, as it does a run executing in this process (Dagster's).
+    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        under_way = set(futures)
+        while under_way:
             try:
-                yield futures[future], future.result()
-            except RunFailed as error:
-                if refused is None:
-                    refused = error
-                    for waiting in futures:
-                        waiting.cancel()
-    if refused is not None:
-        raise refused
+                ended_now, under_way = wait(under_way, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:
+                # Ctrl-C reached the workers too; a signal sent to this process alone is
+                # passed on, so that either way the runs under way stop now.
+                stop = Interrupted()
+                for worker in multiprocessing.active_children():
+                    os.kill(worker.pid, signal.SIGINT)  # type: ignore[arg-type]
+                ended_now = set()
+            for future in ended_now:
+                if future.cancelled():
+                    continue
+                try:
+                    ended = future.result()
+                except (RunFailed, Interrupted) as error:
+                    stop = stop or error
+                    continue
+                if ended.interrupted:
+                    stop = stop or Interrupted()
+                yield futures[future], ended
+            if stop is not None:
+                for waiting in futures:
+                    waiting.cancel()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        signal.signal(signal.SIGTERM, sigterm)
+    if stop is not None:
+        raise stop
 
 
 class RunFailed(Exception):
@@ -1241,6 +1333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     event.listen(Engine, "handle_error", _name_the_failed_database)
     try:
         return run_command(args)
+    except (Interrupted, KeyboardInterrupt) as stopped:
+        if args.debug and isinstance(stopped, KeyboardInterrupt):
+            raise
+        said = str(stopped) if isinstance(stopped, Interrupted) else "interrupted"
+        print(f"osa {args.command}: {said}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except WorkFailed as failed:
         if args.debug:
             raise

@@ -6,9 +6,10 @@ pipeline steps below (osa_dagster.batch) and giving every partition its own
 materialisation metadata.
 """
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import dagster as dg
 
@@ -31,7 +32,7 @@ from osa_dagster.defs.checks import (
     check_specs,
     judge,
 )
-from osa_dagster.defs.dagster_private import UriMetadataSet
+from osa_dagster.defs.dagster_private import DagsterExecutionInterruptedError, UriMetadataSet
 from osa_dagster.defs.io_manager import IO_MANAGER_KEY
 from osa_dagster.defs.leases import hold_partitions, leased_partitions
 from osa_dagster.defs.metadata import (
@@ -63,6 +64,12 @@ from osa_dagster.storage.store import ArtifactStore
 # A step whose process the kernel killed (the run worker, not the hook) is retried;
 # it resumes from the hook's checkpoint.
 STEP_CRASH_RETRIES = 2
+P = ParamSpec("P")
+StepEvent = dg.AssetObservation | dg.MaterializeResult
+STEP_INTERRUPTED = (
+    "interrupted (Ctrl-C, or the run was terminated): its hooks were stopped, and their "
+    "checkpoints keep what they did for the next run to resume from"
+)
 # The hook step of every run holds a slot of this pool while its hooks run, so an operator
 # caps the runs running hooks at once with `dagster instance concurrency set osa_hooks N`.
 # Without a limit set, it costs nothing. The hook attempts themselves share the machine's
@@ -177,6 +184,25 @@ def _raw_batch_asset(
     return raw_batch
 
 
+def _interrupt_fails_step(
+    compute: Callable[P, Iterator[StepEvent]],
+) -> Callable[P, Iterator[StepEvent]]:
+    """The step's compute, failing for good when interrupted.
+
+    Dagster retries an interrupted step that has a retry policy; the hook step's policy is for
+    a crashed step process, while Ctrl-C or a terminated run means stop. By then
+    run_hook_jobs has killed the hooks, and their checkpoints keep what they did."""
+
+    @functools.wraps(compute)
+    def compute_until_interrupted(*args: P.args, **kwargs: P.kwargs) -> Iterator[StepEvent]:
+        try:
+            yield from compute(*args, **kwargs)
+        except (KeyboardInterrupt, DagsterExecutionInterruptedError) as interrupt:
+            raise dg.Failure(description=STEP_INTERRUPTED, allow_retries=False) from interrupt
+
+    return compute_until_interrupted
+
+
 def _hooks_asset(
     convention: Convention, partitions: dg.PartitionsDefinition, kinds: AssetKinds
 ) -> dg.AssetsDefinition:
@@ -216,6 +242,7 @@ def _hooks_asset(
         pool=HOOK_POOL,
         can_subset=True,
     )
+    @_interrupt_fails_step
     def hook_outcomes(
         context: dg.AssetExecutionContext,
         artifact_store: ArtifactStoreResource,

@@ -7,6 +7,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 from dagster._core.definitions.metadata.metadata_set import UriMetadataSet
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
+from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.event_api import EventHandlerFn
 from dagster._core.events import DagsterEvent, JobFailureData, RunFailureReason
 from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES
@@ -100,6 +101,7 @@ __all__ = [
     "CheckRunHealthResult",
     "ConfigurableClassData",
     "DagsterEvent",
+    "DagsterExecutionInterruptedError",
     "EventHandlerFn",
     "ExecutionPlan",
     "Executor",

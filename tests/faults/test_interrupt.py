@@ -1,0 +1,71 @@
+"""Ctrl-C during `osa materialize`: the runs under way stop, and the same command resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import dagster as dg
+import pytest
+
+from tests.engine.helpers import eventually
+from tests.fixtures.fault_convention import record_ids
+
+from .conftest import REPO, feature_rows, ledger_counts, plan, published
+
+RECORDS = 20
+COMMAND = [sys.executable, "-m", "osa_dagster.cli", "materialize", "faults_ledger"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runs_at_once", [1, 2])
+def test_ctrl_c_stops_the_runs_and_the_same_command_resumes_them(
+    instance: dg.DagsterInstance, ledger, monkeypatch: pytest.MonkeyPatch, runs_at_once: int
+):
+    monkeypatch.setenv("OSA_FAULTS_RECORDS", str(RECORDS))
+    monkeypatch.setenv("OSA_FAULTS_SLEEP_S", "0.5")
+    monkeypatch.setenv("OSA_RUNS_AT_ONCE", str(runs_at_once))
+    assert len(plan(instance, "faults_ledger", batch_size=RECORDS // 2)) == 2
+
+    # In a session of its own, as a terminal's foreground job: Ctrl-C sends SIGINT to every
+    # process of the group (the run workers with it).
+    run = subprocess.Popen(
+        COMMAND,
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert eventually(lambda: len(ledger_counts(ledger)) >= 3, timeout_s=120)
+        os.killpg(run.pid, signal.SIGINT)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+
+    assert run.returncode == 128 + signal.SIGINT, (out, err)
+    assert err.splitlines()[-1].startswith("osa materialize: interrupted: "), err
+    assert ": interrupted (" in out and ": ok (" not in out, out
+    # The hook step stopped for good: Dagster retries an interrupted step that has a retry
+    # policy, which would have run the batch to its end.
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name="faults_ledger_ingest"))
+    assert runs and all(r.status == dg.DagsterRunStatus.FAILURE for r in runs)
+    retried = {dg.DagsterEventType.STEP_UP_FOR_RETRY, dg.DagsterEventType.STEP_RESTARTED}
+    assert not [
+        e for r in runs for e in instance.all_logs(r.run_id) if e.dagster_event_type in retried
+    ]
+    done_before = ledger_counts(ledger)
+    assert 3 <= len(done_before) < RECORDS
+
+    again = subprocess.run(COMMAND, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    assert again.returncode == 0, again
+    ids = record_ids(RECORDS)
+    assert ledger_counts(ledger) == dict.fromkeys(ids, 1)  # what was done is not done again
+    assert published("faults_ledger") == dict.fromkeys(ids, 1)
+    assert feature_rows() == RECORDS
