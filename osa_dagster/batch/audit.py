@@ -42,11 +42,17 @@ class BatchAudit:
 
 
 def audit_batch(
-    convention: Convention, store: ArtifactStore, db: RecordsDatabase, partition: str
+    convention: Convention,
+    store: ArtifactStore,
+    db: RecordsDatabase,
+    partition: str,
+    verdicts: BatchVerdicts | None = None,
 ) -> BatchAudit:
-    """Check a batch's records against the archive: the invariants behind the asset checks."""
+    """Check a batch's records against the archive: the invariants behind the asset checks.
+    `verdicts`: the batch's, when read already (`batch_verdicts`)."""
     layout = BatchLayout(convention.name, partition)
-    verdicts = batch_verdicts(convention, store, partition)
+    if verdicts is None:
+        verdicts = batch_verdicts(convention, store, partition)
     passed_ids = [r.source_id for r in verdicts.passed]
     counts_in_archive = publication_counts(db, convention.name, passed_ids)
     published_here = published_in_partition(db, convention.name, partition)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
@@ -86,6 +87,29 @@ def hook_records(convention: Convention, store: ArtifactStore, partition: str) -
     return [HookRecord.from_ingested(r) for r in read_raw_records(store, layout, convention)]
 
 
+class RecentBatches:
+    """The hook records of the last few batches whose shards started, so that a batch's
+    shards, which largest_first mostly starts side by side, read its records.jsonl once
+    between them. Only `held` batches are kept: a step does not hold its whole range."""
+
+    def __init__(self, convention: Convention, store: ArtifactStore, held: int = 4) -> None:
+        self.convention, self.store, self.held = convention, store, held
+        self._lock = threading.Lock()
+        self._records: OrderedDict[str, list[HookRecord]] = OrderedDict()
+
+    def records(self, partition: str) -> list[HookRecord]:
+        with self._lock:
+            if partition in self._records:
+                self._records.move_to_end(partition)
+                return self._records[partition]
+        read = hook_records(self.convention, self.store, partition)
+        with self._lock:
+            self._records[partition] = read
+            while len(self._records) > self.held:
+                self._records.popitem(last=False)
+        return read
+
+
 def plan_shards(
     convention: Convention,
     store: ArtifactStore,
@@ -127,18 +151,18 @@ def run_shard(
     shard: ShardJob,
     runner: Runner,
     options: AttemptOptions = ATTEMPT_DEFAULTS,
+    batch_records: list[HookRecord] | None = None,
 ) -> HookProgress:
     """Run the hook over one shard of the batch to its end, resuming from the shard's
-    checkpoint in the store (see `run_batch_hook`)."""
+    checkpoint in the store (see `run_batch_hook`). `batch_records`: the whole batch's, when
+    read already (`hook_records`)."""
     hook_name, partition = shard.job.hook, shard.job.partition
     spec = convention.hook(hook_name)
     version = hook_version(spec)
     layout = BatchLayout(convention.name, partition)
-    records = [
-        HookRecord.from_ingested(r)
-        for r in read_raw_records(store, layout, convention)
-        if r.source_id in shard.record_ids
-    ]
+    if batch_records is None:
+        batch_records = hook_records(convention, store, partition)
+    records = [r for r in batch_records if r.id in shard.record_ids]
     checkpoints = StoreCheckpointIO(store, layout.checkpoint(hook_name, version, shard.shard))
     with (
         store.local_dir(
@@ -191,7 +215,7 @@ def run_batch_hook(
     progresses = []
     for shard in shards:
         set_aside_unreadable_checkpoint(convention, store, partition, hook_name, shard.shard)
-        progresses.append(run_shard(convention, store, shard, runner, options))
+        progresses.append(run_shard(convention, store, shard, runner, options, records))
     return merge_progress(progresses, shards[0].batch_digest)
 
 
@@ -294,6 +318,7 @@ def _run_shard_job(
     runner: Runner,
     shard: ShardJob,
     options: AttemptOptions,
+    recent: RecentBatches,
 ) -> _ShardEnd:
     job = shard.job
     try:
@@ -301,7 +326,8 @@ def _run_shard_job(
             convention, store, job.partition, job.hook, shard.shard
         )
         try:
-            progress = run_shard(convention, store, shard, runner, options)
+            records = recent.records(job.partition)
+            progress = run_shard(convention, store, shard, runner, options, records)
         except Exception as error:  # the shard's end, reported beside the others'
             return _ShardEnd(shard, None, error, set_aside)
         return _ShardEnd(shard, progress, None, set_aside)
@@ -376,9 +402,12 @@ def run_hook_jobs(
         max_workers=max(1, hook_workers(capacity, len(todo))), thread_name_prefix="osa-hooks"
     )
     ended: dict[HookJob, list[_ShardEnd]] = {job: [] for job in shards}
+    recent = RecentBatches(convention, store)
     try:
         futures = [
-            pool.submit(_run_shard_job, convention, store, runner, s, replace(options, turn=turn))
+            pool.submit(
+                _run_shard_job, convention, store, runner, s, replace(options, turn=turn), recent
+            )
             for s, turn in zip(todo, turns, strict=True)
         ]
         yield from failed  # the others run meanwhile

@@ -238,14 +238,17 @@ def publish_batch(
     partition: str,
     *,
     domain: str,
+    verdicts: BatchVerdicts | None = None,
 ) -> PublishSummary:
     """Publish the records that passed every hook (one bulk, idempotent insert), and bring
     the batch's published records in line with the hooks' current versions: a record a
     hook now rejects is withdrawn, a withdrawn one every hook passes again is reinstated,
     and each record's provenance names the versions that judged it. Each record is
     published at the upstream version its batch was planned with: a record published at
-    another is revised in place, under its SRN."""
-    verdicts = batch_verdicts(convention, store, partition)
+    another is revised in place, under its SRN. `verdicts`: the batch's, when read already
+    (`batch_verdicts`)."""
+    if verdicts is None:
+        verdicts = batch_verdicts(convention, store, partition)
     passed, failed = verdicts.passed, verdicts.failed
     manifest = load_manifest(store, BatchLayout(convention.name, partition))
     versions = {ref.source_id: ref.version for ref in manifest.refs}
@@ -318,10 +321,16 @@ class FeaturesSummary:
 
 
 def store_batch_features(
-    convention: Convention, store: ArtifactStore, db: RecordsDatabase, partition: str
+    convention: Convention,
+    store: ArtifactStore,
+    db: RecordsDatabase,
+    partition: str,
+    verdicts: BatchVerdicts | None = None,
 ) -> FeaturesSummary:
-    """Store each hook's feature rows of the batch's published records, by SRN."""
-    verdicts = batch_verdicts(convention, store, partition)
+    """Store each hook's feature rows of the batch's published records, by SRN.
+    `verdicts`: the batch's, when read already (`batch_verdicts`)."""
+    if verdicts is None:
+        verdicts = batch_verdicts(convention, store, partition)
     passed = verdicts.passed
     srns = find_srns(db, convention.name, [r.source_id for r in passed])
     rows_per_hook: dict[str, int] = {}

@@ -102,19 +102,21 @@ def materialize_each_partition(
     store: ArtifactStore,
     db: RecordsDatabase,
     convention: Convention,
-    step: Callable[[str], Mapping[str, Any]],
+    step: Callable[[BatchFacts], Mapping[str, Any]],
     checked: GuardedAsset | None = None,
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckEvaluation | dg.Output]:
     """Run `step` for every partition of the run, in order, each partition getting the
     metadata it returns: a run over a range materialises each batch with its own. Each
     partition's step holds the batch's lease (defs/leases.py), and the checks of the asset
-    (`checked`) judge the batch before the lease is let go (defs/checks.py)."""
+    (`checked`) judge the batch before the lease is let go (defs/checks.py); the step and
+    the checks share what they read of the batch (BatchFacts), which the lease keeps
+    unchanged meanwhile."""
     label = context.asset_key.to_user_string()
     judged: dict[str, Judged] = {}
     for partition in leased_partitions(context, db, convention.name, label):
-        context.add_asset_metadata(dict(step(partition)), partition_key=partition)
+        facts = BatchFacts(convention, store, db, partition, context.run_id)
+        context.add_asset_metadata(dict(step(facts)), partition_key=partition)
         if checked is not None:
-            facts = BatchFacts(convention, store, db, partition, context.run_id)
             judged[partition] = judge(checked, facts)
     yield dg.MaterializeResult()
     yield from check_evaluations(context.instance, context.asset_key, judged)
@@ -175,9 +177,9 @@ def _raw_batch_asset(
             store,
             records_db.get(),
             convention,
-            lambda partition: {
-                **raw_batch_metadata(fetch_raw_batch(convention, store, partition)),
-                **artifact_uri(store, BatchLayout(convention.name, partition).raw),
+            lambda facts: {
+                **raw_batch_metadata(fetch_raw_batch(convention, store, facts.partition)),
+                **artifact_uri(store, BatchLayout(convention.name, facts.partition).raw),
             },
         )
 
@@ -339,9 +341,14 @@ def _published_asset(
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckEvaluation | dg.Output]:
         db, store = records_db.get(), artifact_store.get()
 
-        def publish(partition: str) -> dict[str, Any]:
+        def publish(facts: BatchFacts) -> dict[str, Any]:
             summary = publish_batch(
-                convention, store, db, partition, domain=records_db.srn_domain()
+                convention,
+                store,
+                db,
+                facts.partition,
+                domain=records_db.srn_domain(),
+                verdicts=facts.verdicts,
             )
             return publish_metadata(summary, count_published(db, convention.name))
 
@@ -377,8 +384,8 @@ def _features_asset(
             store,
             db,
             convention,
-            lambda partition: features_metadata(
-                store_batch_features(convention, store, db, partition)
+            lambda facts: features_metadata(
+                store_batch_features(convention, store, db, facts.partition, facts.verdicts)
             ),
             checked="features",
         )

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import dagster as dg
 
 from osa_dagster.batch.audit import BatchAudit, audit_batch
+from osa_dagster.batch.publish import BatchVerdicts, batch_verdicts
 from osa_dagster.conventions.base import Convention
 from osa_dagster.defs.dagster_private import AssetCheckEvaluationTargetMaterializationData
 from osa_dagster.defs.metadata import attempt_origin
@@ -46,7 +47,7 @@ class Verdict:
 
 
 class BatchFacts:
-    """What a check of one partition looks at, read when first asked for."""
+    """What a step and the checks of one partition look at, read when first asked for."""
 
     def __init__(
         self,
@@ -63,8 +64,12 @@ class BatchFacts:
         self.run_id = run_id  # the run judging the batch
 
     @cached_property
+    def verdicts(self) -> BatchVerdicts:
+        return batch_verdicts(self.convention, self.store, self.partition)
+
+    @cached_property
     def audit(self) -> BatchAudit:
-        return audit_batch(self.convention, self.store, self.db, self.partition)
+        return audit_batch(self.convention, self.store, self.db, self.partition, self.verdicts)
 
     @cached_property
     def dead_letters(self) -> list[DeadLetterRow]:
