@@ -296,14 +296,17 @@ class RunEnded:
     interrupted: bool = False  # by SIGINT or SIGTERM: no further run starts
 
 
+INTERRUPTED = (
+    "interrupted: the runs under way were stopped and no other was started; their hooks' "
+    "checkpoints keep what was done, and the same command resumes from them"
+)
+
+
 class Interrupted(Exception):
     """Ctrl-C (SIGINT) or SIGTERM stopped the command's runs; what they did is kept."""
 
-    def __init__(self) -> None:
-        super().__init__(
-            "interrupted: the runs under way were stopped and no other was started; their "
-            "hooks' checkpoints keep what was done, and the same command resumes from them"
-        )
+    def __init__(self, message: str = INTERRUPTED) -> None:
+        super().__init__(message)  # with its message, so that it pickles from a run worker
 
 
 class _SignalsSeen:

@@ -15,7 +15,8 @@ from tests.fixtures.fault_convention import record_ids
 
 from .conftest import REPO, feature_rows, ledger_counts, plan, published
 
-RECORDS = 20
+RECORDS = 30
+BATCHES = 3
 COMMAND = [sys.executable, "-m", "osa_dagster.cli", "materialize", "faults_ledger"]
 
 
@@ -27,7 +28,8 @@ def test_ctrl_c_stops_the_runs_and_the_same_command_resumes_them(
     monkeypatch.setenv("OSA_FAULTS_RECORDS", str(RECORDS))
     monkeypatch.setenv("OSA_FAULTS_SLEEP_S", "0.5")
     monkeypatch.setenv("OSA_RUNS_AT_ONCE", str(runs_at_once))
-    assert len(plan(instance, "faults_ledger", batch_size=RECORDS // 2)) == 2
+    monkeypatch.setenv("OSA_PARTITIONS_PER_RUN", "1")  # a run per batch, more than run at once
+    assert len(plan(instance, "faults_ledger", batch_size=RECORDS // BATCHES)) == BATCHES
 
     # In a session of its own, as a terminal's foreground job: Ctrl-C sends SIGINT to every
     # process of the group (the run workers with it).
@@ -54,7 +56,9 @@ def test_ctrl_c_stops_the_runs_and_the_same_command_resumes_them(
     # The hook step stopped for good: Dagster retries an interrupted step that has a retry
     # policy, which would have run the batch to its end.
     runs = instance.get_runs(filters=dg.RunsFilter(job_name="faults_ledger_ingest"))
-    assert runs and all(r.status == dg.DagsterRunStatus.FAILURE for r in runs)
+    assert all(r.status == dg.DagsterRunStatus.FAILURE for r in runs)
+    # No run started after the interrupt: the last batch's waited for a worker.
+    assert 1 <= len(runs) <= runs_at_once
     retried = {dg.DagsterEventType.STEP_UP_FOR_RETRY, dg.DagsterEventType.STEP_RESTARTED}
     assert not [
         e for r in runs for e in instance.all_logs(r.run_id) if e.dagster_event_type in retried
