@@ -19,11 +19,13 @@ from dagster import Field, IntSource
 from dagster_aws.s3.compute_log_manager import S3ComputeLogManager
 
 from osa_dagster.defs.dagster_private import ConfigurableClassData
+from osa_dagster.defs.instance_storage import HelpersSpareCtrlC
 from osa_dagster.settings import Settings, SettingsError
 
 
-class S3ComputeLogs(S3ComputeLogManager):
-    """S3ComputeLogManager configured from the settings (see the module doc)."""
+class S3ComputeLogs(HelpersSpareCtrlC, S3ComputeLogManager):
+    """S3ComputeLogManager configured from the settings (see the module doc), whose helper
+    processes spare a Ctrl-C (HelpersSpareCtrlC)."""
 
     def __init__(self, inst_data: ConfigurableClassData | None = None, **config: Any) -> None:
         settings = Settings.from_env()

@@ -19,6 +19,7 @@ from dagster._core.execution.step_dependency_config import StepDependencyConfig
 from dagster._core.executor.base import Executor
 from dagster._core.executor.step_delegating import StepDelegatingExecutor
 from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
+from dagster._core.storage.compute_log_manager import CapturedLogContext
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
     INDEX_SHARD_NAME,
     SqliteEventLogStorage,
@@ -98,6 +99,7 @@ __all__ = [
     "PARTITION_NAME_TAG",
     "SQLITE_BUSY_TIMEOUT_SECONDS",
     "AssetCheckEvaluationTargetMaterializationData",
+    "CapturedLogContext",
     "CheckRunHealthResult",
     "ConfigurableClassData",
     "DagsterEvent",

@@ -11,9 +11,13 @@ share it from any folder. An absolute `base_dir` is used as it is.
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from osa_dagster.defs.dagster_private import (
+    CapturedLogContext,
     ConfigurableClassData,
     LocalArtifactStorage,
     LocalComputeLogManager,
@@ -50,5 +54,38 @@ class DataFolderArtifactStorage(_InDataFolder, LocalArtifactStorage):
     pass
 
 
-class DataFolderComputeLogs(_InDataFolder, LocalComputeLogManager):
-    pass
+class HelpersSpareCtrlC:
+    """Mixed into a compute log manager: its helper processes do not die of a Ctrl-C.
+
+    While a step runs, Dagster mirrors its output to the console through a `tail` process
+    and a Python process that watches it, both in the command's process group: a Ctrl-C
+    killed them, printing the watcher's traceback and cutting the console's copy of the
+    step's last lines. They start with SIGINT blocked, so that the command alone handles
+    it; they still end with the step (SIGTERM), or with the command's process."""
+
+    @contextmanager
+    def capture_logs(self, log_key: Sequence[str]) -> Iterator[CapturedLogContext]:
+        with ExitStack() as captured:
+            with _sigint_blocked():
+                context = captured.enter_context(super().capture_logs(log_key))  # type: ignore[misc]
+            yield context
+
+
+class DataFolderComputeLogs(_InDataFolder, HelpersSpareCtrlC, LocalComputeLogManager):
+    """Dagster's local compute logs, in the data folder; this class, not Dagster's, is
+    built, so that its helpers spare a Ctrl-C."""
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> Any:
+        return cls(inst_data=inst_data, **in_data_folder(config_value))
+
+
+@contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT held back from this thread, and from the processes it starts meanwhile; one
+    that arrives meanwhile is delivered when the block ends, not lost."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
